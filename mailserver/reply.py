@@ -1,0 +1,149 @@
+# -*- test-case-name: tests.unit.test_reply -*-
+"""The one reply type and the catalog of named replies.
+
+Every reply the server sends is a :class:`Reply`: a basic code (RFC 5321), an
+enhanced status code (RFC 3463, advertised through ENHANCEDSTATUSCODES,
+RFC 2034) and text.  Code and tests share the catalog below, so a test asserts
+``RCPT_UNKNOWN`` rather than a string it copied.
+
+Invariant: the class of the basic code equals the class of the enhanced code
+(2xx with 2.x.x, 4xx with 4.x.x, 5xx with 5.x.x).  Replies without an enhanced
+code are only the greeting (220) and the 354 intermediate reply, which RFC 2034
+leaves without one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+Enhanced = Tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP/LMTP reply: ``code``, optional ``enhanced`` code, ``text`` lines."""
+
+    code: int
+    enhanced: Optional[Enhanced]
+    text: str
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ValueError(f"reply code out of range: {self.code}")
+        if self.enhanced is not None:
+            klass = self.enhanced[0]
+            if klass != self.code // 100:
+                raise ValueError(
+                    f"reply {self.code} has enhanced code of class {klass}"
+                )
+        if "\r" in self.text or "\x00" in self.text:
+            raise ValueError("reply text must not contain CR or NUL")
+
+    @property
+    def is_positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def lines(self) -> list[str]:
+        """The text split into lines, each prefixed by its enhanced code."""
+        prefix = ""
+        if self.enhanced is not None:
+            prefix = "%d.%d.%d " % self.enhanced
+        return [prefix + line for line in self.text.split("\n")]
+
+    def to_bytes(self) -> bytes:
+        """Serialise as a (possibly multi-line) reply, CRLF terminated."""
+        lines = self.lines()
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            out.append(f"{self.code}{sep}{line}\r\n")
+        return "".join(out).encode("utf-8")
+
+    def with_text(self, text: str) -> "Reply":
+        """The same codes with other text."""
+        return Reply(self.code, self.enhanced, text)
+
+    def __str__(self) -> str:
+        return self.to_bytes().decode("utf-8").rstrip("\r\n").replace("\r\n", " / ")
+
+
+def R(code: int, enhanced: Optional[str], text: str) -> Reply:
+    """Build a reply from ``"5.1.1"``-style enhanced code text."""
+    enh = None
+    if enhanced is not None:
+        a, b, c = (int(p) for p in enhanced.split("."))
+        enh = (a, b, c)
+    return Reply(code, enh, text)
+
+
+# --- positive -------------------------------------------------------------
+OK = R(250, "2.0.0", "Ok")
+SENDER_OK = R(250, "2.1.0", "Sender ok")
+RCPT_OK = R(250, "2.1.5", "Recipient ok")
+RESET_OK = R(250, "2.0.0", "Reset state")
+NOOP_OK = R(250, "2.0.0", "Ok")
+BYE = R(221, "2.0.0", "Bye")
+VRFY_CANNOT = R(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+START_DATA = R(354, None, "End data with <CR><LF>.<CR><LF>")
+READY_TLS = R(220, "2.0.0", "Ready to start TLS")
+HELP = R(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS")
+
+# --- temporary ------------------------------------------------------------
+SERVICE_UNAVAILABLE = R(421, "4.3.2", "Service not available, closing transmission channel")
+SHUTTING_DOWN = R(421, "4.3.2", "Server shutting down, closing transmission channel")
+TOO_MANY_CONNECTIONS = R(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_CLIENT = R(421, "4.7.0", "Too many connections from your address, try again later")
+TIMEOUT = R(421, "4.4.2", "Timeout exceeded, closing connection")
+TOO_MANY_ERRORS = R(421, "4.7.0", "Too many errors, closing connection")
+DIRECTORY_UNAVAILABLE = R(451, "4.4.3", "Directory temporarily unavailable, try again later")
+INTERNAL_ERROR = R(451, "4.3.0", "Internal error, try again later")
+STORAGE_FULL = R(452, "4.3.1", "Insufficient system storage")
+TOO_MANY_RECIPIENTS = R(452, "4.5.3", "Too many recipients")
+TLS_UNAVAILABLE = R(454, "4.7.0", "TLS not available due to temporary reason")
+AUTH_TEMPORARY = R(454, "4.7.0", "Temporary authentication failure")
+
+# --- permanent ------------------------------------------------------------
+SYNTAX_ERROR = R(500, "5.5.2", "Syntax error, command unrecognized")
+LINE_TOO_LONG = R(500, "5.5.2", "Line too long")
+NUL_IN_COMMAND = R(500, "5.5.2", "NUL character not allowed")
+BAD_ARGUMENTS = R(501, "5.5.4", "Syntax error in parameters or arguments")
+BAD_SENDER_SYNTAX = R(501, "5.1.7", "Bad sender address syntax")
+BAD_RCPT_SYNTAX = R(501, "5.1.3", "Bad recipient address syntax")
+NOT_IMPLEMENTED = R(502, "5.5.1", "Command not implemented")
+BAD_SEQUENCE = R(503, "5.5.1", "Bad sequence of commands")
+NEED_HELO = R(503, "5.5.1", "Send HELO/EHLO first")
+NEED_LHLO = R(503, "5.5.1", "Send LHLO first")
+NESTED_MAIL = R(503, "5.5.1", "Sender already specified")
+NEED_MAIL = R(503, "5.5.1", "Need MAIL command")
+NEED_RCPT = R(503, "5.5.1", "Need RCPT command")
+PARAM_NOT_RECOGNIZED = R(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
+ALREADY_TLS = R(503, "5.5.1", "TLS already active")
+TLS_NOT_OFFERED = R(502, "5.5.1", "STARTTLS not available")
+EIGHTBIT_ADDRESS = R(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+LOCAL_PART_TOO_LONG = R(553, "5.1.3", "Local part too long")
+DOMAIN_TOO_LONG = R(553, "5.1.3", "Domain too long")
+RCPT_UNKNOWN = R(550, "5.1.1", "User unknown")
+RELAY_DENIED = R(554, "5.7.1", "Relay access denied")
+MESSAGE_TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed limit")
+DATA_LINE_TOO_LONG = R(554, "5.6.0", "Message refused: line longer than 1000 octets")
+BARE_NEWLINE = R(554, "5.6.0", "Message refused: bare CR or LF in message data (RFC 5321 2.3.8)")
+NUL_IN_DATA = R(554, "5.6.0", "Message refused: NUL in message data")
+MAIL_LOOP = R(554, "5.4.6", "Too many Received headers: mail loop detected")
+BDAT_MIXED = R(503, "5.5.1", "BDAT and DATA cannot be mixed in one transaction")
+NO_VALID_RCPTS = R(554, "5.5.1", "No valid recipients")
+AUTH_REQUIRED = R(530, "5.7.0", "Authentication required")
+MUST_STARTTLS = R(530, "5.7.0", "Must issue a STARTTLS command first")
+
+
+def catalog() -> dict[str, Reply]:
+    """Every named reply in this module, by name (for tests and docs)."""
+    return {k: v for k, v in globals().items() if isinstance(v, Reply)}
