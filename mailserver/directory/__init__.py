@@ -1,0 +1,1 @@
+"""The user directory: where mail for an address goes, and who may log in."""

@@ -1,0 +1,1 @@
+"""Mail storage: maildir delivery and (later) the POP3 view."""
