@@ -1,0 +1,360 @@
+# -*- test-case-name: tests.unit.test_config -*-
+"""The configuration: one TOML file, validated before anything binds.
+
+Each TOML table maps onto a frozen dataclass below.  Field types, defaults and
+the ``doc`` metadata are the schema; :func:`load_config` checks every key
+(unknown keys, wrong types, bad values, unreadable files) and raises
+:class:`~mailserver.errors.ConfigError` naming the file, the key and the
+problem.  ``etc/mailserver.toml`` documents every key with its default, and a
+test keeps that file and these dataclasses in step.
+
+Relative paths are resolved against ``server.base_dir``, which defaults to the
+working directory the server (or ``mailserverctl``) was started in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+from mailserver.errors import ConfigError
+
+PROTOCOLS = ("smtp", "lmtp")
+TLS_MODES = ("none", "starttls")
+BACKENDS = ("ldif", "ldap")
+
+
+def _doc(text: str, **kw: Any) -> dict:
+    return {"doc": text, **kw}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = field(
+        default="", metadata=_doc("Name used in greetings and Received headers; default: the FQDN.")
+    )
+    base_dir: str = field(
+        default="", metadata=_doc("Relative paths resolve against this; default: working directory.")
+    )
+    max_connections: int = field(default=200, metadata=_doc("Connections in total, all listeners.", min=1))
+    max_connections_per_client: int = field(
+        default=20, metadata=_doc("Connections from one client address.", min=1)
+    )
+    io_threads: int = field(default=8, metadata=_doc("Threads for disk writes and fsync.", min=1))
+    spool_dir: str = field(
+        default="var/spool", metadata=_doc("Where message data waits until it is delivered.", path=True)
+    )
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: str = field(default="", metadata=_doc("PEM certificate chain.", path=True))
+    private_key: str = field(default="", metadata=_doc("PEM private key.", path=True))
+    self_signed: bool = field(
+        default=False, metadata=_doc("Create a self-signed pair at those paths when missing.")
+    )
+
+
+@dataclass(frozen=True)
+class DomainsConfig:
+    local: Tuple[str, ...] = field(
+        default=(), metadata=_doc("Domains whose mail is delivered here (recipients checked).")
+    )
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    max_message_size: int = field(
+        default=26214400, metadata=_doc("Octets; advertised in SIZE. 0 = no limit.", min=0)
+    )
+    max_recipients: int = field(default=100, metadata=_doc("Recipients per message.", min=1))
+    max_errors: int = field(default=20, metadata=_doc("Error replies per session before 421.", min=1))
+    max_received_headers: int = field(
+        default=50, metadata=_doc("More Received headers than this is a loop (554 5.4.6).", min=1)
+    )
+    command_line_limit: int = field(
+        default=512, metadata=_doc("Octets per command line, CRLF included (RFC 5321 4.5.3.1.4).", min=512)
+    )
+    text_line_limit: int = field(
+        default=1000, metadata=_doc("Octets per message line, CRLF included (RFC 5321 4.5.3.1.6).", min=1000)
+    )
+    command_timeout: float = field(
+        default=300.0, metadata=_doc("Seconds to wait for a command (RFC 5321 4.5.3.2).", min=1)
+    )
+    data_timeout: float = field(
+        default=180.0, metadata=_doc("Seconds to wait for each block of message data.", min=1)
+    )
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    protocol: str = field(default="smtp", metadata=_doc("smtp or lmtp.", choices=PROTOCOLS))
+    address: str = field(
+        default="", metadata=_doc("host:port, [v6]:port, :port (all addresses) or unix:/path.")
+    )
+    tls: str = field(
+        default="", metadata=_doc("starttls or none; default starttls for smtp when a certificate is set.",
+                                  choices=TLS_MODES + ("",))
+    )
+    name: str = field(default="", metadata=_doc("Name used in logs; default: protocol and address."))
+    socket_mode: int = field(default=0o660, metadata=_doc("Permissions of a UNIX socket.", min=0))
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    backend: str = field(default="ldif", metadata=_doc("ldif (embedded) or ldap.", choices=BACKENDS))
+    ldif_file: str = field(default="", metadata=_doc("LDIF loaded by the embedded backend.", path=True))
+    uris: Tuple[str, ...] = field(default=(), metadata=_doc("LDAP server URIs, tried in order."))
+    base_dn: str = field(default="", metadata=_doc("Search base."))
+    bind_dn: str = field(default="", metadata=_doc("Service account DN; empty = anonymous."))
+    bind_password: str = field(default="", metadata=_doc("Service account password."))
+    schema: str = field(default="openldap", metadata=_doc("Preset schema mapping."))
+    connect_timeout: float = field(default=5.0, metadata=_doc("Seconds.", min=0.1))
+    operation_timeout: float = field(default=10.0, metadata=_doc("Seconds.", min=0.1))
+    pool_size: int = field(default=4, metadata=_doc("Threads (and connections) for LDAP calls.", min=1))
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    maildir_root: str = field(default="var/mail", metadata=_doc("Root of all maildirs.", path=True))
+    template: str = field(
+        default="{domain}/{localpart}", metadata=_doc("Maildir of a mailbox under the root.")
+    )
+    fsync: bool = field(default=True, metadata=_doc("fsync each delivery. Never turn off in production."))
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    server: ServerConfig
+    tls: TLSConfig
+    domains: DomainsConfig
+    smtp: SMTPConfig
+    directory: DirectoryConfig
+    store: StoreConfig
+    listeners: Tuple[ListenerConfig, ...]
+
+    @property
+    def has_tls(self) -> bool:
+        return bool(self.tls.certificate)
+
+
+SECTIONS = {
+    "server": ServerConfig,
+    "tls": TLSConfig,
+    "domains": DomainsConfig,
+    "smtp": SMTPConfig,
+    "directory": DirectoryConfig,
+    "store": StoreConfig,
+}
+
+
+def _check_value(path: str, key: str, f: dataclasses.Field, value: Any) -> Any:
+    hint = f.type if not isinstance(f.type, str) else _HINTS[f.type]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, key, f"expected true or false, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, key, f"expected an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, key, f"expected a number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, key, f"expected a string, got {value!r}")
+    elif hint == Tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(path, key, f"expected a list of strings, got {value!r}")
+        value = tuple(value)
+    meta = f.metadata
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(path, key, f"must be at least {meta['min']}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(c for c in meta["choices"] if c)
+        raise ConfigError(path, key, f"must be one of {allowed}; got {value!r}")
+    return value
+
+
+_HINTS = {
+    "str": str, "int": int, "bool": bool, "float": float,
+    "Tuple[str, ...]": Tuple[str, ...],
+}
+
+
+def _build(path: str, prefix: str, cls: type, table: Any, base_dir: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(path, prefix, "expected a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        full = f"{prefix}.{key}"
+        if key not in fields:
+            raise ConfigError(path, full, "unknown key")
+        f = fields[key]
+        value = _check_value(path, full, f, value)
+        if f.metadata.get("path") and value:
+            value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+        values[key] = value
+    # Defaults that are paths resolve against base_dir too.
+    for name, f in fields.items():
+        if name not in values and f.metadata.get("path") and f.default:
+            values[name] = os.path.normpath(os.path.join(base_dir, f.default))
+    return cls(**values)
+
+
+def parse_address(address: str) -> Tuple[str, str, Optional[int]]:
+    """Split a listener address into (kind, host-or-path, port).
+
+    ``kind`` is ``tcp4``, ``tcp6`` or ``unix``.  Raises ValueError.
+    """
+    if address.startswith("unix:"):
+        p = address[5:]
+        if not p:
+            raise ValueError("unix: needs a path")
+        return "unix", p, None
+    if address.startswith("["):
+        host, sep, port = address[1:].partition("]:")
+        if not sep:
+            raise ValueError("expected [ipv6]:port")
+        ipaddress.IPv6Address(host)
+        kind = "tcp6"
+    else:
+        host, sep, port = address.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port, [ipv6]:port, :port or unix:/path")
+        if host:
+            ipaddress.IPv4Address(host)
+        kind = "tcp4"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad port {port!r}")
+    return kind, host, int(port)
+
+
+def _listeners(path: str, raw: Any, base_dir: str, has_cert: bool) -> Tuple[ListenerConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(path, "listeners", "at least one [[listeners]] table is required")
+    out = []
+    for i, table in enumerate(raw):
+        prefix = f"listeners[{i}]"
+        lc = _build(path, prefix, ListenerConfig, table, base_dir)
+        if not lc.address:
+            raise ConfigError(path, f"{prefix}.address", "is required")
+        try:
+            kind, host, _port = parse_address(lc.address)
+        except ValueError as e:
+            raise ConfigError(path, f"{prefix}.address", f"{lc.address!r}: {e}") from None
+        tls = lc.tls or ("starttls" if has_cert and lc.protocol == "smtp" else "none")
+        if tls == "starttls" and not has_cert:
+            raise ConfigError(path, f"{prefix}.tls", "starttls needs tls.certificate")
+        address = lc.address
+        if kind == "unix":
+            address = "unix:" + os.path.normpath(os.path.join(base_dir, host))
+        name = lc.name or f"{lc.protocol}/{address}"
+        out.append(dataclasses.replace(lc, tls=tls, address=address, name=name))
+    return tuple(out)
+
+
+def load_config(path: str, *, check_files: bool = True) -> Config:
+    """Read and validate ``path``; raise :class:`ConfigError` on any problem."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, None, "file not found") from None
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, None, f"invalid TOML: {e}") from None
+    for key in raw:
+        if key not in SECTIONS and key != "listeners":
+            raise ConfigError(path, key, "unknown section")
+    server = _build(path, "server", ServerConfig, raw.get("server", {}), os.getcwd())
+    base_dir = os.path.abspath(server.base_dir or os.getcwd())
+    server = _build(path, "server", ServerConfig, raw.get("server", {}), base_dir)
+    if not server.hostname:
+        server = dataclasses.replace(server, hostname=socket.getfqdn())
+    sections = {"server": server}
+    for name, cls in SECTIONS.items():
+        if name != "server":
+            sections[name] = _build(path, name, cls, raw.get(name, {}), base_dir)
+    tls: TLSConfig = sections["tls"]
+    if bool(tls.certificate) != bool(tls.private_key):
+        raise ConfigError(path, "tls.private_key" if tls.certificate else "tls.certificate",
+                          "certificate and private_key go together")
+    domains = sections["domains"]
+    sections["domains"] = dataclasses.replace(
+        domains, local=tuple(d.lower().rstrip(".") for d in domains.local)
+    )
+    listeners = _listeners(path, raw.get("listeners"), base_dir, bool(tls.certificate))
+    config = Config(path=path, listeners=listeners, **sections)
+    _check_semantics(config)
+    if check_files:
+        check_files_readable(config)
+    return config
+
+
+def _check_semantics(config: Config) -> None:
+    path = config.path
+    d = config.directory
+    if d.backend == "ldif" and not d.ldif_file:
+        raise ConfigError(path, "directory.ldif_file", "is required with backend = \"ldif\"")
+    if d.backend == "ldap":
+        if not d.uris:
+            raise ConfigError(path, "directory.uris", "is required with backend = \"ldap\"")
+        for uri in d.uris:
+            if not uri.startswith(("ldap://", "ldaps://", "ldapi://")):
+                raise ConfigError(path, "directory.uris", f"{uri!r} is not an ldap:// or ldaps:// URI")
+        if not d.base_dn:
+            raise ConfigError(path, "directory.base_dn", "is required with backend = \"ldap\"")
+    if not config.domains.local:
+        raise ConfigError(path, "domains.local", "name at least one local domain")
+    try:
+        config.store.template.format(domain="d", localpart="l", user="u")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(path, "store.template", f"bad placeholder {e}") from None
+    seen = set()
+    for i, lc in enumerate(config.listeners):
+        if lc.address in seen:
+            raise ConfigError(path, f"listeners[{i}].address", f"{lc.address} is used twice")
+        seen.add(lc.address)
+
+
+def check_files_readable(config: Config) -> None:
+    """Files the server reads at start must be readable (certificate, LDIF)."""
+    path = config.path
+    tls = config.tls
+    for key, value in (("tls.certificate", tls.certificate), ("tls.private_key", tls.private_key)):
+        if not value:
+            continue
+        if os.path.exists(value):
+            if not os.access(value, os.R_OK):
+                raise ConfigError(path, key, f"{value}: not readable")
+        elif not tls.self_signed:
+            raise ConfigError(path, key, f"{value}: no such file (set tls.self_signed to create one)")
+    if tls.certificate and os.path.exists(tls.certificate):
+        from mailserver.tls import load_certificate
+
+        try:
+            load_certificate(tls.certificate, tls.private_key)
+        except ValueError as e:
+            raise ConfigError(path, "tls.certificate", str(e)) from None
+    d = config.directory
+    if d.backend == "ldif":
+        if not os.path.isfile(d.ldif_file) or not os.access(d.ldif_file, os.R_OK):
+            raise ConfigError(path, "directory.ldif_file", f"{d.ldif_file}: not a readable file")
+
+
+def schema_fields() -> dict[str, list[dataclasses.Field]]:
+    """Every section and its fields (used to check etc/mailserver.toml)."""
+    out = {name: list(dataclasses.fields(cls)) for name, cls in SECTIONS.items()}
+    out["listeners"] = list(dataclasses.fields(ListenerConfig))
+    return out
+
+
