@@ -87,6 +87,8 @@ def R(code: int, enhanced: Optional[str], text: str) -> Reply:
 
 # --- positive -------------------------------------------------------------
 OK = R(250, "2.0.0", "Ok")
+QUEUED = R(250, "2.0.0", "Ok: queued as {id}")
+DELIVERED = R(250, "2.0.0", "<{rcpt}> delivered ({id})")
 SENDER_OK = R(250, "2.1.0", "Sender ok")
 RCPT_OK = R(250, "2.1.5", "Recipient ok")
 RESET_OK = R(250, "2.0.0", "Reset state")
@@ -107,6 +109,7 @@ TOO_MANY_ERRORS = R(421, "4.7.0", "Too many errors, closing connection")
 DIRECTORY_UNAVAILABLE = R(451, "4.4.3", "Directory temporarily unavailable, try again later")
 INTERNAL_ERROR = R(451, "4.3.0", "Internal error, try again later")
 STORAGE_FULL = R(452, "4.3.1", "Insufficient system storage")
+FORWARD_UNAVAILABLE = R(451, "4.3.0", "Forwarding to external addresses is not available yet, try again later")
 TOO_MANY_RECIPIENTS = R(452, "4.5.3", "Too many recipients")
 TLS_UNAVAILABLE = R(454, "4.7.0", "TLS not available due to temporary reason")
 AUTH_TEMPORARY = R(454, "4.7.0", "Temporary authentication failure")

@@ -1,0 +1,1 @@
+"""Delivery targets: local maildirs now; the remote queue later."""

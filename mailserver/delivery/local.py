@@ -1,0 +1,77 @@
+# -*- test-case-name: tests.unit.test_delivery_local -*-
+"""Local delivery: copy a received message into each recipient's maildir.
+
+Every copy is a maildir transaction (see :mod:`mailserver.store.maildir`) run on
+the I/O thread pool, so the reactor never waits for fsync.  Copies go out in
+parallel, one per distinct mailbox: two recipients that reach the same mailbox
+(an alias and its target, a group and one of its members) give one copy.
+The result is one reply per recipient, in RCPT order, each saying whether all
+of that recipient's copies are durable; LMTP sends them as they are and SMTP
+folds them into one.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from mailserver import reply as R
+from mailserver.errors import is_known, to_reply
+
+log = Logger(namespace="mailserver.local")
+
+
+class LocalDelivery:
+    """Deliver to local mailboxes through ``store`` on ``threadpool``."""
+
+    def __init__(self, store, threadpool, reactor) -> None:
+        self.store = store
+        self.threadpool = threadpool
+        self.reactor = reactor
+
+    def _copy(self, queue_id: str, mailbox, sender: str, source_path: str, prefix: bytes):
+        d = threads.deferToThreadPool(
+            self.reactor, self.threadpool, self.store.deliver,
+            mailbox, sender=sender, source_path=source_path, prefix=prefix,
+        )
+
+        def ok(path):
+            log.info("{id}: to=<{to}>, relay=local, status=sent ({path})",
+                     id=queue_id, to=mailbox.address, path=path)
+            return R.DELIVERED.with_text(R.DELIVERED.text.format(rcpt=mailbox.address, id=queue_id))
+
+        def failed(failure):
+            reply = to_reply(failure.value, queue_id)
+            if is_known(failure.value) or isinstance(failure.value, OSError):
+                log.warn("{id}: to=<{to}>, relay=local, status=deferred ({reason})",
+                         id=queue_id, to=mailbox.address, reason=failure.getErrorMessage())
+            else:
+                log.failure("{id}: to=<{to}>, relay=local, status=deferred", failure,
+                            id=queue_id, to=mailbox.address)
+            return reply
+
+        return d.addCallbacks(ok, failed)
+
+    async def deliver(self, queue_id: str, sender: str, source_path: str, prefix: bytes,
+                      accepted: Sequence[tuple]) -> list:
+        """One reply per ``(recipient, resolution)`` in ``accepted``."""
+        mailboxes = []
+        for _rcpt, resolution in accepted:
+            for mb in resolution.mailboxes:
+                if mb not in mailboxes:
+                    mailboxes.append(mb)
+        results = await defer.gatherResults(
+            [self._copy(queue_id, mb, sender, source_path, prefix) for mb in mailboxes]
+        )
+        by_mailbox = dict(zip(mailboxes, results))
+        replies = []
+        for rcpt, resolution in accepted:
+            mine = [by_mailbox[mb] for mb in resolution.mailboxes]
+            failed = [r for r in mine if not r.is_positive]
+            if failed:
+                replies.append(failed[0])
+            else:
+                replies.append(R.DELIVERED.with_text(R.DELIVERED.text.format(rcpt=rcpt, id=queue_id)))
+        return replies

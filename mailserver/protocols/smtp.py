@@ -1,0 +1,364 @@
+# -*- test-case-name: tests.unit.test_protocol_smtp -*-
+"""The Twisted edge of the SMTP and LMTP listeners.
+
+:class:`SMTPServerProtocol` owns the transport and nothing else of substance:
+it feeds bytes to the sans-IO :class:`~mailserver.proto.smtp_server.SMTPServerConnection`,
+answers the decisions it returns (asking :mod:`mailserver.policy` and the
+directory, writing to the store), writes the core's output, runs the idle
+timeouts on an injected clock and starts TLS.  While a decision is pending the
+transport is paused, and pipelined commands wait in the core's buffer, so
+replies always leave in command order.
+
+The 250 after the data is sent only when :mod:`mailserver.delivery` reports
+every local copy durable (file and directory fsynced).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from mailserver import reply as R
+from mailserver.delivery.local import LocalDelivery
+from mailserver.errors import is_known, to_reply
+from mailserver.policy import RecipientPolicy
+from mailserver.proto import smtp_events as ev
+from mailserver.proto.smtp_server import Limits, Mode, SMTPServerConnection
+from mailserver.received import HeaderScanner, SessionInfo, received_header
+from mailserver.spool import IncomingMessage, new_queue_id
+
+log = Logger(namespace="mailserver.smtpd")
+
+
+class ConnectionLimiter:
+    """Counts connections in total and per client address."""
+
+    def __init__(self, max_total: int, max_per_client: int) -> None:
+        self.max_total = max_total
+        self.max_per_client = max_per_client
+        self.total = 0
+        self.per_client: dict[str, int] = {}
+
+    def acquire(self, client: str) -> Optional[R.Reply]:
+        """Count a new connection, or return the 421 that refuses it."""
+        if self.total >= self.max_total:
+            return R.TOO_MANY_CONNECTIONS
+        if self.per_client.get(client, 0) >= self.max_per_client:
+            return R.TOO_MANY_FROM_CLIENT
+        self.total += 1
+        self.per_client[client] = self.per_client.get(client, 0) + 1
+        return None
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        left = self.per_client.get(client, 1) - 1
+        if left:
+            self.per_client[client] = left
+        else:
+            self.per_client.pop(client, None)
+
+
+@dataclass
+class ListenerContext:
+    """Everything the connections of one listener share."""
+
+    mode: Mode
+    hostname: str
+    limits: Limits
+    policy: RecipientPolicy
+    delivery: LocalDelivery
+    spool_dir: str
+    clock: IReactorTime
+    limiter: ConnectionLimiter
+    name: str = "smtp"
+    tls: Any = None  # ReloadableTLS or None
+    command_timeout: float = 300.0
+    data_timeout: float = 180.0
+    max_received: int = 50
+    queue_id: Callable[[], str] = field(default=new_queue_id)
+
+
+def _peer_ip(transport) -> str:
+    peer = transport.getPeer()
+    return getattr(peer, "host", None) or "127.0.0.1"
+
+
+class SMTPServerProtocol(Protocol):
+    """One SMTP or LMTP session."""
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.core: Optional[SMTPServerConnection] = None
+        self.client = "unknown"
+        self.helo = ""
+        self.esmtp = False
+        self.tls_active = False
+        self.busy = False
+        self.closing = False
+        self.counted = False
+        self.timer = None
+        self._reset_transaction()
+
+    # -- transaction state -----------------------------------------------
+    def _reset_transaction(self) -> None:
+        self.sender: Optional[str] = None
+        self.smtputf8 = False
+        self.accepted: List[tuple] = []  # (recipient, Resolution) in RCPT order
+        message = getattr(self, "message", None)
+        if message is not None:
+            message.discard()
+        self.message: Optional[IncomingMessage] = None
+        self.scanner: Optional[HeaderScanner] = None
+
+    # -- Twisted callbacks -------------------------------------------------
+    def connectionMade(self) -> None:
+        self.client = _peer_ip(self.transport)
+        refusal = self.ctx.limiter.acquire(self.client)
+        if refusal is not None:
+            log.info("{listener}: refused connection from {client}: {reply}",
+                     listener=self.ctx.name, client=self.client, reply=str(refusal))
+            self.transport.write(refusal.to_bytes())
+            self.closing = True
+            self.transport.loseConnection()
+            return
+        self.counted = True
+        log.info("{listener}: connect from {client}", listener=self.ctx.name, client=self.client)
+        self.core = SMTPServerConnection(
+            mode=self.ctx.mode,
+            hostname=self.ctx.hostname,
+            limits=self.ctx.limits,
+            tls_available=self.ctx.tls is not None,
+            tls_active=False,
+        )
+        self.core.greeting()
+        self._flush()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing or self.core is None:
+            return
+        self.core.receive_data(data)
+        self._drive()
+
+    def connectionLost(self, reason=None) -> None:
+        self._cancel_timer()
+        self.closing = True
+        self._reset_transaction()
+        if self.counted:
+            self.counted = False
+            self.ctx.limiter.release(self.client)
+            log.info("{listener}: disconnect from {client}", listener=self.ctx.name, client=self.client)
+
+    # -- the event loop ----------------------------------------------------
+    def _drive(self) -> None:
+        try:
+            while not self.busy and not self.closing:
+                event = self.core.next_event()
+                if event is ev.NEED_DATA or event is ev.PAUSED:
+                    break
+                handler = self.HANDLERS.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+        except Exception:
+            log.failure("{listener}: internal error, closing session with {client}",
+                        listener=self.ctx.name, client=self.client)
+            self.transport.write(R.SERVICE_UNAVAILABLE.to_bytes())
+            self._close()
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.core is None:
+            return
+        out = self.core.data_to_send()
+        if out:
+            self.transport.write(out)
+        if not self.closing:
+            self._arm_timer()
+
+    def _close(self) -> None:
+        self._flush()
+        self.closing = True
+        self._cancel_timer()
+        self.transport.loseConnection()
+
+    def _decide(self, coro) -> None:
+        """Run an async decision; the core stays paused until it answers."""
+        self.busy = True
+        self._cancel_timer()
+        self.transport.pauseProducing()
+        d = defer.ensureDeferred(coro)
+        d.addErrback(self._decision_failed)
+        d.addCallback(self._decided)
+
+    def _decision_failed(self, failure) -> list:
+        if not is_known(failure.value):
+            log.failure("{listener}: decision failed", failure, listener=self.ctx.name)
+        return [to_reply(failure.value)]
+
+    def _decided(self, replies) -> None:
+        self.busy = False
+        if self.closing:
+            return
+        for reply in replies:
+            self.core.send(reply)
+        self.transport.resumeProducing()
+        self._drive()
+
+    # -- timeouts ----------------------------------------------------------
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        if self.busy:
+            return
+        seconds = self.ctx.data_timeout if self.message is not None else self.ctx.command_timeout
+        self.timer = self.ctx.clock.callLater(seconds, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        log.info("{listener}: timeout from {client}", listener=self.ctx.name, client=self.client)
+        self.transport.write(R.TIMEOUT.to_bytes())
+        self._close()
+
+    # -- event handlers ----------------------------------------------------
+    def on_hello(self, event: ev.Hello) -> None:
+        self.helo = event.domain
+        self.esmtp = event.verb.upper() != "HELO"
+        self._reset_transaction()
+
+    def on_starttls(self, event: ev.StartTLS) -> None:
+        if self.ctx.tls is None:
+            self.core.send(R.TLS_UNAVAILABLE)
+            return
+        self.core.send(R.READY_TLS)
+        self._flush()
+        self.transport.startTLS(self.ctx.tls.options)
+        self.tls_active = True
+        self.helo = ""
+        self._reset_transaction()
+        self.core.tls_started()
+
+    def on_mail(self, event: ev.MailFrom) -> None:
+        self._reset_transaction()
+        self.sender = event.sender
+        self.smtputf8 = event.smtputf8
+        self.core.send(R.SENDER_OK)
+
+    def on_rcpt(self, event: ev.RcptTo) -> None:
+        self._decide(self._check_rcpt(event.recipient))
+
+    async def _check_rcpt(self, recipient: str) -> list:
+        decision = await self.ctx.policy.check_rcpt(recipient)
+        if decision.reply.is_positive:
+            self.accepted.append((recipient, decision.resolution))
+        log.info("{listener}: rcpt <{rcpt}> from {client}: {reply}", listener=self.ctx.name,
+                 rcpt=recipient, client=self.client, reply=decision.reply.code)
+        return [decision.reply]
+
+    def on_data_start(self, event: ev.DataStart) -> None:
+        self.message = IncomingMessage(self.ctx.spool_dir, self.ctx.queue_id())
+        self.scanner = HeaderScanner()
+
+    def on_data_chunk(self, event: ev.DataChunk) -> None:
+        if self.message is None:  # BDAT chunks of a refused transaction
+            return
+        self.message.write(event.data)
+        self.scanner.feed(event.data)
+
+    def on_data_aborted(self, event: ev.DataAborted) -> None:
+        log.info("{listener}: message from {client} refused: {reply}",
+                 listener=self.ctx.name, client=self.client, reply=str(event.reply))
+        self._reset_transaction()
+
+    def on_data_end(self, event: ev.DataEnd) -> None:
+        self._decide(self._finish_message())
+
+    async def _finish_message(self) -> list:
+        message, accepted = self.message, self.accepted
+        count = len(accepted) if self.ctx.mode is Mode.LMTP else 1
+        if message is None:
+            return [R.NO_VALID_RCPTS] * count
+        queue_id = message.queue_id
+        try:
+            message.finish()
+            if self.scanner.received > self.ctx.max_received:
+                log.info("{id}: refused, {n} Received headers (loop)", id=queue_id,
+                         n=self.scanner.received)
+                return [R.MAIL_LOOP] * count
+            info = SessionInfo(
+                peer_ip=self.client, helo=self.helo or self.client, hostname=self.ctx.hostname,
+                protocol="LMTP" if self.ctx.mode is Mode.LMTP else "SMTP", esmtp=self.esmtp,
+                smtputf8=self.smtputf8, **self._tls_details(),
+            )
+            only = accepted[0][0] if len(accepted) == 1 else None
+            prefix = received_header(info, queue_id, only)
+            log.info("{id}: client={client}, from=<{sender}>, size={size}, nrcpt={n}",
+                     id=queue_id, client=self.client, sender=self.sender, size=message.size,
+                     n=len(accepted))
+            results = await self.ctx.delivery.deliver(
+                queue_id, self.sender or "", message.path, prefix, accepted
+            )
+        finally:
+            self._reset_transaction()
+        if self.ctx.mode is Mode.LMTP:
+            return results
+        return [_combine(results, queue_id)]
+
+    def _tls_details(self) -> dict:
+        if not self.tls_active:
+            return {}
+        try:
+            handle = self.transport.getHandle()
+            return {"tls_version": handle.get_protocol_version_name(),
+                    "tls_cipher": handle.get_cipher_name()}
+        except Exception:
+            return {"tls_version": "TLS", "tls_cipher": None}
+
+    def on_reset(self, event: ev.Reset) -> None:
+        self._reset_transaction()
+
+    def on_quit(self, event) -> None:
+        self._close()
+
+    HANDLERS = {
+        ev.Hello: on_hello,
+        ev.StartTLS: on_starttls,
+        ev.MailFrom: on_mail,
+        ev.RcptTo: on_rcpt,
+        ev.DataStart: on_data_start,
+        ev.DataChunk: on_data_chunk,
+        ev.DataAborted: on_data_aborted,
+        ev.DataEnd: on_data_end,
+        ev.Reset: on_reset,
+        ev.Quit: on_quit,
+        ev.Closing: on_quit,
+        ev.ConnectionClosed: on_quit,
+    }
+
+
+def _combine(results: list, queue_id: str) -> R.Reply:
+    """One SMTP reply for all recipients: 250 only when every copy is durable."""
+    for reply in results:
+        if not reply.is_positive:
+            return reply
+    return R.QUEUED.with_text(R.QUEUED.text.format(id=queue_id))
+
+
+class SMTPFactory(Factory):
+    """Builds one :class:`SMTPServerProtocol` per connection of a listener."""
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+
+    def buildProtocol(self, addr) -> SMTPServerProtocol:
+        p = SMTPServerProtocol(self.ctx)
+        p.factory = self
+        return p

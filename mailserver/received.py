@@ -1,0 +1,99 @@
+# -*- test-case-name: tests.unit.test_received -*-
+"""Trace headers: the Received line we add, and counting the ones we got.
+
+The Received header follows RFC 5321 4.4 with the RFC 3848 / RFC 6531
+``with`` keywords, and names the TLS version and cipher when the session was
+encrypted.  :class:`HeaderScanner` watches the header section as it streams
+past and counts Received fields, so a mail loop is caught without holding the
+message in memory.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What a Received header says about the SMTP session."""
+
+    peer_ip: str
+    helo: str
+    hostname: str
+    protocol: str = "SMTP"  # "SMTP" or "LMTP"
+    esmtp: bool = True
+    tls_version: Optional[str] = None
+    tls_cipher: Optional[str] = None
+    authenticated: bool = False
+    smtputf8: bool = False
+
+
+def with_keyword(info: SessionInfo) -> str:
+    """The RFC 3848 / RFC 6531 protocol keyword for the ``with`` clause."""
+    if info.protocol == "LMTP":
+        base = "LMTP"
+    elif info.smtputf8:
+        base = "UTF8SMTP"
+    elif info.esmtp:
+        base = "ESMTP"
+    else:
+        return "SMTP"
+    if info.tls_version:
+        base += "S"
+    if info.authenticated:
+        base += "A"
+    return base
+
+
+def _clean(text: str) -> str:
+    """Keep client-supplied text from breaking the header's syntax."""
+    out = "".join(c if c.isprintable() and c not in "()\\" else "?" for c in text)
+    return out[:255] or "unknown"
+
+
+def received_header(info: SessionInfo, queue_id: str, recipient: Optional[str] = None,
+                    now: Optional[float] = None) -> bytes:
+    """A complete, folded ``Received:`` field ending in CRLF."""
+    lines = [f"Received: from {_clean(info.helo)} (unknown [{info.peer_ip}])"]
+    by = f"\tby {info.hostname} (mailserver) with {with_keyword(info)} id {queue_id}"
+    lines.append(by)
+    if info.tls_version:
+        lines.append(f"\t(using {_clean(info.tls_version)} with cipher {_clean(info.tls_cipher or 'unknown')})")
+    date = email.utils.formatdate(time.time() if now is None else now, localtime=False)
+    if recipient:
+        lines.append(f"\tfor <{_clean(recipient)}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+class HeaderScanner:
+    """Counts ``Received:`` fields in the header section of a streamed message.
+
+    Feed chunks with :meth:`feed`; it stops looking at the first empty line.
+    Memory is bounded: only a partial line (capped) is kept between chunks.
+    """
+
+    def __init__(self, max_line: int = 1000) -> None:
+        self.received = 0
+        self.done = False
+        self._partial = b""
+        self._max_line = max_line
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()[: self._max_line]
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if not line:
+                self.done = True
+                return
+            if line[:9].lower() == b"received:":
+                self.received += 1
