@@ -1,0 +1,170 @@
+# -*- test-case-name: tests.integration.test_server -*-
+"""Assemble the running server from a validated :class:`~mailserver.config.Config`.
+
+:func:`build_service` returns a ``MultiService``: one
+``StreamServerEndpointService`` per listener, the I/O thread pool, and the
+directory.  Nothing here parses protocol bytes; it only wires the parts
+together, with the reactor injected.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from mailserver.config import Config, parse_address
+from mailserver.delivery.local import LocalDelivery
+from mailserver.policy import RecipientPolicy
+from mailserver.proto.smtp_server import Limits, Mode
+from mailserver.protocols.smtp import ConnectionLimiter, ListenerContext, SMTPFactory
+from mailserver.spool import prepare_spool
+from mailserver.store.maildir import MaildirStore
+from mailserver.tls import ReloadableTLS, make_self_signed
+
+log = Logger(namespace="mailserver")
+
+
+def make_endpoint(reactor, address: str, socket_mode: int = 0o660):
+    """A server endpoint for a listener address (see ``parse_address``)."""
+    kind, host, port = parse_address(address)
+    if kind == "unix":
+        return endpoints.UNIXServerEndpoint(reactor, host, mode=socket_mode, wantPID=False)
+    if kind == "tcp6":
+        return endpoints.TCP6ServerEndpoint(reactor, port, interface=host)
+    return endpoints.TCP4ServerEndpoint(reactor, port, interface=host)
+
+
+class ThreadPoolService(service.Service):
+    """Starts and stops a thread pool with the application."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class DirectoryService(service.Service):
+    """Closes the directory (its threads and connections) at shutdown."""
+
+    def __init__(self, directory) -> None:
+        self.directory = directory
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.directory.close()
+
+
+class MailService(service.MultiService):
+    """The whole server.  Binding failures end the process with one line."""
+
+    def __init__(self, config: Config, tls) -> None:
+        super().__init__()
+        self.config = config
+        self.tls = tls
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            sys.stderr.write(f"mailserver: {self.config.path}: cannot listen on "
+                             f"{e.interface or '*'}:{e.port}: {e.socketError}\n")
+            sys.exit(1)
+        except OSError as e:
+            sys.stderr.write(f"mailserver: {self.config.path}: cannot listen: {e}\n")
+            sys.exit(1)
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            from twisted.internet import reactor
+
+            signal.signal(signal.SIGHUP, lambda *a: reactor.callFromThread(self.reload))
+        log.info("mailserver started: {n} listener(s) for {domains}",
+                 n=len(self.config.listeners), domains=", ".join(self.config.domains.local))
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the TLS certificate; connections stay up."""
+        if self.tls is not None:
+            try:
+                self.tls.reload()
+                log.info("reloaded TLS certificate {path}", path=self.tls.cert_path)
+            except ValueError as e:
+                log.error("TLS reload failed, keeping the old certificate: {e}", e=e)
+
+
+def build_directory(config: Config, reactor):
+    """The directory backend named by ``directory.backend``."""
+    from mailserver.directory.factory import directory_from_config
+
+    return directory_from_config(config.directory, reactor)
+
+
+def build_service(config: Config, reactor=None) -> MailService:
+    if reactor is None:
+        from twisted.internet import reactor
+    tls = None
+    if config.tls.certificate:
+        if config.tls.self_signed and not os.path.exists(config.tls.certificate):
+            make_self_signed(config.tls.certificate, config.tls.private_key, config.server.hostname)
+            log.info("created self-signed certificate {path}", path=config.tls.certificate)
+        tls = ReloadableTLS(config.tls.certificate, config.tls.private_key)
+    top = MailService(config, tls)
+    removed = prepare_spool(config.server.spool_dir)
+    if removed:
+        log.info("removed {n} incomplete message(s) left in the spool", n=removed)
+    os.makedirs(config.store.maildir_root, mode=0o700, exist_ok=True)
+
+    pool = ThreadPool(minthreads=1, maxthreads=config.server.io_threads, name="mailserver-io")
+    ThreadPoolService(pool).setServiceParent(top)
+    directory = build_directory(config, reactor)
+    DirectoryService(directory).setServiceParent(top)
+    store = MaildirStore(config.store.maildir_root, template=config.store.template,
+                         hostname=config.server.hostname, fsync=config.store.fsync)
+    delivery = LocalDelivery(store, pool, reactor)
+    limiter = ConnectionLimiter(config.server.max_connections,
+                                config.server.max_connections_per_client)
+    s = config.smtp
+    limits = Limits(
+        max_command_line=s.command_line_limit,
+        max_text_line=s.text_line_limit,
+        max_message_size=s.max_message_size,
+        max_recipients=s.max_recipients,
+        max_errors=s.max_errors,
+    )
+    for lc in config.listeners:
+        lmtp = lc.protocol == "lmtp"
+        ctx = ListenerContext(
+            mode=Mode.LMTP if lmtp else Mode.MX,
+            hostname=config.server.hostname,
+            limits=limits,
+            policy=RecipientPolicy(directory, config.domains.local, lmtp=lmtp),
+            delivery=delivery,
+            spool_dir=config.server.spool_dir,
+            clock=reactor,
+            limiter=limiter,
+            name=lc.name,
+            tls=tls if lc.tls == "starttls" else None,
+            command_timeout=s.command_timeout,
+            data_timeout=s.data_timeout,
+            max_received=s.max_received_headers,
+        )
+        endpoint = make_endpoint(reactor, lc.address, lc.socket_mode)
+        svc = StreamServerEndpointService(endpoint, SMTPFactory(ctx))
+        svc._raiseSynchronously = True
+        svc.setName(lc.name)
+        svc.setServiceParent(top)
+    return top
