@@ -1,0 +1,154 @@
+"""Run the real server: write a config, start ``twistd -n mailserver``, wait, stop.
+
+Used by the integration tests.  The server runs from the source tree
+(``PYTHONPATH`` is the repository root) so the tests exercise the plugin file
+in ``twisted/plugins/`` exactly as twistd discovers it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[2]
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, deadline: float, proc: Optional[subprocess.Popen] = None) -> None:
+    """Poll until something accepts on 127.0.0.1:port (the server is up)."""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port}")
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def render_toml(tables: dict, listeners: list) -> str:
+    out = []
+    for name, table in tables.items():
+        out.append(f"[{name}]")
+        out.extend(f"{k} = {toml_value(v)}" for k, v in table.items())
+        out.append("")
+    for lst in listeners:
+        out.append("[[listeners]]")
+        out.extend(f"{k} = {toml_value(v)}" for k, v in lst.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def twistd_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+class MailServer:
+    """One real ``twistd -n mailserver`` process with its own config and files."""
+
+    def __init__(self, workdir: Path, *, directory: dict, tls: Optional[dict] = None,
+                 smtp: Optional[dict] = None, server: Optional[dict] = None,
+                 lmtp_unix: bool = True) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.smtp_port = free_port()
+        self.lmtp_port = free_port()
+        self.lmtp_socket = str(self.workdir / "lmtp.sock")
+        self.maildir_root = self.workdir / "mail"
+        self.spool = self.workdir / "spool"
+        self.log_path = self.workdir / "server.log"
+        tables = {
+            "server": {"hostname": "mx.example.test", "spool_dir": str(self.spool), **(server or {})},
+            "domains": {"local": ["example.test"]},
+            "directory": directory,
+            "store": {"maildir_root": str(self.maildir_root)},
+        }
+        if tls:
+            tables["tls"] = tls
+        if smtp:
+            tables["smtp"] = smtp
+        listeners = [
+            {"name": "smtp", "protocol": "smtp", "address": f"127.0.0.1:{self.smtp_port}"},
+            {"name": "lmtp", "protocol": "lmtp", "address": f"127.0.0.1:{self.lmtp_port}"},
+        ]
+        if lmtp_unix:
+            listeners.append({"name": "lmtp-unix", "protocol": "lmtp",
+                              "address": f"unix:{self.lmtp_socket}"})
+        self.config_path = self.workdir / "mailserver.toml"
+        self.config_path.write_text(render_toml(tables, listeners))
+        self.proc: Optional[subprocess.Popen] = None
+
+    def command(self) -> list:
+        return [TWISTD, "-n", "--pidfile=", "mailserver", "--config", str(self.config_path)]
+
+    def start(self, timeout: float = 30.0) -> "MailServer":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), cwd=self.workdir, env=twistd_env(),
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        try:
+            wait_for_port(self.smtp_port, deadline, self.proc)
+            wait_for_port(self.lmtp_port, deadline, self.proc)
+        except Exception:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + self.log())
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        self._log.close()
+        return code
+
+    def kill(self) -> int:
+        return self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def maildir(self, local: str, domain: str = "example.test") -> Path:
+        return self.maildir_root / domain / local
+
+    def messages(self, local: str, domain: str = "example.test") -> list:
+        new = self.maildir(local, domain) / "new"
+        if not new.is_dir():
+            return []
+        return sorted(new.iterdir())
