@@ -1,0 +1,66 @@
+"""Test doubles shipped with the product (after treq.testing).
+
+:class:`FakeDirectory` is an in-memory :class:`~mailserver.directory.interfaces.IDirectory`
+whose answers a test controls: fixed entries, an outage switch, and a "slow"
+mode that hands back Deferreds the test fires in any order it likes.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailserver.directory.interfaces import Account, IDirectory, Mailbox, Resolution
+from mailserver.errors import DirectoryUnavailable
+
+
+@implementer(IDirectory)
+class FakeDirectory:
+    """Addresses map to mailboxes; ``down`` makes every call fail temporarily."""
+
+    def __init__(self, entries: Optional[Dict[str, Tuple[str, ...]]] = None,
+                 passwords: Optional[Dict[str, str]] = None) -> None:
+        # address -> addresses of the mailboxes it reaches
+        self.entries = {k.lower(): tuple(v) for k, v in (entries or {}).items()}
+        self.passwords = dict(passwords or {})
+        self.down = False
+        self.slow = False
+        self.pending: List[Tuple[str, defer.Deferred]] = []
+        self.calls: List[Tuple[str, str]] = []
+
+    def _answer(self, address: str) -> Resolution:
+        targets = self.entries.get(address.lower())
+        if targets is None:
+            return Resolution(address=address)
+        return Resolution(
+            address=address,
+            mailboxes=tuple(Mailbox(address=t, login=t.split("@")[0]) for t in targets),
+        )
+
+    def resolve(self, address: str) -> defer.Deferred:
+        self.calls.append(("resolve", address))
+        if self.slow:
+            d = defer.Deferred()
+            self.pending.append((address, d))
+            return d
+        if self.down:
+            return defer.fail(DirectoryUnavailable("fake outage"))
+        return defer.succeed(self._answer(address))
+
+    def release(self, index: int) -> None:
+        """Answer the ``index``-th pending slow lookup."""
+        address, d = self.pending[index]
+        d.callback(self._answer(address))
+
+    def authenticate(self, login: str, password: str) -> defer.Deferred:
+        self.calls.append(("authenticate", login))
+        if self.down:
+            return defer.fail(DirectoryUnavailable("fake outage"))
+        if password and self.passwords.get(login) == password:
+            return defer.succeed(Account(login=login, address=login))
+        return defer.succeed(None)
+
+    def close(self) -> None:
+        pass

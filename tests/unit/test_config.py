@@ -1,0 +1,141 @@
+"""Configuration loading and validation."""
+
+import os
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from mailserver.config import load_config, parse_address, schema_fields
+from mailserver.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+MINIMAL = """
+[domains]
+local = ["example.test"]
+[directory]
+ldif_file = "users.ldif"
+[[listeners]]
+address = "127.0.0.1:2525"
+"""
+
+
+@pytest.fixture
+def cfgdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "users.ldif").write_text("")
+    return tmp_path
+
+
+def write(d, text):
+    p = d / "c.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_minimal_config_gets_defaults(cfgdir):
+    """A minimal file loads; defaults fill the rest and paths become absolute."""
+    c = load_config(write(cfgdir, MINIMAL))
+    assert c.smtp.max_message_size == 26214400
+    assert c.store.maildir_root == str(cfgdir / "var/mail")
+    assert c.listeners[0].tls == "none"
+    assert c.listeners[0].protocol == "smtp"
+
+
+@pytest.mark.parametrize("extra, key, problem", [
+    ("[smtp]\nmax_recipients = \"ten\"\n", "smtp.max_recipients", "expected an integer"),
+    ("[smtp]\nmax_recipientz = 5\n", "smtp.max_recipientz", "unknown key"),
+    ("[smtp]\nmax_recipients = 0\n", "smtp.max_recipients", "at least 1"),
+    ("[bogus]\n", "bogus", "unknown section"),
+    ("[tls]\ncertificate = \"nope.pem\"\nprivate_key = \"nope.key\"\n",
+     "tls.certificate", "no such file"),
+    ("[tls]\ncertificate = \"nope.pem\"\n", "tls.private_key", "go together"),
+    ("[directory]\nbackend = \"ldap\"\n", "directory.backend", None),
+])
+def test_errors_name_file_and_key(cfgdir, extra, key, problem):
+    """Each error names the file and the key, and says what is wrong."""
+    text = MINIMAL.replace("[directory]\nldif_file = \"users.ldif\"\n", "") + extra
+    if "[directory]" not in extra:
+        text += "[directory]\nldif_file = \"users.ldif\"\n"
+    path = write(cfgdir, text)
+    if key == "directory.backend":
+        # duplicate table is a TOML error: still names the file
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert str(e.value).startswith(path)
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: {key}: "), msg
+    assert problem in msg
+
+
+def test_missing_file(tmp_path):
+    """A missing file is reported as such."""
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(str(tmp_path / "absent.toml"))
+
+
+def test_unreadable_certificate(cfgdir):
+    """A certificate file that is not PEM is refused before anything binds."""
+    (cfgdir / "bad.pem").write_text("garbage")
+    text = MINIMAL + '[tls]\ncertificate = "bad.pem"\nprivate_key = "bad.pem"\n'
+    with pytest.raises(ConfigError, match="tls.certificate: .*not a usable PEM"):
+        load_config(write(cfgdir, text))
+
+
+def test_listener_address_checked(cfgdir):
+    """A malformed listener address names the listener."""
+    text = MINIMAL.replace('127.0.0.1:2525', '127.0.0.1:99999')
+    with pytest.raises(ConfigError, match=r"listeners\[0\].address"):
+        load_config(write(cfgdir, text))
+
+
+@pytest.mark.parametrize("address, parsed", [
+    ("127.0.0.1:25", ("tcp4", "127.0.0.1", 25)),
+    (":25", ("tcp4", "", 25)),
+    ("[::1]:25", ("tcp6", "::1", 25)),
+    ("unix:/run/lmtp", ("unix", "/run/lmtp", None)),
+])
+def test_parse_address(address, parsed):
+    """Listener addresses in every accepted form."""
+    assert parse_address(address) == parsed
+
+
+def _reference():
+    """Uncomment the reference file's `# key = value` lines and parse them."""
+    lines = []
+    for line in (REPO / "etc/mailserver.toml").read_text().splitlines():
+        m = re.match(r"^# ?(\[\[?\w+\]\]?|[a-z][a-z0-9_]* = .*)$", line)
+        if m:
+            lines.append(m.group(1))
+        elif re.match(r"^\[\w+\]$", line):
+            lines.append(line)
+    return tomllib.loads("\n".join(lines))
+
+
+def test_reference_documents_every_key_with_its_default():
+    """etc/mailserver.toml lists every key of every section with its real default."""
+    ref = _reference()
+    for section, fields in schema_fields().items():
+        table = ref[section][0] if section == "listeners" else ref[section]
+        for f in fields:
+            assert f.name in table, f"{section}.{f.name} missing from etc/mailserver.toml"
+            default = f.default
+            if isinstance(default, tuple):
+                default = list(default)
+            assert table[f.name] == default, f"{section}.{f.name}"
+        extra = set(table) - {f.name for f in fields}
+        assert not extra, f"{section}: documented keys that do not exist: {extra}"
+
+
+def test_quickstart_config_is_valid(monkeypatch):
+    """etc/quickstart.toml loads from the repository root."""
+    monkeypatch.chdir(REPO)
+    c = load_config("etc/quickstart.toml", check_files=False)
+    assert [lc.address for lc in c.listeners] == ["127.0.0.1:2525", "127.0.0.1:2424"]
+    assert c.tls.self_signed
+    assert os.path.isabs(c.directory.ldif_file)

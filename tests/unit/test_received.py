@@ -1,0 +1,45 @@
+"""Received header and header scanning."""
+
+from mailserver.received import HeaderScanner, SessionInfo, received_header, with_keyword
+
+
+def info(**kw):
+    base = dict(peer_ip="192.0.2.1", helo="client.example", hostname="mx.example.test")
+    base.update(kw)
+    return SessionInfo(**base)
+
+
+def test_with_keywords():
+    """RFC 3848 / RFC 6531 keywords follow TLS, AUTH, LMTP and SMTPUTF8."""
+    assert with_keyword(info()) == "ESMTP"
+    assert with_keyword(info(esmtp=False)) == "SMTP"
+    assert with_keyword(info(tls_version="TLSv1.3")) == "ESMTPS"
+    assert with_keyword(info(tls_version="TLSv1.3", authenticated=True)) == "ESMTPSA"
+    assert with_keyword(info(protocol="LMTP")) == "LMTP"
+    assert with_keyword(info(smtputf8=True, tls_version="TLSv1.2")) == "UTF8SMTPS"
+
+
+def test_header_shape():
+    """The header names client, server, id, TLS details and recipient, and ends in CRLF."""
+    h = received_header(info(tls_version="TLSv1.3", tls_cipher="TLS_AES_256_GCM_SHA384"),
+                        "ABC123", "alice@example.test", now=0).decode()
+    assert h.startswith("Received: from client.example (unknown [192.0.2.1])\r\n")
+    assert "\tby mx.example.test (mailserver) with ESMTPS id ABC123\r\n" in h
+    assert "(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)" in h
+    assert h.endswith("for <alice@example.test>; Thu, 01 Jan 1970 00:00:00 -0000\r\n")
+
+
+def test_hostile_helo_cannot_break_header():
+    """Parentheses, CR/LF and control characters from the client are neutralised."""
+    h = received_header(info(helo="evil)\r\nX-Injected: 1"), "ID").decode()
+    assert "X-Injected" not in h.split("\r\n")[1]
+    assert h.count("\r\n") == 3
+
+
+def test_scanner_counts_only_header_section():
+    """Received fields in the body, or split across chunks, are counted correctly."""
+    s = HeaderScanner()
+    for chunk in (b"Received: a\r\nRecei", b"ved: b\r\nSubject: x\r\n\r\nReceived: body\r\n"):
+        s.feed(chunk)
+    assert s.received == 2
+    assert s.done
