@@ -64,3 +64,24 @@ class FakeDirectory:
 
     def close(self) -> None:
         pass
+
+
+class SynchronousThreadPool:
+    """A stand-in for ``ThreadPool`` that runs the work at once, in this thread."""
+
+    def callInThreadWithCallback(self, onResult, func, *args, **kw):
+        from twisted.python.failure import Failure
+
+        try:
+            result = func(*args, **kw)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+
+class ImmediateReactor:
+    """Just enough reactor for ``deferToThreadPool`` with the pool above."""
+
+    def callFromThread(self, f, *args, **kw):
+        f(*args, **kw)

@@ -1,0 +1,225 @@
+"""The SMTP/LMTP Twisted adapter, over an in-memory transport with a fake clock."""
+
+import mailbox
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from mailserver import reply as R
+from mailserver.delivery.local import LocalDelivery
+from mailserver.policy import RecipientPolicy
+from mailserver.proto.smtp_server import Limits, Mode
+from mailserver.protocols.smtp import ConnectionLimiter, ListenerContext, SMTPFactory
+from mailserver.spool import prepare_spool
+from mailserver.store.maildir import MaildirStore
+from mailserver.testing import FakeDirectory, ImmediateReactor, SynchronousThreadPool
+
+USERS = {
+    "alice@example.test": ("alice@example.test",),
+    "bob@example.test": ("bob@example.test",),
+    "team@example.test": ("alice@example.test", "bob@example.test"),
+    "postmaster@example.test": ("alice@example.test",),
+}
+
+
+class BrokenStore:
+    """A store whose deliveries to ``bad`` fail with ``error``."""
+
+    def __init__(self, store, bad, error):
+        self.store, self.bad, self.error = store, bad, error
+
+    def deliver(self, mb, **kw):
+        if mb.address == self.bad:
+            raise self.error
+        return self.store.deliver(mb, **kw)
+
+
+class Harness:
+    def __init__(self, tmp_path, mode=Mode.MX, limiter=None, store=None, **ctx):
+        self.clock = Clock()
+        self.directory = FakeDirectory(USERS)
+        self.root = tmp_path / "mail"
+        spool = tmp_path / "spool"
+        prepare_spool(str(spool))
+        self.store = MaildirStore(str(self.root), hostname="mx.example.test")
+        delivery = LocalDelivery(store(self.store) if store else self.store,
+                                 SynchronousThreadPool(), ImmediateReactor())
+        self.ctx = ListenerContext(
+            mode=mode, hostname="mx.example.test", limits=Limits(max_recipients=5),
+            policy=RecipientPolicy(self.directory, ["example.test"], lmtp=mode is Mode.LMTP),
+            delivery=delivery, spool_dir=str(spool), clock=self.clock,
+            limiter=limiter or ConnectionLimiter(10, 10), **ctx,
+        )
+        self.factory = SMTPFactory(self.ctx)
+
+    def connect(self, peer="192.0.2.7"):
+        from twisted.internet.address import IPv4Address
+
+        proto = self.factory.buildProtocol(None)
+        t = StringTransport(peerAddress=IPv4Address("TCP", peer, 4321))
+        proto.makeConnection(t)
+        return proto, t
+
+    def messages(self, local):
+        md = mailbox.Maildir(str(self.root / "example.test" / local), factory=None, create=False)
+        return list(md)
+
+
+def replies(t):
+    """Reply codes written so far, one per final reply line, then clear."""
+    lines = t.value().decode().split("\r\n")
+    t.clear()
+    return [line[:3] + " " + line[4:9] for line in lines if len(line) > 3 and line[3] == " "]
+
+
+@pytest.fixture
+def h(tmp_path):
+    return Harness(tmp_path)
+
+
+def test_message_delivered_before_250(h):
+    """A message is in the maildir, with its trace headers, when 250 is sent."""
+    p, t = h.connect()
+    p.dataReceived(b"EHLO client.example\r\nMAIL FROM:<x@example.org>\r\n"
+                   b"RCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert replies(t)[-3:] == ["250 2.1.0", "250 2.1.5", "354 End "]
+    p.dataReceived(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+    out = t.value().decode()
+    assert "250 2.0.0 Ok: queued as " in out
+    [msg] = h.messages("alice")
+    assert msg["Return-Path"] == "<x@example.org>"
+    assert msg["Delivered-To"] == "alice@example.test"
+    assert "by mx.example.test (mailserver) with ESMTP id" in msg["Received"]
+    assert msg.get_payload() == "hello\n"
+
+
+def test_pipelined_rcpts_wait_for_slow_lookups(h):
+    """Replies keep command order while lookups are pending; input is paused."""
+    h.directory.slow = True
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\n")
+    t.clear()
+    p.dataReceived(b"MAIL FROM:<x@example.org>\r\nRCPT TO:<alice@example.test>\r\n"
+                   b"RCPT TO:<nobody@example.test>\r\nRCPT TO:<bob@example.test>\r\nNOOP\r\n")
+    assert replies(t) == ["250 2.1.0"]
+    assert t.producerState == "paused"
+    assert len(h.directory.pending) == 1
+    h.directory.release(0)
+    assert replies(t) == ["250 2.1.5"]
+    assert len(h.directory.pending) == 2
+    h.directory.release(1)
+    assert replies(t) == ["550 5.1.1"]
+    h.directory.release(2)
+    assert replies(t) == ["250 2.1.5", "250 2.0.0"]
+    assert t.producerState == "producing"
+
+
+def test_directory_outage_is_temporary(h):
+    """When the directory is down RCPT gets 451 4.4.3, and recovery needs no restart."""
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<>\r\n")
+    t.clear()
+    h.directory.down = True
+    p.dataReceived(b"RCPT TO:<alice@example.test>\r\n")
+    assert replies(t) == ["451 4.4.3"]
+    h.directory.down = False
+    p.dataReceived(b"RCPT TO:<alice@example.test>\r\n")
+    assert replies(t) == ["250 2.1.5"]
+
+
+def test_relay_refused(h):
+    """Other domains, IP literals and source routes to them are refused as relaying."""
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\n")
+    t.clear()
+    for rcpt in (b"<a@example.org>", b"<a@[127.0.0.1]>", b"<@example.test:a@example.org>",
+                 b"<a@EXAMPLE.test.example.org>"):
+        p.dataReceived(b"RCPT TO:" + rcpt + b"\r\n")
+        assert replies(t) == ["554 5.7.1"], rcpt
+
+
+@pytest.mark.parametrize("rcpt", [b"<a%example.org@example.test>", b"<example.org!a@example.test>",
+                                  b'<"a@example.org"@example.test>'])
+def test_relay_tricks_are_unknown_users(h, rcpt):
+    """Percent hack, bang path and quoted @ in a local domain are just unknown users."""
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\n")
+    t.clear()
+    p.dataReceived(b"RCPT TO:" + rcpt + b"\r\n")
+    assert replies(t) == ["550 5.1.1"]
+
+
+def test_bare_postmaster_accepted(h):
+    """RCPT TO:<postmaster> reaches the first local domain's postmaster."""
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\n")
+    assert replies(t)[-1] == "250 2.1.5"
+
+
+def test_group_delivers_one_copy_per_mailbox(h):
+    """A group and one of its members as recipients give each mailbox one copy."""
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<team@example.test>\r\n"
+                   b"RCPT TO:<alice@example.test>\r\nDATA\r\n")
+    p.dataReceived(b"Subject: team\r\n\r\nhi all\r\n.\r\n")
+    assert replies(t)[-1] == "250 2.0.0"
+    assert len(h.messages("alice")) == 1
+    assert len(h.messages("bob")) == 1
+
+
+def test_idle_timeout(h):
+    """An idle client gets 421 4.4.2 after the command timeout, measured on the clock."""
+    p, t = h.connect()
+    h.clock.advance(299)
+    assert not t.disconnecting
+    h.clock.advance(2)
+    assert replies(t)[-1] == "421 4.4.2"
+    assert t.disconnecting
+
+
+def test_connection_limit_per_client(tmp_path):
+    """A client over its connection limit gets 421 4.7.0 and is disconnected."""
+    h = Harness(tmp_path, limiter=ConnectionLimiter(10, 1))
+    p1, t1 = h.connect()
+    p2, t2 = h.connect()
+    assert replies(t2) == ["421 4.7.0"]
+    assert t2.disconnecting
+    p2.connectionLost(None)
+    p1.connectionLost(None)
+    p3, t3 = h.connect()
+    assert replies(t3)[0].startswith("220")
+
+
+def test_mail_loop_refused(h):
+    """A message with more Received headers than allowed is refused with 554 5.4.6."""
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    p.dataReceived(b"Received: from a by b\r\n" * 51 + b"\r\nbody\r\n.\r\n")
+    assert replies(t)[-1] == "554 5.4.6"
+    assert h.messages("alice") == []
+
+
+def test_lmtp_reply_per_recipient(tmp_path):
+    """LMTP answers each recipient with its own delivery result, in RCPT order."""
+    h = Harness(tmp_path, mode=Mode.LMTP,
+                store=lambda s: BrokenStore(s, "bob@example.test", OSError(28, "No space")))
+    p, t = h.connect()
+    p.dataReceived(b"LHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<alice@example.test>\r\n"
+                   b"RCPT TO:<bob@example.test>\r\nRCPT TO:<team@example.test>\r\nDATA\r\n")
+    t.clear()
+    p.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert replies(t) == ["250 2.0.0", "452 4.3.1", "452 4.3.1"]
+    assert len(h.messages("alice")) == 1
+
+
+def test_internal_error_hides_details(tmp_path):
+    """An unexpected exception in delivery is 451 4.3.0 with the queue id, no exception text."""
+    h = Harness(tmp_path, store=lambda s: BrokenStore(s, "alice@example.test",
+                                                      RuntimeError("secret detail")))
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<alice@example.test>\r\n"
+                   b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    out = t.value().decode()
+    assert "451 4.3.0 Internal error, try again later (" in out
+    assert "secret" not in out
