@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+from mailserver.address import Address
 from mailserver.reply import Reply
 
 
@@ -59,7 +60,8 @@ class StartTLS(Event):
 
 @dataclass(frozen=True)
 class MailFrom(Event):
-    """MAIL FROM: ``sender`` is ``""`` for the null reverse-path ``<>``."""
+    """MAIL FROM: ``sender`` is ``""`` for the null reverse-path ``<>``.
+    ``address`` is the parsed path (``None`` for ``<>``)."""
 
     NEEDS_REPLY = True
     sender: str
@@ -67,15 +69,19 @@ class MailFrom(Event):
     size: Optional[int] = None
     body: Optional[str] = None
     smtputf8: bool = False
+    address: Optional[Address] = None
 
 
 @dataclass(frozen=True)
 class RcptTo(Event):
-    """RCPT TO: a positive reply adds ``recipient`` to the transaction."""
+    """RCPT TO: a positive reply adds ``recipient`` to the transaction.
+    ``address`` is the parsed path (``Address("postmaster", "")`` for
+    ``<postmaster>``)."""
 
     NEEDS_REPLY = True
     recipient: str
     params: Mapping[str, Optional[str]] = field(default_factory=dict)
+    address: Optional[Address] = None
 
 
 @dataclass(frozen=True)
