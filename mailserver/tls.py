@@ -25,9 +25,7 @@ def load_certificate(cert_path: str, key_path: str) -> ssl.PrivateCertificate:
     except OSError as e:
         raise ValueError(f"cannot read: {e}") from None
     try:
-        cert = ssl.Certificate.loadPEM(cert_pem)
-        key = ssl.KeyPair.load(key_pem, ssl.crypto.FILETYPE_PEM)
-        pair = ssl.PrivateCertificate.fromCertificateAndKeyPair(cert, key)
+        pair = ssl.PrivateCertificate.loadPEM(key_pem + b"\n" + cert_pem)
         pair.options()  # checks that key and certificate match
     except Exception as e:  # OpenSSL raises its own types
         raise ValueError(f"{cert_path}: not a usable PEM certificate and key ({e.__class__.__name__})") from None
