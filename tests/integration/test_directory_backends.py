@@ -1,0 +1,189 @@
+"""Resolution and authentication, run against both directory backends.
+
+Every test here runs twice through the ``backend`` fixture: on the embedded
+LDIF directory and on a real slapd (``-m ldap``) holding the same entries, so
+the two are shown to behave alike.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mailserver.directory.interfaces import Account, Mailbox
+from tests.support.directory import (  # noqa: F401  (fixtures)
+    ALICE_DN,
+    BOB_DN,
+    CAROL_DN,
+    backend,
+    cases_files,
+    cases_slapd,
+    result_of,
+)
+
+ALICE = Mailbox("alice@example.test", "alice", ALICE_DN)
+BOB = Mailbox("bob@example.test", "bob", BOB_DN)
+CAROL = Mailbox("carol@example.test", "carol", CAROL_DN)
+
+
+def resolve(directory, address):
+    return result_of(directory.resolve(address))
+
+
+def authenticate(directory, login, password):
+    return result_of(directory.authenticate(login, password))
+
+
+@pytest.mark.parametrize("address", [
+    "alice@example.test", "ALICE@Example.TEST", " alice@example.test ",
+    "alice.liddell@example.test",
+])
+def test_user_addresses(backend, address):
+    """A user is found by its primary or alternate address, in any case."""
+    result = resolve(backend, address)
+    assert result.mailboxes == (ALICE,)
+    assert result.forwards == ()
+    assert result.found
+
+
+def test_stored_address_is_lower_cased(backend):
+    """The mailbox address is the primary mail attribute, lower-cased."""
+    assert resolve(backend, "carol@example.test").mailboxes == (CAROL,)
+
+
+def test_unknown_address(backend):
+    """An address nobody owns resolves to nothing, without error."""
+    result = resolve(backend, "nobody@example.test")
+    assert not result.found
+    assert result.mailboxes == () and result.forwards == ()
+    assert "nobody@example.test: no entry" in result.trace
+
+
+@pytest.mark.parametrize("address", [
+    "*@example.test", "*", "a)(uid=*@example.test", "alice@example.test)(mail=*",
+    "*)(|(mail=*", "ali\\ce@example.test", "\\2a@example.test", "alice\x00@example.test",
+    "ålice@example.test", "alice@exämple.test", "", "(", ")",
+])
+def test_filter_metacharacters_match_nothing(backend, address):
+    """Filter metacharacters, NUL and non-ASCII in an address are data, not syntax."""
+    result = resolve(backend, address)
+    assert result.mailboxes == () and result.forwards == ()
+
+
+@pytest.mark.parametrize("address", ["postmaster@example.test", "Abuse@example.test"])
+def test_alias_to_user(backend, address):
+    """An alias resolves its target again, down to the user's mailbox."""
+    assert resolve(backend, address).mailboxes == (ALICE,)
+
+
+def test_group_members(backend):
+    """A group resolves to its members' mailboxes, in member order."""
+    result = resolve(backend, "team@example.test")
+    assert result.mailboxes == (ALICE, BOB)
+    assert any("group with 2 member(s)" in step for step in result.trace)
+
+
+def test_nested_group_without_duplicates(backend):
+    """Nested groups are expanded; a member reached twice appears once."""
+    assert resolve(backend, "all@example.test").mailboxes == (ALICE, BOB, CAROL)
+
+
+def test_member_dn_spelling(backend):
+    """Member DNs differing only in case and spacing name the same entry once."""
+    assert resolve(backend, "spaced@example.test").mailboxes == (ALICE, BOB)
+
+
+def test_group_of_unique_names(backend):
+    """uniqueMember values, with or without a #'..'B uid suffix, are members."""
+    assert resolve(backend, "ops@example.test").mailboxes == (BOB, CAROL)
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("loop-a@example.test", (BOB, ALICE)),  # loop-a: [loop-b: [loop-a, bob], alice]
+    ("loop-b@example.test", (ALICE, BOB)),  # loop-b: [loop-a: [loop-b, alice], bob]
+])
+def test_group_loop(backend, address, expected):
+    """Groups that contain each other expand once, depth first, and terminate."""
+    assert resolve(backend, address).mailboxes == expected
+
+
+def test_alias_loop(backend):
+    """Aliases pointing at each other terminate with nothing found."""
+    result = resolve(backend, "ping@example.test")
+    assert not result.found
+    assert any("already resolved" in step for step in result.trace)
+
+
+def test_dangling_alias(backend):
+    """An alias to a local address nobody owns resolves to nothing."""
+    assert not resolve(backend, "ghost@example.test").found
+
+
+def test_missing_member_is_skipped(backend):
+    """A member DN with no entry is skipped; the other members still count."""
+    result = resolve(backend, "partial@example.test")
+    assert result.mailboxes == (BOB,)
+    assert any("member not found" in step for step in result.trace)
+
+
+def test_alias_with_local_and_external_targets(backend):
+    """Local targets become mailboxes; targets outside the local domains, forwards."""
+    result = resolve(backend, "list@example.test")
+    assert result.mailboxes == (BOB, ALICE)
+    assert result.forwards == ("friend@elsewhere.example",)
+
+
+def test_user_with_routing_address_forwards(backend):
+    """A user whose mailRoutingAddress is external is forwarded, not delivered."""
+    result = resolve(backend, "dave@example.test")
+    assert result.mailboxes == ()
+    assert result.forwards == ("dave@elsewhere.example",)
+
+
+def test_external_contact_in_group(backend):
+    """A group member without a login whose address is external is forwarded."""
+    result = resolve(backend, "partners@example.test")
+    assert result.mailboxes == (BOB,)
+    assert result.forwards == ("partner@elsewhere.example",)
+
+
+def test_depth_is_bounded(backend):
+    """Nesting deeper than max_depth is not followed; shallower nesting is."""
+    deep = resolve(backend, "deep0@example.test")
+    assert not deep.found
+    assert any("max_depth" in step for step in deep.trace)
+    assert resolve(backend, "deep5@example.test").mailboxes == (ALICE,)
+
+
+@pytest.mark.parametrize("login", ["alice", "alice@example.test", "ALICE@example.test"])
+def test_authenticate(backend, login):
+    """The right password for a uid or an address gives the account."""
+    assert authenticate(backend, login, "alice-password") == Account(
+        login="alice", address="alice@example.test", dn=ALICE_DN)
+
+
+def test_authenticate_forwarding_user(backend):
+    """A user whose mail is forwarded can still log in."""
+    account = authenticate(backend, "dave", "dave-password")
+    assert account is not None and account.address == "dave@example.test"
+
+
+@pytest.mark.parametrize("login, password", [
+    ("alice", "wrong"),
+    ("alice", "ALICE-PASSWORD"),
+    ("alice", "alice-password "),
+    ("alice", "bob-password"),
+    ("nobody", "alice-password"),
+    ("alice", ""),
+    ("", "alice-password"),
+    ("*", "alice-password"),
+    ("alice)(uid=*", "alice-password"),
+    ("al*", "alice-password"),
+    ("alice\x00", "alice-password"),
+    ("twin", "twin-password"),
+    ("nopass", "anything"),
+    ("cn=mailserver,dc=example,dc=test", "mailserver-password"),
+])
+def test_authenticate_refused(backend, login, password):
+    """Wrong, empty or case-changed passwords, unknown, ambiguous and wildcard
+    logins all give None."""
+    assert authenticate(backend, login, password) is None

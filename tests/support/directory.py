@@ -1,0 +1,215 @@
+"""Test support for the directory: synchronous fakes, extra entries, fixtures.
+
+``ImmediateThreadPool`` and ``ImmediateReactor`` make ``LDAPDirectory`` run
+its blocking work inline, so a Deferred has its result when the call
+returns; :func:`result_of` and :func:`failure_of` read it.  ``QueueReactor``
+collects results from real pool threads for tests that want real threads
+without running the reactor.
+
+``CASES_LDIF`` adds entries under ``ou=cases`` that exercise every rule of
+resolution (nesting, loops, forwards, dangling members).  It loads into slapd
+with the stock schemas, so the ``backend`` fixture can give the same
+directory on both backends.
+"""
+
+from __future__ import annotations
+
+import base64
+import queue
+import time
+from pathlib import Path
+
+import pytest
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailserver.directory.ldap import LDAPDirectory, LDAPSettings
+from mailserver.directory.ldif import embedded_directory
+from tests.support.slapd import QUICKSTART_LDIF, SUFFIX, release_shared, shared_slapd
+
+SERVICE_DN = "cn=mailserver,dc=example,dc=test"
+SERVICE_PASSWORD = "mailserver-password"
+PEOPLE = "ou=people," + SUFFIX
+CASES = "ou=cases," + SUFFIX
+ALICE_DN = f"uid=alice,{PEOPLE}"
+BOB_DN = f"uid=bob,{PEOPLE}"
+CAROL_DN = f"uid=carol,{CASES}"
+DEEP_LEVELS = 13  # deep0 .. deep12; deep12 holds alice
+
+
+class ImmediateThreadPool:
+    """Runs "threaded" work at once, on the caller's thread."""
+
+    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+class ImmediateReactor:
+    """Just enough reactor for deferToThreadPool: calls back at once."""
+
+    def callFromThread(self, function, *args, **kwargs):
+        function(*args, **kwargs)
+
+
+class QueueReactor:
+    """Collects callFromThread calls from pool threads; :meth:`wait` runs them."""
+
+    def __init__(self):
+        self.calls = queue.Queue()
+
+    def callFromThread(self, function, *args, **kwargs):
+        self.calls.put((function, args, kwargs))
+
+    def wait(self, deferred, timeout=30.0):
+        """Run queued calls until ``deferred`` has fired; return it, result intact."""
+        fired = []
+        deferred.addBoth(lambda result: (fired.append(True), result)[1])
+        deadline = time.monotonic() + timeout
+        while not fired:
+            function, args, kwargs = self.calls.get(timeout=max(0.0, deadline - time.monotonic()))
+            function(*args, **kwargs)
+        return deferred
+
+
+_checker = SynchronousTestCase()
+
+
+def result_of(deferred):
+    """The result a Deferred already has (fails the test otherwise)."""
+    return _checker.successResultOf(deferred)
+
+
+def failure_of(deferred, *types):
+    """The Failure a Deferred already has, which must be one of ``types``."""
+    return _checker.failureResultOf(deferred, *types)
+
+
+def sync_directory_kwargs():
+    return {"reactor": ImmediateReactor(), "threadpool": ImmediateThreadPool()}
+
+
+def _entry(dn, *lines):
+    return "\n".join([f"dn: {dn}", *lines]) + "\n"
+
+
+def _person(uid, mail, *extra, ou=CASES, classes=()):
+    return _entry(
+        f"uid={uid},{ou}", "objectClass: top", "objectClass: person",
+        "objectClass: organizationalPerson", "objectClass: inetOrgPerson",
+        *[f"objectClass: {c}" for c in classes],
+        f"uid: {uid}", f"cn: {uid}", f"sn: {uid}", *([f"mail: {mail}"] if mail else []), *extra)
+
+
+def _alias(cn, addresses, targets):
+    return _entry(
+        f"cn={cn},{CASES}", "objectClass: top", "objectClass: nisMailAlias",
+        "objectClass: inetLocalMailRecipient", f"cn: {cn}",
+        *[f"mailLocalAddress: {a}" for a in addresses],
+        *[f"rfc822MailMember: {t}" for t in targets])
+
+
+def _group(cn, address, members, kind="groupOfNames", attribute="member"):
+    return _entry(
+        f"cn={cn},{CASES}", "objectClass: top", f"objectClass: {kind}",
+        "objectClass: inetLocalMailRecipient", f"cn: {cn}", f"mailLocalAddress: {address}",
+        *[f"{attribute}: {m}" for m in members])
+
+
+def _cases_ldif() -> str:
+    carol_cn = base64.b64encode("Carol Müller".encode()).decode()
+    entries = [
+        "# Entries for the directory tests, on top of etc/quickstart-users.ldif.\n"
+        + _entry(CASES, "objectClass: organizationalUnit", "ou: cases"),
+        _entry(CAROL_DN, "objectClass: top", "objectClass: person",
+               "objectClass: organizationalPerson", "objectClass: inetOrgPerson",
+               "uid: carol", f"cn:: {carol_cn}", "sn: M", "mail: Carol@Example.TEST",
+               "userPassword: carol-password"),
+        _person("dave", "dave@example.test", "mailRoutingAddress: dave@elsewhere.example",
+                "userPassword: dave-password", classes=("inetLocalMailRecipient",)),
+        _person("nopass", "nopass@example.test"),
+        _person("twin", "twin1@example.test", "userPassword: twin-password"),
+        _entry(f"cn=twin2,{CASES}", "objectClass: top", "objectClass: person",
+               "objectClass: organizationalPerson", "objectClass: inetOrgPerson",
+               "cn: twin2", "sn: twin", "uid: twin", "mail: twin2@example.test",
+               "userPassword: twin-password"),
+        _entry(f"cn=partner,{CASES}", "objectClass: top", "objectClass: person",
+               "objectClass: organizationalPerson", "objectClass: inetOrgPerson",
+               "cn: partner", "sn: partner", "mail: partner@elsewhere.example"),
+        _alias("list", ["list@example.test"],
+               ["bob@example.test", "Friend@Elsewhere.Example", "team@example.test"]),
+        _alias("ping", ["ping@example.test"], ["pong@example.test"]),
+        _alias("pong", ["pong@example.test"], ["ping@example.test"]),
+        _alias("ghost", ["ghost@example.test"], ["nobody@example.test"]),
+        _group("all", "all@example.test", [f"cn=team,ou=groups,{SUFFIX}", CAROL_DN, ALICE_DN]),
+        _group("ops", "ops@example.test", [f"{BOB_DN}#'0101'B", CAROL_DN],
+               kind="groupOfUniqueNames", attribute="uniqueMember"),
+        _group("loop-a", "loop-a@example.test", [f"cn=loop-b,{CASES}", ALICE_DN]),
+        _group("loop-b", "loop-b@example.test", [f"cn=loop-a,{CASES}", BOB_DN]),
+        _group("partial", "partial@example.test", [f"uid=gone,{CASES}", BOB_DN]),
+        _group("partners", "partners@example.test", [f"cn=partner,{CASES}", BOB_DN]),
+        _group("spaced", "spaced@example.test",
+               ["UID=Alice, OU=People, DC=Example, DC=Test", ALICE_DN, BOB_DN]),
+    ]
+    for level in range(DEEP_LEVELS):
+        below = f"cn=deep{level + 1},{CASES}" if level + 1 < DEEP_LEVELS else ALICE_DN
+        entries.append(_group(f"deep{level}", f"deep{level}@example.test", [below]))
+    return "\n".join(entries)
+
+
+CASES_LDIF = _cases_ldif()
+
+
+def write_cases(folder: Path) -> Path:
+    path = folder / "cases.ldif"
+    path.write_text(CASES_LDIF)
+    return path
+
+
+def cases_settings(**overrides) -> LDAPSettings:
+    values = dict(base_dn=SUFFIX, bind_dn=SERVICE_DN, bind_password=SERVICE_PASSWORD,
+                  local_domains=("example.test",), connect_timeout=2.0, operation_timeout=3.0)
+    values.update(overrides)
+    return LDAPSettings(**values)
+
+
+@pytest.fixture(scope="session")
+def cases_files(tmp_path_factory):
+    """(cases LDIF, quick start + cases in one file) written once."""
+    folder = tmp_path_factory.mktemp("directory-cases")
+    cases = write_cases(folder)
+    combined = folder / "combined.ldif"
+    combined.write_text(QUICKSTART_LDIF.read_text() + "\n" + CASES_LDIF)
+    return cases, combined
+
+
+@pytest.fixture(scope="session")
+def cases_slapd(cases_files):
+    """A shared slapd holding the quick start and the cases."""
+    ldif = [QUICKSTART_LDIF, cases_files[0]]
+    yield shared_slapd(ldif)
+    release_shared(ldif)
+
+
+@pytest.fixture(params=["embedded", pytest.param("slapd", marks=pytest.mark.ldap)])
+def backend(request, cases_files) -> LDAPDirectory:
+    """The quick-start + cases directory, embedded or on a real slapd;
+    calls complete synchronously."""
+    cases, combined = cases_files
+    if request.param == "embedded":
+        directory = embedded_directory(str(combined), cases_settings(), **sync_directory_kwargs())
+    else:
+        server = request.getfixturevalue("cases_slapd")
+        directory = LDAPDirectory(cases_settings(uris=(server.uri,)), **sync_directory_kwargs())
+    yield directory
+    directory.close()
