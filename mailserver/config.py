@@ -111,12 +111,25 @@ class DirectoryConfig:
     ldif_file: str = field(default="", metadata=_doc("LDIF loaded by the embedded backend.", path=True))
     uris: Tuple[str, ...] = field(default=(), metadata=_doc("LDAP server URIs, tried in order."))
     base_dn: str = field(default="", metadata=_doc("Search base."))
+    tls_ca_file: str = field(default="", metadata=_doc("CA bundle for ldaps://.", path=True))
     bind_dn: str = field(default="", metadata=_doc("Service account DN; empty = anonymous."))
     bind_password: str = field(default="", metadata=_doc("Service account password."))
+    scope: str = field(default="subtree", metadata=_doc("subtree or one.", choices=("subtree", "one")))
     schema: str = field(default="openldap", metadata=_doc("Preset schema mapping."))
+    address_filter: str = field(default="", metadata=_doc("Override: entries owning {address}."))
+    login_filter: str = field(default="", metadata=_doc("Override: the account for {login}."))
+    entry_filter: str = field(default="", metadata=_doc("Override: filter for entries read by DN."))
+    mail_attribute: str = field(default="", metadata=_doc("Override: primary address attribute."))
+    address_attributes: Tuple[str, ...] = field(default=(), metadata=_doc("Override."))
+    login_attribute: str = field(default="", metadata=_doc("Override: login name attribute."))
+    target_attributes: Tuple[str, ...] = field(default=(), metadata=_doc("Override."))
+    group_classes: Tuple[str, ...] = field(default=(), metadata=_doc("Override."))
+    member_attributes: Tuple[str, ...] = field(default=(), metadata=_doc("Override."))
     connect_timeout: float = field(default=5.0, metadata=_doc("Seconds.", min=0.1))
     operation_timeout: float = field(default=10.0, metadata=_doc("Seconds.", min=0.1))
     pool_size: int = field(default=4, metadata=_doc("Threads (and connections) for LDAP calls.", min=1))
+    max_depth: int = field(default=10, metadata=_doc("Alias/group nesting followed.", min=1))
+    max_expansions: int = field(default=1000, metadata=_doc("Entries read per address.", min=1))
 
 
 @dataclass(frozen=True)
@@ -313,6 +326,16 @@ def _check_semantics(config: Config) -> None:
                 raise ConfigError(path, "directory.uris", f"{uri!r} is not an ldap:// or ldaps:// URI")
         if not d.base_dn:
             raise ConfigError(path, "directory.base_dn", "is required with backend = \"ldap\"")
+    from mailserver.directory.factory import settings_from_config
+
+    try:
+        settings_from_config(d, config.domains.local)
+    except ValueError as e:
+        problem = str(e)
+        key = problem.split(" ", 1)[0]
+        if key not in {f.name for f in dataclasses.fields(DirectoryConfig)}:
+            key = "schema"
+        raise ConfigError(path, f"directory.{key}", problem) from None
     if not config.domains.local:
         raise ConfigError(path, "domains.local", "name at least one local domain")
     try:

@@ -36,7 +36,9 @@ def make_endpoint(reactor, address: str, socket_mode: int = 0o660):
     """A server endpoint for a listener address (see ``parse_address``)."""
     kind, host, port = parse_address(address)
     if kind == "unix":
-        return endpoints.UNIXServerEndpoint(reactor, host, mode=socket_mode, wantPID=False)
+        # wantPID: a lock file beside the socket lets a restart after a crash
+        # remove the stale socket instead of failing with "address in use".
+        return endpoints.UNIXServerEndpoint(reactor, host, mode=socket_mode, wantPID=True)
     if kind == "tcp6":
         return endpoints.TCP6ServerEndpoint(reactor, port, interface=host)
     return endpoints.TCP4ServerEndpoint(reactor, port, interface=host)
@@ -75,20 +77,27 @@ class MailService(service.MultiService):
         super().__init__()
         self.config = config
         self.tls = tls
+        self.notes: list[str] = []  # said at start, once logging is running
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            sys.stderr.write(f"mailserver: {self.config.path}: cannot listen on "
-                             f"{e.interface or '*'}:{e.port}: {e.socketError}\n")
+            where = f"{e.interface or '*'}:{e.port}"
+            if isinstance(e.port, (bytes, str)):
+                port = e.port.decode() if isinstance(e.port, bytes) else e.port
+                where = f"unix:{port}"
+            sys.__stderr__.write(f"mailserver: {self.config.path}: cannot listen on "
+                                 f"{where}: {e.socketError}\n")
             sys.exit(1)
         except OSError as e:
-            sys.stderr.write(f"mailserver: {self.config.path}: cannot listen: {e}\n")
+            sys.__stderr__.write(f"mailserver: {self.config.path}: cannot listen: {e}\n")
             sys.exit(1)
 
     def startService(self) -> None:
         super().startService()
+        for note in self.notes:
+            log.info("{note}", note=note)
         if hasattr(signal, "SIGHUP"):
             from twisted.internet import reactor
 
@@ -106,32 +115,38 @@ class MailService(service.MultiService):
                 log.error("TLS reload failed, keeping the old certificate: {e}", e=e)
 
 
-def build_directory(config: Config, reactor):
-    """The directory backend named by ``directory.backend``."""
+def build_directory(config: Config, reactor, parent: service.MultiService):
+    """The directory backend named by ``directory.backend``, with its own
+    bounded thread pool (so slow LDAP never starves disk writes)."""
     from mailserver.directory.factory import directory_from_config
 
-    return directory_from_config(config.directory, reactor)
+    pool = ThreadPool(minthreads=0, maxthreads=config.directory.pool_size, name="mailserver-ldap")
+    ThreadPoolService(pool).setServiceParent(parent)
+    directory = directory_from_config(config.directory, config.domains.local, reactor, pool)
+    DirectoryService(directory).setServiceParent(parent)
+    return directory
 
 
 def build_service(config: Config, reactor=None) -> MailService:
     if reactor is None:
         from twisted.internet import reactor
+    notes = []
     tls = None
     if config.tls.certificate:
         if config.tls.self_signed and not os.path.exists(config.tls.certificate):
             make_self_signed(config.tls.certificate, config.tls.private_key, config.server.hostname)
-            log.info("created self-signed certificate {path}", path=config.tls.certificate)
+            notes.append(f"created self-signed certificate {config.tls.certificate}")
         tls = ReloadableTLS(config.tls.certificate, config.tls.private_key)
     top = MailService(config, tls)
+    top.notes = notes
     removed = prepare_spool(config.server.spool_dir)
     if removed:
-        log.info("removed {n} incomplete message(s) left in the spool", n=removed)
+        notes.append(f"removed {removed} incomplete message(s) left in the spool")
     os.makedirs(config.store.maildir_root, mode=0o700, exist_ok=True)
 
     pool = ThreadPool(minthreads=1, maxthreads=config.server.io_threads, name="mailserver-io")
     ThreadPoolService(pool).setServiceParent(top)
-    directory = build_directory(config, reactor)
-    DirectoryService(directory).setServiceParent(top)
+    directory = build_directory(config, reactor, top)
     store = MaildirStore(config.store.maildir_root, template=config.store.template,
                          hostname=config.server.hostname, fsync=config.store.fsync)
     delivery = LocalDelivery(store, pool, reactor)

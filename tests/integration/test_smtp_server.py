@@ -67,7 +67,7 @@ def test_swaks_delivery(server):
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "<~  250 2.0.0 Ok: queued as" in out.stdout
+    assert "<-  250 2.0.0 Ok: queued as" in out.stdout
     [msg] = by_subject(server, "alice", "swaks-first")
     assert msg["Return-Path"] == "<sender@example.org>"
     assert msg["Delivered-To"] == "alice@example.test"
@@ -108,7 +108,10 @@ def test_unknown_recipient_refused_at_rcpt(server):
         code, text = s.rcpt("someone@example.org")
         assert (code, text[:5]) == (554, b"5.7.1")
         code, text = s.rcpt("../../etc@example.test")
-        assert code == 550
+        assert (code, text[:5]) == (501, b"5.1.3")  # not a dot-atom
+        code, text = s.rcpt('"../../etc"@example.test')
+        assert (code, text[:5]) == (550, b"5.1.1")
+    assert not (server.maildir_root.parent / "etc").exists()
 
 
 def test_lmtp_per_recipient_replies_tcp_and_unix(server):

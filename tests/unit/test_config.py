@@ -139,3 +139,11 @@ def test_quickstart_config_is_valid(monkeypatch):
     assert [lc.address for lc in c.listeners] == ["127.0.0.1:2525", "127.0.0.1:2424"]
     assert c.tls.self_signed
     assert os.path.isabs(c.directory.ldif_file)
+
+
+def test_bad_directory_filter_names_the_key(cfgdir):
+    """A directory filter with an unknown placeholder is refused, naming the key."""
+    text = MINIMAL.replace('ldif_file = "users.ldif"\n',
+                           'ldif_file = "users.ldif"\naddress_filter = "(mail={bogus})"\n')
+    with pytest.raises(ConfigError, match=r"directory.address_filter: .*unknown placeholder"):
+        load_config(write(cfgdir, text))
