@@ -8,8 +8,9 @@ RFC 2034) and text.  Code and tests share the catalog below, so a test asserts
 
 Invariant: the class of the basic code equals the class of the enhanced code
 (2xx with 2.x.x, 4xx with 4.x.x, 5xx with 5.x.x).  Replies without an enhanced
-code are only the greeting (220) and the 354 intermediate reply, which RFC 2034
-leaves without one.
+code are only the greeting (220), the HELO/EHLO/LHLO replies (RFC 5321
+4.1.1.1: their first word is the server's name) and the 354 intermediate
+reply, which RFC 2034 leaves without one.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ EIGHTBIT_ADDRESS = R(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 LOCAL_PART_TOO_LONG = R(553, "5.1.3", "Local part too long")
 DOMAIN_TOO_LONG = R(553, "5.1.3", "Domain too long")
 RCPT_UNKNOWN = R(550, "5.1.1", "User unknown")
+MAILBOX_UNAVAILABLE = R(550, "5.2.0", "Mailbox unavailable")
 RELAY_DENIED = R(554, "5.7.1", "Relay access denied")
 MESSAGE_TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed limit")
 DATA_LINE_TOO_LONG = R(554, "5.6.0", "Message refused: line longer than 1000 octets")

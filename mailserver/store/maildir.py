@@ -51,7 +51,7 @@ from zope.interface import implementer
 
 from mailserver.directory.interfaces import Mailbox
 from mailserver.errors import PermFailure
-from mailserver.reply import Reply
+from mailserver import reply as catalog
 from mailserver.store.interfaces import IDelivery, IMailStore
 
 __all__ = [
@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 #: The reply for a mailbox whose path cannot be computed safely.
-MAILBOX_UNAVAILABLE = Reply(550, (5, 2, 0), "Mailbox unavailable")
+MAILBOX_UNAVAILABLE = catalog.MAILBOX_UNAVAILABLE
 
 #: Age after which an abandoned ``tmp/`` file may be removed (DJB: 36 hours).
 TMP_MAX_AGE = 36 * 3600

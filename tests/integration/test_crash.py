@@ -14,8 +14,8 @@ from tests.support.server import MailServer
 pytestmark = pytest.mark.slow
 
 CLIENTS = 4
-KILL_AFTER = 120
-MAX_MESSAGES = 400
+KILL_AFTER = 250
+MAX_MESSAGES = 600
 BODY = b"".join(b"line %04d of the body, padding padding padding\r\n" % i for i in range(40))
 
 
