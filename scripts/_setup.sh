@@ -1,5 +1,6 @@
 # Shared by quickstart.sh and test.sh: make .venv with mailserver installed.
-# Usage: . scripts/_setup.sh [extra]   (extra: "test" adds the test dependencies)
+# Usage: [MAILSERVER_EXTRA=test] . scripts/_setup.sh   ("test" adds the test dependencies;
+# a variable, because POSIX sh passes no arguments to a sourced file)
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -28,7 +29,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv 2>/dev/null || { apt_install python3-venv; rm -rf .venv; "$PYTHON" -m venv .venv; }
 fi
-extra=${1:-}
+extra=${MAILSERVER_EXTRA:-}
 spec="."
 [ -n "$extra" ] && spec=".[$extra]"
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
