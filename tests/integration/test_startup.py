@@ -132,8 +132,11 @@ def test_quickstart_config_runs(tmp_path, client_tls):
 def test_wheel_installs_plugin(tmp_path):
     """A built wheel (not an editable install) gives `twistd mailserver` and mailserverctl."""
     pytest.importorskip("build")
+    src = tmp_path / "src"  # build from a copy: the build writes into its source tree
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "var", "build",
+                                                             "*.egg-info", "__pycache__"))
     out = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation",
-                          "--outdir", str(tmp_path / "dist"), str(REPO)],
+                          "--outdir", str(tmp_path / "dist"), str(src)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     [wheel] = (tmp_path / "dist").glob("mailserver-*.whl")
