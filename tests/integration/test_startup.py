@@ -7,7 +7,7 @@ import smtplib
 import socket
 import subprocess
 import sys
-import sysconfig
+import os
 from pathlib import Path
 
 import pytest
@@ -142,18 +142,16 @@ def test_wheel_installs_plugin(tmp_path):
     [wheel] = (tmp_path / "dist").glob("mailserver-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    # The dependencies come from the test run's own environment (a .pth line);
-    # mailserver itself only from the wheel.
-    child = subprocess.run([str(venv / "bin/python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    Path(child, "parent-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(venv / "bin/pip"), "install", "-q", "--no-deps", str(wheel)], check=True,
-                   timeout=300)
-    env = {"PATH": str(venv / "bin")}
-    help_out = subprocess.run([str(venv / "bin/python"), "-c",
-                               "from twisted.scripts.twistd import run; run()", "--help"],
+    # A real install, dependencies included, as an administrator would do it.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([str(venv / "bin/pip"), "install", "-q", str(wheel)], check=True,
+                   timeout=300, env=env)
+    help_out = subprocess.run([str(venv / "bin/twistd"), "--help"],
                               capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
     assert "mailserver" in help_out.stdout, help_out.stdout + help_out.stderr
     ctl_out = subprocess.run([str(venv / "bin/mailserverctl"), "--help"], capture_output=True,
                              text=True, cwd=tmp_path, env=env, timeout=60)
     assert "check-config" in ctl_out.stdout
+    checked = subprocess.run([str(venv / "bin/mailserverctl"), "check-config", "etc/quickstart.toml"],
+                             capture_output=True, text=True, cwd=src, env=env, timeout=60)
+    assert checked.returncode == 0, checked.stderr
