@@ -338,10 +338,12 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError(path, f"directory.{key}", problem) from None
     if not config.domains.local:
         raise ConfigError(path, "domains.local", "name at least one local domain")
-    try:
-        config.store.template.format(domain="d", localpart="l", user="u")
+    from mailserver.store.maildir import MaildirStore
+
+    try:  # the store's own check, so config and store never disagree
+        MaildirStore(config.store.maildir_root, template=config.store.template)
     except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(path, "store.template", f"bad placeholder {e}") from None
+        raise ConfigError(path, "store.template", str(e)) from None
     seen = set()
     for i, lc in enumerate(config.listeners):
         if lc.address in seen:

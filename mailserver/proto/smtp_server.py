@@ -25,7 +25,8 @@ Policy choices:
   LHLO (HELO/EHLO get ``USE_LHLO``); SMTP does not know LHLO.
 * **DATA without recipients**: ``NO_VALID_RCPTS`` (554) when RCPT commands
   were sent but none was accepted, ``NEED_RCPT`` (503) when none was sent
-  (RFC 5321 §3.3 allows either; RFC 2920 §3.1).
+  (RFC 5321 §3.3 allows either; RFC 2920 §3.1).  LMTP always answers 503
+  (RFC 2033 §4.2).
 * **End of data is exactly CR LF "." CR LF.**  Bare CR or LF never ends the data
   or starts a command (see :mod:`mailserver.proto.lines`).  Content with a bare
   CR or LF, a NUL, a line over ``max_text_line`` or more than
@@ -401,7 +402,8 @@ class SMTPServerConnection:
         if self.state is State.INITIAL:
             return R.NEED_LHLO if self.mode is Mode.LMTP else R.NEED_HELO
         if self.state is State.MAIL and verb in ("DATA", "BDAT"):
-            if self.transaction.rcpt_attempts:
+            # RFC 2033 4.2: LMTP answers 503 whenever no RCPT succeeded.
+            if self.transaction.rcpt_attempts and self.mode is not Mode.LMTP:
                 return R.NO_VALID_RCPTS
         return SEQUENCE_ERRORS.get((self.state, trigger), R.BAD_SEQUENCE)
 

@@ -147,3 +147,15 @@ def test_bad_directory_filter_names_the_key(cfgdir):
                            'ldif_file = "users.ldif"\naddress_filter = "(mail={bogus})"\n')
     with pytest.raises(ConfigError, match=r"directory.address_filter: .*unknown placeholder"):
         load_config(write(cfgdir, text))
+
+
+@pytest.mark.parametrize("template, ok", [("{domain}/{login}", True), ("{user}", False),
+                                          ("{domain}/../{localpart}", False)])
+def test_store_template_checked_like_the_store(cfgdir, template, ok):
+    """store.template is validated by the store itself: same fields, same safety rule."""
+    text = MINIMAL + f'[store]\ntemplate = "{template}"\n'
+    if ok:
+        assert load_config(write(cfgdir, text)).store.template == template
+    else:
+        with pytest.raises(ConfigError, match="store.template"):
+            load_config(write(cfgdir, text))
