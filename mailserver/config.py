@@ -41,7 +41,7 @@ class ServerConfig:
     base_dir: str = field(
         default="", metadata=_doc("Relative paths resolve against this; default: working directory.")
     )
-    max_connections: int = field(default=200, metadata=_doc("Connections in total, all listeners.", min=1))
+    max_connections: int = field(default=200, metadata=_doc("Connections per listener.", min=1))
     max_connections_per_client: int = field(
         default=20, metadata=_doc("Connections from one client address.", min=1)
     )

@@ -91,5 +91,8 @@ def to_reply(exc: BaseException, queue_id: Optional[str] = None) -> Reply:
 
 
 def is_known(exc: BaseException) -> bool:
-    """True when ``exc`` carries its own reply (no traceback needed in logs)."""
+    """True when ``exc`` needs no traceback in the logs: it carries its own
+    reply, or it is a full disk or quota (an operational fault, not a bug)."""
+    if isinstance(exc, OSError) and exc.errno in (28, 122):
+        return True
     return isinstance(exc, (ReplyError, ProtocolError))

@@ -10,6 +10,7 @@ message in memory.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import time
 from dataclasses import dataclass
@@ -48,23 +49,43 @@ def with_keyword(info: SessionInfo) -> str:
     return base
 
 
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:[]")
+
+
 def _clean(text: str) -> str:
-    """Keep client-supplied text from breaking the header's syntax."""
-    out = "".join(c if c.isprintable() and c not in "()\\" else "?" for c in text)
+    """Client-supplied text as one harmless token.
+
+    Anything outside letters, digits and ``.-_:[]`` becomes ``?``, so a HELO
+    like ``evil by mx with ESMTPS id FAKE for <x>`` cannot pose as trace
+    fields of its own, and no 8-bit byte reaches a 7-bit message's header.
+    """
+    out = "".join(c if c in _TOKEN_CHARS else "?" for c in text)
     return out[:255] or "unknown"
+
+
+def _clean_address(text: str) -> str:
+    """A parsed address, with anything that could end the ``<...>`` made harmless."""
+    return "".join("?" if (not c.isprintable() or c.isspace() or c in "<>()\\") else c
+                   for c in text)[:512]
+
+
+def _ip_literal(ip: str) -> str:
+    """The address as an RFC 5321 address literal's content."""
+    return f"IPv6:{ip}" if ":" in ip else ip
 
 
 def received_header(info: SessionInfo, queue_id: str, recipient: Optional[str] = None,
                     now: Optional[float] = None) -> bytes:
     """A complete, folded ``Received:`` field ending in CRLF."""
-    lines = [f"Received: from {_clean(info.helo)} (unknown [{info.peer_ip}])"]
+    lines = [f"Received: from {_clean(info.helo)} (unknown [{_ip_literal(info.peer_ip)}])"]
     by = f"\tby {info.hostname} (mailserver) with {with_keyword(info)} id {queue_id}"
     lines.append(by)
     if info.tls_version:
         lines.append(f"\t(using {_clean(info.tls_version)} with cipher {_clean(info.tls_cipher or 'unknown')})")
-    date = email.utils.formatdate(time.time() if now is None else now, localtime=False)
+    when = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.timezone.utc)
+    date = email.utils.format_datetime(when)  # "+0000": the offset is known
     if recipient:
-        lines.append(f"\tfor <{_clean(recipient)}>; {date}")
+        lines.append(f"\tfor <{_clean_address(recipient)}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")

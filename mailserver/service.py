@@ -150,8 +150,6 @@ def build_service(config: Config, reactor=None) -> MailService:
     store = MaildirStore(config.store.maildir_root, template=config.store.template,
                          hostname=config.server.hostname, fsync=config.store.fsync)
     delivery = LocalDelivery(store, pool, reactor)
-    limiter = ConnectionLimiter(config.server.max_connections,
-                                config.server.max_connections_per_client)
     s = config.smtp
     limits = Limits(
         max_command_line=s.command_line_limit,
@@ -170,7 +168,8 @@ def build_service(config: Config, reactor=None) -> MailService:
             delivery=delivery,
             spool_dir=config.server.spool_dir,
             clock=reactor,
-            limiter=limiter,
+            limiter=ConnectionLimiter(config.server.max_connections,
+                                      config.server.max_connections_per_client),
             name=lc.name,
             tls=tls if lc.tls == "starttls" else None,
             command_timeout=s.command_timeout,

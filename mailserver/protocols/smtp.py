@@ -18,10 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
+import ipaddress
+
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailserver import reply as R
 from mailserver.delivery.local import LocalDelivery
@@ -36,7 +39,11 @@ log = Logger(namespace="mailserver.smtpd")
 
 
 class ConnectionLimiter:
-    """Counts connections in total and per client address."""
+    """Counts connections in total and per client.
+
+    Each listener has its own, so a flood on port 25 cannot take the slots an
+    LMTP feed needs.  Clients are keyed by :func:`client_key`.
+    """
 
     def __init__(self, max_total: int, max_per_client: int) -> None:
         self.max_total = max_total
@@ -84,12 +91,34 @@ class ListenerContext:
 
 
 def _peer_ip(transport) -> str:
+    """The client's IP address, or ``"unix"`` for a UNIX-socket peer."""
     peer = transport.getPeer()
-    return getattr(peer, "host", None) or "127.0.0.1"
+    return getattr(peer, "host", None) or "unix"
 
 
+def client_key(ip: str) -> str:
+    """What the per-client limit counts: the address, or its /64 for IPv6
+    (one IPv6 host usually holds a whole /64)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if addr.version == 6:
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(addr)
+
+
+@implementer(IPushProducer)
 class SMTPServerProtocol(Protocol):
-    """One SMTP or LMTP session."""
+    """One SMTP or LMTP session.
+
+    Input is read only while no decision is pending and the transport's write
+    buffer has room (the protocol is registered as the transport's producer),
+    so a client that pipelines without reading its replies cannot grow our
+    memory: its own socket fills up instead.
+    """
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
@@ -99,9 +128,12 @@ class SMTPServerProtocol(Protocol):
         self.esmtp = False
         self.tls_active = False
         self.busy = False
+        self.write_paused = False
+        self.reading_paused = False
         self.closing = False
         self.counted = False
         self.timer = None
+        self.due = 1  # replies owed for the pending decision
         self._reset_transaction()
 
     # -- transaction state -----------------------------------------------
@@ -118,7 +150,8 @@ class SMTPServerProtocol(Protocol):
     # -- Twisted callbacks -------------------------------------------------
     def connectionMade(self) -> None:
         self.client = _peer_ip(self.transport)
-        refusal = self.ctx.limiter.acquire(self.client)
+        self.key = client_key(self.client)
+        refusal = self.ctx.limiter.acquire(self.key)
         if refusal is not None:
             log.info("{listener}: refused connection from {client}: {reply}",
                      listener=self.ctx.name, client=self.client, reply=str(refusal))
@@ -135,8 +168,10 @@ class SMTPServerProtocol(Protocol):
             tls_available=self.ctx.tls is not None,
             tls_active=False,
         )
+        self.transport.registerProducer(self, True)
         self.core.greeting()
         self._flush()
+        self._arm_timer()
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing or self.core is None:
@@ -150,16 +185,18 @@ class SMTPServerProtocol(Protocol):
         self._reset_transaction()
         if self.counted:
             self.counted = False
-            self.ctx.limiter.release(self.client)
+            self.ctx.limiter.release(self.key)
             log.info("{listener}: disconnect from {client}", listener=self.ctx.name, client=self.client)
 
     # -- the event loop ----------------------------------------------------
     def _drive(self) -> None:
+        progressed = False
         try:
-            while not self.busy and not self.closing:
+            while not self.busy and not self.closing and not self.write_paused:
                 event = self.core.next_event()
                 if event is ev.NEED_DATA or event is ev.PAUSED:
                     break
+                progressed = True
                 handler = self.HANDLERS.get(type(event))
                 if handler is not None:
                     handler(self, event)
@@ -169,16 +206,47 @@ class SMTPServerProtocol(Protocol):
             self.transport.write(R.SERVICE_UNAVAILABLE.to_bytes())
             self._close()
             return
-        self._flush()
+        if self._flush() or progressed:
+            # Only progress (a command, a reply, a block of data) restarts the
+            # idle timer; a byte at a time of an unfinished line does not.
+            self._arm_timer()
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Write what the core has queued; True when there was something."""
         if self.core is None:
-            return
+            return False
         out = self.core.data_to_send()
         if out:
             self.transport.write(out)
-        if not self.closing:
-            self._arm_timer()
+        return bool(out)
+
+    def _update_reading(self) -> None:
+        """Read from the socket only when nothing holds us back."""
+        if self.closing:
+            return
+        hold = self.busy or self.write_paused
+        if hold and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pauseProducing()
+        elif not hold and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resumeProducing()
+
+    # -- IPushProducer: the transport's write buffer is full / has room ----
+    def pauseProducing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        if not self.write_paused:
+            return
+        self.write_paused = False
+        self._update_reading()
+        if not self.busy and self.core is not None:
+            self._drive()
+
+    def stopProducing(self) -> None:
+        self.closing = True
 
     def _close(self) -> None:
         self._flush()
@@ -186,19 +254,21 @@ class SMTPServerProtocol(Protocol):
         self._cancel_timer()
         self.transport.loseConnection()
 
-    def _decide(self, coro) -> None:
-        """Run an async decision; the core stays paused until it answers."""
+    def _decide(self, coro, due: int = 1) -> None:
+        """Run an async decision owing ``due`` replies; the core waits for them."""
         self.busy = True
+        self.due = due
         self._cancel_timer()
-        self.transport.pauseProducing()
+        self._update_reading()
         d = defer.ensureDeferred(coro)
         d.addErrback(self._decision_failed)
         d.addCallback(self._decided)
+        d.addErrback(self._broken)
 
     def _decision_failed(self, failure) -> list:
         if not is_known(failure.value):
             log.failure("{listener}: decision failed", failure, listener=self.ctx.name)
-        return [to_reply(failure.value)]
+        return [to_reply(failure.value)] * self.due
 
     def _decided(self, replies) -> None:
         self.busy = False
@@ -206,13 +276,23 @@ class SMTPServerProtocol(Protocol):
             return
         for reply in replies:
             self.core.send(reply)
-        self.transport.resumeProducing()
+        self._update_reading()
         self._drive()
+
+    def _broken(self, failure) -> None:
+        """Last resort: a bug while answering.  Say 421 and hang up, never hang."""
+        log.failure("{listener}: internal error, closing session with {client}", failure,
+                    listener=self.ctx.name, client=self.client)
+        if not self.closing:
+            self.transport.write(R.SERVICE_UNAVAILABLE.to_bytes())
+            self.closing = True
+            self._cancel_timer()
+            self.transport.loseConnection()
 
     # -- timeouts ----------------------------------------------------------
     def _arm_timer(self) -> None:
         self._cancel_timer()
-        if self.busy:
+        if self.busy or self.closing:
             return
         seconds = self.ctx.data_timeout if self.message is not None else self.ctx.command_timeout
         self.timer = self.ctx.clock.callLater(seconds, self._timed_out)
@@ -279,7 +359,8 @@ class SMTPServerProtocol(Protocol):
         self._reset_transaction()
 
     def on_data_end(self, event: ev.DataEnd) -> None:
-        self._decide(self._finish_message())
+        due = len(self.accepted) if self.ctx.mode is Mode.LMTP else 1
+        self._decide(self._finish_message(), due=max(due, 1))
 
     async def _finish_message(self) -> list:
         message, accepted = self.message, self.accepted
@@ -328,6 +409,10 @@ class SMTPServerProtocol(Protocol):
     def on_quit(self, event) -> None:
         self._close()
 
+    def on_closed(self, event) -> None:
+        self.closing = True
+        self._cancel_timer()
+
     HANDLERS = {
         ev.Hello: on_hello,
         ev.StartTLS: on_starttls,
@@ -340,7 +425,7 @@ class SMTPServerProtocol(Protocol):
         ev.Reset: on_reset,
         ev.Quit: on_quit,
         ev.Closing: on_quit,
-        ev.ConnectionClosed: on_quit,
+        ev.ConnectionClosed: on_closed,
     }
 
 

@@ -225,3 +225,70 @@ def test_internal_error_hides_details(tmp_path):
     out = t.value().decode()
     assert "451 4.3.0 Internal error, try again later (" in out
     assert "secret" not in out
+
+
+def test_full_write_buffer_stops_command_processing(h):
+    """While the transport's buffer is full, pipelined commands wait and nothing is read."""
+    p, t = h.connect()
+    assert t.producer is p  # registered as the transport's streaming producer
+    t.clear()
+    p.pauseProducing()  # what Twisted does when the client stops reading
+    assert t.producerState == "paused"
+    p.dataReceived(b"EHLO c\r\n" * 1000)
+    assert t.value() == b""
+    p.resumeProducing()
+    assert t.producerState == "producing"
+    assert t.value().count(b"250 CHUNKING\r\n") == 1000
+
+
+def test_byte_at_a_time_does_not_extend_the_timeout(h):
+    """An unfinished command dribbled a byte at a time still times out (slowloris)."""
+    p, t = h.connect()
+    t.clear()
+    for byte in b"NOOP NOOP NOOP":
+        p.dataReceived(bytes([byte]))
+        h.clock.advance(25)
+        if t.disconnecting:
+            break
+    assert t.disconnecting
+    assert replies(t) == ["421 4.4.2"]
+
+
+def test_completed_commands_do_extend_the_timeout(h):
+    """Each completed command restarts the idle timer."""
+    p, t = h.connect()
+    for _ in range(5):
+        h.clock.advance(200)
+        p.dataReceived(b"NOOP\r\n")
+    assert not t.disconnecting
+
+
+def test_lmtp_internal_error_answers_every_recipient(tmp_path, monkeypatch):
+    """A failure before delivery in LMTP still gives one reply per recipient."""
+    from mailserver import spool
+
+    h = Harness(tmp_path, mode=Mode.LMTP)
+
+    def full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool.IncomingMessage, "finish", full)
+    p, t = h.connect()
+    p.dataReceived(b"LHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<alice@example.test>\r\n"
+                   b"RCPT TO:<bob@example.test>\r\nRCPT TO:<team@example.test>\r\nDATA\r\n")
+    t.clear()
+    p.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+    assert replies(t) == ["452 4.3.1", "452 4.3.1", "452 4.3.1", "250 2.0.0"]
+
+
+@pytest.mark.parametrize("ip, key", [
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("unix", "unix"),
+])
+def test_client_key(ip, key):
+    """Per-client limits count IPv4 addresses, IPv6 /64s, and UNIX peers together."""
+    from mailserver.protocols.smtp import client_key
+
+    assert client_key(ip) == key

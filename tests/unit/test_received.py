@@ -26,7 +26,7 @@ def test_header_shape():
     assert h.startswith("Received: from client.example (unknown [192.0.2.1])\r\n")
     assert "\tby mx.example.test (mailserver) with ESMTPS id ABC123\r\n" in h
     assert "(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)" in h
-    assert h.endswith("for <alice@example.test>; Thu, 01 Jan 1970 00:00:00 -0000\r\n")
+    assert h.endswith("for <alice@example.test>; Thu, 01 Jan 1970 00:00:00 +0000\r\n")
 
 
 def test_hostile_helo_cannot_break_header():
@@ -34,6 +34,20 @@ def test_hostile_helo_cannot_break_header():
     h = received_header(info(helo="evil)\r\nX-Injected: 1"), "ID").decode()
     assert "X-Injected" not in h.split("\r\n")[1]
     assert h.count("\r\n") == 3
+
+
+def test_helo_cannot_forge_trace_fields():
+    """A HELO with spaces cannot add by/with/id/for clauses of its own."""
+    h = received_header(info(helo="evil.example by mx.example.test with ESMTPS id FAKE"), "ID")
+    first = h.decode().split("\r\n")[0]
+    assert first == ("Received: from evil.example?by?mx.example.test?with?ESMTPS?id?FAKE "
+                     "(unknown [192.0.2.1])")
+
+
+def test_ipv6_peer_is_an_address_literal():
+    """IPv6 clients appear as [IPv6:...] (RFC 5321 4.1.3)."""
+    h = received_header(info(peer_ip="2001:db8::1"), "ID").decode()
+    assert "(unknown [IPv6:2001:db8::1])" in h
 
 
 def test_scanner_counts_only_header_section():
