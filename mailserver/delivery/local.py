@@ -12,13 +12,13 @@ folds them into one.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from mailserver import reply as R
-from mailserver.errors import is_known, to_reply
+from mailserver.errors import ReplyError, is_known, to_reply
 
 log = Logger(namespace="mailserver.local")
 
@@ -30,6 +30,19 @@ class LocalDelivery:
         self.store = store
         self.threadpool = threadpool
         self.reactor = reactor
+
+    def check(self, resolution) -> Optional[R.Reply]:
+        """Refuse at RCPT time a recipient whose mailbox cannot be stored, so
+        the sender never gets a 5xx after the data for a message that other
+        recipients already received."""
+        for mailbox in resolution.mailboxes:
+            try:
+                self.store.maildir_for(mailbox)
+            except ReplyError as e:
+                log.warn("mailbox {mb} cannot be stored: {reason}", mb=mailbox.address,
+                         reason=str(e))
+                return e.reply
+        return None
 
     def _copy(self, queue_id: str, mailbox, sender: str, source_path: str, prefix: bytes):
         d = threads.deferToThreadPool(

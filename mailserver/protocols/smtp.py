@@ -337,11 +337,14 @@ class SMTPServerProtocol(Protocol):
 
     async def _check_rcpt(self, recipient: str) -> list:
         decision = await self.ctx.policy.check_rcpt(recipient)
-        if decision.reply.is_positive:
+        reply = decision.reply
+        if reply.is_positive:
+            reply = self.ctx.delivery.check(decision.resolution) or reply
+        if reply.is_positive:
             self.accepted.append((recipient, decision.resolution))
         log.info("{listener}: rcpt <{rcpt}> from {client}: {reply}", listener=self.ctx.name,
-                 rcpt=recipient, client=self.client, reply=decision.reply.code)
-        return [decision.reply]
+                 rcpt=recipient, client=self.client, reply=reply.code)
+        return [reply]
 
     def on_data_start(self, event: ev.DataStart) -> None:
         self.message = IncomingMessage(self.ctx.spool_dir, self.ctx.queue_id())

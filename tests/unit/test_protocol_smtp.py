@@ -29,6 +29,9 @@ class BrokenStore:
     def __init__(self, store, bad, error):
         self.store, self.bad, self.error = store, bad, error
 
+    def maildir_for(self, mb):
+        return self.store.maildir_for(mb)
+
     def deliver(self, mb, **kw):
         if mb.address == self.bad:
             raise self.error
@@ -292,3 +295,13 @@ def test_client_key(ip, key):
     from mailserver.protocols.smtp import client_key
 
     assert client_key(ip) == key
+
+
+def test_unstorable_mailbox_refused_at_rcpt(h):
+    """A directory entry whose address cannot map to a maildir is refused at RCPT, not after DATA."""
+    h.directory.entries["weird@example.test"] = ("no-at-sign",)
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\n")
+    t.clear()
+    p.dataReceived(b"RCPT TO:<weird@example.test>\r\n")
+    assert replies(t) == ["550 5.2.0"]
