@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Tuple
 from ldap3 import MOCK_SYNC, NONE, Connection, Server
 
 from mailserver.directory.ldap import LDAPDirectory, LDAPSettings
-from mailserver.directory.resolution import clean_dn, dn_key
+from mailserver.directory.entries import clean_dn, dn_key
 
 Record = Tuple[str, Dict[str, List[bytes]]]
 

@@ -5,8 +5,12 @@
 
 * the entries owning the address are found with the mapping's
   ``address_filter``;
-* a group entry expands to its members, read one by one by DN; nested groups
-  expand in turn;
+* a disabled account (``disabled_attribute``) is skipped; when the address
+  itself names one and nothing else is found, the resolution says
+  ``disabled``;
+* a group entry expands to its members, read one by one by DN (nested groups
+  expand in turn), or, with ``nested_groups = "in_chain"``, all at once by
+  Active Directory's transitive-membership matching rule;
 * an entry with routing targets (an alias, or a user whose mail goes
   elsewhere) resolves each target again; a target outside the local domains
   becomes a forward, and a target equal to one of the entry's own addresses
@@ -18,120 +22,78 @@ Each address and each DN is expanded once per resolution, which ends loops
 and removes duplicates while keeping first-seen order.  Nesting deeper than
 ``max_depth`` is not followed, and at most ``max_expansions`` directory reads
 are made; both leave a line in the trace.
+
+The entries the address itself matched may restrict who sends to it (see
+:mod:`mailserver.directory.restrictions`); the restriction of a group
+reached through another group or alias is not applied.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Callable, Dict, List, Optional
 
-from ldap3.core.exceptions import LDAPException
-from ldap3.utils.dn import parse_dn
-from twisted.logger import Logger
-
-from mailserver.directory.interfaces import Mailbox, Resolution
+from mailserver.directory.entries import (  # noqa: F401  (re-exported names)
+    Entry,
+    Search,
+    addresses,
+    clean_dn,
+    dn_key,
+    first_address,
+    is_disabled,
+    is_group,
+    members,
+    targets,
+)
+from mailserver.directory.interfaces import Mailbox, Resolution, SenderRestriction
+from mailserver.directory.reader import Limits, Reader
+from mailserver.directory.restrictions import read_restriction
 from mailserver.directory.schema import SchemaMapping, render_filter
 
-log = Logger()
 
+class Expansion(Reader):
+    """The state of one resolution: what was seen, found, and why.
 
-@dataclass
-class Entry:
-    """One search result: ``attributes`` keyed by lower-case name, values
-    decoded as UTF-8 in the server's order."""
-
-    dn: str
-    attributes: Dict[str, List[str]]
-
-    def values(self, name: str) -> List[str]:
-        return self.attributes.get(name.lower(), [])
-
-    def first(self, name: str) -> str:
-        found = self.values(name)
-        return found[0] if found else ""
-
-
-class Limits(Protocol):
-    """The settings an expansion reads (``LDAPSettings`` provides them)."""
-
-    local_domains: Tuple[str, ...]
-    max_depth: int
-    max_expansions: int
-
-
-#: ``search(filter, *, base=None, base_scope=False, attributes=(), size_limit=0)``
-#: -> (entries, truncated); see ``LDAPDirectory.search``.
-Search = Callable[..., Tuple[List[Entry], bool]]
-
-
-def first_address(entry: Entry, m: SchemaMapping) -> str:
-    for name in m.address_attributes:
-        if entry.first(name):
-            return entry.first(name)
-    return ""
-
-
-def clean_dn(dn: str) -> Optional[str]:
-    """``dn`` without spaces around its separators (ldap3 refuses those in a
-    search base), or None when it is not a DN at all."""
-    try:
-        parts = parse_dn(dn, strip=True)
-    except LDAPException:
-        return None
-    return ",".join(f"{name.strip()}={value.strip()}" for name, value, _sep in parts) or None
-
-
-def dn_key(dn: str) -> str:
-    """A comparable form of a DN: case and spacing dropped."""
-    return (clean_dn(dn) or dn).lower()
-
-
-def _member_dn(value: str) -> str:
-    """A member DN; ``uniqueMember`` may end in an ``#'0101'B`` unique id."""
-    if value.endswith("'B") and "#'" in value:
-        return value[: value.rindex("#'")]
-    return value
-
-
-class Expansion:
-    """The state of one resolution: what was seen, found, and why."""
+    ``is_local(domain)`` says whether a domain is delivered here; by default
+    it is "in ``local_domains``, or every domain when that is empty".
+    """
 
     def __init__(self, address: str, search: Search, mapping: SchemaMapping,
-                 limits: Limits) -> None:
-        self.search = search
-        self.mapping = mapping
-        self.settings = limits
+                 limits: Limits, is_local: Optional[Callable[[str], bool]] = None) -> None:
+        super().__init__(search, mapping, limits, subject=address)
         self.address = address
         self.mailboxes: Dict[str, Mailbox] = {}
         self.forwards: Dict[str, None] = {}
-        self.trace: List[str] = []
+        self.member_addresses: Dict[str, None] = {}
         self.seen_addresses: set = set()
         self.seen_dns: set = set()
-        self.reads = 0
-        self.exhausted = False
+        self.top_entries: List[Entry] = []
+        self.disabled_seen = False
+        self._domain_check = is_local
+        self._domains: Dict[str, bool] = {}
 
     def run(self) -> Resolution:
         if self.address:
             self.resolve_address(self.address, 0)
+        restriction: Optional[SenderRestriction] = None
+        for entry in self.top_entries:
+            found = read_restriction(self, entry)
+            if found is not None:
+                restriction = found if restriction is None else restriction.merge(found)
+        found_anything = bool(self.mailboxes or self.forwards)
         return Resolution(address=self.address, mailboxes=tuple(self.mailboxes.values()),
-                          forwards=tuple(self.forwards), trace=tuple(self.trace))
+                          forwards=tuple(self.forwards),
+                          disabled=self.disabled_seen and not found_anything,
+                          restriction=restriction, trace=tuple(self.trace))
 
     def is_local(self, address: str) -> bool:
-        local = self.settings.local_domains
-        return not local or address.rpartition("@")[2].rstrip(".") in local
-
-    def budget(self, what: str) -> bool:
-        """Count one directory read; False once ``max_expansions`` is spent."""
-        if self.reads >= self.settings.max_expansions:
-            if not self.exhausted:
-                self.exhausted = True
-                self.trace.append(f"expansion limit {self.settings.max_expansions} reached; "
-                                  f"{what} and anything after it not expanded")
-                log.warn("directory: expansion limit reached resolving {address}",
-                         address=self.address)
-            return False
-        self.reads += 1
-        return True
+        domain = address.rpartition("@")[2].rstrip(".").lower()
+        if domain not in self._domains:
+            if self._domain_check is not None:
+                self._domains[domain] = bool(self._domain_check(domain))
+            else:
+                local = self.settings.local_domains
+                self._domains[domain] = not local or domain in local
+        return self._domains[domain]
 
     def resolve_address(self, address: str, depth: int) -> None:
         if address in self.seen_addresses:
@@ -144,7 +106,7 @@ class Expansion:
             return
         if depth and not self.is_local(address):
             self.trace.append(f"{address}: outside the local domains, forwarded")
-            self.forwards.setdefault(address)
+            self.add_forward(address)
             return
         if not self.budget(address):
             return
@@ -161,6 +123,8 @@ class Expansion:
             return
         for entry in entries:
             self.trace.append(f"{address}: matches {entry.dn}")
+            if depth == 0:
+                self.top_entries.append(entry)
             self.expand_entry(entry, depth)
 
     def expand_entry(self, entry: Entry, depth: int) -> None:
@@ -170,53 +134,63 @@ class Expansion:
             return
         self.seen_dns.add(key)
         m = self.mapping
-        classes = {c.lower() for c in entry.values("objectClass")}
-        targets = [t.strip().lower() for name in m.target_attributes for t in entry.values(name)]
+        if is_disabled(entry, m):
+            self.trace.append(f"{entry.dn}: disabled account, skipped")
+            self.disabled_seen = self.disabled_seen or depth == 0
+            return
+        routes = targets(entry, m)
         login = entry.first(m.login_attribute)
-        if classes & {c.lower() for c in m.group_classes}:
+        if is_group(entry, m):
             self.expand_group(entry, depth)
-            if targets:
-                self.route(entry, targets, login, depth)
-        elif targets:
-            self.route(entry, targets, login, depth)
+            if routes:
+                self.route(entry, routes, login, depth)
+        elif routes:
+            self.route(entry, routes, login, depth)
         elif login:
             self.add_mailbox(entry, login)
         else:
-            mail = (entry.first(m.mail_attribute) or first_address(entry, m)).lower()
+            mail = first_address(entry, m)
             if mail and not self.is_local(mail):
                 self.trace.append(f"{entry.dn}: external contact {mail}, forwarded")
-                self.forwards.setdefault(mail)
+                self.add_forward(mail)
             else:
                 self.trace.append(f"{entry.dn}: no login, members or targets: not a mailbox")
 
+    def add_forward(self, address: str) -> None:
+        self.forwards.setdefault(address)
+        self.member_addresses.setdefault(address)
+
     def add_mailbox(self, entry: Entry, login: str) -> None:
-        m = self.mapping
-        address = (entry.first(m.mail_attribute) or first_address(entry, m)).lower()
-        if not address:
+        owned = addresses(entry, self.mapping)
+        if not owned:
             self.trace.append(f"{entry.dn}: user {login} has no address, skipped")
             return
-        self.trace.append(f"{entry.dn}: mailbox {address} (login {login})")
-        key = dn_key(entry.dn)
-        self.mailboxes.setdefault(key, Mailbox(address=address, login=login, dn=entry.dn))
+        self.trace.append(f"{entry.dn}: mailbox {owned[0]} (login {login})")
+        self.mailboxes.setdefault(dn_key(entry.dn),
+                                  Mailbox(address=owned[0], login=login, dn=entry.dn))
+        for address in owned:
+            self.member_addresses.setdefault(address)
 
-    def route(self, entry: Entry, targets: List[str], login: str, depth: int) -> None:
-        own = {a.lower() for name in self.mapping.address_attributes for a in entry.values(name)}
-        self.trace.append(f"{entry.dn}: routes to {', '.join(targets)}")
-        for target in targets:
+    def route(self, entry: Entry, routes: List[str], login: str, depth: int) -> None:
+        own = set(addresses(entry, self.mapping))
+        self.trace.append(f"{entry.dn}: routes to {', '.join(routes)}")
+        for target in routes:
             if target in own and login:
                 self.add_mailbox(entry, login)  # "forward, and keep a copy here"
             else:
                 self.resolve_address(target, depth + 1)
 
     def expand_group(self, entry: Entry, depth: int) -> None:
-        members = [_member_dn(v) for name in self.mapping.member_attributes
-                   for v in entry.values(name)]
-        self.trace.append(f"{entry.dn}: group with {len(members)} member(s)")
+        if self.in_chain:
+            self.expand_chain(entry, depth)
+            return
+        values = members(entry, self.mapping)
+        self.trace.append(f"{entry.dn}: group with {len(values)} member(s)")
         if depth + 1 > self.settings.max_depth:
             self.trace.append(f"{entry.dn}: members deeper than max_depth "
                               f"{self.settings.max_depth}, not followed")
             return
-        for value in members:
+        for value in values:
             dn = clean_dn(value)
             if dn is None:
                 self.trace.append(f"{value!r}: not a valid DN, member skipped")
@@ -226,9 +200,22 @@ class Expansion:
                 continue
             if not self.budget(dn):
                 return
-            found, _ = self.search(self.mapping.entry_filter, base=dn, base_scope=True,
-                                   attributes=self.mapping.requested_attributes)
-            if not found:
+            found = self.read(dn)
+            if found is None:
                 self.trace.append(f"{dn}: member not found")
                 continue
-            self.expand_entry(found[0], depth + 1)
+            self.expand_entry(found, depth + 1)
+
+    def expand_chain(self, entry: Entry, depth: int) -> None:
+        """Every member at any depth from one in-chain search; the nested
+        groups themselves are marked done, since their members are already
+        in the answer."""
+        found = self._chain_members(entry)
+        self.trace.append(f"{entry.dn}: group with {len(found)} member(s) at any depth "
+                          "(in-chain search)")
+        nested = [e for e in found if is_group(e, self.mapping)]
+        for group in nested:
+            self.seen_dns.add(dn_key(group.dn))
+        for member in found:
+            if not is_group(member, self.mapping):
+                self.expand_entry(member, depth + 1)

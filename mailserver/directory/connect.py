@@ -1,0 +1,161 @@
+# -*- test-case-name: tests.integration.test_directory_slapd,tests.integration.test_directory_tls -*-
+"""Connections to real LDAP servers: failover, TLS, binds.
+
+:class:`NetworkConnector` opens ldap3 connections to ``LDAPSettings.uris``
+in order, moving to the next URI when one cannot be reached.  Transport
+security comes in three forms, all verifying the server's certificate and
+host name against ``tls_ca_file`` (or the system's CAs):
+
+* ``ldaps://`` URIs speak TLS from the first byte;
+* with ``starttls = true``, ``ldap://`` connections send the StartTLS
+  extended operation first and bind or search only once it succeeded; a
+  server that refuses it counts as unreachable (never as a reason to go on
+  in clear text);
+* ``tls_cert_file``/``tls_key_file`` present a client certificate to
+  servers that ask for one.
+
+Password checks bind on a connection of their own, secured the same way,
+so a user's password never travels where the service account's would not.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+from typing import Callable, Optional
+
+from ldap3 import NONE, SYNC, Connection, Server, Tls
+from ldap3.core.exceptions import (
+    LDAPCertificateError,
+    LDAPCommunicationError,
+    LDAPMaximumRetriesError,
+    LDAPResponseTimeoutError,
+    LDAPServerPoolExhaustedError,
+    LDAPStartTLSError,
+)
+from twisted.logger import Logger
+
+from mailserver.directory.settings import LDAPSettings
+from mailserver.errors import DirectoryUnavailable
+
+log = Logger()
+
+#: Errors meaning "this connection (or server) is gone": retry once, fresh.
+CONNECTION_ERRORS = (
+    LDAPCommunicationError,  # socket open/send/receive, session terminated
+    LDAPResponseTimeoutError,
+    LDAPServerPoolExhaustedError,
+    LDAPMaximumRetriesError,
+    LDAPCertificateError,  # this server's certificate; the next may be fine
+    LDAPStartTLSError,  # this server refused or botched StartTLS
+    OSError,  # ssl.SSLError included
+)
+
+#: Result codes that say the server cannot answer now, not "no".
+TEMPORARY_RESULTS = frozenset({
+    3,   # timeLimitExceeded
+    11,  # adminLimitExceeded
+    51,  # busy
+    52,  # unavailable
+    80,  # other (OpenLDAP's internal errors)
+})
+
+
+def make_tls(settings: LDAPSettings) -> Tls:
+    """ldap3 TLS options: verification always required."""
+    return Tls(
+        validate=ssl.CERT_REQUIRED,
+        ca_certs_file=settings.tls_ca_file or None,
+        local_certificate_file=settings.tls_cert_file or None,
+        local_private_key_file=settings.tls_key_file or None,  # None: in the cert file
+        version=None,  # the ssl module's defaults: TLS 1.2 or later
+    )
+
+
+def unbind_quietly(conn: Connection) -> None:
+    try:
+        conn.unbind()
+    except Exception:  # a dead socket cannot be unbound politely
+        pass
+
+
+class NetworkConnector:
+    """Opens ldap3 connections to real servers, in ``uris`` order (failover)."""
+
+    def __init__(self, settings: LDAPSettings) -> None:
+        if not settings.uris:
+            raise ValueError("the LDAP backend needs at least one URI")
+        self._settings = settings
+        self._tls = make_tls(settings)
+
+    def describe(self) -> str:
+        return ", ".join(self._settings.uris)
+
+    def _connection(self, server: Server, user: Optional[str], password: Optional[str]):
+        return Connection(
+            server, user=user, password=password, client_strategy=SYNC,
+            raise_exceptions=False, read_only=True, auto_referrals=False,
+            # ldap3 packs this into SO_RCVTIMEO as whole seconds.
+            receive_timeout=max(1, math.ceil(self._settings.operation_timeout)),
+        )
+
+    def _secure(self, conn: Connection, server: Server) -> None:
+        """Open ``conn`` and, when configured, upgrade it with StartTLS."""
+        conn.open(read_server_info=False)
+        if self._settings.starttls and not server.ssl:
+            if not conn.start_tls(read_server_info=False):
+                raise LDAPStartTLSError(f"StartTLS refused by {server.name}: "
+                                        f"{(conn.result or {}).get('description')}")
+
+    def _each_server(self, attempt: Callable[[Server], object]):
+        last: Optional[BaseException] = None
+        for uri in self._settings.uris:
+            # A new Server each time: ldap3 remembers a failed address and
+            # skips it for a few seconds, which would delay recovery.
+            server = Server(uri, get_info=NONE, connect_timeout=self._settings.connect_timeout,
+                            tls=self._tls)
+            try:
+                return attempt(server)
+            except CONNECTION_ERRORS as e:
+                last = e
+                log.warn("LDAP server {server} unreachable: {error}", server=server.name, error=e)
+        assert last is not None
+        raise last
+
+    def open(self) -> Connection:
+        """A connection bound as the service account (or anonymous)."""
+        s = self._settings
+
+        def attempt(server: Server) -> Connection:
+            conn = self._connection(server, s.bind_dn or None, s.bind_password or None)
+            try:
+                self._secure(conn, server)
+                if s.bind_dn and not conn.bind(read_server_info=False):
+                    raise DirectoryUnavailable(
+                        f"service bind as {s.bind_dn} refused: {conn.result.get('description')}"
+                    )
+            except BaseException:
+                unbind_quietly(conn)
+                raise
+            return conn
+
+        return self._each_server(attempt)
+
+    def check_password(self, dn: str, password: str) -> bool:
+        """Bind as ``dn`` on a connection of its own; True when accepted."""
+
+        def attempt(server: Server) -> bool:
+            conn = self._connection(server, dn, password)
+            try:
+                self._secure(conn, server)
+                ok = conn.bind(read_server_info=False)
+                code = (conn.result or {}).get("result")
+            finally:
+                unbind_quietly(conn)
+            if ok:
+                return True
+            if code in TEMPORARY_RESULTS:
+                raise DirectoryUnavailable(f"bind as {dn}: result {code}")
+            return False
+
+        return self._each_server(attempt)
