@@ -3,15 +3,31 @@
 
 ``mailserverctl check-config FILE`` validates a configuration offline, the
 same way the server does at start, and prints ``FILE: ok`` or the error.
+
+``mailserverctl lookup ADDRESS [-c FILE]`` asks the configured directory
+where mail for ADDRESS goes and prints every step of the answer.
+``mailserverctl auth-test LOGIN [-c FILE]`` checks a password read from the
+terminal (or one line of standard input).  Both use the blocking directory
+calls directly: no reactor runs.
+
+Exit status of ``lookup`` and ``auth-test``: 0 found / authenticated,
+1 unknown address / refused login, 75 (EX_TEMPFAIL) the directory could not
+answer, 78 (EX_CONFIG) the configuration or the directory settings are
+unusable.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import getpass
 import sys
 
 from mailserver.config import load_config
-from mailserver.errors import ConfigError
+from mailserver.errors import ConfigError, DirectoryUnavailable
+
+DEFAULT_CONFIG = "/etc/mailserver/mailserver.toml"
+EX_OK, EX_NOTFOUND, EX_TEMPFAIL, EX_CONFIG = 0, 1, 75, 78
 
 
 def check_config(args) -> int:
@@ -25,12 +41,117 @@ def check_config(args) -> int:
     return 0
 
 
+def open_directory(config_path: str):
+    """The directory ``config_path`` configures, for blocking calls.
+
+    Raises ConfigError when the file or the directory settings are unusable.
+    Files only the server needs (TLS keys) are not checked, so an
+    administrator can run this without reading them.
+    """
+    from mailserver.directory.factory import directory_from_config
+
+    config = load_config(config_path, check_files=False)
+    try:
+        return directory_from_config(config.directory, config.domains.local, None, None)
+    except (OSError, ValueError) as e:  # unreadable or malformed LDIF, bad settings
+        raise ConfigError(config_path, "directory", str(e)) from None
+
+
+def _fail(message: str) -> None:
+    print(f"mailserverctl: {message}", file=sys.stderr)
+
+
+def _with_directory(args, action) -> int:
+    try:
+        directory = open_directory(args.config)
+    except ConfigError as e:
+        _fail(str(e))
+        return EX_CONFIG
+    try:
+        return action(directory)
+    except DirectoryUnavailable as e:
+        _fail(f"directory unavailable, try again later: {e.reason or e}")
+        return EX_TEMPFAIL
+    finally:
+        directory.close()
+
+
+#: Resolution fields printed by name; any other (newer) field is shown too.
+_SHOWN = {"address", "mailboxes", "forwards", "trace"}
+
+
+def print_resolution(resolution, out=None) -> None:
+    """The resolution tree as text: trace, then mailboxes and forwards."""
+    out = out or sys.stdout
+    status = "found" if resolution.found else "unknown (no mailbox, no forward)"
+    print(f"{resolution.address}: {status}", file=out)
+    print("trace:", file=out)
+    for line in resolution.trace or ("(nothing matched)",):
+        print(f"  {line}", file=out)
+    print(f"mailboxes: {len(resolution.mailboxes)}", file=out)
+    for box in resolution.mailboxes:
+        print(f"  {box.address}  login={box.login}  dn={box.dn or '-'}", file=out)
+    print(f"forwards: {len(resolution.forwards)}", file=out)
+    for address in resolution.forwards:
+        print(f"  {address}", file=out)
+    for f in dataclasses.fields(resolution):
+        value = getattr(resolution, f.name)
+        if f.name not in _SHOWN and value:
+            print(f"{f.name}: {value}", file=out)
+
+
+def lookup(args) -> int:
+    def action(directory) -> int:
+        resolution = directory.resolve_sync(args.address)
+        print_resolution(resolution)
+        return EX_OK if resolution.found else EX_NOTFOUND
+
+    return _with_directory(args, action)
+
+
+def read_password(stdin=None) -> str:
+    """From the terminal without echo, or else one line of standard input."""
+    stdin = stdin or sys.stdin
+    if stdin.isatty():
+        return getpass.getpass("Password: ")
+    return stdin.readline().rstrip("\r\n")
+
+
+def auth_test(args) -> int:
+    password = read_password()
+
+    def action(directory) -> int:
+        account = directory.authenticate_sync(args.login, password)
+        if account is None:
+            print("failed: wrong login or password")
+            return EX_NOTFOUND
+        where = account.dn or account.address
+        print(f"ok: {args.login} authenticated as {where} "
+              f"(login {account.login}, address {account.address})")
+        return EX_OK
+
+    return _with_directory(args, action)
+
+
+def _config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                   help=f"configuration file (default: {DEFAULT_CONFIG})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailserverctl", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check-config", help="validate a configuration file offline")
     p.add_argument("file")
     p.set_defaults(func=check_config)
+    p = sub.add_parser("lookup", help="show where mail for an address goes, step by step")
+    p.add_argument("address")
+    _config_option(p)
+    p.set_defaults(func=lookup)
+    p = sub.add_parser("auth-test", help="check a password (read from the terminal or stdin)")
+    p.add_argument("login")
+    _config_option(p)
+    p.set_defaults(func=auth_test)
     return parser
 
 

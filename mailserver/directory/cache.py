@@ -33,7 +33,7 @@ it may have read the directory before the change that prompted the clear.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Dict, Hashable, List, Optional, Tuple
+from typing import Callable, Dict, Hashable, List, Tuple
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -59,15 +59,15 @@ class TTLCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: Hashable, now: float):
-        """The live value for ``key``, or ``_MISS``; an expired entry is dropped."""
+    def get(self, key: Hashable, now: float, default=None):
+        """The live value for ``key``, or ``default``; an expired entry is dropped."""
         item = self._entries.get(key)
         if item is None:
-            return _MISS
+            return default
         expires, value = item
         if now >= expires:
             del self._entries[key]
-            return _MISS
+            return default
         self._entries.move_to_end(key)
         return value
 
@@ -199,7 +199,7 @@ class CachingDirectory:
 
     def _lookup(self, key: Hashable, ask: Callable[[], defer.Deferred],
                 positive: Callable[[object], bool]) -> defer.Deferred:
-        value = self._cache.get(key, self._now())
+        value = self._cache.get(key, self._now(), _MISS)
         if value is not _MISS:
             self.hits += 1
             return defer.succeed(value)

@@ -349,8 +349,9 @@ def test_ttlcache_expiry_and_bound():
     c = TTLCache(2)
     c.put("a", 1, 5, now=0)
     assert c.get("a", now=4.9) == 1
-    assert c.get("a", now=5) is not 1 and len(c) == 0
+    assert c.get("a", now=5) is None and len(c) == 0
     c.put("a", 1, 5, 0)
     c.put("b", 2, 5, 0)
     c.put("c", 3, 5, 0)
-    assert len(c) == 2 and c.get("a", 0) is not 1
+    assert len(c) == 2 and c.get("b", 0) == 2 and c.get("c", 0) == 3
+    assert c.get("a", 0, default="miss") == "miss"
