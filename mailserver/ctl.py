@@ -76,14 +76,37 @@ def _with_directory(args, action) -> int:
         directory.close()
 
 
-#: Resolution fields printed by name; any other (newer) field is shown too.
-_SHOWN = {"address", "mailboxes", "forwards", "trace"}
+#: Resolution fields printed by name; any other (newer) field is shown as is.
+_SHOWN = {"address", "mailboxes", "forwards", "trace", "disabled", "restriction"}
+
+
+def describe_restriction(r) -> str:
+    """One line saying who may send to a restricted address."""
+    if r is None:
+        return "anyone"
+    who = []
+    if r.any_sender:
+        who.append("anyone")
+    else:
+        if r.allowed_senders:
+            who.append("listed senders: " + ", ".join(sorted(r.allowed_senders)))
+        if r.members_only:
+            who.append(f"its {len(r.members)} member(s)")
+        if not who:
+            who.append("nobody (the sender list resolved to nothing)")
+    text = " or ".join(who)
+    return text + (", authenticated only" if r.authenticated_only else "")
 
 
 def print_resolution(resolution, out=None) -> None:
-    """The resolution tree as text: trace, then mailboxes and forwards."""
+    """The resolution as text: status, trace, mailboxes, forwards, restriction."""
     out = out or sys.stdout
-    status = "found" if resolution.found else "unknown (no mailbox, no forward)"
+    if resolution.found:
+        status = "found"
+    elif getattr(resolution, "disabled", False):
+        status = "disabled (every account it leads to is disabled)"
+    else:
+        status = "unknown (no mailbox, no forward)"
     print(f"{resolution.address}: {status}", file=out)
     print("trace:", file=out)
     for line in resolution.trace or ("(nothing matched)",):
@@ -94,6 +117,8 @@ def print_resolution(resolution, out=None) -> None:
     print(f"forwards: {len(resolution.forwards)}", file=out)
     for address in resolution.forwards:
         print(f"  {address}", file=out)
+    if getattr(resolution, "restriction", None) is not None:
+        print(f"senders allowed: {describe_restriction(resolution.restriction)}", file=out)
     for f in dataclasses.fields(resolution):
         value = getattr(resolution, f.name)
         if f.name not in _SHOWN and value:
@@ -103,7 +128,12 @@ def print_resolution(resolution, out=None) -> None:
 def lookup(args) -> int:
     def action(directory) -> int:
         resolution = directory.resolve_sync(args.address)
-        print_resolution(resolution)
+        domain = args.address.strip().lower().rpartition("@")[2].rstrip(".")
+        is_local = getattr(directory, "is_local_domain_sync", None)
+        local = is_local(domain) if domain and is_local is not None else None
+        print_resolution(resolution)  # only once every question is answered
+        if local is not None:
+            print(f"domain {domain}: {'local' if local else 'not local'}")
         return EX_OK if resolution.found else EX_NOTFOUND
 
     return _with_directory(args, action)
@@ -128,6 +158,10 @@ def auth_test(args) -> int:
         where = account.dn or account.address
         print(f"ok: {args.login} authenticated as {where} "
               f"(login {account.login}, address {account.address})")
+        senders_for = getattr(directory, "senders_for_sync", None)
+        if senders_for is not None:
+            senders = sorted(senders_for(account.login))
+            print(f"may send as: {', '.join(senders) or '(no address)'}")
         return EX_OK
 
     return _with_directory(args, action)

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from mailserver.ctl import main
+from mailserver.ctl import describe_restriction, main, print_resolution
+from mailserver.directory.interfaces import Mailbox, Resolution, SenderRestriction
 from tests.support.server import REPO, render_toml, twistd_env
 from tests.support.slapd import slapd_factory, slapd_server  # noqa: F401 (fixtures)
 
@@ -132,6 +133,7 @@ def test_lookup_user(results):
     assert f"alice@example.test: matches {ALICE_DN}" in out
     assert f"  alice@example.test  login=alice  dn={ALICE_DN}\n" in out
     assert "mailboxes: 1\n" in out and "forwards: 0\n" in out
+    assert out.endswith("domain example.test: local\n")
 
 
 def test_lookup_alias_shows_each_step(results):
@@ -162,6 +164,33 @@ def test_lookup_unknown_exits_1(results):
     assert "nobody@example.test: no entry" in done.stdout
 
 
+def test_lookup_names_a_foreign_domain(config, capsys, monkeypatch):
+    code, out, _ = ctl_here(capsys, monkeypatch, "lookup", "bob@Elsewhere.Test", "-c", config)
+    assert code == 1
+    assert out.endswith("domain elsewhere.test: not local\n")
+
+
+def test_disabled_and_restricted_resolutions_are_shown():
+    restricted = Resolution(
+        address="team@example.test", mailboxes=(Mailbox("bob@example.test", "bob", BOB_DN),),
+        restriction=SenderRestriction(allowed_senders=frozenset({"boss@example.test"}),
+                                      members_only=True,
+                                      members=frozenset({"bob@example.test"}),
+                                      authenticated_only=True),
+        trace=("team@example.test: matches cn=team",))
+    out = io.StringIO()
+    print_resolution(restricted, out)
+    assert ("senders allowed: listed senders: boss@example.test or its 1 member(s), "
+            "authenticated only\n") in out.getvalue()
+    out = io.StringIO()
+    print_resolution(Resolution(address="carol@example.test", disabled=True), out)
+    assert out.getvalue().startswith("carol@example.test: disabled")
+    assert "  (nothing matched)\n" in out.getvalue()
+    assert describe_restriction(SenderRestriction()) == \
+        "nobody (the sender list resolved to nothing)"
+    assert describe_restriction(SenderRestriction(any_sender=True)) == "anyone"
+
+
 @pytest.mark.parametrize("address", ["*@example.test", "x)(uid=*@example.test",
                                      "*)(mail=*@example.test", "alice\\2a@example.test"])
 def test_lookup_filter_injection_matches_nothing(config, capsys, monkeypatch, address):
@@ -174,7 +203,9 @@ def test_auth_test_from_stdin(results):
     done = results["auth", "ok"]
     assert done.returncode == 0, done.stderr
     assert done.stdout == (f"ok: alice authenticated as {ALICE_DN} "
-                           f"(login alice, address alice@example.test)\n")
+                           f"(login alice, address alice@example.test)\n"
+                           "may send as: abuse@example.test, alice.liddell@example.test, "
+                           "alice@example.test, postmaster@example.test\n")
 
 
 def test_auth_test_refusal(results):
