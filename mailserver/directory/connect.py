@@ -51,13 +51,17 @@ CONNECTION_ERRORS = (
     OSError,  # ssl.SSLError included
 )
 
-#: Result codes that say the server cannot answer now, not "no".
-TEMPORARY_RESULTS = frozenset({
-    3,   # timeLimitExceeded
-    11,  # adminLimitExceeded
-    51,  # busy
-    52,  # unavailable
-    80,  # other (OpenLDAP's internal errors)
+#: Bind results that mean "not with this password": a wrong password, an
+#: entry that cannot bind.  Any other failure (busy, unavailable,
+#: confidentialityRequired, strongerAuthRequired, protocol errors) says the
+#: server could not judge the password, which is temporary, never "wrong".
+REFUSED_BIND_RESULTS = frozenset({
+    32,  # noSuchObject: the entry went away between search and bind
+    34,  # invalidDNSyntax
+    48,  # inappropriateAuthentication
+    49,  # invalidCredentials (AD adds a sub-code for expired or locked accounts)
+    50,  # insufficientAccessRights
+    53,  # unwillingToPerform
 })
 
 
@@ -154,8 +158,8 @@ class NetworkConnector:
                 unbind_quietly(conn)
             if ok:
                 return True
-            if code in TEMPORARY_RESULTS:
-                raise DirectoryUnavailable(f"bind as {dn}: result {code}")
-            return False
+            if code in REFUSED_BIND_RESULTS:
+                return False
+            raise DirectoryUnavailable(f"bind as {dn}: result {code}")
 
         return self._each_server(attempt)

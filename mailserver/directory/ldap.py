@@ -129,14 +129,18 @@ class LDAPDirectory:
 
     def resolve_sync(self, address: str) -> Resolution:
         """Blocking :meth:`resolve`; never call it on the reactor thread."""
+        address = address.strip().lower()
+        if has_controls(address):
+            return Resolution(address=address,
+                              trace=(f"{address!r}: control characters, not looked up",))
         is_local = self.is_local_domain_sync if self.settings.domain_filter else None
-        return Expansion(address.strip().lower(), self.search, self.mapping,
+        return Expansion(address, self.search, self.mapping,
                          self.settings, is_local=is_local).run()
 
     def authenticate_sync(self, login: str, password: str) -> Optional[Account]:
         """Blocking :meth:`authenticate`: search, require one enabled entry,
         bind as it."""
-        if not password or not login:
+        if not password or not login or has_controls(login):
             return None
         m = self.mapping
         entry = accounts.find_account(self._reader(login), login)
@@ -153,7 +157,7 @@ class LDAPDirectory:
         domain = _domain(domain)
         if domain in s.local_domains:
             return True
-        if not s.domain_filter or not domain:
+        if not s.domain_filter or not domain or has_controls(domain):
             return False
         entries, truncated = self.search(render_filter(s.domain_filter, domain=domain),
                                          base=s.domain_base_dn or None, size_limit=1,
@@ -162,7 +166,9 @@ class LDAPDirectory:
 
     def senders_for_sync(self, login: str) -> FrozenSet[str]:
         """Blocking :meth:`senders_for`."""
-        return accounts.senders_for(self._reader(login), login) if login else frozenset()
+        if not login or has_controls(login):
+            return frozenset()
+        return accounts.senders_for(self._reader(login), login)
 
     def search(self, search_filter: str, *, base: Optional[str] = None, base_scope: bool = False,
                attributes: Sequence[str] = (), size_limit: int = 0) -> Tuple[List[Entry], bool]:
@@ -246,6 +252,16 @@ class LDAPDirectory:
         with self._lock:
             self._connections.discard(conn)
         unbind_quietly(conn)
+
+
+def has_controls(text: str) -> bool:
+    """True when ``text`` holds a control character (NUL included).
+
+    Such a value is never looked up: escaping keeps it out of the filter's
+    syntax, but OpenLDAP compares IA5 strings such as ``mail`` as C strings,
+    so ``(mail=alice@example.test\\00junk)`` matches alice.
+    """
+    return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
 
 
 def _domain(domain: str) -> str:

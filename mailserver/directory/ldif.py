@@ -7,6 +7,11 @@ whose connector opens MOCK connections instead of sockets.  Searches go
 through ldap3's own filter parser and evaluator, so the quick start runs the
 same filters and the same resolution code as production.
 
+When the schema mapping names a ``member_of_attribute`` (``memberOf``) and
+no entry in the file carries it, the loader computes it, as Active Directory
+and OpenLDAP's memberof overlay do: each entry gets the DNs of the groups
+(``group_classes``) that list it directly in a ``member_attributes`` value.
+
 Two differences from a real server, both deliberate:
 
 * There is no schema (``get_info=NONE``): ldap3's bundled OpenLDAP schema
@@ -36,7 +41,8 @@ from typing import Dict, List, Optional, Tuple
 from ldap3 import MOCK_SYNC, NONE, Connection, Server
 
 from mailserver.directory.ldap import LDAPDirectory, LDAPSettings
-from mailserver.directory.entries import clean_dn, dn_key
+from mailserver.directory.entries import clean_dn, dn_key, member_dn
+from mailserver.directory.schema import SchemaMapping
 
 Record = Tuple[str, Dict[str, List[bytes]]]
 
@@ -190,6 +196,38 @@ class _EmbeddedConnection(Connection):
                               *args, **kwargs)
 
 
+def with_member_of(records: List[Record], mapping: SchemaMapping) -> List[Record]:
+    """``records`` with ``mapping.member_of_attribute`` filled in from the
+    groups' member lists; unchanged when the mapping names no such attribute
+    or any entry already has one."""
+    attribute = mapping.member_of_attribute
+    if not attribute:
+        return records
+    lower = attribute.lower()
+    if any(name.lower() == lower for _dn, attrs in records for name in attrs):
+        return records
+    classes = {c.lower().encode() for c in mapping.group_classes}
+    member_names = {a.lower() for a in mapping.member_attributes}
+    groups_of: Dict[str, List[bytes]] = {}
+    for dn, attrs in records:
+        object_classes = {v.lower() for name, values in attrs.items()
+                          if name.lower() == "objectclass" for v in values}
+        if not object_classes & classes:
+            continue
+        for name, values in attrs.items():
+            if name.lower() in member_names:
+                for value in values:
+                    member = member_dn(value.decode("utf-8", "replace"))
+                    groups_of.setdefault(dn_key(member), []).append(dn.encode("utf-8"))
+    result: List[Record] = []
+    for dn, attrs in records:
+        groups = groups_of.get(dn_key(dn))
+        if groups:
+            attrs = {**attrs, attribute: list(dict.fromkeys(groups))}
+        result.append((dn, attrs))
+    return result
+
+
 class EmbeddedConnector:
     """Opens MOCK_SYNC connections on one shared in-process server.
 
@@ -201,6 +239,7 @@ class EmbeddedConnector:
         self._settings = settings
         self.server = Server("embedded", get_info=NONE)
         loader = Connection(self.server, client_strategy=MOCK_SYNC)
+        records = with_member_of(records, settings.schema_mapping())
         self._passwords: Dict[str, List[bytes]] = {}
         self._stored_dns: Dict[str, str] = {}
         for dn, attributes in records:

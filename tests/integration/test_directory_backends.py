@@ -62,6 +62,7 @@ def test_unknown_address(backend):
     "*@example.test", "*", "a)(uid=*@example.test", "alice@example.test)(mail=*",
     "*)(|(mail=*", "ali\\ce@example.test", "\\2a@example.test", "alice\x00@example.test",
     "ålice@example.test", "alice@exämple.test", "", "(", ")",
+    "alice@example.test\x00", "alice@example.test\x00junk", "alice@example.test\r\nrcpt",
 ])
 def test_filter_metacharacters_match_nothing(backend, address):
     """Filter metacharacters, NUL and non-ASCII in an address are data, not syntax."""
@@ -179,6 +180,8 @@ def test_authenticate_forwarding_user(backend):
     ("alice)(uid=*", "alice-password"),
     ("al*", "alice-password"),
     ("alice\x00", "alice-password"),
+    ("alice@example.test\x00", "alice-password"),
+    ("alice@example.test\x00junk", "alice-password"),
     ("twin", "twin-password"),
     ("nopass", "anything"),
     ("cn=mailserver,dc=example,dc=test", "mailserver-password"),
@@ -187,3 +190,39 @@ def test_authenticate_refused(backend, login, password):
     """Wrong, empty or case-changed passwords, unknown, ambiguous and wildcard
     logins all give None."""
     assert authenticate(backend, login, password) is None
+
+
+@pytest.mark.parametrize("login, expected", [
+    # alice's addresses, and the aliases routing to her alone (postmaster, abuse).
+    ("alice", {"alice@example.test", "alice.liddell@example.test",
+               "postmaster@example.test", "abuse@example.test"}),
+    ("ALICE@example.test", {"alice@example.test", "alice.liddell@example.test",
+                            "postmaster@example.test", "abuse@example.test"}),
+    # list@ routes to bob and others: a list, not one of bob's identities.
+    ("bob", {"bob@example.test"}),
+    ("dave", {"dave@example.test"}),  # forwarded elsewhere, still his address
+    ("twin", set()),
+    ("nobody", set()),
+    ("*", set()),
+    ("alice\x00", set()),
+    ("", set()),
+])
+def test_senders_for(backend, login, expected):
+    """The envelope senders of a login: its addresses and its own aliases."""
+    assert result_of(backend.senders_for(login)) == frozenset(expected)
+
+
+def test_resolution_is_not_restricted_by_default(backend):
+    """The openldap preset reads no restriction attributes: anyone may send."""
+    result = resolve(backend, "team@example.test")
+    assert result.restriction is None and result.allows("anyone@elsewhere.example")
+    assert not result.disabled
+
+
+@pytest.mark.parametrize("domain, expected", [
+    ("example.test", True), ("EXAMPLE.test.", True), ("elsewhere.example", False),
+    ("", False),
+])
+def test_is_local_domain_from_config(backend, domain, expected):
+    """Without domain_filter, the local domains are the configured ones."""
+    assert result_of(backend.is_local_domain(domain)) is expected

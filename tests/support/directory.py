@@ -10,11 +10,18 @@ without running the reactor.
 resolution (nesting, loops, forwards, dangling members).  It loads into slapd
 with the stock schemas, so the ``backend`` fixture can give the same
 directory on both backends.
+
+``tests/data/ad-tree.ldif`` is an Active-Directory-shaped tree for the
+``activedirectory`` preset (``ad_backend``: embedded, or slapd with
+``tests/data/ad.schema`` and the memberof overlay), and
+``tests/data/openldap-extras.ldif`` adds groups with restrictions, send-as
+grants and a directory-listed domain to the quick start (``extras_backend``).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import queue
 import time
 from pathlib import Path
@@ -25,7 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailserver.directory.ldap import LDAPDirectory, LDAPSettings
 from mailserver.directory.ldif import embedded_directory
-from tests.support.slapd import QUICKSTART_LDIF, SUFFIX, release_shared, shared_slapd
+from tests.support.slapd import DATA, QUICKSTART_LDIF, SUFFIX, release_shared, shared_slapd
 
 SERVICE_DN = "cn=mailserver,dc=example,dc=test"
 SERVICE_PASSWORD = "mailserver-password"
@@ -213,3 +220,128 @@ def backend(request, cases_files) -> LDAPDirectory:
         directory = LDAPDirectory(cases_settings(uris=(server.uri,)), **sync_directory_kwargs())
     yield directory
     directory.close()
+
+
+# -- the Active-Directory-shaped tree ------------------------------------------
+
+AD_LDIF = DATA / "ad-tree.ldif"
+AD_SCHEMA = DATA / "ad.schema"
+AD_SUFFIX = "dc=corp,dc=example,dc=test"
+AD_USERS = f"cn=Users,{AD_SUFFIX}"
+AD_SLAPD_OPTIONS = dict(
+    suffix=AD_SUFFIX, schemas=(str(AD_SCHEMA),), memberof="group",
+    indexes=("objectClass", "mail", "proxyAddresses", "sAMAccountName", "userPrincipalName",
+             "member"),
+)
+AD_DOMAIN_FILTER = "(&(objectClass=msExchAcceptedDomain)(msExchAcceptedDomainName={domain}))"
+
+
+def ad_dn(cn: str) -> str:
+    return f"cn={cn},{AD_USERS}"
+
+
+def ad_settings(**overrides) -> LDAPSettings:
+    """The activedirectory preset on the AD-shaped tree; corp.example.test
+    is local by configuration, sales.example.test by the directory."""
+    values = dict(schema="activedirectory", base_dn=AD_SUFFIX,
+                  bind_dn=ad_dn("Mail Service"), bind_password="service-password",
+                  local_domains=("corp.example.test",), domain_filter=AD_DOMAIN_FILTER,
+                  domain_base_dn=f"cn=Configuration,{AD_SUFFIX}",
+                  connect_timeout=2.0, operation_timeout=3.0)
+    values.update(overrides)
+    return LDAPSettings(**values)
+
+
+@pytest.fixture(scope="session")
+def ad_slapd():
+    """A shared slapd holding the AD-shaped tree, memberof overlay on."""
+    yield shared_slapd([AD_LDIF], **AD_SLAPD_OPTIONS)
+    release_shared([AD_LDIF], **AD_SLAPD_OPTIONS)
+
+
+def make_backend(request, kind: str, ldif: Path, settings: LDAPSettings,
+                 slapd_fixture: str) -> LDAPDirectory:
+    if kind == "embedded":
+        return embedded_directory(str(ldif), settings, **sync_directory_kwargs())
+    server = request.getfixturevalue(slapd_fixture)
+    return LDAPDirectory(dataclasses.replace(settings, uris=(server.uri,)),
+                         **sync_directory_kwargs())
+
+
+@pytest.fixture(params=["embedded", pytest.param("slapd", marks=pytest.mark.ldap)])
+def backend_kind(request):
+    """Which backend: "embedded" or "slapd"."""
+    return request.param
+
+
+@pytest.fixture
+def ad_backend(request, backend_kind) -> LDAPDirectory:
+    """The AD-shaped tree with ``ad_settings()``, embedded or on slapd."""
+    directory = make_backend(request, backend_kind, AD_LDIF, ad_settings(), "ad_slapd")
+    yield directory
+    directory.close()
+
+
+@pytest.fixture
+def ad_directory(request, backend_kind):
+    """``make(**overrides)``: AD-tree directories with other settings."""
+    made = []
+
+    def make(**overrides) -> LDAPDirectory:
+        directory = make_backend(request, backend_kind, AD_LDIF, ad_settings(**overrides), "ad_slapd")
+        made.append(directory)
+        return directory
+
+    yield make
+    for directory in made:
+        directory.close()
+
+
+# -- the quick start with restrictions and grants ---------------------------------
+
+EXTRAS_LDIF = DATA / "openldap-extras.ldif"
+EXTRAS_SLAPD_OPTIONS = dict(schemas=(str(AD_SCHEMA),), memberof="groupOfNames")
+EXTRAS = "ou=extras," + SUFFIX
+LISTS_DOMAIN_FILTER = "(&(objectClass=domainRelatedObject)(associatedDomain={domain}))"
+
+
+def extras_settings(**overrides) -> LDAPSettings:
+    values = dict(member_of_attribute="memberOf",
+                  allowed_sender_attributes=("authOrig", "dLMemSubmitPerms"),
+                  send_as_attributes=("publicDelegates",),
+                  domain_filter=LISTS_DOMAIN_FILTER)
+    values.update(overrides)
+    return cases_settings(**values)
+
+
+@pytest.fixture(scope="session")
+def extras_files(tmp_path_factory):
+    """The quick start and the extras in one file, for the embedded backend."""
+    path = tmp_path_factory.mktemp("directory-extras") / "extras.ldif"
+    path.write_text(QUICKSTART_LDIF.read_text() + "\n" + EXTRAS_LDIF.read_text())
+    return path
+
+
+@pytest.fixture(scope="session")
+def extras_slapd():
+    """A shared slapd: quick start + extras, memberof overlay for groupOfNames."""
+    ldif = [QUICKSTART_LDIF, EXTRAS_LDIF]
+    yield shared_slapd(ldif, **EXTRAS_SLAPD_OPTIONS)
+    release_shared(ldif, **EXTRAS_SLAPD_OPTIONS)
+
+
+@pytest.fixture
+def extras_directory(request, backend_kind, extras_files):
+    """``make(**overrides)``: quick start + extras directories, embedded or
+    on slapd (``backend_kind`` picks)."""
+    made = []
+
+    def make(**overrides) -> LDAPDirectory:
+        directory = make_backend(request, backend_kind, extras_files, extras_settings(**overrides),
+                                 "extras_slapd")
+        made.append(directory)
+        return directory
+
+    yield make
+    for directory in made:
+        directory.close()

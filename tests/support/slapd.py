@@ -13,6 +13,17 @@ Fixtures (import them into a conftest or a test module)::
 
 ``slapd_server`` (session) is a running server with the quick-start users;
 ``slapd_factory`` (function) builds private servers and cleans them up.
+
+Options beyond the defaults: ``suffix`` (another naming context),
+``schemas`` (extra ``.schema`` files, such as the Active-Directory-shaped
+``tests/data/ad.schema``), ``memberof`` (load OpenLDAP's memberof overlay
+for groups of that object class, so members get ``memberOf`` values),
+``tls`` (certificate and key: StartTLS on the plain port, plus an ldaps://
+port) with ``tls_client_ca`` (demand a client certificate signed by it),
+``require_tls`` (refuse anything outside TLS) and ``indexes``.  Overlays only act on changes made through the protocol,
+never on ``slapadd``; with ``memberof`` (or ``online=True``) the LDIF is
+therefore added over LDAP, as the root DN, right after the first start,
+in file order.
 When slapd is missing the fixtures skip, except under CI (``CI`` set in the
 environment), where they fail: CI must never silently skip the LDAP tests.
 """
@@ -30,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
+from ldap3 import NONE, Connection, Server
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +52,8 @@ SUFFIX = "dc=example,dc=test"
 ROOT_DN = "cn=admin,dc=example,dc=test"
 ROOT_PASSWORD = "admin-password"
 SCHEMAS = ("core", "cosine", "inetorgperson", "nis", "misc")
+DEFAULT_INDEXES = ("objectClass", "uid", "mail", "mailLocalAddress")
+DATA = ROOT / "tests" / "data"
 
 _SCHEMA_DIRS = ("/etc/ldap/schema", "/etc/openldap/schema", "/usr/local/etc/openldap/schema")
 _MODULE_DIRS = ("/usr/lib/ldap", "/usr/lib64/openldap", "/usr/lib/openldap",
@@ -100,21 +115,36 @@ class Slapd:
 
     def __init__(self, ldif: Sequence[os.PathLike] = (QUICKSTART_LDIF,), *,
                  port: Optional[int] = None, tls: Optional[Tuple[str, str]] = None,
-                 start_timeout: float = 15.0) -> None:
+                 tls_client_ca: Optional[str] = None, start_timeout: float = 15.0,
+                 suffix: str = SUFFIX, schemas: Sequence[os.PathLike] = (),
+                 memberof: Optional[str] = None, online: Optional[bool] = None,
+                 indexes: Sequence[str] = DEFAULT_INDEXES, require_tls: bool = False) -> None:
         self.slapd, self.slapadd, self.schema_dir, self.module_dir = find_installation()
         self.ldif = [Path(p) for p in ldif]
         self.port = port or free_port()
-        #: (certificate, key) PEM files: also listen for ldaps:// on ``tls_port``.
+        #: (certificate, key) PEM files: StartTLS on ``port``, and ldaps://
+        #: on ``tls_port``.
         self.tls = tls
+        self.tls_client_ca = tls_client_ca
+        #: Refuse every operation outside TLS (``security tls=1``).
+        self.require_tls = require_tls
         self.tls_port = free_port() if tls else None
         self.start_timeout = start_timeout
-        self.suffix, self.root_dn, self.root_password = SUFFIX, ROOT_DN, ROOT_PASSWORD
+        self.suffix = suffix
+        self.root_dn = ROOT_DN if suffix == SUFFIX else f"cn=admin,{suffix}"
+        self.root_password = ROOT_PASSWORD
+        self.schemas = [Path(p) for p in schemas]
+        self.memberof = memberof
+        self.online = bool(memberof) if online is None else online
+        self.indexes = tuple(indexes)
         self.path = Path(tempfile.mkdtemp(prefix="slapd-"))
         self.config = self.path / "slapd.conf"
         self.log_path = self.path / "slapd.log"
         self.process: Optional[subprocess.Popen] = None
+        self._loaded = False
         self._write_config()
-        self._load()
+        if not self.online:
+            self._load()
 
     @property
     def uri(self) -> str:
@@ -137,10 +167,17 @@ class Slapd:
         data = self.path / "data"
         data.mkdir()
         lines = [f"include {self.schema_dir}/{name}.schema" for name in SCHEMAS]
+        lines += [f"include {path.resolve()}" for path in self.schemas]
         if self.module_dir:
             lines += [f"modulepath {self.module_dir}", "moduleload back_mdb"]
+            if self.memberof:
+                lines.append("moduleload memberof")
         if self.tls:
             lines += [f"TLSCertificateFile {self.tls[0]}", f"TLSCertificateKeyFile {self.tls[1]}"]
+            if self.tls_client_ca:
+                lines += [f"TLSCACertificateFile {self.tls_client_ca}", "TLSVerifyClient demand"]
+        if self.require_tls:
+            lines.append("security tls=1")
         lines += [
             f"pidfile {self.path}/slapd.pid",
             f"argsfile {self.path}/slapd.args",
@@ -150,7 +187,13 @@ class Slapd:
             f'rootdn "{self.root_dn}"',
             f"rootpw {self.root_password}",
             f"directory {data}",
-            "index objectClass,uid,mail,mailLocalAddress eq",
+        ]
+        if self.indexes:
+            lines.append(f"index {','.join(self.indexes)} eq")
+        if self.memberof:
+            lines += ["overlay memberof", f"memberof-group-oc {self.memberof}",
+                      "memberof-member-ad member", "memberof-memberof-ad memberOf"]
+        lines += [
             # Passwords may be used to bind, never read back.
             "access to attrs=userPassword by self write by anonymous auth by * none",
             "access to * by * read",
@@ -166,6 +209,21 @@ class Slapd:
     def _load(self) -> None:
         for path in self.ldif:
             self._run(self.slapadd, "-q", "-f", str(self.config), "-l", str(path))
+        self._loaded = True
+
+    def _load_online(self) -> None:
+        """Add the LDIF entries over LDAP, so overlays see every change."""
+        from mailserver.directory.ldif import read_ldif
+
+        conn = Connection(Server(self.uri, get_info=NONE), self.root_dn, self.root_password,
+                          raise_exceptions=True, auto_bind=True)
+        try:
+            for path in self.ldif:
+                for dn, attributes in read_ldif(str(path)):
+                    conn.add(dn, attributes=attributes)
+        finally:
+            conn.unbind()
+        self._loaded = True
 
     def start(self) -> None:
         """Start slapd (same port, same data) and wait until it answers."""
@@ -183,6 +241,8 @@ class Slapd:
             finally:
                 log.close()
             if self._wait_ready(deadline):
+                if not self._loaded:
+                    self._load_online()
                 return
             # Exited early: most likely the port is still held; try again.
             if time.monotonic() > deadline:
@@ -239,23 +299,29 @@ class Slapd:
 _shared: Dict[Tuple[str, ...], Slapd] = {}
 
 
-def shared_slapd(ldif: Iterable[os.PathLike] = (QUICKSTART_LDIF,)) -> Slapd:
-    """A running server for ``ldif``, started once per test session.
+def _shared_key(ldif: Iterable[os.PathLike], options: dict) -> Tuple[str, ...]:
+    return (*(str(Path(p).resolve()) for p in ldif), repr(sorted(options.items())))
+
+
+def shared_slapd(ldif: Iterable[os.PathLike] = (QUICKSTART_LDIF,), **options) -> Slapd:
+    """A running server for ``ldif`` (and :class:`Slapd` ``options``),
+    started once per test session.
 
     Callers must not stop it for good; an outage test uses its own server.
     """
     require_slapd()
-    key = tuple(str(Path(p).resolve()) for p in ldif)
+    ldif = list(ldif)
+    key = _shared_key(ldif, options)
     server = _shared.get(key)
     if server is None:
-        server = _shared[key] = Slapd(list(ldif))
+        server = _shared[key] = Slapd(ldif, **options)
     server.start()
     return server
 
 
-def release_shared(ldif: Iterable[os.PathLike] = (QUICKSTART_LDIF,)) -> None:
+def release_shared(ldif: Iterable[os.PathLike] = (QUICKSTART_LDIF,), **options) -> None:
     """Stop and delete the shared server for ``ldif``, if there is one."""
-    server = _shared.pop(tuple(str(Path(p).resolve()) for p in ldif), None)
+    server = _shared.pop(_shared_key(list(ldif), options), None)
     if server is not None:
         server.cleanup()
 
