@@ -65,6 +65,9 @@ class DomainsConfig:
     local: Tuple[str, ...] = field(
         default=(), metadata=_doc("Domains whose mail is delivered here (recipients checked).")
     )
+    catch_all: bool = field(
+        default=False, metadata=_doc("Unknown users of a domain go to the entry owning @domain.")
+    )
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,10 @@ class DirectoryConfig:
     ldif_file: str = field(default="", metadata=_doc("LDIF loaded by the embedded backend.", path=True))
     uris: Tuple[str, ...] = field(default=(), metadata=_doc("LDAP server URIs, tried in order."))
     base_dn: str = field(default="", metadata=_doc("Search base."))
-    tls_ca_file: str = field(default="", metadata=_doc("CA bundle for ldaps://.", path=True))
+    tls_ca_file: str = field(default="", metadata=_doc("CA bundle for ldaps:// and StartTLS.", path=True))
+    tls_cert_file: str = field(default="", metadata=_doc("Client certificate (PEM).", path=True))
+    tls_key_file: str = field(default="", metadata=_doc("Client certificate key (PEM).", path=True))
+    starttls: bool = field(default=False, metadata=_doc("StartTLS on ldap:// URIs."))
     bind_dn: str = field(default="", metadata=_doc("Service account DN; empty = anonymous."))
     bind_password: str = field(default="", metadata=_doc("Service account password."))
     scope: str = field(default="subtree", metadata=_doc("subtree or one.", choices=("subtree", "one")))
@@ -125,11 +131,30 @@ class DirectoryConfig:
     target_attributes: Tuple[str, ...] = field(default=(), metadata=_doc("Override."))
     group_classes: Tuple[str, ...] = field(default=(), metadata=_doc("Override."))
     member_attributes: Tuple[str, ...] = field(default=(), metadata=_doc("Override."))
+    account_filter: str = field(default="", metadata=_doc("Override: what an account is."))
+    login_attributes: Tuple[str, ...] = field(default=(), metadata=_doc("Override: login names."))
+    proxy_attributes: Tuple[str, ...] = field(default=(), metadata=_doc("Override."))
+    member_of_attribute: str = field(default="", metadata=_doc("Override."))
+    disabled_attribute: str = field(default="", metadata=_doc("Override."))
+    disabled_mask: int = field(default=0, metadata=_doc("Override.", min=0))
+    allowed_sender_attributes: Tuple[str, ...] = field(default=(), metadata=_doc("Override."))
+    members_only_attribute: str = field(default="", metadata=_doc("Override."))
+    authenticated_only_attribute: str = field(default="", metadata=_doc("Override."))
+    send_as_attributes: Tuple[str, ...] = field(default=(), metadata=_doc("Override."))
+    nested_groups: str = field(default="walk", metadata=_doc("walk or in_chain.",
+                                                             choices=("walk", "in_chain")))
+    domain_filter: str = field(default="", metadata=_doc("Entries making {domain} local."))
+    domain_base_dn: str = field(default="", metadata=_doc("Search base for domain_filter."))
     connect_timeout: float = field(default=5.0, metadata=_doc("Seconds.", min=0.1))
     operation_timeout: float = field(default=10.0, metadata=_doc("Seconds.", min=0.1))
     pool_size: int = field(default=4, metadata=_doc("Threads (and connections) for LDAP calls.", min=1))
     max_depth: int = field(default=10, metadata=_doc("Alias/group nesting followed.", min=1))
     max_expansions: int = field(default=1000, metadata=_doc("Entries read per address.", min=1))
+    cache_ttl: float = field(default=60.0, metadata=_doc("Seconds a found address is cached.", min=0))
+    negative_cache_ttl: float = field(
+        default=10.0, metadata=_doc("Seconds an unknown address is cached.", min=0))
+    cache_size: int = field(default=10000, metadata=_doc("Cached answers, at most; 0 = no cache.",
+                                                         min=0))
 
 
 @dataclass(frozen=True)

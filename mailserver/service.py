@@ -20,7 +20,9 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from mailserver.config import Config, parse_address
+from mailserver.config import Config, load_config, parse_address
+from mailserver.directory.reloadable import ReloadableDirectory
+from mailserver.errors import ConfigError
 from mailserver.delivery.local import LocalDelivery
 from mailserver.policy import RecipientPolicy
 from mailserver.proto.smtp_server import Limits, Mode
@@ -60,10 +62,32 @@ class ThreadPoolService(service.Service):
 
 
 class DirectoryService(service.Service):
-    """Closes the directory (its threads and connections) at shutdown."""
+    """Owns the directory: builds backends (at start and on reload) on one
+    bounded LDAP thread pool, and closes them at shutdown."""
 
-    def __init__(self, directory) -> None:
-        self.directory = directory
+    def __init__(self, config: Config, reactor, pool: ThreadPool) -> None:
+        self.reactor = reactor
+        self.pool = pool
+        self.directory = ReloadableDirectory(self.backend(config))
+
+    def backend(self, config: Config):
+        """A new backend for ``config``, behind its cache when one is wanted."""
+        from mailserver.directory.cache import CachingDirectory
+        from mailserver.directory.factory import directory_from_config
+
+        d = config.directory
+        backend = directory_from_config(d, config.domains.local, self.reactor, self.pool)
+        if d.cache_size:
+            backend = CachingDirectory(backend, clock=self.reactor, positive_ttl=d.cache_ttl,
+                                       negative_ttl=d.negative_cache_ttl,
+                                       max_entries=d.cache_size)
+        return backend
+
+    def reload(self, config: Config) -> None:
+        """Swap in a backend built from ``config``; close the old one after."""
+        old = self.directory.swap(self.backend(config))
+        # Lookups already running on the old backend finish on the pool first.
+        self.reactor.callLater(max(config.directory.operation_timeout, 1.0), old.close)
 
     def stopService(self) -> None:
         super().stopService()
@@ -106,25 +130,38 @@ class MailService(service.MultiService):
                  n=len(self.config.listeners), domains=", ".join(self.config.domains.local))
 
     def reload(self) -> None:
-        """SIGHUP: re-read the TLS certificate; connections stay up."""
+        """SIGHUP: re-read the config file, the TLS certificate and the
+        directory settings (emptying its cache); connections stay up.  A bad
+        file is logged and changes nothing.  Listeners, limits and thread
+        pools keep the values they started with."""
+        try:
+            config = load_config(self.config.path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: {e}", e=str(e))
+            return
         if self.tls is not None:
             try:
                 self.tls.reload()
                 log.info("reloaded TLS certificate {path}", path=self.tls.cert_path)
             except ValueError as e:
                 log.error("TLS reload failed, keeping the old certificate: {e}", e=e)
+        try:
+            self.directory_service.reload(config)
+        except ValueError as e:
+            log.error("directory reload failed, keeping the old settings: {e}", e=e)
+            return
+        log.info("reloaded directory settings ({backend}), cache emptied",
+                 backend=config.directory.backend)
 
 
-def build_directory(config: Config, reactor, parent: service.MultiService):
-    """The directory backend named by ``directory.backend``, with its own
-    bounded thread pool (so slow LDAP never starves disk writes)."""
-    from mailserver.directory.factory import directory_from_config
-
+def build_directory(config: Config, reactor, parent: MailService) -> ReloadableDirectory:
+    """The directory named by ``[directory]``, on its own bounded thread pool
+    (so a slow LDAP server never starves disk writes)."""
     pool = ThreadPool(minthreads=0, maxthreads=config.directory.pool_size, name="mailserver-ldap")
     ThreadPoolService(pool).setServiceParent(parent)
-    directory = directory_from_config(config.directory, config.domains.local, reactor, pool)
-    DirectoryService(directory).setServiceParent(parent)
-    return directory
+    parent.directory_service = DirectoryService(config, reactor, pool)
+    parent.directory_service.setServiceParent(parent)
+    return parent.directory_service.directory
 
 
 def build_service(config: Config, reactor=None) -> MailService:
@@ -164,7 +201,8 @@ def build_service(config: Config, reactor=None) -> MailService:
             mode=Mode.LMTP if lmtp else Mode.MX,
             hostname=config.server.hostname,
             limits=limits,
-            policy=RecipientPolicy(directory, config.domains.local, lmtp=lmtp),
+            policy=RecipientPolicy(directory, config.domains.local, lmtp=lmtp,
+                                   catch_all=config.domains.catch_all),
             delivery=delivery,
             spool_dir=config.server.spool_dir,
             clock=reactor,

@@ -12,7 +12,9 @@ from typing import Dict, List, Optional, Tuple
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailserver.directory.interfaces import Account, IDirectory, Mailbox, Resolution
+from mailserver.directory.interfaces import (
+    Account, IDirectory, Mailbox, Resolution, SenderRestriction,
+)
 from mailserver.errors import DirectoryUnavailable
 
 
@@ -21,7 +23,11 @@ class FakeDirectory:
     """Addresses map to mailboxes; ``down`` makes every call fail temporarily."""
 
     def __init__(self, entries: Optional[Dict[str, Tuple[str, ...]]] = None,
-                 passwords: Optional[Dict[str, str]] = None) -> None:
+                 passwords: Optional[Dict[str, str]] = None,
+                 local_domains: Tuple[str, ...] = ("example.test",)) -> None:
+        self.local_domains = frozenset(local_domains)
+        self.disabled: set = set()  # addresses of disabled accounts
+        self.restricted: Dict[str, SenderRestriction] = {}
         # address -> addresses of the mailboxes it reaches
         self.entries = {k.lower(): tuple(v) for k, v in (entries or {}).items()}
         self.passwords = dict(passwords or {})
@@ -31,12 +37,15 @@ class FakeDirectory:
         self.calls: List[Tuple[str, str]] = []
 
     def _answer(self, address: str) -> Resolution:
+        if address.lower() in self.disabled:
+            return Resolution(address=address, disabled=True)
         targets = self.entries.get(address.lower())
         if targets is None:
             return Resolution(address=address)
         return Resolution(
             address=address,
             mailboxes=tuple(Mailbox(address=t, login=t.split("@")[0]) for t in targets),
+            restriction=self.restricted.get(address.lower()),
         )
 
     def resolve(self, address: str) -> defer.Deferred:
@@ -53,6 +62,16 @@ class FakeDirectory:
         """Answer the ``index``-th pending slow lookup."""
         address, d = self.pending[index]
         d.callback(self._answer(address))
+
+    def is_local_domain(self, domain: str) -> defer.Deferred:
+        if self.down:
+            return defer.fail(DirectoryUnavailable("fake outage"))
+        return defer.succeed(domain.lower() in self.local_domains)
+
+    def senders_for(self, login: str) -> defer.Deferred:
+        if self.down:
+            return defer.fail(DirectoryUnavailable("fake outage"))
+        return defer.succeed(frozenset(a for a, t in self.entries.items() if t == (login,)))
 
     def authenticate(self, login: str, password: str) -> defer.Deferred:
         self.calls.append(("authenticate", login))

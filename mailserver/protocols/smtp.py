@@ -336,7 +336,7 @@ class SMTPServerProtocol(Protocol):
         self._decide(self._check_rcpt(event.recipient))
 
     async def _check_rcpt(self, recipient: str) -> list:
-        decision = await self.ctx.policy.check_rcpt(recipient)
+        decision = await self.ctx.policy.check_rcpt(recipient, self.sender or "")
         reply = decision.reply
         if reply.is_positive:
             reply = self.ctx.delivery.check(decision.resolution) or reply
