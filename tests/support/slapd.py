@@ -20,7 +20,7 @@ Options beyond the defaults: ``suffix`` (another naming context),
 for groups of that object class, so members get ``memberOf`` values),
 ``tls`` (certificate and key: StartTLS on the plain port, plus an ldaps://
 port) with ``tls_client_ca`` (demand a client certificate signed by it),
-``require_tls`` (refuse anything outside TLS) and ``indexes``.  Overlays only act on changes made through the protocol,
+``security`` (a slapd ``security`` directive, e.g. ``tls=1``) and ``indexes``.  Overlays only act on changes made through the protocol,
 never on ``slapadd``; with ``memberof`` (or ``online=True``) the LDIF is
 therefore added over LDAP, as the root DN, right after the first start,
 in file order.
@@ -118,7 +118,7 @@ class Slapd:
                  tls_client_ca: Optional[str] = None, start_timeout: float = 15.0,
                  suffix: str = SUFFIX, schemas: Sequence[os.PathLike] = (),
                  memberof: Optional[str] = None, online: Optional[bool] = None,
-                 indexes: Sequence[str] = DEFAULT_INDEXES, require_tls: bool = False) -> None:
+                 indexes: Sequence[str] = DEFAULT_INDEXES, security: str = "") -> None:
         self.slapd, self.slapadd, self.schema_dir, self.module_dir = find_installation()
         self.ldif = [Path(p) for p in ldif]
         self.port = port or free_port()
@@ -126,8 +126,9 @@ class Slapd:
         #: on ``tls_port``.
         self.tls = tls
         self.tls_client_ca = tls_client_ca
-        #: Refuse every operation outside TLS (``security tls=1``).
-        self.require_tls = require_tls
+        #: A ``security`` directive: ``tls=1`` refuses everything outside
+        #: TLS, ``simple_bind=1`` only simple binds.
+        self.security = security
         self.tls_port = free_port() if tls else None
         self.start_timeout = start_timeout
         self.suffix = suffix
@@ -176,8 +177,8 @@ class Slapd:
             lines += [f"TLSCertificateFile {self.tls[0]}", f"TLSCertificateKeyFile {self.tls[1]}"]
             if self.tls_client_ca:
                 lines += [f"TLSCACertificateFile {self.tls_client_ca}", "TLSVerifyClient demand"]
-        if self.require_tls:
-            lines.append("security tls=1")
+        if self.security:
+            lines.append(f"security {self.security}")
         lines += [
             f"pidfile {self.path}/slapd.pid",
             f"argsfile {self.path}/slapd.args",
