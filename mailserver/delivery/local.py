@@ -30,18 +30,24 @@ class LocalDelivery:
         self.store = store
         self.threadpool = threadpool
         self.reactor = reactor
+        self._checked: set = set()  # mailboxes whose path is known to be safe
 
     def check(self, resolution) -> Optional[R.Reply]:
         """Refuse at RCPT time a recipient whose mailbox cannot be stored, so
         the sender never gets a 5xx after the data for a message that other
         recipients already received."""
         for mailbox in resolution.mailboxes:
+            if mailbox in self._checked:
+                continue
             try:
                 self.store.maildir_for(mailbox)
             except ReplyError as e:
                 log.warn("mailbox {mb} cannot be stored: {reason}", mb=mailbox.address,
                          reason=str(e))
                 return e.reply
+            if len(self._checked) >= 10000:
+                self._checked.clear()
+            self._checked.add(mailbox)
         return None
 
     def _copy(self, queue_id: str, mailbox, sender: str, source_path: str, prefix: bytes):

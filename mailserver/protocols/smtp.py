@@ -342,8 +342,10 @@ class SMTPServerProtocol(Protocol):
             reply = self.ctx.delivery.check(decision.resolution) or reply
         if reply.is_positive:
             self.accepted.append((recipient, decision.resolution))
-        log.info("{listener}: rcpt <{rcpt}> from {client}: {reply}", listener=self.ctx.name,
-                 rcpt=recipient, client=self.client, reply=reply.code)
+        if not reply.is_positive:  # accepted recipients are logged with the message
+            log.info("{listener}: NOQUEUE: reject: RCPT from {client}: {reply}; from=<{sender}> "
+                     "to=<{rcpt}>", listener=self.ctx.name, client=self.client, reply=str(reply),
+                     sender=self.sender, rcpt=recipient)
         return [reply]
 
     def on_data_start(self, event: ev.DataStart) -> None:
