@@ -285,12 +285,16 @@ def embedded_directory(ldif_path: str, settings: Optional[LDAPSettings] = None, 
     """An :class:`LDAPDirectory` over the entries of ``ldif_path``.
 
     ``settings.uris`` is ignored.  An empty ``base_dn`` becomes the DN of the
-    file's first entry.
+    file's first entry.  ``nested_groups`` is always ``walk``: the mock server
+    knows no matching rules, Active Directory's in-chain rule included.
     """
     records = read_ldif(ldif_path)
     if not records:
         raise LDIFError(str(ldif_path), 0, "no entries")
     settings = settings or LDAPSettings()
+    if settings.nested_groups != "walk":
+        # ldap3's mock knows no extensible matching rules.
+        settings = dataclasses.replace(settings, nested_groups="walk")
     if not settings.base_dn:
         settings = dataclasses.replace(settings, base_dn=records[0][0])
     connector = EmbeddedConnector(records, settings)

@@ -95,7 +95,9 @@ class Reader:
         """Every non-group entry below ``group``, nested groups expanded,
         each once, disabled accounts left out."""
         if self.in_chain:
-            return [e for e in self._chain_members(group) if not is_group(e, self.mapping)]
+            chained = self._chain_members(group)
+            if chained is not None:
+                return [e for e in chained if not is_group(e, self.mapping)]
         found: List[Entry] = []
         seen = {dn_key(group.dn)}
         self._walk_members(group, 1, seen, found)
@@ -123,8 +125,12 @@ class Reader:
             else:
                 found.append(entry)
 
-    def _chain_members(self, group: Entry) -> List[Entry]:
-        """All entries below ``group`` in one in-chain search."""
+    def _chain_members(self, group: Entry) -> Optional[List[Entry]]:
+        """All entries below ``group`` in one in-chain search, or None when
+        the search found nothing although the group lists members: a server
+        that does not know the matching rule (OpenLDAP, ldap3's mock)
+        evaluates it as Undefined and answers nothing, and the caller then
+        walks the group instead."""
         if not self.budget(group.dn):
             return []
         m = self.mapping
@@ -135,6 +141,13 @@ class Reader:
         entries, truncated = self.search(search_filter, attributes=m.requested_attributes,
                                          size_limit=left)
         self.reads += len(entries)
+        if not entries and members(group, m):
+            self.trace.append(f"{group.dn}: the in-chain search found none of its members "
+                              "(does the server support LDAP_MATCHING_RULE_IN_CHAIN?); "
+                              "reading them one by one")
+            log.warn("directory: in-chain search found no members of {group}; "
+                     "nested_groups = \"in_chain\" needs Active Directory", group=group.dn)
+            return None
         if truncated:
             self.trace.append(f"{group.dn}: more than {left} nested members, the rest not read")
         kept = []
@@ -175,8 +188,9 @@ class Reader:
         return any_of(("objectClass",), self.mapping.group_classes)
 
     def _direct_groups(self, entry: Entry) -> List[Entry]:
+        """The groups listing ``entry`` directly (as entries, so that the
+        next level up can be read from them)."""
         m = self.mapping
-        attributes = (m.member_of_attribute,) if m.member_of_attribute else ("objectClass",)
         if m.member_of_attribute:
             groups = []
             for value in entry.values(m.member_of_attribute):
@@ -191,7 +205,7 @@ class Reader:
             return []
         groups, _ = self.search(
             f"(&{self._group_class_filter()}{any_of(m.member_attributes, [entry.dn])})",
-            attributes=attributes)
+            attributes=("objectClass",))
         return groups
 
     def _chain_groups(self, entry: Entry) -> List[str]:

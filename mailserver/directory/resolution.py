@@ -181,8 +181,7 @@ class Expansion(Reader):
                 self.resolve_address(target, depth + 1)
 
     def expand_group(self, entry: Entry, depth: int) -> None:
-        if self.in_chain:
-            self.expand_chain(entry, depth)
+        if self.in_chain and self.expand_chain(entry, depth):
             return
         values = members(entry, self.mapping)
         self.trace.append(f"{entry.dn}: group with {len(values)} member(s)")
@@ -206,11 +205,14 @@ class Expansion(Reader):
                 continue
             self.expand_entry(found, depth + 1)
 
-    def expand_chain(self, entry: Entry, depth: int) -> None:
+    def expand_chain(self, entry: Entry, depth: int) -> bool:
         """Every member at any depth from one in-chain search; the nested
         groups themselves are marked done, since their members are already
-        in the answer."""
+        in the answer.  False when the server did not understand the search
+        and the group must be walked."""
         found = self._chain_members(entry)
+        if found is None:
+            return False
         self.trace.append(f"{entry.dn}: group with {len(found)} member(s) at any depth "
                           "(in-chain search)")
         nested = [e for e in found if is_group(e, self.mapping)]
@@ -219,3 +221,4 @@ class Expansion(Reader):
         for member in found:
             if not is_group(member, self.mapping):
                 self.expand_entry(member, depth + 1)
+        return True

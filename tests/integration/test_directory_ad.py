@@ -309,3 +309,15 @@ def test_senders_without_member_of(ad_directory):
     directory = ad_directory(member_of_attribute="none")
     assert result_of(directory.senders_for("ann")) == frozenset(
         ANN_ADDRESSES | {"helpdesk@corp.example.test"})
+
+
+def test_in_chain_falls_back_to_walking(ad_directory):
+    """nested_groups = "in_chain" needs Active Directory; slapd (and the
+    embedded backend) do not know the rule, so groups are walked instead,
+    with the same result."""
+    directory = ad_directory(nested_groups="in_chain")
+    result = resolve(directory, "all@corp.example.test")
+    assert result.mailboxes == (ANN, BEN, CAT)
+    assert result.forwards == (PAT,)
+    assert resolve(directory, "execs@corp.example.test").restriction.allowed_senders == (
+        ANN_ADDRESSES)

@@ -306,3 +306,15 @@ def test_configured_domains_need_no_directory():
     failure_of(with_filter.is_local_domain("other.test"), DirectoryUnavailable)
     failure_of(with_filter.senders_for("alice"), DirectoryUnavailable)
     assert result_of(with_filter.senders_for("")) == frozenset()
+
+
+def test_in_chain_unknown_to_the_server():
+    """A server that answers the in-chain search with nothing although the
+    group has members does not know the rule: the group is walked."""
+    search = ScriptedSearch({
+        "(|(mail=all@corp.test)(proxyAddresses=smtp:all@corp.test))": [GROUP],
+    }, entries=[ANN, INNER, BEN])
+    settings = chain_settings()
+    result = Expansion("all@corp.test", search, settings.schema_mapping(), settings).run()
+    assert [m.login for m in result.mailboxes] == ["ann", "ben"]
+    assert any("in-chain search found none" in step for step in result.trace)
