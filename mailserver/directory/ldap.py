@@ -269,9 +269,23 @@ def _domain(domain: str) -> str:
 
 
 def _entry(item: dict) -> Entry:
+    """An :class:`Entry` from an ldap3 response item.
+
+    Active Directory answers with at most 1500 values of a large attribute
+    (``member`` of a big group), named ``member;range=0-1499``.  Those values
+    count as ``member``; the rest are not fetched (a warning says so), so
+    groups that large need ``nested_groups = "in_chain"``, which never reads
+    ``member``.
+    """
     attributes: Dict[str, List[str]] = {}
     for name, values in (item.get("raw_attributes") or {}).items():
         decoded = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
                    for v in values]
+        base, _, option = name.partition(";")
+        if option.lower().startswith("range="):
+            log.warn("directory: {dn} has more {attribute} values than one answer holds; "
+                     "only the first {count} are used", dn=item.get("dn"), attribute=base,
+                     count=len(decoded))
+            name = base
         attributes.setdefault(name.lower(), []).extend(decoded)
     return Entry(dn=item["dn"], attributes=attributes)

@@ -318,3 +318,13 @@ def test_in_chain_unknown_to_the_server():
     result = Expansion("all@corp.test", search, settings.schema_mapping(), settings).run()
     assert [m.login for m in result.mailboxes] == ["ann", "ben"]
     assert any("in-chain search found none" in step for step in result.trace)
+
+
+def test_ranged_values_count_under_their_attribute():
+    """AD's member;range=0-1499 values are read as member values."""
+    from mailserver.directory.ldap import _entry
+
+    item = {"dn": "cn=Big,dc=corp", "type": "searchResEntry",
+            "raw_attributes": {"member;range=0-1499": [b"cn=a,dc=corp", b"cn=b,dc=corp"],
+                               "objectClass": [b"group"]}}
+    assert _entry(item).values("member") == ["cn=a,dc=corp", "cn=b,dc=corp"]
