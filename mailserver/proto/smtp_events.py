@@ -115,6 +115,14 @@ class DataAborted(Event):
 
 
 @dataclass(frozen=True)
+class Etrn(Event):
+    """ETRN (RFC 1985): ``node`` is ``domain``, ``@domain`` or ``#queue``."""
+
+    NEEDS_REPLY = True
+    node: str
+
+
+@dataclass(frozen=True)
 class Reset(Event):
     """The transaction was reset (RSET, EHLO/HELO, or after the end of data)."""
 

@@ -97,6 +97,7 @@ from mailserver.proto.smtp_events import (
     DataChunk,
     DataEnd,
     DataStart,
+    Etrn,
     Event,
     Hello,
     MailFrom,
@@ -244,6 +245,7 @@ class SMTPServerConnection:
         auth_required: Optional[bool] = None,
         mail_params: frozenset[str] = DEFAULT_MAIL_PARAMS,
         rcpt_params: frozenset[str] = DEFAULT_RCPT_PARAMS,
+        etrn: bool = False,
     ) -> None:
         self.hostname = hostname
         self.mode = mode
@@ -255,6 +257,7 @@ class SMTPServerConnection:
         self.authenticated = False
         self.mail_params = frozenset(p.upper() for p in mail_params)
         self.rcpt_params = frozenset(p.upper() for p in rcpt_params)
+        self.etrn = etrn and mode is Mode.MX
         self.state = State.INITIAL
         self.transaction = Transaction()
         self.helo: Optional[str] = None
@@ -286,6 +289,8 @@ class SMTPServerConnection:
             "EXPN": self._do_expn,
             "STARTTLS": self._do_starttls,
         }
+        if self.etrn:
+            table["ETRN"] = self._do_etrn
         if self.mode is Mode.LMTP:
             table.update(LHLO=self._do_lhlo, HELO=self._do_use_lhlo, EHLO=self._do_use_lhlo)
         else:
@@ -499,6 +504,8 @@ class SMTPServerConnection:
         size = self.limits.max_message_size
         lines = [self.hostname, "PIPELINING", f"SIZE {size}" if size else "SIZE"]
         lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING"]
+        if self.etrn:
+            lines.append("ETRN")
         if self.tls_available and not self.tls_active:
             lines.append("STARTTLS")
         return Reply(250, None, "\n".join(lines))
@@ -593,6 +600,19 @@ class SMTPServerConnection:
         if not arg:
             raise ProtocolError(R.BAD_ARGUMENTS)
         self._reply(R.VRFY_CANNOT)
+
+    def _do_etrn(self, arg: str) -> None:
+        """ETRN (RFC 1985): ask for a domain's queue to be run; outside a
+        transaction only.  The argument is a domain, ``@domain`` (with its
+        subdomains) or ``#queue``; the application decides the reply."""
+        if self.state is State.INITIAL:
+            raise ProtocolError(R.NEED_HELO)
+        if self.state is not State.READY:
+            raise ProtocolError(R.BAD_SEQUENCE)
+        node = arg.strip()
+        if not node or " " in node or not node.isascii() or not node.isprintable():
+            raise ProtocolError(R.BAD_ARGUMENTS)
+        self._decide(Etrn(node=node))
 
     def _do_expn(self, arg: str) -> None:
         raise ProtocolError(R.NOT_IMPLEMENTED)

@@ -1293,3 +1293,49 @@ def test_catalog_replies_used_keep_class_invariant() -> None:
     """The replies added for this core keep the code/enhanced class invariant."""
     for reply in (R.BDAT_OK, R.USE_LHLO, R.BDAT_SYNTAX, R.BODY_NOT_SUPPORTED, R.PROTOCOL_DESYNC):
         assert reply.enhanced is not None and reply.enhanced[0] == reply.code // 100
+
+
+class EtrnTests:
+    """ETRN (RFC 1985) in the core."""
+
+    def _conn(self, etrn=True):
+        from mailserver.proto.smtp_server import Limits, Mode, SMTPServerConnection
+
+        c = SMTPServerConnection(hostname="mx.example.test", mode=Mode.MX, limits=Limits(),
+                                 etrn=etrn)
+        c.greeting()
+        c.data_to_send()
+        return c
+
+    def test_etrn_is_a_decision_and_advertised(self):
+        """ETRN after EHLO is handed to the application, and EHLO lists it."""
+        from mailserver.proto.smtp_events import Etrn, Hello
+
+        c = self._conn()
+        c.receive_data(b"EHLO c\r\nETRN example.org\r\n")
+        assert isinstance(c.next_event(), Hello)
+        assert b"-ETRN\r\n" in c.data_to_send()
+        assert c.next_event() == Etrn(node="example.org")
+
+    def test_etrn_refused_in_a_transaction(self):
+        """ETRN inside a mail transaction is a sequence error."""
+        from mailserver import reply as R
+
+        c = self._conn()
+        c.receive_data(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n")
+        c.next_event()
+        c.next_event()
+        c.send(R.SENDER_OK)
+        c.data_to_send()
+        c.receive_data(b"ETRN example.org\r\n")
+        c.next_event()
+        assert c.data_to_send().startswith(b"503 5.5.1")
+
+    def test_etrn_unknown_when_disabled(self):
+        """Without etrn=True the verb is unknown (LMTP, submission, or MX by choice)."""
+        c = self._conn(etrn=False)
+        c.receive_data(b"EHLO c\r\nETRN example.org\r\n")
+        c.next_event()
+        c.data_to_send()
+        c.next_event()
+        assert c.data_to_send().startswith(b"500 5.5.2")
