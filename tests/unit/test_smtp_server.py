@@ -1314,7 +1314,7 @@ class EtrnTests:
         c = self._conn()
         c.receive_data(b"EHLO c\r\nETRN example.org\r\n")
         assert isinstance(c.next_event(), Hello)
-        assert b"-ETRN\r\n" in c.data_to_send()
+        assert b"250 ETRN\r\n" in c.data_to_send()
         assert c.next_event() == Etrn(node="example.org")
 
     def test_etrn_refused_in_a_transaction(self):
