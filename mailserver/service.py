@@ -77,11 +77,10 @@ class DirectoryService(service.Service):
 
         d = config.directory
         backend = directory_from_config(d, config.domains.local, self.reactor, self.pool)
-        if d.cache_size:
-            backend = CachingDirectory(backend, clock=self.reactor, positive_ttl=d.cache_ttl,
-                                       negative_ttl=d.negative_cache_ttl,
-                                       max_entries=d.cache_size)
-        return backend
+        # Always behind the cache: with cache_size = 0 nothing is kept, but
+        # simultaneous lookups of one address still share a single query.
+        return CachingDirectory(backend, clock=self.reactor, positive_ttl=d.cache_ttl,
+                                negative_ttl=d.negative_cache_ttl, max_entries=d.cache_size)
 
     def reload(self, config: Config) -> None:
         """Swap in a backend built from ``config``; close the old one after."""
