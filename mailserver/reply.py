@@ -156,6 +156,21 @@ AUTH_REQUIRED = R(530, "5.7.0", "Authentication required")
 MUST_STARTTLS = R(530, "5.7.0", "Must issue a STARTTLS command first")
 
 
+# --- outbound routing (delivery.remote, delivery.routing) ------------------
+# What the queue records for a recipient when the attempt never reached a
+# remote reply.  ``{domain}``/``{remote}`` are filled in with ``with_text``.
+DNS_UNAVAILABLE = R(451, "4.4.3", "Temporary DNS failure looking up {domain}")
+NO_USABLE_MX = R(451, "4.4.4", "No usable mail exchanger for {domain}")
+CONNECT_FAILED = R(451, "4.4.1", "Cannot connect to {remote}")
+CONNECTION_LOST = R(451, "4.4.2", "Lost connection with {remote}")
+TRANSPORT_DEFER = R(451, "4.3.0", "Delivery to this destination is deferred")
+NULL_MX = R(556, "5.1.10", "Recipient address has null MX")
+DOMAIN_NOT_FOUND = R(550, "5.1.2", "Domain {domain} does not exist")
+NO_MAIL_ROUTE = R(550, "5.4.4", "No MX or address records for {domain}")
+MAIL_LOOPS = R(554, "5.4.6", "Mail for {domain} loops back to myself")
+TRANSPORT_ERROR = R(550, "5.0.0", "Mail for this destination is refused")
+
+
 def catalog() -> dict[str, Reply]:
     """Every named reply in this module, by name (for tests and docs)."""
     return {k: v for k, v in globals().items() if isinstance(v, Reply)}
