@@ -171,6 +171,25 @@ MAIL_LOOPS = R(554, "5.4.6", "Mail for {domain} loops back to myself")
 TRANSPORT_ERROR = R(550, "5.0.0", "Mail for this destination is refused")
 
 
+# --- outbound client: replies we make up about a remote server ---------------
+# (The remote's own replies are passed on as they came; these describe what
+# happened when there was no usable reply.  See mailserver.proto.smtp_client.)
+REMOTE_CONNECT_FAILED = R(451, "4.4.1", "Cannot connect to the remote server")
+REMOTE_CONNECTION_LOST = R(451, "4.4.2", "Lost connection with the remote server")
+REMOTE_TIMEOUT = R(451, "4.4.2", "Timed out waiting for the remote server")
+REMOTE_PROTOCOL_ERROR = R(451, "4.5.0", "Malformed or unexpected reply from the remote server")
+REMOTE_TLS_NOT_OFFERED = R(451, "4.7.4", "TLS required but not offered by the remote server")
+REMOTE_TLS_REFUSED = R(451, "4.7.4", "TLS required but the remote server refused STARTTLS")
+REMOTE_TLS_FAILED = R(451, "4.7.5", "TLS handshake with the remote server failed")
+REMOTE_AUTH_NEEDS_TLS = R(451, "4.7.11", "Authentication to the remote server needs TLS, which it does not offer")
+REMOTE_AUTH_NOT_OFFERED = R(451, "4.7.0", "Authentication required but not offered by the remote server")
+REMOTE_AUTH_FAILED = R(454, "4.7.8", "Authentication with the remote server failed")
+CONTENT_UNREADABLE = R(451, "4.3.0", "Cannot read the queued message, try again later")
+REMOTE_SIZE_EXCEEDED = R(552, "5.3.4", "Message size exceeds the remote server's limit")
+REMOTE_NO_8BITMIME = R(554, "5.6.3", "Conversion required but not supported: the remote server does not accept 8-bit data")
+REMOTE_NO_SMTPUTF8 = R(553, "5.6.7", "SMTPUTF8 required but not supported by the remote server")
+
+
 def catalog() -> dict[str, Reply]:
     """Every named reply in this module, by name (for tests and docs)."""
     return {k: v for k, v in globals().items() if isinstance(v, Reply)}
