@@ -291,3 +291,32 @@ def _address_literal(literal: str, syntax: Reply) -> str:
         return f"[{ipaddress.IPv4Address(content)}]"
     except ValueError:
         raise AddressError(syntax) from None
+
+
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
+NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+
+
+def check_dsn_mail_params(params: dict[str, Optional[str]]) -> None:
+    """RFC 3461 RET (FULL or HDRS) and ENVID (xtext, at most 100 characters)."""
+    if "RET" in params and (params["RET"] or "").upper() not in ("FULL", "HDRS"):
+        raise ProtocolError(R.BAD_ARGUMENTS)
+    if "ENVID" in params:
+        envid = params["ENVID"] or ""
+        if not envid or len(envid) > 100 or not _XTEXT.fullmatch(envid):
+            raise ProtocolError(R.BAD_ARGUMENTS)
+
+
+def check_dsn_rcpt_params(params: dict[str, Optional[str]]) -> None:
+    """RFC 3461 NOTIFY (NEVER, or any of SUCCESS/FAILURE/DELAY) and ORCPT
+    (``addr-type;xtext``)."""
+    if "NOTIFY" in params:
+        values = [v.strip().upper() for v in (params["NOTIFY"] or "").split(",")]
+        if values != ["NEVER"] and not (values and set(values) <= NOTIFY_VALUES
+                                        and len(set(values)) == len(values)):
+            raise ProtocolError(R.BAD_ARGUMENTS)
+    if "ORCPT" in params:
+        kind, sep, value = (params["ORCPT"] or "").partition(";")
+        if not sep or not kind or not value or len(value) > 500 \
+                or not _XTEXT.fullmatch(value):
+            raise ProtocolError(R.BAD_ARGUMENTS)

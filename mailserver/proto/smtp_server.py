@@ -74,6 +74,8 @@ from typing import Callable, Optional, Union
 from mailserver import reply as R
 from mailserver.address import (
     Address,
+    check_dsn_mail_params,
+    check_dsn_rcpt_params,
     check_known_params,
     check_mail_params,
     parse_params,
@@ -246,6 +248,7 @@ class SMTPServerConnection:
         mail_params: frozenset[str] = DEFAULT_MAIL_PARAMS,
         rcpt_params: frozenset[str] = DEFAULT_RCPT_PARAMS,
         etrn: bool = False,
+        dsn: bool = False,
     ) -> None:
         self.hostname = hostname
         self.mode = mode
@@ -258,6 +261,10 @@ class SMTPServerConnection:
         self.mail_params = frozenset(p.upper() for p in mail_params)
         self.rcpt_params = frozenset(p.upper() for p in rcpt_params)
         self.etrn = etrn and mode is Mode.MX
+        self.dsn = dsn
+        if dsn:  # RFC 3461 parameters
+            self.mail_params |= {"RET", "ENVID"}
+            self.rcpt_params |= {"NOTIFY", "ORCPT"}
         self.state = State.INITIAL
         self.transaction = Transaction()
         self.helo: Optional[str] = None
@@ -504,6 +511,8 @@ class SMTPServerConnection:
         size = self.limits.max_message_size
         lines = [self.hostname, "PIPELINING", f"SIZE {size}" if size else "SIZE"]
         lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING"]
+        if self.dsn:
+            lines.append("DSN")
         if self.etrn:
             lines.append("ETRN")
         if self.tls_available and not self.tls_active:
@@ -530,6 +539,7 @@ class SMTPServerConnection:
         smtputf8 = "SMTPUTF8" in params and "SMTPUTF8" in self.mail_params
         address = parse_path(path, smtputf8=smtputf8)
         size, body = check_mail_params(params, self.mail_params, self.limits.max_message_size)
+        check_dsn_mail_params(params)
         event = MailFrom(
             sender=str(address) if address else "",
             params=params,
@@ -551,6 +561,7 @@ class SMTPServerConnection:
         smtputf8 = txn.mail is not None and txn.mail.smtputf8
         address = parse_path(path, smtputf8=smtputf8, for_rcpt=True)
         check_known_params(params, self.rcpt_params)
+        check_dsn_rcpt_params(params)
         assert address is not None
         self._decide(RcptTo(recipient=str(address), params=params, address=address))
 

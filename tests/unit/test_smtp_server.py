@@ -1339,3 +1339,57 @@ class EtrnTests:
         c.data_to_send()
         c.next_event()
         assert c.data_to_send().startswith(b"500 5.5.2")
+
+
+class DsnParamTests:
+    """RFC 3461 parameters, accepted only when DSN is offered, and checked."""
+
+    def _conn(self, dsn=True):
+        from mailserver.proto.smtp_server import Limits, Mode, SMTPServerConnection
+
+        c = SMTPServerConnection(hostname="mx.example.test", mode=Mode.MX, limits=Limits(),
+                                 dsn=dsn)
+        c.greeting()
+        c.receive_data(b"EHLO c\r\n")
+        c.next_event()
+        self.ehlo = c.data_to_send()
+        return c
+
+    def _mail(self, c, line):
+        c.receive_data(line)
+        return c.next_event(), c.data_to_send()
+
+    def test_advertised_and_accepted(self):
+        """With DSN on, EHLO lists it and RET/ENVID/NOTIFY/ORCPT reach the application."""
+        from mailserver import reply as R
+        from mailserver.proto.smtp_events import MailFrom, RcptTo
+
+        c = self._conn()
+        assert b"250 DSN\r\n" in self.ehlo
+        event, _ = self._mail(c, b"MAIL FROM:<a@example.org> RET=HDRS ENVID=QQ+2B1\r\n")
+        assert isinstance(event, MailFrom) and event.params["ENVID"] == "QQ+2B1"
+        c.send(R.SENDER_OK)
+        c.data_to_send()
+        event, _ = self._mail(c, b"RCPT TO:<b@example.test> NOTIFY=FAILURE,DELAY "
+                                 b"ORCPT=rfc822;b@example.test\r\n")
+        assert isinstance(event, RcptTo) and event.params["NOTIFY"] == "FAILURE,DELAY"
+
+    def test_bad_values_refused(self):
+        """NOTIFY=NEVER,FAILURE and RET=ALL are syntax errors (501 5.5.4)."""
+        from mailserver import reply as R
+
+        c = self._conn()
+        _, out = self._mail(c, b"MAIL FROM:<a@example.org> RET=ALL\r\n")
+        assert out.startswith(b"501 5.5.4")
+        event, _ = self._mail(c, b"MAIL FROM:<a@example.org>\r\n")
+        c.send(R.SENDER_OK)
+        c.data_to_send()
+        _, out = self._mail(c, b"RCPT TO:<b@example.test> NOTIFY=NEVER,FAILURE\r\n")
+        assert out.startswith(b"501 5.5.4")
+
+    def test_unknown_without_dsn(self):
+        """Without DSN the parameters are not recognised (555 5.5.4)."""
+        c = self._conn(dsn=False)
+        assert b"DSN" not in self.ehlo
+        _, out = self._mail(c, b"MAIL FROM:<a@example.org> RET=FULL\r\n")
+        assert out.startswith(b"555 5.5.4")
