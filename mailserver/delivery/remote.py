@@ -1,0 +1,606 @@
+# -*- test-case-name: tests.unit.test_delivery_remote -*-
+"""Remote delivery: find a domain's mail exchangers and hand the message to one.
+
+:class:`MXResolver` turns a recipient domain into an ordered list of
+:class:`Destination` (host, preference, addresses) through an injected
+twisted.names ``IResolver``; :class:`RemoteDelivery` walks that list and asks
+an injected ``connect`` callable (``protocols.outbound.deliver_to_host``) to
+run one SMTP transaction per address until one of them gives a final answer.
+
+DNS rules (RFC 5321 §5.1, RFC 7505, RFC 2181 §10.3):
+
+* MX hosts are tried by ascending preference; hosts of equal preference are
+  shuffled (``rng``).  A host listed twice keeps its best preference.
+* Addresses: AAAA and A are looked up together.  ``families`` gives which
+  families to use and which goes first (default ``("ipv6", "ipv4")``); the
+  two lists are interleaved, preferred family first, so one unreachable
+  family cannot use up the whole per-attempt address budget (RFC 8305 §4,
+  like Postfix's ``smtp_balance_inet_protocols``).  Order within a family
+  is the DNS order.
+* A null MX (a lone MX whose target is ``.``) gives ``556 5.1.10``.  A ``.``
+  target among other MX records is ignored.
+* No MX records (an empty NOERROR answer): the domain itself is the mail
+  exchanger ("implicit MX") with its own A/AAAA.  If it has none either,
+  ``550 5.4.4``.
+* NXDOMAIN for the recipient domain: ``550 5.1.2``.  SERVFAIL, REFUSED,
+  timeouts and other resolver errors: ``451 4.4.3``.
+* The recipient domain may be an alias (its CNAME chain is followed, at most
+  :data:`MAX_CNAME_HOPS`), but an MX *target* that is a CNAME is skipped and
+  logged, as are MX hosts without addresses or whose lookup failed.  When no
+  MX host is left: ``451 4.4.3`` if some lookup failed temporarily, else
+  ``451 4.4.4`` (temporary, so a DNS fix saves the mail).
+* Address literals (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) go straight to
+  that address; no DNS query is made.
+* Loops: when an MX host is this server (its name or one of its addresses is
+  in ``own_names``), every host at that preference or worse is dropped; we
+  only relay to better ones (we are a backup MX).  If that leaves nothing,
+  or the domain's implicit MX or address literal is us, ``554 5.4.6``.
+
+Attempt rules (:func:`attempt_delivery`): at most ``max_addresses``
+connections per attempt (Postfix ``smtp_mx_address_limit``, default 5).  A
+connection failure, or a report from ``connect`` with ``retry_elsewhere``
+(the greeting, EHLO, STARTTLS or MAIL failed; ``connect`` also sets it for a
+5xx greeting, as Postfix's ``smtp_skip_5xx_greeting`` does), moves on to the
+next address.  Recipients already accepted stay delivered; the rest go on.
+RCPT and DATA replies are final for the attempt.  When every address fails,
+each recipient gets the last *temporary* reply seen for it; a permanent
+connection-level reply only stands when nothing temporary was seen, so a
+backup MX refusing us never bounces mail while the primary is merely down.
+
+Next hops configured by the administrator (``RemoteDelivery.via``, the
+transport map) are not the recipient's fault: their DNS verdicts are made
+temporary (``5.x.y`` becomes ``451 4.x.y``) so the mail waits for a fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random as _random
+import socket
+from dataclasses import dataclass, replace
+from inspect import isawaitable
+from itertools import zip_longest
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from twisted.internet import defer
+from twisted.internet import error as net_error
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.names import error as dns_error
+from zope.interface import implementer
+
+from mailserver import reply as R
+from mailserver.delivery.interfaces import DeliveryReport, IDeliveryTarget, OutboundMessage
+from mailserver.errors import PermFailure, ReplyError, TempFailure
+from mailserver.reply import Reply
+
+log = Logger(namespace="mailserver.remote")
+
+MAX_CNAME_HOPS = 8
+"""Longest CNAME chain followed for a recipient domain or a configured host."""
+
+MAX_MX_HOSTS = 16
+"""MX hosts whose addresses are looked up, best first; the rest are ignored."""
+
+DEFAULT_FAMILIES = ("ipv6", "ipv4")
+TLS_MODES = ("none", "may", "encrypt", "verify")
+
+_LOOKUP = {"ipv6": ("lookupIPV6Address", dns.AAAA), "ipv4": ("lookupAddress", dns.A)}
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One mail exchanger: its name, MX preference and addresses (in order).
+
+    ``implicit`` is true when there was no MX record (the domain itself, or
+    an address literal).
+    """
+
+    host: str
+    preference: int
+    addresses: Tuple[str, ...]
+    implicit: bool = False
+
+
+@dataclass(frozen=True)
+class TLSPolicy:
+    """How to use TLS with a next hop; passed through to ``connect``.
+
+    ``mode``: ``none`` (never STARTTLS), ``may`` (STARTTLS when offered,
+    certificate not checked), ``encrypt`` (STARTTLS required) or ``verify``
+    (required, and the certificate must match the MX host name, checked with
+    service_identity).  ``trust_root`` is handed to ``connect`` unchanged.
+    """
+
+    mode: str = "may"
+    trust_root: Any = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in TLS_MODES:
+            raise ValueError(f"TLS policy {self.mode!r}: use one of {', '.join(TLS_MODES)}")
+
+
+TLSPolicySpec = Union[None, str, TLSPolicy, Mapping[str, Union[str, TLSPolicy]],
+                      Callable[[str], Union[str, TLSPolicy]]]
+
+
+def tls_policy_for(spec: TLSPolicySpec, name: str) -> TLSPolicy:
+    """The TLS policy for next-hop ``name`` under ``spec``.
+
+    ``spec`` is ``None`` ("may" everywhere), one policy for all, a callable
+    ``name -> policy``, or a mapping looked up like the transport map: the
+    exact name, then ``.parent`` entries from the closest, then ``*``, then
+    ``may``.  Policies may be given as mode strings.
+    """
+    if spec is None:
+        found: Any = "may"
+    elif isinstance(spec, (str, TLSPolicy)):
+        found = spec
+    elif callable(spec) and not isinstance(spec, Mapping):
+        found = spec(name)
+    else:
+        found = "may"
+        labels = name.lower().split(".")
+        keys = [name.lower()] + ["." + ".".join(labels[i:]) for i in range(1, len(labels))] + ["*"]
+        for key in keys:
+            if key in spec:
+                found = spec[key]
+                break
+    return found if isinstance(found, TLSPolicy) else TLSPolicy(found)
+
+
+def ip_literal(domain: str) -> Optional[str]:
+    """The address inside ``[192.0.2.1]`` / ``[IPv6:2001:db8::1]``, else None."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    inner = domain[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+    try:
+        return ipaddress.ip_address(inner).compressed
+    except ValueError:
+        return None
+
+
+def domain_of(address: str) -> str:
+    """The lower-cased domain of ``address`` ("" when it has none)."""
+    return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else ""
+
+
+def _name(value) -> str:
+    if isinstance(value, dns.Name):
+        value = value.name
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return value.lower().rstrip(".")
+
+
+def _alabel(domain: str) -> str:
+    """ASCII form of ``domain`` for DNS (IDNA for UTF-8 domains)."""
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise PermFailure(R.DOMAIN_NOT_FOUND.with_text(f"Domain {domain} is not a valid host name")) from None
+
+
+def _canonical_ip(text: str) -> Optional[str]:
+    try:
+        return ipaddress.ip_address(text.strip("[]")).compressed
+    except ValueError:
+        return None
+
+
+def _fill(template: Reply, **values: str) -> Reply:
+    return template.with_text(template.text.format(**values))
+
+
+class _NotFound(Exception):
+    """NXDOMAIN."""
+
+
+class _Unavailable(Exception):
+    """The DNS could not answer (SERVFAIL, REFUSED, timeout...)."""
+
+
+_TEMPORARY_DNS = (dns_error.DNSServerError, dns_error.DNSQueryRefusedError, dns_error.DNSFormatError,
+                  dns_error.DNSNotImplementedError, dns_error.DNSUnknownError)
+_DNS_WORDS = (((defer.TimeoutError, net_error.TimeoutError), "timed out"),
+              (dns_error.DNSServerError, "server failure"), (dns_error.DNSQueryRefusedError, "refused"))
+
+
+def _describe_dns_error(exc: BaseException) -> str:
+    return next((words for kinds, words in _DNS_WORDS if isinstance(exc, kinds)), type(exc).__name__)
+
+
+class MXResolver:
+    """Destinations for a domain, from an injected twisted.names ``IResolver``.
+
+    ``own_names``: host names and IP addresses of this server, for loop
+    detection.  ``families``: see the module docstring.  ``rng``: a
+    ``random.Random`` for shuffling equal preferences.  ``timeout``: passed
+    to every lookup (a twisted.names timeout sequence) when not None.
+    """
+
+    def __init__(self, resolver, *, own_names: Iterable[str] = (),
+                 families: Sequence[str] = DEFAULT_FAMILIES, rng: Optional[_random.Random] = None,
+                 timeout: Optional[Sequence[int]] = None, max_hosts: int = MAX_MX_HOSTS) -> None:
+        bad = [f for f in families if f not in _LOOKUP]
+        if bad or not families or len(set(families)) != len(families):
+            raise ValueError(f"address families {tuple(families)!r}: use 'ipv6' and/or 'ipv4'")
+        self.resolver = resolver
+        self.families = tuple(families)
+        self.rng = rng or _random.Random()
+        self.timeout = timeout
+        self.max_hosts = max_hosts
+        self.own_addresses = frozenset(filter(None, (_canonical_ip(n) for n in own_names)))
+        self.own_hosts = frozenset(_name(n) for n in own_names if _canonical_ip(n) is None)
+
+    # -- queries -----------------------------------------------------------
+    async def _lookup(self, method: str, name: str):
+        call = getattr(self.resolver, method)
+        try:
+            if self.timeout is None:
+                return await call(name)
+            return await call(name, timeout=self.timeout)
+        except _TEMPORARY_DNS as e:
+            raise _Unavailable(_describe_dns_error(e)) from e
+        except (dns_error.DNSNameError, dns_error.AuthoritativeDomainError, dns_error.DomainError) as e:
+            raise _NotFound(name) from e
+        except Exception as e:  # timeouts, network errors, resolver bugs
+            raise _Unavailable(_describe_dns_error(e)) from e
+
+    async def _query(self, method: str, qtype: int, name: str) -> Tuple[list, bool]:
+        """Records of ``qtype`` for ``name``, following CNAMEs; and whether
+        ``name`` turned out to be an alias."""
+        current, seen, aliased = name, [name], False
+        while True:
+            answers = (await self._lookup(method, current))[0]
+            queried = current
+            while True:
+                cname = next((rr for rr in answers
+                              if rr.type == dns.CNAME and _name(rr.name) == current), None)
+                if cname is None:
+                    break
+                aliased = True
+                current = _name(cname.payload.name)
+                if current in seen or len(seen) > MAX_CNAME_HOPS:
+                    raise _Unavailable(f"CNAME loop or chain too long at {name}")
+                seen.append(current)
+            records = [rr.payload for rr in answers if rr.type == qtype and _name(rr.name) == current]
+            if records or current == queried:
+                return records, aliased
+
+    async def addresses(self, host: str) -> Tuple[Tuple[str, ...], bool, Optional[str]]:
+        """``(addresses, aliased, problem)`` for ``host``: addresses in try order,
+        whether ``host`` is a CNAME, and the temporary DNS problem if a lookup
+        failed (None otherwise; NXDOMAIN is just "no addresses")."""
+        async def family(fam: str):
+            method, qtype = _LOOKUP[fam]
+            try:
+                records, aliased = await self._query(method, qtype, host)
+            except _NotFound:
+                return [], False, None
+            except _Unavailable as e:
+                return [], False, f"{fam} lookup for {host} failed: {e}"
+            if qtype == dns.A:
+                found = [r.dottedQuad() for r in records]
+            else:
+                found = [socket.inet_ntop(socket.AF_INET6, r.address) for r in records]
+            return found, aliased, None
+
+        results = await defer.gatherResults(
+            [defer.ensureDeferred(family(f)) for f in self.families], consumeErrors=True)
+        ordered: List[str] = []
+        for a in (a for row in zip_longest(*[r[0] for r in results]) for a in row if a):
+            a = ipaddress.ip_address(a).compressed
+            if a not in ordered:
+                ordered.append(a)
+        problems = [r[2] for r in results if r[2]]
+        return tuple(ordered), any(r[1] for r in results), "; ".join(problems) or None
+
+    # -- the rules -----------------------------------------------------------
+    def _is_self(self, host: str, addresses: Iterable[str]) -> bool:
+        return host in self.own_hosts or any(a in self.own_addresses for a in addresses)
+
+    async def destinations(self, domain: str) -> List[Destination]:
+        """Where to deliver mail for ``domain``, best first.
+
+        Raises :class:`PermFailure` or :class:`TempFailure` with the reply
+        every recipient in ``domain`` should get.
+        """
+        domain = domain.lower().rstrip(".")
+        literal = ip_literal(domain)
+        if literal is not None:
+            if literal in self.own_addresses:
+                raise PermFailure(_fill(R.MAIL_LOOPS, domain=domain))
+            return [Destination(literal, 0, (literal,), implicit=True)]
+        if not domain:
+            raise PermFailure(_fill(R.DOMAIN_NOT_FOUND, domain="(none)"))
+        qname = _alabel(domain)
+        try:
+            records, _aliased = await self._query("lookupMailExchange", dns.MX, qname)
+        except _NotFound:
+            raise PermFailure(_fill(R.DOMAIN_NOT_FOUND, domain=domain)) from None
+        except _Unavailable as e:
+            log.warn("MX lookup for {domain} failed: {why}", domain=domain, why=str(e))
+            raise TempFailure(_fill(R.DNS_UNAVAILABLE, domain=domain)) from None
+
+        if not records:
+            return await self._implicit(domain, qname)
+        targets = [(r.preference, _name(r.name)) for r in records]
+        if all(t == "" for _p, t in targets):
+            raise PermFailure(R.NULL_MX.with_text(f"{R.NULL_MX.text}: {domain} accepts no mail"))
+        best: Dict[str, int] = {}
+        for pref, target in targets:
+            if target and (target not in best or pref < best[target]):
+                best[target] = pref
+        hosts = sorted(best.items(), key=lambda hp: hp[1])
+        grouped: List[Tuple[str, int]] = []
+        for pref in sorted(set(best.values())):
+            same = [h for h in hosts if h[1] == pref]
+            self.rng.shuffle(same)
+            grouped.extend(same)
+        grouped = grouped[: self.max_hosts]
+
+        found = await defer.gatherResults(
+            [defer.ensureDeferred(self.addresses(h)) for h, _p in grouped], consumeErrors=True)
+        own_pref = min((p for (h, p), (addrs, _a, _e) in zip(grouped, found) if self._is_self(h, addrs)),
+                       default=None)
+        out: List[Destination] = []
+        problems = []
+        for (host, pref), (addrs, aliased, problem) in zip(grouped, found):
+            if own_pref is not None and pref >= own_pref:
+                continue
+            if aliased:
+                log.warn("MX host {host} for {domain} is a CNAME (RFC 2181 10.3); skipped",
+                         host=host, domain=domain)
+                continue
+            if problem:
+                problems.append(problem)
+            if not addrs:
+                log.warn("MX host {host} for {domain} has no usable address{why}; skipped",
+                         host=host, domain=domain, why=f" ({problem})" if problem else "")
+                continue
+            out.append(Destination(host, pref, addrs))
+        if out:
+            return out
+        if own_pref is not None and not any(p < own_pref for _h, p in grouped):
+            raise PermFailure(_fill(R.MAIL_LOOPS, domain=domain))
+        if problems:
+            raise TempFailure(_fill(R.DNS_UNAVAILABLE, domain=domain))
+        raise TempFailure(_fill(R.NO_USABLE_MX, domain=domain))
+
+    async def _implicit(self, domain: str, qname: str) -> List[Destination]:
+        addrs, _aliased, problem = await self.addresses(qname)
+        if addrs:
+            if self._is_self(qname, addrs):
+                raise PermFailure(_fill(R.MAIL_LOOPS, domain=domain))
+            if problem:
+                log.info("{domain}: using what resolved ({why})", domain=domain, why=problem)
+            return [Destination(qname, 0, addrs, implicit=True)]
+        if problem:
+            log.warn("address lookup for {domain} failed: {why}", domain=domain, why=problem)
+            raise TempFailure(_fill(R.DNS_UNAVAILABLE, domain=domain))
+        raise PermFailure(_fill(R.NO_MAIL_ROUTE, domain=domain))
+
+
+# -- trying next hops ------------------------------------------------------------
+
+_CONNECT_REASONS = (
+    (net_error.ConnectionRefusedError, "Connection refused by", R.CONNECT_FAILED),
+    ((net_error.TCPTimedOutError, net_error.TimeoutError, defer.TimeoutError, defer.CancelledError,
+      net_error.ConnectingCancelledError), "Connection timed out to", R.CONNECT_FAILED),
+    (net_error.NoRouteError, "No route to", R.CONNECT_FAILED),
+    ((net_error.DNSLookupError, net_error.UnknownHostError), "Host not found:", R.CONNECT_FAILED),
+    (net_error.ConnectionClosed, "Lost connection with", R.CONNECTION_LOST),
+    ((net_error.ConnectError, OSError), "Cannot connect to", R.CONNECT_FAILED),
+)
+
+
+def connection_failure(exc: BaseException, remote: str) -> Optional[Reply]:
+    """The reply for a connection-level exception from ``connect``; None when
+    ``exc`` is not one (a bug, to be logged with its traceback)."""
+    for kinds, words, template in _CONNECT_REASONS:
+        if isinstance(exc, kinds):
+            return template.with_text(f"{words} {remote}")
+    return None
+
+
+def same_reply(message: OutboundMessage, reply: Reply, remote: str = "") -> DeliveryReport:
+    """A report giving ``reply`` to every recipient of ``message``."""
+    return DeliveryReport(replies={r.address: reply for r in message.recipients}, remote=remote)
+
+
+def soften(reply: Reply) -> Reply:
+    """``reply`` as a temporary failure (5.x.y becomes 451 4.x.y)."""
+    if not reply.is_permanent:
+        return reply
+    enhanced = (4,) + tuple(reply.enhanced[1:]) if reply.enhanced else (4, 0, 0)
+    return Reply(451, enhanced, reply.text)
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One connection to try: ``host`` for logs and certificate checks,
+    ``address`` to connect to (an IP, a name, or None for a UNIX socket)."""
+
+    host: str
+    address: Optional[str]
+    port: Optional[int]
+    tls_hostname: Optional[str] = None
+    unix_path: Optional[str] = None
+
+    @property
+    def remote(self) -> str:
+        if self.unix_path:
+            return f"unix:{self.unix_path}"
+        if self.address == self.host:
+            return f"{self.host}:{self.port}"
+        return f"{self.host}[{self.address}]:{self.port}"
+
+
+def hops_for(destinations: Sequence[Destination], port: int) -> List[Hop]:
+    """One :class:`Hop` per address, in order."""
+    hops = []
+    for dest in destinations:
+        literal = _canonical_ip(dest.host) is not None
+        for address in dest.addresses:
+            hops.append(Hop(dest.host, address, port, None if literal else dest.host))
+    return hops
+
+
+async def attempt_delivery(connect, reactor, message: OutboundMessage, hops: Sequence[Hop], *,
+                           helo: str, tls: TLSPolicy, auth: Any = None, lmtp: bool = False,
+                           max_addresses: int = 5) -> DeliveryReport:
+    """Try ``hops`` in order (at most ``max_addresses``) until every recipient
+    has a final answer for this attempt; see the module docstring."""
+    done: Dict[str, Reply] = {}
+    details: Dict[str, str] = {}
+    fallback: Dict[str, Reply] = {}
+    remaining = list(message.recipients)
+    remote = ""
+    for hop in list(hops)[:max_addresses]:
+        if not remaining:
+            break
+        remote = hop.remote
+        attempt = replace(message, recipients=tuple(remaining))
+        try:
+            result = connect(reactor, hop.address, hop.port, attempt, helo=helo, tls=tls.mode,
+                             tls_hostname=hop.tls_hostname, trust_root=tls.trust_root, auth=auth,
+                             lmtp=lmtp, unix_path=hop.unix_path)
+            report, elsewhere = (await result) if isawaitable(result) else result
+        except Exception as e:
+            reply = connection_failure(e, remote)
+            if reply is None:
+                log.failure("{id}: delivery to {remote} failed", id=message.queue_id, remote=remote)
+                reply = R.INTERNAL_ERROR.with_text(f"{R.INTERNAL_ERROR.text} ({message.queue_id})")
+                for r in remaining:
+                    done[r.address] = reply
+                break
+            log.info("{id}: {why}", id=message.queue_id, why=reply.text)
+            report, elsewhere = same_reply(attempt, reply, remote), True
+        remote = report.remote or remote
+        still = []
+        for r in remaining:
+            reply = report.replies.get(r.address)
+            if reply is None:
+                log.error("{id}: {remote} gave no result for <{rcpt}>", id=message.queue_id,
+                          remote=remote, rcpt=r.address)
+                reply = R.INTERNAL_ERROR.with_text(f"{R.INTERNAL_ERROR.text} ({message.queue_id})")
+            if r.address in report.details:
+                details[r.address] = report.details[r.address]
+            if reply.is_positive or not elsewhere:
+                done[r.address] = reply
+            else:
+                previous = fallback.get(r.address)
+                if previous is None or not (previous.is_temporary and reply.is_permanent):
+                    fallback[r.address] = reply
+                still.append(r)
+        if elsewhere and still:
+            log.info("{id}: {remote} did not take the message ({reply}); trying the next address",
+                     id=message.queue_id, remote=remote, reply=str(fallback[still[0].address]))
+        remaining = still
+    for r in remaining:
+        done[r.address] = fallback.get(r.address) or _fill(R.NO_USABLE_MX, domain=domain_of(r.address))
+    return DeliveryReport(replies=done, remote=remote, details=details)
+
+
+def log_report(queue_id: str, report: DeliveryReport) -> None:
+    """One Postfix-style line per recipient."""
+    for rcpt, reply in report.replies.items():
+        status = "sent" if reply.is_positive else "deferred" if reply.is_temporary else "bounced"
+        emit = log.info if reply.is_positive else log.warn
+        emit("{id}: to=<{to}>, relay={relay}, status={status} ({reply})", id=queue_id, to=rcpt,
+             relay=report.remote or "none", status=status, reply=str(reply))
+
+
+@implementer(IDeliveryTarget)
+class RemoteDelivery:
+    """Deliver to the mail exchangers of the recipients' domain.
+
+    ``resolver``: a twisted.names ``IResolver`` (or pass ``mx_resolver``).
+    ``connect``: ``deliver_to_host``-shaped callable (see
+    :func:`attempt_delivery`).  ``reactor``: None means the global reactor,
+    looked up at delivery time.  ``tls_policy``: see :func:`tls_policy_for`,
+    keyed by recipient domain (or configured next hop).
+    """
+
+    def __init__(self, resolver, connect, *, helo: str, reactor=None, tls_policy: TLSPolicySpec = None,
+                 own_names: Iterable[str] = (), port: int = 25, max_addresses: int = 5,
+                 families: Sequence[str] = DEFAULT_FAMILIES, rng: Optional[_random.Random] = None,
+                 dns_timeout: Optional[Sequence[int]] = None,
+                 mx_resolver: Optional[MXResolver] = None) -> None:
+        self.mx = mx_resolver or MXResolver(resolver, own_names=own_names, families=families,
+                                            rng=rng, timeout=dns_timeout)
+        self.connect = connect
+        self.helo = helo
+        self._reactor = reactor
+        self.tls_policy = tls_policy
+        self.port = port
+        self.max_addresses = max_addresses
+
+    @property
+    def reactor(self):
+        if self._reactor is None:
+            from twisted.internet import reactor
+            return reactor
+        return self._reactor
+
+    def via(self, nexthop: str, port: Optional[int] = None) -> "NexthopDelivery":
+        """A target that delivers through the MX hosts of ``nexthop`` instead
+        of the recipient domain's (transport ``smtp:host:port``)."""
+        return NexthopDelivery(self, nexthop.lower().rstrip("."), port or self.port)
+
+    async def deliver(self, message: OutboundMessage) -> DeliveryReport:
+        """Deliver to the recipients' domain; recipients of several domains
+        (which the router never sends) are delivered domain by domain."""
+        by_domain: Dict[str, list] = {}
+        for r in message.recipients:
+            by_domain.setdefault(domain_of(r.address), []).append(r)
+        reports = []
+        for domain, rcpts in by_domain.items():
+            part = replace(message, recipients=tuple(rcpts))
+            reports.append(await self.deliver_to(part, domain, self.port, configured=False))
+        if len(reports) == 1:
+            return reports[0]
+        merged = DeliveryReport(replies={}, remote=", ".join(r.remote for r in reports if r.remote))
+        for r in reports:
+            merged.replies.update(r.replies)
+            merged.details.update(r.details)
+        return merged
+
+    async def deliver_to(self, message: OutboundMessage, domain: str, port: int, *,
+                         configured: bool) -> DeliveryReport:
+        """Deliver ``message`` through the mail exchangers of ``domain``.
+
+        ``configured``: ``domain`` is an administrator's next hop, so DNS
+        verdicts about it are temporary."""
+        try:
+            destinations = await self.mx.destinations(domain)
+        except ReplyError as e:
+            reply = soften(e.reply) if configured else e.reply
+            report = same_reply(message, reply)
+        else:
+            report = await attempt_delivery(
+                self.connect, self.reactor, message, hops_for(destinations, port), helo=self.helo,
+                tls=tls_policy_for(self.tls_policy, domain), max_addresses=self.max_addresses)
+        log_report(message.queue_id, report)
+        return report
+
+
+@implementer(IDeliveryTarget)
+class NexthopDelivery:
+    """:meth:`RemoteDelivery.via`: MX delivery to a configured domain."""
+
+    def __init__(self, remote: RemoteDelivery, nexthop: str, port: int) -> None:
+        self.remote = remote
+        self.nexthop = nexthop
+        self.port = port
+
+    async def deliver(self, message: OutboundMessage) -> DeliveryReport:
+        return await self.remote.deliver_to(message, self.nexthop, self.port, configured=True)
+
+    def __repr__(self) -> str:
+        return f"<NexthopDelivery {self.nexthop}:{self.port}>"
