@@ -75,11 +75,11 @@ def queue_dir_from_args(args) -> str:
 
 
 def _out(args):
-    return getattr(args, "stdout", None) or sys.stdout
+    return sys.stdout
 
 
 def _err(args, message: str) -> None:
-    print(f"mailserverctl: {message}", file=getattr(args, "stderr", None) or sys.stderr)
+    print(f"mailserverctl: {message}", file=sys.stderr)
 
 
 def _run(action):
@@ -90,7 +90,11 @@ def _run(action):
         except (ConfigError, QueueError) as e:
             _err(args, str(e))
             return EX_CONFIG
-        return action(args, spool)
+        try:
+            return action(args, spool)
+        except OSError as e:  # permissions, a vanished directory
+            _err(args, f"{e.filename or spool.root}: {e.strerror}")
+            return EX_FAILED
     return run
 
 

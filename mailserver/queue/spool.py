@@ -130,6 +130,10 @@ class RecoveryReport:
     orphans_removed: int = 0  # content nobody got a 250 for
     quarantined: int = 0  # moved to corrupt/
 
+    def __bool__(self) -> bool:
+        return bool(self.requeued or self.tmp_removed or self.orphans_removed
+                    or self.quarantined)
+
     def __str__(self) -> str:
         return (f"requeued={self.requeued} tmp_removed={self.tmp_removed} "
                 f"orphans_removed={self.orphans_removed} quarantined={self.quarantined}")
@@ -494,15 +498,19 @@ class QueueSpool:
             return state
         raise AlreadyClaimed(queue_id, self.find(queue_id))
 
-    def quarantine(self, queue_id: str, reason: str, state: Optional[str] = None) -> None:
+    def quarantine(self, queue_id: str, reason: str, state: Optional[str] = None) -> bool:
         """Put the message aside in ``corrupt/`` with ``reason``; never delete it.
 
         The envelope is moved there from ``state`` (default: wherever it is);
-        when there is no envelope to move, a stub takes its place, so that the
-        content in ``data/`` is kept and listed.
+        when there is no envelope to move but the content exists, a stub takes
+        its place, so that the content is kept and listed.  Returns False
+        (and does nothing) when neither exists: the message was delivered or
+        deleted meanwhile.
         """
         check_id(queue_id)
         corrupt = self.state_dir(CORRUPT)
+        if self.find(queue_id) is None and not os.path.lexists(self.content_path(queue_id)):
+            return False
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock()))
         tmp = self._write_tmp(queue_id, f"{stamp} {reason}\n".encode("utf-8", "replace"))
         os.rename(tmp, os.path.join(corrupt, queue_id + _REASON_SUFFIX))
@@ -515,6 +523,7 @@ class QueueSpool:
             self._fsync_dir(corrupt)
         log.error("{queue_id}: quarantined in corrupt/: {reason}", queue_id=queue_id,
                   reason=reason)
+        return True
 
     def flush(self, domain: Optional[str] = None) -> list:
         """Move deferred messages (those with a pending recipient in ``domain``,
