@@ -73,9 +73,9 @@ class LocalDelivery:
 
         return d.addCallbacks(ok, failed)
 
-    async def deliver(self, queue_id: str, sender: str, source_path: str, prefix: bytes,
-                      accepted: Sequence[tuple]) -> list:
-        """One reply per ``(recipient, resolution)`` in ``accepted``."""
+    async def copies(self, queue_id: str, sender: str, source_path: str, prefix: bytes,
+                     accepted: Sequence[tuple]) -> dict:
+        """``{Mailbox: Reply}``: one copy per distinct mailbox of ``accepted``."""
         mailboxes = []
         for _rcpt, resolution in accepted:
             for mb in resolution.mailboxes:
@@ -84,13 +84,62 @@ class LocalDelivery:
         results = await defer.gatherResults(
             [self._copy(queue_id, mb, sender, source_path, prefix) for mb in mailboxes]
         )
-        by_mailbox = dict(zip(mailboxes, results))
+        return dict(zip(mailboxes, results))
+
+    @staticmethod
+    def per_recipient(queue_id: str, accepted: Sequence[tuple], by_mailbox: dict) -> list:
+        """One reply per ``(recipient, resolution)``: its first failure, or 250."""
         replies = []
         for rcpt, resolution in accepted:
-            mine = [by_mailbox[mb] for mb in resolution.mailboxes]
-            failed = [r for r in mine if not r.is_positive]
+            failed = [by_mailbox[mb] for mb in resolution.mailboxes
+                      if not by_mailbox[mb].is_positive]
             if failed:
                 replies.append(failed[0])
             else:
                 replies.append(R.DELIVERED.with_text(R.DELIVERED.text.format(rcpt=rcpt, id=queue_id)))
         return replies
+
+    async def deliver(self, queue_id: str, sender: str, source_path: str, prefix: bytes,
+                      accepted: Sequence[tuple]) -> list:
+        """One reply per ``(recipient, resolution)`` in ``accepted``."""
+        by_mailbox = await self.copies(queue_id, sender, source_path, prefix, accepted)
+        return self.per_recipient(queue_id, accepted, by_mailbox)
+
+
+class LocalTarget:
+    """The queue's way into local mailboxes (an ``IDeliveryTarget``).
+
+    Each recipient is resolved again (the directory may have changed since the
+    message was accepted) and its mailboxes get a copy.  Forwards are not
+    followed here: they were added to the queued message as recipients of their
+    own when it was accepted.  An address that no longer exists bounces
+    (``550 5.1.1``); an outage is temporary.
+    """
+
+    def __init__(self, directory, delivery: LocalDelivery) -> None:
+        self.directory = directory
+        self.delivery = delivery
+
+    async def deliver(self, message):
+        from mailserver.delivery.interfaces import DeliveryReport
+        from mailserver.directory.interfaces import Resolution
+        from mailserver.errors import ReplyError
+
+        replies = {}
+        accepted = []
+        for rcpt in message.recipients:
+            try:
+                resolution = await self.directory.resolve(rcpt.address)
+            except ReplyError as e:
+                replies[rcpt.address] = e.reply
+                continue
+            if not resolution.mailboxes:
+                replies[rcpt.address] = (R.MAILBOX_DISABLED if resolution.disabled
+                                         else R.RCPT_UNKNOWN)
+                continue
+            accepted.append((rcpt.address, Resolution(rcpt.address, resolution.mailboxes)))
+        if accepted:
+            results = await self.delivery.deliver(message.queue_id, message.sender,
+                                                  message.content_path, b"", accepted)
+            replies.update(zip([a for a, _ in accepted], results))
+        return DeliveryReport(replies=replies, remote="local")

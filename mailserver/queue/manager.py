@@ -1,0 +1,345 @@
+# -*- test-case-name: tests.unit.test_queue_manager -*-
+"""The queue manager: decides what is delivered when, like Postfix's qmgr.
+
+It scans the spool's ``incoming/`` and ``deferred/`` directories, claims up to
+``max_active`` messages by moving them to ``active/`` (a rename: another
+process that got there first simply wins), and hands each message's pending
+recipients to the router, which groups them by destination.  Each
+destination's results come back per recipient:
+
+* 2xx: delivered, the recipient is done;
+* 5xx: failed, a bounce (RFC 3464 DSN) goes to the sender unless NOTIFY says
+  otherwise or the message is itself a bounce;
+* 4xx (or any exception): tried again later, with a backoff that doubles from
+  ``min_backoff`` to ``max_backoff``, until the message is older than
+  ``lifetime``, when the rest bounce as expired.
+
+A bounce is committed to the spool before the message it reports on is
+updated, so a crash in between can duplicate a bounce but never lose one.
+Time comes from the injected clock; nothing here blocks the reactor except the
+spool's small file operations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailserver import reply as R
+from mailserver.delivery.interfaces import DeliveryReport, OutboundMessage
+from mailserver.errors import is_known, to_reply
+from mailserver.reply import Reply
+
+log = Logger(namespace="mailserver.qmgr")
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Retry and lifetime settings, in seconds."""
+
+    min_backoff: float = 300.0
+    max_backoff: float = 3600.0
+    lifetime: float = 5 * 86400.0
+    delay_warning: float = 0.0  # 0: no delay warnings
+    scan_interval: float = 60.0
+    max_active: int = 100
+    destination_concurrency: int = 20
+    flush_poll: float = 2.0  # seconds between checks of the spool's flush file
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed try (1, 2, ...)."""
+        return min(self.max_backoff, self.min_backoff * (2 ** max(attempts - 1, 0)))
+
+
+class QueueManager(service.Service):
+    """Runs deliveries from ``spool`` through ``router`` on ``clock``."""
+
+    def __init__(self, spool, router, clock, *, hostname: str, schedule: Schedule = Schedule(),
+                 bounces=None) -> None:
+        from mailserver.queue import bounce
+
+        self.spool = spool
+        self.router = router
+        self.clock = clock
+        self.hostname = hostname
+        self.schedule = schedule
+        self.bounces = bounces or bounce
+        self.active: Dict[str, defer.Deferred] = {}
+        self._semaphores: Dict[tuple, defer.DeferredSemaphore] = {}
+        self._timer = None
+        self._poller = None
+        self._flush_mtime = self._flush_stamp()
+        self._stopping = False
+
+    # -- service ---------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        counts = self.spool.recover()
+        if counts:
+            log.info("queue recovered: {counts}", counts=counts)
+        self.wake()
+        self._poller = self.clock.callLater(self.schedule.flush_poll, self._poll)
+
+    def stopService(self):
+        """Stop scanning; give deliveries in flight a bounded time to finish.
+
+        Whatever is still active when the process exits goes back to
+        ``incoming/`` at the next start (``spool.recover``)."""
+        super().stopService()
+        self._stopping = True
+        self._cancel_timer()
+        if self._poller is not None and self._poller.active():
+            self._poller.cancel()
+        if not self.active:
+            return None
+        pending = defer.DeferredList(list(self.active.values()), consumeErrors=True)
+        timeout = self.clock.callLater(10.0, lambda: None)
+        done = defer.Deferred()
+
+        def finished(_):
+            if timeout.active():
+                timeout.cancel()
+            if not done.called:
+                done.callback(None)
+
+        pending.addBoth(finished)
+        self.clock.callLater(10.0, finished, None)
+        return done
+
+    # -- scheduling ------------------------------------------------------
+    def wake(self) -> None:
+        """Scan soon (new mail, a flush, or a slot freed)."""
+        if self._stopping:
+            return
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self.clock.seconds():
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(0, self.scan)
+
+    def _flush_stamp(self) -> float:
+        import os
+
+        try:
+            return os.stat(self.spool.flush_path).st_mtime
+        except OSError:
+            return 0.0
+
+    def _poll(self) -> None:
+        """Scan at once when ``mailserverctl queue flush`` (or another process)
+        touched the spool's flush file."""
+        stamp = self._flush_stamp()
+        if stamp != self._flush_mtime:
+            self._flush_mtime = stamp
+            self.wake()
+        if not self._stopping:
+            self._poller = self.clock.callLater(self.schedule.flush_poll, self._poll)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def scan(self) -> None:
+        """Claim what is due, up to ``max_active``; plan the next scan."""
+        self._timer = None
+        if self._stopping:
+            return
+        now = self.clock.seconds()
+        next_due = now + self.schedule.scan_interval
+        for state in ("incoming", "deferred"):
+            for _state, queue_id in list(self.spool.list(state)):
+                if len(self.active) >= self.schedule.max_active:
+                    break
+                if queue_id in self.active:
+                    continue
+                if state == "deferred":
+                    due = self._due_time(queue_id)
+                    if due is None:
+                        continue
+                    if due > now:
+                        next_due = min(next_due, due)
+                        continue
+                if not self._claim(queue_id):
+                    continue
+                d = defer.ensureDeferred(self._process(queue_id))
+                self.active[queue_id] = d
+                d.addErrback(self._crashed, queue_id)
+                d.addBoth(self._finished, queue_id)
+        if not self._stopping:
+            delay = max(next_due - now, 0.0)
+            self._timer = self.clock.callLater(delay, self.scan)
+
+    def _due_time(self, queue_id: str) -> Optional[float]:
+        try:
+            _state, env = self.spool.load(queue_id)
+        except FileNotFoundError:
+            return None  # another process took it
+        except Exception as e:
+            self._quarantine(queue_id, e)
+            return None
+        return env.next_attempt
+
+    def _claim(self, queue_id: str) -> bool:
+        from mailserver.queue.spool import AlreadyClaimed
+
+        try:
+            self.spool.move(queue_id, "active")
+        except (AlreadyClaimed, FileNotFoundError):
+            return False
+        return True
+
+    def _finished(self, _result, queue_id: str) -> None:
+        self.active.pop(queue_id, None)
+        if not self._stopping:
+            self.wake()
+
+    def _crashed(self, failure, queue_id: str) -> None:
+        """A bug while processing: put the message back for a later try."""
+        log.failure("{id}: internal error in the queue manager", failure, id=queue_id)
+        try:
+            self.spool.move(queue_id, "deferred")
+        except Exception:
+            pass
+
+    def _quarantine(self, queue_id: str, error: BaseException) -> None:
+        log.error("{id}: unreadable queue file moved to corrupt/: {error}", id=queue_id,
+                  error=repr(error))
+        try:
+            self.spool.quarantine(queue_id, repr(error))
+        except Exception:
+            log.failure("{id}: could not quarantine", id=queue_id)
+
+    # -- one message -----------------------------------------------------
+    async def _process(self, queue_id: str) -> None:
+        try:
+            _state, env = self.spool.load(queue_id)
+        except Exception as e:
+            self._quarantine(queue_id, e)
+            return
+        now = self.clock.seconds()
+        failed, delivered_here = [], []
+        if env.pending():
+            message = env.outbound(self.spool.content_path(queue_id))
+            results = await self._deliver_all(message)
+            failed, delivered_here = self._record(env, results, self.clock.seconds())
+        now = self.clock.seconds()
+        still = env.pending()
+        if still and now - env.arrival >= self.schedule.lifetime:
+            for r in still:
+                r.record(_expired(r.last_reply), r.remote, now)
+            failed += still
+            still = []
+        if failed:
+            self._bounce(queue_id, env, failed, "failure", now)
+        if delivered_here:  # NOTIFY=SUCCESS: we are the final hop for local mailboxes
+            self._bounce(queue_id, env, delivered_here, "success", now)
+        if still and self.schedule.delay_warning and \
+                now - env.arrival >= self.schedule.delay_warning:
+            late = [r for r in still if not r.delay_notified]
+            if late:
+                self._bounce(queue_id, env, late, "delay", now)
+                for r in late:
+                    r.delay_notified = True
+        if not still:
+            log.info("{id}: removed", id=queue_id)
+            self.spool.delete(queue_id)
+            return
+        env.attempts += 1
+        env.next_attempt = now + self.schedule.backoff(env.attempts)
+        env.last_error = str(still[0].last_reply or "")
+        self.spool.save(queue_id, env)
+        self.spool.move(queue_id, "deferred")
+
+    async def _deliver_all(self, message: OutboundMessage) -> Dict[str, tuple]:
+        """``{rcpt: (Reply, remote)}`` for every recipient of ``message``."""
+        try:
+            groups = await self.router.group(message)
+        except Exception as e:
+            reply = to_reply(e, message.queue_id)
+            if not is_known(e):
+                log.failure("{id}: routing failed", id=message.queue_id)
+            return {r.address: (reply, "") for r in message.recipients}
+        attempts = [self._deliver_group(target, _destination(target, sub), sub)
+                    for target, sub in groups]
+        results: Dict[str, tuple] = {}
+        for part in await defer.gatherResults([defer.ensureDeferred(a) for a in attempts]):
+            results.update(part)
+        return results
+
+    async def _deliver_group(self, target, key, message: OutboundMessage) -> Dict[str, tuple]:
+        sem = self._semaphores.get(key)
+        if sem is None:
+            sem = self._semaphores[key] = defer.DeferredSemaphore(
+                self.schedule.destination_concurrency)
+        await sem.acquire()
+        try:
+            report: DeliveryReport = await defer.maybeDeferred(target.deliver, message)
+        except Exception as e:
+            if not is_known(e):
+                log.failure("{id}: delivery to {key} failed", id=message.queue_id, key=key)
+            reply = to_reply(e, message.queue_id)
+            if reply.is_permanent and not is_known(e):
+                reply = R.INTERNAL_ERROR
+            return {r.address: (reply, "") for r in message.recipients}
+        finally:
+            sem.release()
+        out = {}
+        for r in message.recipients:
+            reply = report.replies.get(r.address) or R.INTERNAL_ERROR
+            out[r.address] = (reply, report.remote)
+        return out
+
+    def _record(self, env, results: Dict[str, tuple], now: float) -> tuple:
+        """Apply results to the envelope; return the recipients that failed now
+        and those delivered now into local mailboxes."""
+        failed, delivered_here = [], []
+        for r in env.pending():
+            if r.address not in results:
+                continue
+            reply, remote = results[r.address]
+            r.record(reply, remote, now)
+            status = {"delivered": "sent", "bounced": "bounced"}.get(r.state, "deferred")
+            log.info("{id}: to=<{to}>, relay={relay}, status={status} ({reply})",
+                     id=env.id, to=r.address, relay=remote or "none", status=status,
+                     reply=str(reply))
+            if r.state == "bounced":
+                failed.append(r)
+            elif r.state == "delivered" and remote == "local":
+                delivered_here.append(r)
+        return failed, delivered_here
+
+    def _bounce(self, queue_id: str, env, recipients: List, kind: str, now: float) -> None:
+        """Queue a DSN about ``recipients`` when their NOTIFY wants one; never
+        for a bounce.  Committed before the caller updates the original."""
+        b = self.bounces
+        wanted = [r for r in recipients
+                  if b.should_notify(env, r, kind, delay_default=bool(self.schedule.delay_warning))]
+        if not wanted:
+            return
+        dsn = b.make_dsn(env, wanted, reporting_mta=self.hostname, kind=kind,
+                         original_path=self.spool.content_path(queue_id), now=now,
+                         will_retry_until=env.arrival + self.schedule.lifetime)
+        with self.spool.begin() as writer:
+            writer.write(dsn)
+            new_id = writer.commit(b.bounce_envelope(env, writer.queue_id, now, dsn,
+                                                     reporting_mta=self.hostname))
+        log.info("{id}: sender {kind} notification: {dsn}", id=queue_id, kind=kind, dsn=new_id)
+        self.wake()
+
+
+def _destination(target, message: OutboundMessage) -> tuple:
+    """What the per-destination concurrency limit counts: target and domain."""
+    return (id(target), message.recipients[0].address.rpartition("@")[2].lower())
+
+
+def _expired(last: Optional[Reply]) -> Reply:
+    """The permanent reply for a recipient still pending at the end of its lifetime."""
+    text = "Delivery time expired"
+    if last is not None:
+        text += f"; last error: {last}"
+    return R.R(554, "5.4.7", text[:900].replace("\r", " ").replace("\n", " "))

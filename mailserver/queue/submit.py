@@ -1,0 +1,75 @@
+# -*- test-case-name: tests.unit.test_queue_manager -*-
+"""Putting received mail into the queue.
+
+:func:`enqueue_copy` runs in a worker thread (it writes and fsyncs) and
+returns only once the message is durable in ``incoming/``, so a 250 may
+follow.  :class:`Outbox` is how a listener calls it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+from mailserver.queue.envelope import ClientInfo, Envelope, Recipient
+
+CHUNK = 1 << 16
+
+
+def enqueue_copy(spool, *, queue_id: Optional[str] = None, source_path: str, prefix: bytes,
+                 sender: str,
+                 recipients: Sequence[Tuple[str, Optional[str]]], arrival: float,
+                 eight_bit: bool = False, smtputf8: bool = False,
+                 envid: Optional[str] = None, ret: Optional[str] = None,
+                 notify: Optional[dict] = None,
+                 client: Optional[ClientInfo] = None) -> str:
+    """Queue ``prefix`` + the content of ``source_path`` for ``recipients``
+    (``(address, orcpt)`` pairs; ``notify`` maps an address to its NOTIFY)."""
+    notify = notify or {}
+    with spool.begin(queue_id) as writer:
+        writer.write(prefix)
+        with open(source_path, "rb") as f:
+            for chunk in iter(lambda: f.read(CHUNK), b""):
+                writer.write(chunk)
+        envelope = Envelope(
+            id=writer.queue_id, sender=sender,
+            recipients=[Recipient(address=a, orcpt=o, notify=tuple(notify.get(a, ())))
+                        for a, o in recipients],
+            arrival=arrival, eight_bit=eight_bit, smtputf8=smtputf8, envid=envid, ret=ret,
+            client=client or ClientInfo(),
+        )
+        return writer.commit(envelope)
+
+
+class Outbox:
+    """How a listener queues mail: in a worker thread, then wake the manager."""
+
+    def __init__(self, spool, threadpool, reactor, wake=lambda: None) -> None:
+        self.spool = spool
+        self.threadpool = threadpool
+        self.reactor = reactor
+        self.wake = wake
+
+    def enqueue(self, **kw):
+        """Deferred firing with the queue id once the message is durable."""
+        from twisted.internet import threads
+
+        d = threads.deferToThreadPool(self.reactor, self.threadpool, enqueue_copy,
+                                      self.spool, **kw)
+
+        def queued(queue_id):
+            self.wake()
+            return queue_id
+
+        return d.addCallback(queued)
+
+    def flush(self, domain: Optional[str] = None):
+        """Deferred firing with the ids moved from deferred/ for ``domain``."""
+        from twisted.internet import threads
+
+        d = threads.deferToThreadPool(self.reactor, self.threadpool, self.spool.flush, domain)
+
+        def flushed(ids):
+            self.wake()
+            return ids
+
+        return d.addCallback(flushed)

@@ -1,0 +1,223 @@
+"""The queue manager on a real spool, with scripted delivery targets and a fake clock."""
+
+from __future__ import annotations
+
+import email
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from mailserver import reply as R
+from mailserver.delivery.interfaces import DeliveryReport
+from mailserver.queue.manager import QueueManager, Schedule
+from mailserver.queue.spool import QueueSpool
+from mailserver.queue.submit import enqueue_copy
+
+TEMP = R.R(451, "4.3.0", "try later")
+PERM = R.R(550, "5.1.1", "no such user")
+
+
+class ScriptedTarget:
+    """Answers each recipient from ``script`` (a list of replies per address, used in turn)."""
+
+    def __init__(self, script):
+        self.script = {k: list(v) for k, v in script.items()}
+        self.calls = []
+        self.bounces = []  # (recipients, parsed DSN) of messages from <>
+        self.hold = None  # a Deferred to wait on before answering
+
+    async def deliver(self, message):
+        if message.sender == "":
+            with open(message.content_path, "rb") as f:
+                self.bounces.append(([r.address for r in message.recipients],
+                                     email.message_from_bytes(f.read())))
+        else:
+            self.calls.append([r.address for r in message.recipients])
+        if self.hold is not None:
+            await self.hold
+        replies = {}
+        for r in message.recipients:
+            queue = self.script.get(r.address, [R.OK])
+            replies[r.address] = queue.pop(0) if len(queue) > 1 else queue[0]
+        return DeliveryReport(replies=replies, remote="mx.example.org[192.0.2.1]:25")
+
+
+class OneTargetRouter:
+    def __init__(self, target):
+        self.target = target
+
+    async def group(self, message):
+        return [(self.target, message)]
+
+
+@pytest.fixture
+def env(tmp_path):
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    spool = QueueSpool(str(tmp_path / "queue"), clock=clock.seconds)
+    src = tmp_path / "msg"
+    src.write_bytes(b"Subject: test\r\nMessage-ID: <m1@example.test>\r\n\r\nbody\r\n")
+
+    def submit(recipients, sender="alice@example.test", **kw):
+        return enqueue_copy(spool, source_path=str(src), prefix=b"", sender=sender,
+                            recipients=[(r, f"rfc822;{r}") for r in recipients],
+                            arrival=clock.seconds(), **kw)
+
+    return clock, spool, submit
+
+
+def manager(spool, clock, target, **schedule):
+    m = QueueManager(spool, OneTargetRouter(target), clock, hostname="mx.example.test",
+                     schedule=Schedule(**schedule))
+    m.startService()
+    return m
+
+
+def states(spool):
+    return sorted((state, qid) for state, qid in spool.list())
+
+
+def test_delivered_message_is_removed(env):
+    """All recipients accepted: the message leaves the queue, nothing else is sent."""
+    clock, spool, submit = env
+    submit(["r@example.org"])
+    target = ScriptedTarget({})
+    m = manager(spool, clock, target)
+    clock.advance(0)
+    assert target.calls == [["r@example.org"]]
+    assert states(spool) == []
+    m.stopService()
+
+
+def test_temporary_failure_backs_off_then_succeeds(env):
+    """A 4xx defers with doubling backoff; the retry happens on time and completes."""
+    clock, spool, submit = env
+    qid = submit(["r@example.org"])
+    target = ScriptedTarget({"r@example.org": [TEMP, TEMP, R.OK]})
+    m = manager(spool, clock, target, min_backoff=300, max_backoff=3600)
+    clock.advance(0)
+    assert states(spool) == [("deferred", qid)]
+    _s, e = spool.load(qid)
+    assert e.next_attempt == clock.seconds() + 300
+    assert "451 4.3.0 try later" in e.last_error
+    clock.advance(299)
+    assert len(target.calls) == 1
+    clock.advance(1)
+    assert len(target.calls) == 2
+    assert spool.load(qid)[1].next_attempt == clock.seconds() + 600
+    clock.advance(600)
+    assert len(target.calls) == 3
+    assert states(spool) == []
+    m.stopService()
+
+
+def test_permanent_failure_bounces_to_sender(env):
+    """A 5xx recipient produces an RFC 3464 DSN from <> to the sender; others are delivered."""
+    clock, spool, submit = env
+    qid = submit(["good@example.org", "bad@example.org"], envid="ENV1")
+    target = ScriptedTarget({"bad@example.org": [PERM]})
+    m = manager(spool, clock, target)
+    clock.advance(0)
+    [(to, dsn)] = target.bounces
+    assert to == ["alice@example.test"]
+    assert dsn.get_content_type() == "multipart/report"
+    status = dsn.get_payload()[1].get_payload()
+    text = "\n".join(str(p) for p in status)
+    assert "Final-Recipient: rfc822; bad@example.org" in text
+    assert "Action: failed" in text and "Status: 5.1.1" in text
+    assert "Diagnostic-Code: smtp; 550 5.1.1 no such user" in text
+    assert qid not in [q for _s, q in spool.list()]
+    m.stopService()
+
+
+def test_never_bounce_a_bounce(env):
+    """A failed message from the null sender disappears without a DSN."""
+    clock, spool, submit = env
+    submit(["bad@example.org"], sender="")
+    target = ScriptedTarget({"bad@example.org": [PERM]})
+    m = manager(spool, clock, target)
+    clock.advance(0)
+    assert states(spool) == []
+    assert [to for to, _ in target.bounces] == [["bad@example.org"]]  # the original only
+    m.stopService()
+
+
+def test_expiry_bounces_pending_recipients(env):
+    """Past the lifetime, still-deferred recipients bounce with 5.4.7 and the last error."""
+    clock, spool, submit = env
+    submit(["slow@example.org"])
+    target = ScriptedTarget({"slow@example.org": [TEMP]})
+    m = manager(spool, clock, target, min_backoff=3600, max_backoff=3600, lifetime=3 * 3600)
+    for _ in range(4):
+        clock.advance(3600)
+    [(_to, dsn)] = target.bounces
+    text = str(dsn.get_payload()[1])
+    assert "Status: 5.4.7" in text and "try later" in text
+    assert states(spool) == []
+    m.stopService()
+
+
+def test_notify_never_and_delay_warning(env):
+    """NOTIFY=NEVER suppresses the DSN; a delay warning is sent once when enabled."""
+    clock, spool, submit = env
+    submit(["quiet@example.org"], notify={"quiet@example.org": ("NEVER",)})
+    submit(["late@example.org"])
+    target = ScriptedTarget({"quiet@example.org": [PERM], "late@example.org": [TEMP]})
+    m = manager(spool, clock, target, delay_warning=600, min_backoff=300)
+    clock.advance(0)
+    assert target.bounces == []
+    clock.advance(300)
+    clock.advance(600)
+    clock.advance(1200)
+    delays = target.bounces
+    assert len(delays) == 1
+    assert "Action: delayed" in str(delays[0][1].get_payload()[1])
+    m.stopService()
+
+
+def test_crashing_target_is_temporary(env):
+    """An exception from a target defers the message; it is never lost or bounced."""
+    clock, spool, submit = env
+    qid = submit(["r@example.org"])
+
+    class Broken:
+        async def deliver(self, message):
+            raise RuntimeError("boom")
+
+    m = manager(spool, clock, Broken())
+    clock.advance(0)
+    assert states(spool) == [("deferred", qid)]
+    m.stopService()
+
+
+def test_active_set_is_bounded(env):
+    """No more than max_active messages are in delivery at once."""
+    clock, spool, submit = env
+    for i in range(5):
+        submit([f"r{i}@example.org"])
+    target = ScriptedTarget({})
+    target.hold = defer.Deferred()
+    m = manager(spool, clock, target, max_active=2)
+    clock.advance(0)
+    assert len(target.calls) == 2
+    assert sum(1 for s, _ in spool.list() if s == "active") == 2
+    d, target.hold = target.hold, None
+    d.callback(None)
+    clock.advance(0)
+    clock.advance(0)
+    assert len(target.calls) == 5
+    m.stopService()
+
+
+def test_recovery_after_crash_redelivers(env):
+    """A message left in active/ by a crash is delivered after restart (duplicates allowed)."""
+    clock, spool, submit = env
+    qid = submit(["r@example.org"])
+    spool.move(qid, "active")
+    target = ScriptedTarget({})
+    m = manager(spool, clock, target)
+    clock.advance(0)
+    assert target.calls == [["r@example.org"]]
+    assert states(spool) == []
+    m.stopService()
