@@ -154,7 +154,7 @@ def make_dsn(envelope: Envelope, recipients: Sequence[Recipient], *, reporting_m
     for k, _ in mime_headers:
         del report[k]  # added again after ours, for a conventional header order
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
-    report["To"] = f"<{envelope.sender}>"
+    report["To"] = envelope.sender
     report["Subject"] = subject
     report["Date"] = email.utils.formatdate(now, localtime=True)
     report["Message-ID"] = email.utils.make_msgid(
@@ -254,7 +254,8 @@ def _status_part(envelope, recipients, reporting_mta, action, kind, now, will_re
         if host and host != "local":
             b["Remote-MTA"] = f"dns; {_ascii(host)}"
         if rcpt.last_reply is not None:
-            b["Diagnostic-Code"] = _fold(f"smtp; {_ascii(_said(rcpt.last_reply))}")
+            b["Diagnostic-Code"] = _fold(f"smtp; {_ascii(_said(rcpt.last_reply))}",
+                                       "Diagnostic-Code")
         b["Last-Attempt-Date"] = email.utils.formatdate(
             rcpt.last_attempt if rcpt.last_attempt is not None else now, localtime=True)
         if kind == "delay" and will_retry_until is not None:
@@ -345,14 +346,16 @@ def _ascii(text: str) -> str:
     return "".join(out)
 
 
-def _fold(value: str, width: int = 76, limit: int = 4000) -> str:
-    """Fold a long field value at spaces (CRLF + space); cut it at ``limit``."""
+def _fold(value: str, name: str, width: int = 78, limit: int = 4000) -> str:
+    """Fold field ``name``'s long value at spaces (CRLF + space) so that lines
+    stay within ``width`` where words allow; cut it at ``limit``."""
     if len(value) > limit:
         value = value[:limit] + "..."
     words = value.split(" ")
     lines, current = [], ""
     for word in words:
-        if current and len(current) + 1 + len(word) > width:
+        room = width - (len(name) + 2 if not lines else 0)
+        if current and len(current) + 1 + len(word) > room:
             lines.append(current)
             current = word
         else:
@@ -425,4 +428,5 @@ def _original_part(envelope: Envelope, data: bytes, what: str) -> MIMEPart:
 
 
 def _base64_lines(data: bytes) -> str:
-    return base64.encodebytes(data).decode("ascii")
+    # CRLF: the generator writes a message/* payload given as text verbatim.
+    return base64.encodebytes(data).decode("ascii").replace("\n", "\r\n")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -39,6 +40,11 @@ from mailserver.errors import MailError
 from mailserver.reply import Reply
 
 __all__ = [
+    "AlreadyClaimed",
+    "InvalidQueueId",
+    "NotQueued",
+    "QueueError",
+    "check_id",
     "ENVELOPE_VERSION",
     "RECIPIENT_STATES",
     "ClientInfo",
@@ -55,8 +61,50 @@ NOTIFY_KEYWORDS = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
 RET_VALUES = ("FULL", "HDRS")
 
 
-class EnvelopeError(MailError, ValueError):
+#: What a queue id looks like (new_queue_id makes base32); anything else is
+#: refused before it can become part of a path.
+ID_PATTERN = re.compile(r"[A-Za-z0-9]{1,64}\Z")
+
+
+class QueueError(MailError):
+    """Base of the queue's own exceptions."""
+
+
+class EnvelopeError(QueueError, ValueError):
     """An envelope file (or dict) is not a valid envelope."""
+
+
+class InvalidQueueId(QueueError, ValueError):
+    """A string that cannot be a queue id (and must never become a path)."""
+
+
+class NotQueued(QueueError, LookupError):
+    """No message with this id is in the queue."""
+
+    def __init__(self, queue_id: str) -> None:
+        super().__init__(f"{queue_id}: not in the queue")
+        self.queue_id = queue_id
+
+
+class AlreadyClaimed(QueueError):
+    """A rename or unlink found the envelope gone from where it was expected.
+
+    Another process got there first.  ``state`` is where the message is now,
+    or ``None`` when it is no longer queued at all.
+    """
+
+    def __init__(self, queue_id: str, state: Optional[str]) -> None:
+        where = f"now in {state}/" if state else "no longer queued"
+        super().__init__(f"{queue_id}: {where}")
+        self.queue_id = queue_id
+        self.state = state
+
+
+def check_id(queue_id: str) -> str:
+    """Return ``queue_id`` if it is a well-formed id; raise InvalidQueueId if not."""
+    if not isinstance(queue_id, str) or not ID_PATTERN.match(queue_id):
+        raise InvalidQueueId(f"invalid queue id {queue_id!r}")
+    return queue_id
 
 
 @dataclass
@@ -235,7 +283,7 @@ class Envelope:
 
     def validate(self) -> None:
         """Check the values' meaning (types are checked when reading)."""
-        if not self.id or not self.id.isalnum() or not self.id.isascii():
+        if not isinstance(self.id, str) or not ID_PATTERN.match(self.id):
             raise EnvelopeError(f"invalid queue id {self.id!r}")
         if self.ret is not None and self.ret not in RET_VALUES:
             raise EnvelopeError(f"invalid RET {self.ret!r}")

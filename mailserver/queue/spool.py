@@ -15,11 +15,10 @@ Layout under the queue root (every directory mode 0700, every file 0600)::
                        corrupt/<id>.reason says why.  Never deleted by us.
     flush              touched by ``flush``; the manager may watch its mtime
 
-A message's state is the directory its envelope sits in, so changing state
-is one rename of a small file followed by an fsync of both directories;
-the content never moves.  Every file is written to a temporary name, fsynced
-and renamed into place, and the directory is fsynced: a crash leaves either
-the old or the new version, never a mix.
+A message's state is the directory its envelope sits in: changing state is
+one rename of a small file and an fsync of both directories; the content
+never moves.  Files are written under a temporary name, fsynced, renamed
+into place and their directory fsynced: a crash leaves old or new, never a mix.
 
 Committing a message (:meth:`QueueWriter.commit`, :meth:`QueueSpool.enqueue_path`)
 puts the content in place first and the envelope last; the envelope's arrival
@@ -53,7 +52,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import secrets
 import shutil
 import time
@@ -62,8 +60,10 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
 
-from mailserver.errors import MailError
-from mailserver.queue.envelope import Envelope, EnvelopeError
+from mailserver.queue.envelope import (
+    ID_PATTERN, AlreadyClaimed, Envelope, EnvelopeError, InvalidQueueId, NotQueued, QueueError,
+    check_id,
+)
 from mailserver.spool import new_queue_id
 
 __all__ = [
@@ -80,7 +80,6 @@ STATES = (INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT)
 #: Content without an envelope older than this is removed by recover().
 ORPHAN_AGE = 3600.0
 
-_ID = re.compile(r"[A-Za-z0-9]{1,64}\Z")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _NO_HARD_LINKS = frozenset(
@@ -89,36 +88,6 @@ _NO_HARD_LINKS = frozenset(
     if e is not None
 )
 _REASON_SUFFIX = ".reason"
-
-
-class QueueError(MailError):
-    """Base of the queue's own exceptions."""
-
-
-class InvalidQueueId(QueueError, ValueError):
-    """A string that cannot be a queue id (and must never become a path)."""
-
-
-class NotQueued(QueueError, LookupError):
-    """No message with this id is in the queue."""
-
-    def __init__(self, queue_id: str) -> None:
-        super().__init__(f"{queue_id}: not in the queue")
-        self.queue_id = queue_id
-
-
-class AlreadyClaimed(QueueError):
-    """A rename or unlink found the envelope gone from where it was expected.
-
-    Another process got there first.  ``state`` is where the message is now,
-    or ``None`` when it is no longer queued at all.
-    """
-
-    def __init__(self, queue_id: str, state: Optional[str]) -> None:
-        where = f"now in {state}/" if state else "no longer queued"
-        super().__init__(f"{queue_id}: {where}")
-        self.queue_id = queue_id
-        self.state = state
 
 
 @dataclass
@@ -137,13 +106,6 @@ class RecoveryReport:
     def __str__(self) -> str:
         return (f"requeued={self.requeued} tmp_removed={self.tmp_removed} "
                 f"orphans_removed={self.orphans_removed} quarantined={self.quarantined}")
-
-
-def check_id(queue_id: str) -> str:
-    """Return ``queue_id`` if it is a well-formed id; raise InvalidQueueId if not."""
-    if not isinstance(queue_id, str) or not _ID.match(queue_id):
-        raise InvalidQueueId(f"invalid queue id {queue_id!r}")
-    return queue_id
 
 
 def _unlink(path: str) -> bool:
@@ -418,7 +380,7 @@ class QueueSpool:
                 names = os.listdir(self.state_dir(st))
             except FileNotFoundError:
                 continue
-            for name in sorted(n for n in names if _ID.match(n)):
+            for name in sorted(n for n in names if ID_PATTERN.match(n)):
                 yield st, name
 
     def reason(self, queue_id: str) -> str:
@@ -588,7 +550,7 @@ class QueueSpool:
                 report.quarantined += 1
         cutoff = self._clock() - orphan_age
         for name in data_names:
-            if not _ID.match(name) or name in known:
+            if not ID_PATTERN.match(name) or name in known:
                 continue
             path = os.path.join(self.data_dir, name)
             try:
