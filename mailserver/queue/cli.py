@@ -126,7 +126,7 @@ def _entry(spool: QueueSpool, state: str, queue_id: str, now: float) -> Optional
     except (OSError, EnvelopeError) as e:
         return {"id": queue_id, "state": state, "error": str(e),
                 "reason": spool.reason(queue_id) if state == CORRUPT else ""}
-    return {
+    entry = {
         "id": queue_id,
         "state": state,
         "size": env.size,
@@ -142,6 +142,9 @@ def _entry(spool: QueueSpool, state: str, queue_id: str, now: float) -> Optional
             for r in env.recipients
         ],
     }
+    if state == CORRUPT:
+        entry["reason"] = spool.reason(queue_id)
+    return entry
 
 
 def cmd_list(args, spool: QueueSpool) -> int:
@@ -178,6 +181,8 @@ def cmd_list(args, spool: QueueSpool) -> int:
             print(f"{'':<66}{r['address']}{mark}", file=out)
         if e["last_error"]:
             print(f"{'':<66}(last error: {e['last_error']})", file=out)
+        if e.get("reason"):
+            print(f"{'':<66}(quarantined: {e['reason']})", file=out)
     print(f"-- {(total + 1023) // 1024} Kbytes in {len(entries)} "
           f"Request{'s' if len(entries) != 1 else ''}.", file=out)
     return EX_OK
@@ -260,7 +265,7 @@ def _print_envelope(state: str, env: Envelope, out) -> None:
 
 # --- flush / hold / release / delete -----------------------------------------------
 
-def _each(args, spool, ids: List[str], verb: str, act) -> int:
+def _each(args, spool, ids: List[str], verb: str, done: str, act) -> int:
     """Run ``act(id)`` for each id; report results; exit 1 if any failed."""
     status = EX_OK
     for queue_id in ids:
@@ -279,7 +284,7 @@ def _each(args, spool, ids: List[str], verb: str, act) -> int:
             else:
                 _err(args, f"{queue_id}: cannot {verb} a message in {e.state}/")
         else:
-            print(f"{queue_id}: {verb}", file=_out(args))
+            print(f"{queue_id}: {done}", file=_out(args))
     return status
 
 
@@ -288,7 +293,7 @@ def cmd_flush(args, spool: QueueSpool) -> int:
         _err(args, "give message ids or --domain, not both")
         return EX_FAILED
     if args.ids:
-        status = _each(args, spool, args.ids, "flushed",
+        status = _each(args, spool, args.ids, "flush", "flushed",
                        lambda i: spool.move(i, INCOMING, from_states=(DEFERRED,)))
         spool.touch_flush()
         return status
@@ -301,12 +306,12 @@ def cmd_flush(args, spool: QueueSpool) -> int:
 
 
 def cmd_hold(args, spool: QueueSpool) -> int:
-    return _each(args, spool, args.ids, "held",
+    return _each(args, spool, args.ids, "hold", "held",
                  lambda i: spool.move(i, HOLD, from_states=(INCOMING, DEFERRED)))
 
 
 def cmd_release(args, spool: QueueSpool) -> int:
-    return _each(args, spool, args.ids, "released",
+    return _each(args, spool, args.ids, "release", "released",
                  lambda i: spool.move(i, INCOMING, from_states=(HOLD,)))
 
 
@@ -325,7 +330,7 @@ def cmd_delete(args, spool: QueueSpool) -> int:
             deleted += 1
         print(f"{deleted} deferred message(s) deleted", file=_out(args))
         return EX_OK
-    return _each(args, spool, args.ids, "deleted",
+    return _each(args, spool, args.ids, "delete", "deleted",
                  lambda i: spool.delete(i, states=(INCOMING, DEFERRED, HOLD, CORRUPT)))
 
 
