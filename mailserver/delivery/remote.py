@@ -476,8 +476,8 @@ async def attempt_delivery(connect, reactor, message: OutboundMessage, hops: Seq
             if reply is None:
                 log.failure("{id}: delivery to {remote} failed", id=message.queue_id, remote=remote)
                 reply = R.INTERNAL_ERROR.with_text(f"{R.INTERNAL_ERROR.text} ({message.queue_id})")
-                for r in remaining:
-                    done[r.address] = reply
+                done.update((r.address, reply) for r in remaining)
+                remaining = []
                 break
             log.info("{id}: {why}", id=message.queue_id, why=reply.text)
             report, elsewhere = same_reply(attempt, reply, remote), True

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -391,6 +392,8 @@ class DNSServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
