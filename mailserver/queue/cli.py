@@ -293,8 +293,14 @@ def cmd_flush(args, spool: QueueSpool) -> int:
         _err(args, "give message ids or --domain, not both")
         return EX_FAILED
     if args.ids:
-        status = _each(args, spool, args.ids, "flush", "flushed",
-                       lambda i: spool.move(i, INCOMING, from_states=(DEFERRED,)))
+        def flush_one(queue_id):
+            try:
+                spool.move(queue_id, INCOMING, from_states=(DEFERRED,))
+            except AlreadyClaimed as e:
+                if e.state != INCOMING:  # in incoming/ it is due already
+                    raise
+
+        status = _each(args, spool, args.ids, "flush", "flushed", flush_one)
         spool.touch_flush()
         return status
     moved = spool.flush(domain=args.domain)

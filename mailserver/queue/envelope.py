@@ -25,6 +25,10 @@ Reading is strict: a missing or unknown key, a value of the wrong type, an
 unknown state or version, or a reply whose codes disagree raises
 :class:`EnvelopeError`; the spool quarantines such a file rather than guess.
 Fields added later bump the version; older versions stay readable.
+
+The queue's exceptions live here too, with the rule for what a queue id may
+look like (:data:`ID_PATTERN`, :func:`check_id`): ids become file names, so
+anything else is refused before it reaches a path.
 """
 
 from __future__ import annotations

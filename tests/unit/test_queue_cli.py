@@ -139,6 +139,7 @@ def test_flush_ids_domain_and_all(qdir, spool, capsys):
     assert run(qdir, "flush", com) == 0
     assert spool.find(com) == INCOMING
     assert os.stat(spool.flush_path).st_mtime > 0, "trigger touched"
+    assert run(qdir, "flush", com) == 0  # already due: nothing to do
     assert run(qdir, "flush", held) == 1
     assert f"{held}: cannot flush a message in hold/" in capsys.readouterr().err
     assert run(qdir, "flush") == 0
