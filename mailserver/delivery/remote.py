@@ -1,55 +1,48 @@
 # -*- test-case-name: tests.unit.test_delivery_remote -*-
 """Remote delivery: find a domain's mail exchangers and hand the message to one.
 
-:class:`MXResolver` turns a recipient domain into an ordered list of
-:class:`Destination` (host, preference, addresses) through an injected
-twisted.names ``IResolver``; :class:`RemoteDelivery` walks that list and asks
-an injected ``connect`` callable (``protocols.outbound.deliver_to_host``) to
-run one SMTP transaction per address until one of them gives a final answer.
+:class:`MXResolver` turns a recipient domain into :class:`Destination` values
+(host, preference, addresses), best first, through an injected twisted.names
+``IResolver``.  :class:`RemoteDelivery` walks them, asking an injected
+``connect`` (``protocols.outbound.deliver_to_host``) for one transaction per
+address until one gives a final answer.
 
-DNS rules (RFC 5321 §5.1, RFC 7505, RFC 2181 §10.3):
+DNS (RFC 5321 §5.1, RFC 7505, RFC 2181 §10.3):
 
-* MX hosts are tried by ascending preference; hosts of equal preference are
-  shuffled (``rng``).  A host listed twice keeps its best preference.
-* Addresses: AAAA and A are looked up together.  ``families`` gives which
-  families to use and which goes first (default ``("ipv6", "ipv4")``); the
-  two lists are interleaved, preferred family first, so one unreachable
-  family cannot use up the whole per-attempt address budget (RFC 8305 §4,
-  like Postfix's ``smtp_balance_inet_protocols``).  Order within a family
-  is the DNS order.
-* A null MX (a lone MX whose target is ``.``) gives ``556 5.1.10``.  A ``.``
-  target among other MX records is ignored.
-* No MX records (an empty NOERROR answer): the domain itself is the mail
-  exchanger ("implicit MX") with its own A/AAAA.  If it has none either,
-  ``550 5.4.4``.
-* NXDOMAIN for the recipient domain: ``550 5.1.2``.  SERVFAIL, REFUSED,
-  timeouts and other resolver errors: ``451 4.4.3``.
-* The recipient domain may be an alias (its CNAME chain is followed, at most
-  :data:`MAX_CNAME_HOPS`), but an MX *target* that is a CNAME is skipped and
-  logged, as are MX hosts without addresses or whose lookup failed.  When no
-  MX host is left: ``451 4.4.3`` if some lookup failed temporarily, else
-  ``451 4.4.4`` (temporary, so a DNS fix saves the mail).
-* Address literals (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``) go straight to
-  that address; no DNS query is made.
-* Loops: when an MX host is this server (its name or one of its addresses is
-  in ``own_names``), every host at that preference or worse is dropped; we
-  only relay to better ones (we are a backup MX).  If that leaves nothing,
-  or the domain's implicit MX or address literal is us, ``554 5.4.6``.
+* MX hosts by ascending preference, equal preferences shuffled (``rng``); a
+  host listed twice keeps its best preference.
+* AAAA and A are looked up together; ``families`` (default ``("ipv6",
+  "ipv4")``) says which are used and which goes first.  The two lists are
+  interleaved (RFC 8305 §4, Postfix ``smtp_balance_inet_protocols``), so a
+  dead family cannot use up the address budget; DNS order within a family.
+* A lone MX with target ``.`` (null MX): ``556 5.1.10``.  A ``.`` target
+  among other MX records is ignored.
+* No MX records: the domain is its own mail exchanger (implicit MX) with
+  its A/AAAA; with neither, ``550 5.4.4``.
+* NXDOMAIN: ``550 5.1.2``.  SERVFAIL, REFUSED, timeouts: ``451 4.4.3``.
+* The recipient domain may be a CNAME (followed, at most
+  :data:`MAX_CNAME_HOPS`); an MX *target* that is one is skipped and logged,
+  as are MX hosts without addresses or whose lookups failed.  Nothing left:
+  ``451 4.4.3`` if a lookup failed, else ``451 4.4.4`` (temporary: a DNS fix
+  saves the mail).
+* Address literals (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``): that address,
+  no DNS query.
+* Loops: when an MX host is us (its name or an address in ``own_names``),
+  hosts at that preference or worse are dropped, so a backup MX relays only
+  to better ones.  Nothing left, or an implicit MX or literal that is us:
+  ``554 5.4.6``.
 
-Attempt rules (:func:`attempt_delivery`): at most ``max_addresses``
-connections per attempt (Postfix ``smtp_mx_address_limit``, default 5).  A
-connection failure, or a report from ``connect`` with ``retry_elsewhere``
-(the greeting, EHLO, STARTTLS or MAIL failed; ``connect`` also sets it for a
-5xx greeting, as Postfix's ``smtp_skip_5xx_greeting`` does), moves on to the
-next address.  Recipients already accepted stay delivered; the rest go on.
-RCPT and DATA replies are final for the attempt.  When every address fails,
-each recipient gets the last *temporary* reply seen for it; a permanent
-connection-level reply only stands when nothing temporary was seen, so a
-backup MX refusing us never bounces mail while the primary is merely down.
-
-Next hops configured by the administrator (``RemoteDelivery.via``, the
-transport map) are not the recipient's fault: their DNS verdicts are made
-temporary (``5.x.y`` becomes ``451 4.x.y``) so the mail waits for a fix.
+Attempts (:func:`attempt_delivery`): at most ``max_addresses`` connections
+(Postfix ``smtp_mx_address_limit``, 5).  A connection failure, or a report
+with ``retry_elsewhere`` (greeting, EHLO, STARTTLS or MAIL failed; ``connect``
+sets it for a 5xx greeting too, like Postfix ``smtp_skip_5xx_greeting``),
+moves on to the next address with the recipients not yet accepted.  RCPT and
+DATA replies are final.  When all fail, each recipient gets the last
+temporary reply seen for it; a permanent connection-level reply stands only
+if nothing was temporary, so a backup MX refusing us never bounces mail
+while the primary is down.  DNS verdicts about next hops the administrator
+configured (``RemoteDelivery.via``, the transport map) are made temporary
+(``5.x.y`` becomes ``451 4.x.y``): the mail waits for a fix.
 """
 
 from __future__ import annotations
@@ -139,14 +132,15 @@ def tls_policy_for(spec: TLSPolicySpec, name: str) -> TLSPolicy:
     elif callable(spec) and not isinstance(spec, Mapping):
         found = spec(name)
     else:
-        found = "may"
-        labels = name.lower().split(".")
-        keys = [name.lower()] + ["." + ".".join(labels[i:]) for i in range(1, len(labels))] + ["*"]
-        for key in keys:
-            if key in spec:
-                found = spec[key]
-                break
+        key = next((k for k in lookup_keys(name.lower()) + ["*"] if k in spec), None)
+        found = spec[key] if key is not None else "may"
     return found if isinstance(found, TLSPolicy) else TLSPolicy(found)
+
+
+def lookup_keys(domain: str) -> List[str]:
+    """Map keys tried for ``domain``: itself, then ``.parent`` keys, closest first."""
+    labels = domain.split(".")
+    return [domain] + ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
 
 
 def ip_literal(domain: str) -> Optional[str]:
@@ -177,12 +171,10 @@ def _name(value) -> str:
 
 def _alabel(domain: str) -> str:
     """ASCII form of ``domain`` for DNS (IDNA for UTF-8 domains)."""
-    if domain.isascii():
-        return domain
     try:
-        return domain.encode("idna").decode("ascii")
+        return domain if domain.isascii() else domain.encode("idna").decode("ascii")
     except UnicodeError:
-        raise PermFailure(R.DOMAIN_NOT_FOUND.with_text(f"Domain {domain} is not a valid host name")) from None
+        raise PermFailure(_fill(R.DOMAIN_NOT_FOUND, domain=domain)) from None
 
 
 def _canonical_ip(text: str) -> Optional[str]:
@@ -204,14 +196,18 @@ class _Unavailable(Exception):
     """The DNS could not answer (SERVFAIL, REFUSED, timeout...)."""
 
 
-_TEMPORARY_DNS = (dns_error.DNSServerError, dns_error.DNSQueryRefusedError, dns_error.DNSFormatError,
-                  dns_error.DNSNotImplementedError, dns_error.DNSUnknownError)
+_TEMPORARY_DNS = (dns_error.DNSServerError, dns_error.DNSQueryRefusedError,
+                  dns_error.DNSFormatError, dns_error.DNSNotImplementedError,
+                  dns_error.DNSUnknownError)
+_NOT_FOUND = (dns_error.DNSNameError, dns_error.AuthoritativeDomainError, dns_error.DomainError)
 _DNS_WORDS = (((defer.TimeoutError, net_error.TimeoutError), "timed out"),
-              (dns_error.DNSServerError, "server failure"), (dns_error.DNSQueryRefusedError, "refused"))
+              (dns_error.DNSServerError, "server failure"),
+              (dns_error.DNSQueryRefusedError, "refused"))
 
 
 def _describe_dns_error(exc: BaseException) -> str:
-    return next((words for kinds, words in _DNS_WORDS if isinstance(exc, kinds)), type(exc).__name__)
+    words = (w for kinds, w in _DNS_WORDS if isinstance(exc, kinds))
+    return next(words, type(exc).__name__)
 
 
 class MXResolver:
@@ -224,8 +220,9 @@ class MXResolver:
     """
 
     def __init__(self, resolver, *, own_names: Iterable[str] = (),
-                 families: Sequence[str] = DEFAULT_FAMILIES, rng: Optional[_random.Random] = None,
-                 timeout: Optional[Sequence[int]] = None, max_hosts: int = MAX_MX_HOSTS) -> None:
+                 families: Sequence[str] = DEFAULT_FAMILIES,
+                 rng: Optional[_random.Random] = None, timeout: Optional[Sequence[int]] = None,
+                 max_hosts: int = MAX_MX_HOSTS) -> None:
         bad = [f for f in families if f not in _LOOKUP]
         if bad or not families or len(set(families)) != len(families):
             raise ValueError(f"address families {tuple(families)!r}: use 'ipv6' and/or 'ipv4'")
@@ -246,7 +243,7 @@ class MXResolver:
             return await call(name, timeout=self.timeout)
         except _TEMPORARY_DNS as e:
             raise _Unavailable(_describe_dns_error(e)) from e
-        except (dns_error.DNSNameError, dns_error.AuthoritativeDomainError, dns_error.DomainError) as e:
+        except _NOT_FOUND as e:
             raise _NotFound(name) from e
         except Exception as e:  # timeouts, network errors, resolver bugs
             raise _Unavailable(_describe_dns_error(e)) from e
@@ -268,7 +265,8 @@ class MXResolver:
                 if current in seen or len(seen) > MAX_CNAME_HOPS:
                     raise _Unavailable(f"CNAME loop or chain too long at {name}")
                 seen.append(current)
-            records = [rr.payload for rr in answers if rr.type == qtype and _name(rr.name) == current]
+            records = [rr.payload for rr in answers
+                       if rr.type == qtype and _name(rr.name) == current]
             if records or current == queried:
                 return records, aliased
 
@@ -346,8 +344,8 @@ class MXResolver:
 
         found = await defer.gatherResults(
             [defer.ensureDeferred(self.addresses(h)) for h, _p in grouped], consumeErrors=True)
-        own_pref = min((p for (h, p), (addrs, _a, _e) in zip(grouped, found) if self._is_self(h, addrs)),
-                       default=None)
+        own_pref = min((p for (h, p), (addrs, _a, _e) in zip(grouped, found)
+                        if self._is_self(h, addrs)), default=None)
         out: List[Destination] = []
         problems = []
         for (host, pref), (addrs, aliased, problem) in zip(grouped, found):
@@ -393,7 +391,8 @@ _CONNECT_REASONS = (
     ((net_error.TCPTimedOutError, net_error.TimeoutError, defer.TimeoutError, defer.CancelledError,
       net_error.ConnectingCancelledError), "Connection timed out to", R.CONNECT_FAILED),
     (net_error.NoRouteError, "No route to", R.CONNECT_FAILED),
-    ((net_error.DNSLookupError, net_error.UnknownHostError), "Host not found:", R.CONNECT_FAILED),
+    ((net_error.DNSLookupError, net_error.UnknownHostError), "Host not found:",
+     R.CONNECT_FAILED),
     (net_error.ConnectionClosed, "Lost connection with", R.CONNECTION_LOST),
     ((net_error.ConnectError, OSError), "Cannot connect to", R.CONNECT_FAILED),
 )
@@ -408,9 +407,13 @@ def connection_failure(exc: BaseException, remote: str) -> Optional[Reply]:
     return None
 
 
+def _internal(message: OutboundMessage) -> Reply:
+    return R.INTERNAL_ERROR.with_text(f"{R.INTERNAL_ERROR.text} ({message.queue_id})")
+
+
 def same_reply(message: OutboundMessage, reply: Reply, remote: str = "") -> DeliveryReport:
     """A report giving ``reply`` to every recipient of ``message``."""
-    return DeliveryReport(replies={r.address: reply for r in message.recipients}, remote=remote)
+    return DeliveryReport({r.address: reply for r in message.recipients}, remote=remote)
 
 
 def soften(reply: Reply) -> Reply:
@@ -455,7 +458,10 @@ async def attempt_delivery(connect, reactor, message: OutboundMessage, hops: Seq
                            helo: str, tls: TLSPolicy, auth: Any = None, lmtp: bool = False,
                            max_addresses: int = 5) -> DeliveryReport:
     """Try ``hops`` in order (at most ``max_addresses``) until every recipient
-    has a final answer for this attempt; see the module docstring."""
+    has a final answer for this attempt; see the module docstring.  A None
+    ``reactor`` is the global one."""
+    if reactor is None:
+        from twisted.internet import reactor
     done: Dict[str, Reply] = {}
     details: Dict[str, str] = {}
     fallback: Dict[str, Reply] = {}
@@ -467,15 +473,17 @@ async def attempt_delivery(connect, reactor, message: OutboundMessage, hops: Seq
         remote = hop.remote
         attempt = replace(message, recipients=tuple(remaining))
         try:
-            result = connect(reactor, hop.address, hop.port, attempt, helo=helo, tls=tls.mode,
-                             tls_hostname=hop.tls_hostname, trust_root=tls.trust_root, auth=auth,
-                             lmtp=lmtp, unix_path=hop.unix_path)
+            result = connect(reactor, hop.address, hop.port, attempt, helo=helo,
+                             tls=tls.mode, tls_hostname=hop.tls_hostname,
+                             trust_root=tls.trust_root, auth=auth, lmtp=lmtp,
+                             unix_path=hop.unix_path)
             report, elsewhere = (await result) if isawaitable(result) else result
         except Exception as e:
             reply = connection_failure(e, remote)
             if reply is None:
-                log.failure("{id}: delivery to {remote} failed", id=message.queue_id, remote=remote)
-                reply = R.INTERNAL_ERROR.with_text(f"{R.INTERNAL_ERROR.text} ({message.queue_id})")
+                log.failure("{id}: delivery to {remote} failed", id=message.queue_id,
+                            remote=remote)
+                reply = _internal(message)
                 done.update((r.address, reply) for r in remaining)
                 remaining = []
                 break
@@ -488,7 +496,7 @@ async def attempt_delivery(connect, reactor, message: OutboundMessage, hops: Seq
             if reply is None:
                 log.error("{id}: {remote} gave no result for <{rcpt}>", id=message.queue_id,
                           remote=remote, rcpt=r.address)
-                reply = R.INTERNAL_ERROR.with_text(f"{R.INTERNAL_ERROR.text} ({message.queue_id})")
+                reply = _internal(message)
             if r.address in report.details:
                 details[r.address] = report.details[r.address]
             if reply.is_positive or not elsewhere:
@@ -499,11 +507,12 @@ async def attempt_delivery(connect, reactor, message: OutboundMessage, hops: Seq
                     fallback[r.address] = reply
                 still.append(r)
         if elsewhere and still:
-            log.info("{id}: {remote} did not take the message ({reply}); trying the next address",
+            log.info("{id}: {remote} did not take the message ({reply}); next address",
                      id=message.queue_id, remote=remote, reply=str(fallback[still[0].address]))
         remaining = still
     for r in remaining:
-        done[r.address] = fallback.get(r.address) or _fill(R.NO_USABLE_MX, domain=domain_of(r.address))
+        done[r.address] = fallback.get(r.address) or _fill(R.NO_USABLE_MX,
+                                                           domain=domain_of(r.address))
     return DeliveryReport(replies=done, remote=remote, details=details)
 
 
@@ -512,8 +521,8 @@ def log_report(queue_id: str, report: DeliveryReport) -> None:
     for rcpt, reply in report.replies.items():
         status = "sent" if reply.is_positive else "deferred" if reply.is_temporary else "bounced"
         emit = log.info if reply.is_positive else log.warn
-        emit("{id}: to=<{to}>, relay={relay}, status={status} ({reply})", id=queue_id, to=rcpt,
-             relay=report.remote or "none", status=status, reply=str(reply))
+        emit("{id}: to=<{to}>, relay={relay}, status={status} ({reply})", id=queue_id,
+             to=rcpt, relay=report.remote or "none", status=status, reply=str(reply))
 
 
 @implementer(IDeliveryTarget)
@@ -527,26 +536,19 @@ class RemoteDelivery:
     keyed by recipient domain (or configured next hop).
     """
 
-    def __init__(self, resolver, connect, *, helo: str, reactor=None, tls_policy: TLSPolicySpec = None,
-                 own_names: Iterable[str] = (), port: int = 25, max_addresses: int = 5,
-                 families: Sequence[str] = DEFAULT_FAMILIES, rng: Optional[_random.Random] = None,
-                 dns_timeout: Optional[Sequence[int]] = None,
+    def __init__(self, resolver, connect, *, helo: str, reactor=None,
+                 tls_policy: TLSPolicySpec = None, own_names: Iterable[str] = (), port: int = 25,
+                 max_addresses: int = 5, families: Sequence[str] = DEFAULT_FAMILIES,
+                 rng: Optional[_random.Random] = None, dns_timeout: Optional[Sequence[int]] = None,
                  mx_resolver: Optional[MXResolver] = None) -> None:
         self.mx = mx_resolver or MXResolver(resolver, own_names=own_names, families=families,
                                             rng=rng, timeout=dns_timeout)
         self.connect = connect
         self.helo = helo
-        self._reactor = reactor
+        self.reactor = reactor
         self.tls_policy = tls_policy
         self.port = port
         self.max_addresses = max_addresses
-
-    @property
-    def reactor(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-            return reactor
-        return self._reactor
 
     def via(self, nexthop: str, port: Optional[int] = None) -> "NexthopDelivery":
         """A target that delivers through the MX hosts of ``nexthop`` instead
@@ -559,17 +561,14 @@ class RemoteDelivery:
         by_domain: Dict[str, list] = {}
         for r in message.recipients:
             by_domain.setdefault(domain_of(r.address), []).append(r)
-        reports = []
-        for domain, rcpts in by_domain.items():
-            part = replace(message, recipients=tuple(rcpts))
-            reports.append(await self.deliver_to(part, domain, self.port, configured=False))
+        reports = [await self.deliver_to(replace(message, recipients=tuple(rcpts)), domain,
+                                         self.port, configured=False)
+                   for domain, rcpts in by_domain.items()]
         if len(reports) == 1:
             return reports[0]
-        merged = DeliveryReport(replies={}, remote=", ".join(r.remote for r in reports if r.remote))
-        for r in reports:
-            merged.replies.update(r.replies)
-            merged.details.update(r.details)
-        return merged
+        return DeliveryReport(replies={k: v for r in reports for k, v in r.replies.items()},
+                              remote=", ".join(r.remote for r in reports if r.remote),
+                              details={k: v for r in reports for k, v in r.details.items()})
 
     async def deliver_to(self, message: OutboundMessage, domain: str, port: int, *,
                          configured: bool) -> DeliveryReport:
@@ -584,8 +583,9 @@ class RemoteDelivery:
             report = same_reply(message, reply)
         else:
             report = await attempt_delivery(
-                self.connect, self.reactor, message, hops_for(destinations, port), helo=self.helo,
-                tls=tls_policy_for(self.tls_policy, domain), max_addresses=self.max_addresses)
+                self.connect, self.reactor, message, hops_for(destinations, port),
+                helo=self.helo, tls=tls_policy_for(self.tls_policy, domain),
+                max_addresses=self.max_addresses)
         log_report(message.queue_id, report)
         return report
 
@@ -600,7 +600,8 @@ class NexthopDelivery:
         self.port = port
 
     async def deliver(self, message: OutboundMessage) -> DeliveryReport:
-        return await self.remote.deliver_to(message, self.nexthop, self.port, configured=True)
+        return await self.remote.deliver_to(message, self.nexthop, self.port,
+                                            configured=True)
 
     def __repr__(self) -> str:
         return f"<NexthopDelivery {self.nexthop}:{self.port}>"

@@ -60,8 +60,8 @@ from zope.interface import implementer
 from mailserver import reply as R
 from mailserver.delivery.interfaces import DeliveryReport, IDeliveryTarget, OutboundMessage
 from mailserver.delivery.remote import (
-    Hop, TLSPolicy, TLSPolicySpec, attempt_delivery, domain_of, ip_literal, log_report, same_reply,
-    soften, tls_policy_for,
+    Hop, TLSPolicy, TLSPolicySpec, attempt_delivery, domain_of, ip_literal, log_report,
+    lookup_keys, same_reply, soften, tls_policy_for,
 )
 from mailserver.errors import ReplyError
 from mailserver.reply import Reply
@@ -143,7 +143,10 @@ def _parse_reply(rest: str, entry: str, temporary: bool) -> Reply:
     text = rest.strip()[head.end():].strip() or default.text
     want = 4 if temporary else 5
     code = int(code_text) if code_text else default.code
-    enhanced = (int(klass), int(head.group(3)), int(head.group(4))) if klass else (want, *default.enhanced[1:])
+    if klass:
+        enhanced = (int(klass), int(head.group(3)), int(head.group(4)))
+    else:
+        enhanced = (want, *default.enhanced[1:])
     if code // 100 != want or enhanced[0] != want:
         raise ValueError(f"transport {entry!r}: {'defer' if temporary else 'error'} needs "
                          f"{want}xx codes")
@@ -191,7 +194,8 @@ def parse_smarthost(value: str) -> Transport:
     if text.partition(":")[0].lower() not in KINDS:
         text = "smtp:" + text
     transport = parse_transport(text)
-    if transport.kind not in ("smtp", "lmtp") or (transport.host is None and not transport.unix_path):
+    no_hop = transport.host is None and not transport.unix_path
+    if transport.kind not in ("smtp", "lmtp") or no_hop:
         raise ValueError(f"smarthost {value!r}: needs an smtp or lmtp next hop")
     return transport
 
@@ -210,12 +214,6 @@ def parse_transport_map(entries: Mapping[str, str]) -> Dict[str, Transport]:
             raise ValueError(f"transport map key {key!r} appears twice")
         out[k] = parse_transport(value)
     return out
-
-
-def lookup_keys(domain: str) -> List[str]:
-    """Keys tried for ``domain``, in order (without ``*``)."""
-    labels = domain.split(".")
-    return [domain] + ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
 
 
 @implementer(IDeliveryTarget)
@@ -246,30 +244,23 @@ class FixedHostTarget:
     ``tls`` are passed on to ``connect``.
     """
 
-    def __init__(self, connect, host: Optional[str] = None, port: Optional[int] = SMTP_PORT, *,
-                 helo: str, reactor=None, lmtp: bool = False, unix_path: Optional[str] = None,
-                 tls: Union[str, TLSPolicy] = "may", auth: Any = None, resolver=None,
-                 max_addresses: int = 5) -> None:
+    def __init__(self, connect, host: Optional[str] = None,
+                 port: Optional[int] = SMTP_PORT, *, helo: str, reactor=None, lmtp: bool = False,
+                 unix_path: Optional[str] = None, tls: Union[str, TLSPolicy] = "may",
+                 auth: Any = None, resolver=None, max_addresses: int = 5) -> None:
         if not host and not unix_path:
             raise ValueError("FixedHostTarget needs a host or a unix_path")
         self.connect = connect
         self.host = host
         self.port = port
         self.helo = helo
-        self._reactor = reactor
+        self.reactor = reactor
         self.lmtp = lmtp
         self.unix_path = unix_path
         self.tls = tls if isinstance(tls, TLSPolicy) else TLSPolicy(tls)
         self.auth = auth
         self.resolver = resolver
         self.max_addresses = max_addresses
-
-    @property
-    def reactor(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-            return reactor
-        return self._reactor
 
     async def _hops(self) -> List[Hop]:
         if self.unix_path:
@@ -282,7 +273,8 @@ class FixedHostTarget:
         addresses, _aliased, problem = await self.resolver.addresses(self.host)
         if not addresses:
             template = R.DNS_UNAVAILABLE if problem else R.NO_MAIL_ROUTE
-            raise ReplyError(soften(template.with_text(template.text.format(domain=self.host))))
+            reply = template.with_text(template.text.format(domain=self.host))
+            raise ReplyError(soften(reply))
         return [Hop(self.host, a, self.port, tls_hostname=self.host) for a in addresses]
 
     async def deliver(self, message: OutboundMessage) -> DeliveryReport:
@@ -333,10 +325,11 @@ class Router:
     """
 
     def __init__(self, local_domains: LocalDomains, local_target, remote_target,
-                 transports: Optional[Mapping[str, str]] = None, smarthost: Optional[str] = None, *,
-                 connect=None, helo: str = "localhost", reactor=None,
-                 tls_policy: TLSPolicySpec = None, smarthost_auth: Any = None,
-                 smarthost_tls: Union[None, str, TLSPolicy] = None, max_addresses: int = 5) -> None:
+                 transports: Optional[Mapping[str, str]] = None,
+                 smarthost: Optional[str] = None, *, connect=None, helo: str = "localhost",
+                 reactor=None, tls_policy: TLSPolicySpec = None, smarthost_auth: Any = None,
+                 smarthost_tls: Union[None, str, TLSPolicy] = None,
+                 max_addresses: int = 5) -> None:
         if callable(local_domains):
             self._is_local = local_domains
         else:
@@ -356,7 +349,9 @@ class Router:
             if "*" in self.transports:
                 raise ValueError("give either a smarthost or a '*' transport map entry, not both")
             relay = parse_smarthost(smarthost)
-            tls = smarthost_tls if smarthost_tls is not None else tls_policy_for(tls_policy, relay.host or "")
+            tls = smarthost_tls
+            if tls is None:
+                tls = tls_policy_for(tls_policy, relay.host or "")
             self._entries["*"] = self._build(relay, auth=smarthost_auth, tls=tls)
         for key, transport in self.transports.items():
             self._entries[key] = self._build(transport)
@@ -372,7 +367,8 @@ class Router:
         if t.kind == "smtp" and t.mx:
             via = getattr(self.remote_target, "via", None)
             if via is None:
-                raise ValueError(f"transport {t.text!r}: MX delivery to a next hop needs a RemoteDelivery")
+                raise ValueError(f"transport {t.text!r}: MX delivery to a next hop needs "
+                                 "a RemoteDelivery")
             key = ("via", t.host, t.port)
             if key not in self._targets:
                 self._targets[key] = via(t.host, t.port)

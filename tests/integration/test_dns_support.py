@@ -79,7 +79,8 @@ async def run(reactor, port, ops):
     print(json.dumps(out))
 
 
-task.react(lambda reactor: defer.ensureDeferred(run(reactor, int(sys.argv[1]), json.loads(sys.argv[2]))))
+port, ops = int(sys.argv[1]), json.loads(sys.argv[2])
+task.react(lambda reactor: defer.ensureDeferred(run(reactor, port, ops)))
 '''
 
 
@@ -114,7 +115,8 @@ def test_records(dns_server):
 
 def test_null_mx_nodata_and_failures(dns_server):
     null, nodata, nxdomain, outside, servfail, bad_a, refused, timeout = ask(
-        dns_server, ("lookupMailExchange", "null.example.test"), ("lookupMailExchange", "flat.example.test"),
+        dns_server, ("lookupMailExchange", "null.example.test"),
+        ("lookupMailExchange", "flat.example.test"),
         ("lookupAddress", "nosuch.example.test"), ("lookupAddress", "nowhere.invalid"),
         ("lookupMailExchange", "bad.example.test"), ("lookupAddress", "bad.example.test"),
         ("lookupAddress", "shut.example.test"), ("lookupAddress", "slow.example.test"))
@@ -133,9 +135,9 @@ def test_tcp(dns_server):
 
 def test_mx_resolver_over_the_wire(dns_server):
     mx, implicit, aliased, cname_target, null, nxdomain, servfail = ask(
-        dns_server, ("mx", "example.test"), ("mx", "flat.example.test"), ("mx", "aliased.example.test"),
-        ("mx", "cnamemx.example.test"), ("mx", "null.example.test"), ("mx", "nosuch.example.test"),
-        ("mx", "bad.example.test"))
+        dns_server, ("mx", "example.test"), ("mx", "flat.example.test"),
+        ("mx", "aliased.example.test"), ("mx", "cnamemx.example.test"),
+        ("mx", "null.example.test"), ("mx", "nosuch.example.test"), ("mx", "bad.example.test"))
     assert mx == [["mx1.example.test", 10, ["::1", "127.0.0.1"], False],
                   ["mx2.example.test", 20, ["127.0.0.2", "127.0.0.3"], False]]
     assert implicit == [["flat.example.test", 0, ["127.0.0.4"], True]]
@@ -150,8 +152,8 @@ def test_update_and_query_log(tmp_path):
     with DNSServer({"upd.test": {"@": {"A": "127.0.0.1"}}}, directory=str(tmp_path)) as server:
         assert ask(server, ("lookupAddress", "upd.test")) == [[["upd.test", "A", "127.0.0.1"]]]
         server.update({"upd.test": {"@": {"A": "127.0.0.2"}, "new": {"MX": [[1, "upd.test"]]}}})
-        assert ask(server, ("lookupAddress", "upd.test"), ("lookupMailExchange", "new.upd.test")) == [
-            [["upd.test", "A", "127.0.0.2"]], [["new.upd.test", "MX", [1, "upd.test"]]]]
+        got = ask(server, ("lookupAddress", "upd.test"), ("lookupMailExchange", "new.upd.test"))
+        assert got == [[["upd.test", "A", "127.0.0.2"]], [["new.upd.test", "MX", [1, "upd.test"]]]]
         assert ("new.upd.test", "MX") in server.queries()
         # a broken file keeps the old zones
         (server.dir / "zones.json").write_text("{not json")

@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -91,13 +90,16 @@ def _payloads(rtype: str, values, origin: str, ttl: int) -> list:
     return out
 
 
-def load_zones(zones: dict) -> Dict[str, Tuple[Dict[str, Records], Dict[str, Dict[str, frozenset]]]]:
+Specials = Dict[str, Dict[str, frozenset]]  # name -> {"timeout": types, ...}
+
+
+def load_zones(zones: dict) -> Dict[str, Tuple[Dict[str, Records], Specials]]:
     """``{origin: (records by name, specials by name)}``; ValueError when bad."""
     out = {}
     for origin, names in zones.items():
         origin = origin.lower().rstrip(".")
         records: Dict[str, Records] = {}
-        specials: Dict[str, Dict[str, frozenset]] = {}
+        specials: Specials = {}
         for name, data in names.items():
             owner = _absolute(name, origin)
             if owner != origin and not owner.endswith("." + origin):
@@ -126,7 +128,7 @@ class _Refused(Exception):
     """Answer REFUSED."""
 
 
-def _special(specials: Dict[str, Dict[str, frozenset]], name: str, qtype: int) -> Optional[str]:
+def _special(specials: Specials, name: str, qtype: int) -> Optional[str]:
     for kind, types in specials.get(name, {}).items():
         if qtype in types:
             return kind
@@ -167,8 +169,9 @@ class FakeResolver:
             if kind == "timeout":
                 return defer.fail(dns_error.DNSQueryTimeoutError(0))
             if kind:
-                error = dns_error.DNSServerError if kind == "servfail" else dns_error.DNSQueryRefusedError
-                return defer.fail(error(name))
+                if kind == "servfail":
+                    return defer.fail(dns_error.DNSServerError(name))
+                return defer.fail(dns_error.DNSQueryRefusedError(name))
             records = zone[0][name]
             if dns.CNAME in records and qtype != dns.CNAME:
                 cname = records[dns.CNAME][0]
@@ -177,7 +180,8 @@ class FakeResolver:
                     break
                 name = cname.name.name.decode("ascii")
                 continue
-            answers.extend(dns.RRHeader(name, qtype, dns.IN, p.ttl, p) for p in records.get(qtype, ()))
+            answers.extend(dns.RRHeader(name, qtype, dns.IN, p.ttl, p)
+                           for p in records.get(qtype, ()))
             break
         return defer.succeed((answers, [], []))
 
@@ -245,7 +249,8 @@ def _serve(args) -> None:
             if failure.check(dns.DomainError, dns.AuthoritativeDomainError):
                 return super().gotResolverError(failure, protocol, message, address)
             rcode = dns.EREFUSED if failure.check(_Refused) else dns.ESERVER
-            self.sendReply(protocol, self._responseFromMessage(message=message, rCode=rcode), address)
+            response = self._responseFromMessage(message=message, rCode=rcode)
+            self.sendReply(protocol, response, address)
 
     def read() -> list:
         with open(args.zones) as f:
@@ -294,7 +299,8 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.support.dns", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.support.dns",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--interface", default="127.0.0.1")
     parser.add_argument("--zones", required=True)
@@ -354,7 +360,8 @@ class DNSServer:
         argv = [sys.executable, "-m", "tests.support.dns", "--port", str(self.port or 0),
                 "--zones", str(self.dir / "zones.json"), "--portfile", str(self.dir / "port"),
                 "--loaded", str(self.dir / "loaded"), "--querylog", str(self.dir / "queries.log")]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        path = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
         with open(self.dir / "stderr.log", "ab") as errors:
             self.process = subprocess.Popen(argv, cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL,
                                             stderr=errors)

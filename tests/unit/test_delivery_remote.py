@@ -102,7 +102,8 @@ def test_equal_preferences_shuffled_by_the_injected_random():
 
 def test_a_host_listed_twice_keeps_its_best_preference():
     got = result(mx().destinations("dup.example.test"))
-    assert [(d.host, d.preference) for d in got] == [("mx1.example.test", 10), ("mx2.example.test", 20)]
+    assert [(d.host, d.preference) for d in got] == [("mx1.example.test", 10),
+                                                     ("mx2.example.test", 20)]
 
 
 def test_null_mx_is_permanent_556():
@@ -195,7 +196,8 @@ def test_backup_mx_relays_only_to_better_hosts():
 
 
 def test_loop_detected_by_address_and_for_literals():
-    assert failure(mx(own_names=OWN).destinations("myaddr.example.test"), PermFailure).reply.enhanced == (5, 4, 6)
+    by_address = failure(mx(own_names=OWN).destinations("myaddr.example.test"), PermFailure)
+    assert by_address.reply.enhanced == (5, 4, 6)
     assert failure(mx(own_names=OWN).destinations("[198.51.100.7]"), PermFailure).reply.code == 554
     assert failure(mx(own_names=["me.example.test"]).destinations("me.example.test"),
                    PermFailure).reply.code == 554
@@ -235,15 +237,17 @@ class FakeConnect:
             return defer.fail(outcome)
         if isinstance(outcome, dict):
             replies = {r.address: outcome.get(r.address, OK) for r in msg.recipients}
-            return defer.succeed((DeliveryReport(replies, details={a: str(v) for a, v in replies.items()}),
-                                  False))
+            details = {a: str(v) for a, v in replies.items()}
+            return defer.succeed((DeliveryReport(replies, details=details), False))
         reply, elsewhere = outcome
-        return defer.succeed((DeliveryReport({r.address: reply for r in msg.recipients}), elsewhere))
+        replies = {r.address: reply for r in msg.recipients}
+        return defer.succeed((DeliveryReport(replies), elsewhere))
 
 
 def remote(connect, **kw) -> RemoteDelivery:
     kw.setdefault("rng", random.Random(1))
-    return RemoteDelivery(FakeResolver(ZONES), connect, helo="out.example.net", reactor=object(), **kw)
+    return RemoteDelivery(FakeResolver(ZONES), connect, helo="out.example.net", reactor=object(),
+                          **kw)
 
 
 def test_provides_idelivery_target():
@@ -282,18 +286,21 @@ def test_every_host_down_gives_the_last_temporary_error_to_all():
 
 
 def test_address_limit_bounds_an_attempt():
-    connect = FakeConnect({a: net_error.TCPTimedOutError() for a in ("2001:db8::1", "192.0.2.1", "192.0.2.2")})
+    addresses = ("2001:db8::1", "192.0.2.1", "192.0.2.2")
+    connect = FakeConnect({a: net_error.TCPTimedOutError() for a in addresses})
     report = result(remote(connect, max_addresses=2).deliver(message()))
     assert len(connect.calls) == 2
-    assert report.replies["alice@example.test"].text == "Connection timed out to mx1.example.test[192.0.2.1]:25"
+    assert report.replies["alice@example.test"].text == (
+        "Connection timed out to mx1.example.test[192.0.2.1]:25")
 
 
 def test_rcpt_results_are_passed_through_and_final():
     later = R.R(450, "4.2.0", "Mailbox busy")
     unknown = R.R(550, "5.1.1", "No such user")
     connect = FakeConnect({"2001:db8::1": {"b@example.test": later, "c@example.test": unknown}})
-    report = result(remote(connect).deliver(message("a@example.test", "b@example.test", "c@example.test")))
-    assert report.replies == {"a@example.test": OK, "b@example.test": later, "c@example.test": unknown}
+    rcpts = ("a@example.test", "b@example.test", "c@example.test")
+    report = result(remote(connect).deliver(message(*rcpts)))
+    assert report.replies == dict(zip(rcpts, (OK, later, unknown)))
     assert report.details["c@example.test"] == str(unknown)
     assert len(connect.calls) == 1
 
@@ -379,7 +386,8 @@ def test_tls_policy_by_domain_is_passed_to_connect():
     target = remote(connect, tls_policy=policy)
     result(target.deliver(message("a@example.test")))
     result(target.deliver(message("a@flat.example.test")))
-    assert [(c["tls"], c["trust_root"]) for c in connect.calls] == [("verify", "ca"), ("encrypt", None)]
+    assert [(c["tls"], c["trust_root"]) for c in connect.calls] == [("verify", "ca"),
+                                                                    ("encrypt", None)]
 
 
 def test_mixed_domains_are_delivered_domain_by_domain():
@@ -399,7 +407,8 @@ def test_via_a_configured_nexthop():
 
 
 def test_via_a_nexthop_that_does_not_exist_is_temporary():
-    report = result(remote(FakeConnect()).via("nosuch.example.test").deliver(message("x@other.test")))
+    target = remote(FakeConnect()).via("nosuch.example.test")
+    report = result(target.deliver(message("x@other.test")))
     reply = report.replies["x@other.test"]
     assert (reply.code, reply.enhanced) == (451, (4, 1, 2))
 

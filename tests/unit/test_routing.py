@@ -51,12 +51,14 @@ def result(coro):
     ("lmtp:[mailstore.example.org]", Transport("lmtp", "mailstore.example.org", 24)),
     ("lmtp:inet:mailstore:24", Transport("lmtp", "mailstore", 24)),
     ("lmtp:unix:/run/dovecot/lmtp", Transport("lmtp", unix_path="/run/dovecot/lmtp")),
-    ("error:5.1.2 No such domain", Transport("error", reply=Reply(550, (5, 1, 2), "No such domain"))),
+    ("error:5.1.2 No such domain",
+     Transport("error", reply=Reply(550, (5, 1, 2), "No such domain"))),
     ("error:554 5.7.1 Go away", Transport("error", reply=Reply(554, (5, 7, 1), "Go away"))),
     ("error:Closed", Transport("error", reply=Reply(550, (5, 0, 0), "Closed"))),
     ("error:", Transport("error", reply=R.TRANSPORT_ERROR)),
     ("defer:", Transport("defer", reply=R.TRANSPORT_DEFER)),
-    ("defer:4.3.5 Maintenance until 6pm", Transport("defer", reply=Reply(451, (4, 3, 5), "Maintenance until 6pm"))),
+    ("defer:4.3.5 Maintenance until 6pm",
+     Transport("defer", reply=Reply(451, (4, 3, 5), "Maintenance until 6pm"))),
 ])
 def test_parse_transport(text, want):
     assert parse_transport(text) == Transport(**{**want.__dict__, "text": text})
@@ -98,11 +100,12 @@ def test_transport_map_keys():
 
 
 def test_lookup_keys_go_from_exact_to_parents():
-    assert lookup_keys("a.b.example.org") == ["a.b.example.org", ".b.example.org", ".example.org", ".org"]
+    assert lookup_keys("a.b.example.org") == ["a.b.example.org", ".b.example.org",
+                                              ".example.org", ".org"]
 
 
 def test_smarthost_forms():
-    assert parse_smarthost("[relay.example.org]:587") == parse_transport("smtp:[relay.example.org]:587").__class__(
+    assert parse_smarthost("[relay.example.org]:587") == Transport(
         "smtp", "relay.example.org", 587, text="smtp:[relay.example.org]:587")
     assert parse_smarthost("smtp:[relay.example.org]").port == 25
     assert parse_smarthost("relay.example.org").mx is True
@@ -172,7 +175,8 @@ def test_local_domains_may_be_an_asynchronous_check():
 
 
 def test_group_by_target_and_nexthop_keeping_order():
-    r = router({"relayed.test": "smtp:[relay.example.test]", "also.test": "smtp:[relay.example.test]"})
+    r = router({"relayed.test": "smtp:[relay.example.test]",
+                "also.test": "smtp:[relay.example.test]"})
     msg = message("a@far.test", "l1@example.test", "b@relayed.test", "c@far.test", "d@near.test",
                   "e@also.test", "l2@example.test")
     groups = result(r.group(msg))
@@ -183,7 +187,8 @@ def test_group_by_target_and_nexthop_keeping_order():
     assert targets[0] is r.remote_target and targets[3] is r.remote_target
     assert targets[1] is LOCAL
     assert isinstance(targets[2], FixedHostTarget)
-    assert all(part.queue_id == msg.queue_id and part.content_path == msg.content_path for _t, part in groups)
+    assert all((part.queue_id, part.content_path) == (msg.queue_id, msg.content_path)
+               for _t, part in groups)
 
 
 def test_error_and_defer_entries_answer_every_recipient():
@@ -194,7 +199,8 @@ def test_error_and_defer_entries_answer_every_recipient():
     assert isinstance(target, RefuseTarget) and IDeliveryTarget.providedBy(target)
     assert str(result(target.deliver(part)).replies["a@gone.test"]) == "550 5.1.2 Domain retired"
     target, part = groups["b@later.test"]
-    assert result(target.deliver(part)).replies["b@later.test"] == Reply(451, (4, 3, 5), "Maintenance")
+    assert result(target.deliver(part)).replies["b@later.test"] == Reply(451, (4, 3, 5),
+                                                                         "Maintenance")
 
 
 def test_smtp_host_entry_looks_up_mx_of_that_host():
@@ -216,7 +222,8 @@ def test_smarthost_with_auth_and_tls():
     report = result(relay.target.deliver(message("a@far.test")))
     assert report.replies["a@far.test"] == OK
     call = connect.calls[0]
-    assert (call["host"], call["port"], call["auth"], call["tls"]) == ("2001:db8::25", 587, ("user", "pw"), "encrypt")
+    assert (call["host"], call["port"], call["auth"], call["tls"]) == (
+        "2001:db8::25", 587, ("user", "pw"), "encrypt")
     assert call["tls_hostname"] == "relay.example.test"
     with pytest.raises(ValueError, match="not both"):
         router({"*": "local"}, smarthost="[relay.example.test]")
@@ -254,14 +261,16 @@ def test_fixed_host_that_does_not_resolve_is_temporary():
     for host, enhanced in (("nosuch.example.test", (4, 4, 4)), ("slow.example.test", (4, 4, 3))):
         connect = FakeConnect()
         report = result(fixed(connect, host).deliver(message("a@far.test")))
-        assert (report.replies["a@far.test"].code, report.replies["a@far.test"].enhanced) == (451, enhanced)
+        reply = report.replies["a@far.test"]
+        assert (reply.code, reply.enhanced) == (451, enhanced)
         assert connect.calls == []
 
 
 def test_fixed_host_without_resolver_passes_the_name_on():
     connect = FakeConnect()
     report = result(fixed(connect, resolver=None, tls=TLSPolicy("verify")).deliver(message()))
-    assert (connect.calls[0]["host"], connect.calls[0]["tls_hostname"], connect.calls[0]["tls"]) == (
+    call = connect.calls[0]
+    assert (call["host"], call["tls_hostname"], call["tls"]) == (
         "relay.example.test", "relay.example.test", "verify")
     assert report.remote == "relay.example.test:25"
 
@@ -272,7 +281,8 @@ def test_lmtp_over_a_unix_socket():
                              reactor=object())
     report = result(target.deliver(message("a@example.test")))
     call = connect.calls[0]
-    assert (call["host"], call["port"], call["unix_path"], call["lmtp"]) == (None, None, "/run/lmtp", True)
+    assert (call["host"], call["port"], call["unix_path"], call["lmtp"]) == (
+        None, None, "/run/lmtp", True)
     assert report.remote == "unix:/run/lmtp"
     with pytest.raises(ValueError):
         FixedHostTarget(connect, helo="me")
@@ -280,6 +290,7 @@ def test_lmtp_over_a_unix_socket():
 
 def test_fixed_report_can_name_the_remote_itself():
     def connect(reactor, host, port, msg, **kw):
-        return (DeliveryReport({r.address: OK for r in msg.recipients}, remote="named[192.0.2.1]:25"), False)
+        replies = {r.address: OK for r in msg.recipients}
+        return (DeliveryReport(replies, remote="named[192.0.2.1]:25"), False)
 
     assert result(fixed(connect, "192.0.2.1").deliver(message())).remote == "named[192.0.2.1]:25"
