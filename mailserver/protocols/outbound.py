@@ -1,0 +1,601 @@
+# -*- test-case-name: tests.unit.test_outbound -*-
+"""The Twisted edge of outbound SMTP and LMTP delivery.
+
+:func:`deliver_to_host` makes one connection, runs one message through the
+sans-IO :class:`~mailserver.proto.smtp_client.SMTPClientConnection` and
+answers ``(report, retry_elsewhere)`` (a :class:`HostAttempt`).
+:class:`OutboundConnectionPool` does the same but keeps the connection open
+for a short while, so the next message to the same destination reuses it
+(RSET, then the next transaction; a failed RSET opens a fresh connection).
+
+:class:`OutboundProtocol` owns the transport: it feeds the core, writes its
+commands, starts TLS when told, streams the content file through a pull
+producer (one chunk each time the transport's buffer drains, so a large
+message is never in memory and a slow server slows us down rather than
+filling our buffers) and runs the timeouts on the injected reactor.
+
+Endpoints: ``HostnameEndpoint`` for a host name, ``TCP4ClientEndpoint`` /
+``TCP6ClientEndpoint`` for an IP literal, ``UNIXClientEndpoint`` when
+``unix_path`` is given (LMTP over a UNIX socket).
+
+TLS policy (``tls=``):
+
+* ``none``: never STARTTLS.
+* ``may``: STARTTLS when offered, certificate not checked.  If the handshake
+  fails, the same host is tried once more without TLS, as Postfix (2.6 and
+  later) does for opportunistic TLS: an attacker who can break the handshake
+  can as well strip STARTTLS from the EHLO reply, so refusing the plaintext
+  retry would buy no security and would lose mail to servers with broken TLS.
+* ``encrypt``: TLS required (``451 4.7.4`` when not offered), not verified.
+* ``verify``: TLS required and the certificate must match ``tls_hostname``
+  (default: ``host``), checked by ``optionsForClientTLS`` with
+  service_identity against ``trust_root``: a PEM file name (one or more CA
+  certificates), a Twisted trust root or certificate, or ``None`` for the
+  platform's CAs.  A failed handshake or check is ``451 4.7.5``.
+
+Connection failures and timeouts give every recipient a temporary reply and
+``retry_elsewhere=True``.  Timeouts (:class:`Timeouts`) default to RFC 5321
+§4.5.3.2: greeting, MAIL and RCPT 5 minutes, DATA 2, each data block 3, the
+final dot 10.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+from twisted.internet import defer, error, ssl
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+)
+from twisted.internet.interfaces import IHandshakeListener, IPullProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailserver import reply as R
+from mailserver.delivery.interfaces import DeliveryReport, OutboundMessage
+from mailserver.proto._client_commands import check_message
+from mailserver.proto._client_policy import PHASE_WORDS, Destination, Timeouts, ip_version
+from mailserver.proto.smtp_client import (
+    NEED_DATA,
+    ClientResult,
+    Closed,
+    MessageDone,
+    NeedTLS,
+    Phase,
+    SendContent,
+    SMTPClientConnection,
+)
+from mailserver.reply import Reply
+
+__all__ = [
+    "deliver_to_host", "OutboundConnectionPool", "HostAttempt", "Destination", "Timeouts",
+    "OutboundProtocol", "tls_options", "CHUNK_SIZE",
+]
+
+log = Logger(namespace="mailserver.outbound")
+
+CHUNK_SIZE = 65536
+
+
+class HostAttempt(NamedTuple):
+    """What :func:`deliver_to_host` answers; unpacks as ``(report, retry_elsewhere)``."""
+
+    report: DeliveryReport
+    retry_elsewhere: bool
+
+
+# --- TLS ---------------------------------------------------------------------
+_CA_CACHE: Dict[Tuple[str, float], Any] = {}
+
+
+def _trust_root(trust_root: Any) -> Any:
+    """A Twisted trust root for ``trust_root`` (see the module docstring)."""
+    if trust_root is None:
+        return ssl.platformTrust()
+    if not isinstance(trust_root, (str, os.PathLike)):
+        return trust_root
+    path = os.fspath(trust_root)
+    key = (path, os.stat(path).st_mtime)
+    if key not in _CA_CACHE:
+        with open(path, "rb") as f:
+            data = f.read()
+        marker = b"-----BEGIN CERTIFICATE-----"
+        certs = [ssl.Certificate.loadPEM(marker + part) for part in data.split(marker)[1:]]
+        if not certs:
+            raise ValueError(f"{path}: no PEM certificate")
+        _CA_CACHE[key] = ssl.trustRootFromCertificates(certs)
+    return _CA_CACHE[key]
+
+
+def tls_options(dest: Destination) -> Any:
+    """The client TLS options for ``dest``'s policy; ``None`` for "none"."""
+    if dest.tls == "none":
+        return None
+    if dest.tls == "verify":
+        name = dest.tls_hostname or str(dest.host).strip("[]")
+        return ssl.optionsForClientTLS(name, trustRoot=_trust_root(dest.trust_root))
+    return ssl.CertificateOptions(verify=False)
+
+
+# --- the protocol ---------------------------------------------------------------
+@implementer(IPullProducer)
+class _ContentSender:
+    """Streams the content file into the core, one chunk per resumeProducing."""
+
+    def __init__(self, proto: "OutboundProtocol", path: str, chunk_size: int) -> None:
+        self.proto = proto
+        self.chunk_size = chunk_size
+        self.file = open(path, "rb")
+
+    def resumeProducing(self) -> None:
+        proto = self.proto
+        if self.file is None or proto.core.phase is not Phase.CONTENT:
+            self.stopProducing()
+            return
+        try:
+            chunk = self.file.read(self.chunk_size)
+            last = False
+            if len(chunk) < self.chunk_size:  # a short read: the end, unless...
+                more = self.file.read(1)
+                chunk, last = chunk + more, not more
+        except OSError:
+            log.failure("cannot read {path}", path=self.file.name)
+            self.stopProducing()
+            proto.core.abort(R.CONTENT_UNREADABLE, retry_elsewhere=False)
+            proto.drive()
+            return
+        proto.core.send_content(chunk)
+        if last:
+            self.stopProducing()
+            proto.transport.unregisterProducer()
+            proto.sender = None
+            proto.core.end_content()
+        proto.drive()
+
+    def stopProducing(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+@implementer(IHandshakeListener)
+class OutboundProtocol(Protocol):
+    """One outbound connection, driving an :class:`SMTPClientConnection`.
+
+    :meth:`next_result` fires with each message's :class:`ClientResult`;
+    :meth:`send_next` reuses the connection; :meth:`quit` ends it and fires
+    once the connection is closed.
+    """
+
+    def __init__(self, core: SMTPClientConnection, clock, timeouts: Timeouts,
+                 tls: Any, *, chunk_size: int = CHUNK_SIZE) -> None:
+        self.core = core
+        self.clock = clock
+        self.timeouts = timeouts
+        self.tls = tls
+        self.chunk_size = chunk_size
+        self.timer = None
+        self.sender: Optional[_ContentSender] = None
+        self.tls_pending = False
+        self.tls_failed = False
+        self.connected = False
+        self.closing = False
+        self.lost = False
+        self.messages = 0
+        self.opened = time.monotonic()
+        self._abort = False
+        self._broken = False
+        self._driving = False
+        self._again = False
+        self._results: List[ClientResult] = []
+        self._result_waiters: List[defer.Deferred] = []
+        self._close_waiters: List[defer.Deferred] = []
+
+    # -- what the callers use --------------------------------------------
+    @property
+    def reusable(self) -> bool:
+        return self.connected and not self.closing and self.core.phase is Phase.IDLE
+
+    def next_result(self) -> defer.Deferred:
+        """Fires with the result of the current message."""
+        if self._results:
+            return defer.succeed(self._results.pop(0))
+        d: defer.Deferred = defer.Deferred()
+        self._result_waiters.append(d)
+        return d
+
+    def send_next(self, message: OutboundMessage) -> defer.Deferred:
+        """RSET and deliver ``message`` on this connection."""
+        self.core.next_message(message)
+        self.drive()
+        return self.next_result()
+
+    def when_closed(self) -> defer.Deferred:
+        if self.lost:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._close_waiters.append(d)
+        return d
+
+    def quit(self) -> defer.Deferred:
+        """QUIT (or just close, when not between messages); fires once closed."""
+        if not self.lost and not self.closing:
+            if self.core.phase is Phase.IDLE:
+                self.core.quit()
+                self.drive()
+            else:
+                self._close(abort=True)
+        return self.when_closed()
+
+    # -- Twisted callbacks ------------------------------------------------
+    def connectionMade(self) -> None:
+        self.connected = True
+        self._arm_timer()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.core.receive_data(data)
+        self.drive()
+
+    def handshakeCompleted(self) -> None:
+        self.tls_pending = False
+        self.core.tls_started()
+        self.drive()
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost = True
+        self.closing = True
+        self._cancel_timer()
+        if self.sender is not None:
+            self.sender.stopProducing()
+        if self.tls_pending:
+            self.tls_failed = True
+            self.core.abort(R.REMOTE_TLS_FAILED, retry_elsewhere=True)
+        else:
+            self.core.connection_lost()
+        self.drive()
+        waiters, self._close_waiters = self._close_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # -- the event loop ----------------------------------------------------
+    def drive(self) -> None:
+        """Handle every pending event of the core, then write its output."""
+        if self._driving:
+            self._again = True
+            return
+        self._driving = True
+        done: List[ClientResult] = []
+        start_sender = None
+        if self._broken:
+            return
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                while (event := self.core.next_event()) is not NEED_DATA:
+                    if isinstance(event, MessageDone):
+                        self.messages += 1
+                        done.append(event.result)
+                    elif isinstance(event, SendContent):
+                        start_sender = self._content_sender() or start_sender
+                    elif isinstance(event, NeedTLS):
+                        self._flush()
+                        self.tls_pending = True
+                        self.transport.startTLS(self.tls)
+                    elif isinstance(event, Closed):
+                        self._close(abort=self._abort)
+                self._flush()
+        except Exception:
+            log.failure("internal error talking to {remote}", remote=self.core.remote)
+            self._break()
+            return
+        finally:
+            self._driving = False
+        self._arm_timer()
+        if start_sender is not None and not self.closing:
+            self.sender = start_sender
+            self.transport.registerProducer(start_sender, False)
+        for result in done:
+            self._deliver_result(result)
+
+    def _break(self) -> None:
+        """A bug in the client: answer whoever waits with 451 4.3.0 and hang up."""
+        self._broken = True
+        message = self.core.message
+        text = f"{R.INTERNAL_ERROR.text} ({message.queue_id})"
+        reply = R.INTERNAL_ERROR.with_text(text)
+        result = ClientResult(replies={r.address: reply for r in message.recipients},
+                              connection_error=reply)
+        waiters, self._result_waiters = self._result_waiters, []
+        for d in waiters:
+            d.callback(result)
+        if not self._results and not waiters:
+            self._results.append(result)
+        self.closing = True
+        self._cancel_timer()
+        if self.transport is not None and not self.lost:
+            self.transport.abortConnection()
+
+    def _content_sender(self) -> Optional[_ContentSender]:
+        try:
+            return _ContentSender(self, self.core.message.content_path, self.chunk_size)
+        except OSError as e:
+            log.error("{id}: cannot open {path}: {e}", id=self.core.message.queue_id,
+                      path=self.core.message.content_path, e=e)
+            self.core.abort(R.CONTENT_UNREADABLE, retry_elsewhere=False)
+            return None
+
+    def _deliver_result(self, result: ClientResult) -> None:
+        if self._result_waiters:
+            self._result_waiters.pop(0).callback(result)
+        else:
+            self._results.append(result)
+
+    def _flush(self) -> None:
+        out = self.core.data_to_send()
+        if out and not self.lost:
+            self.transport.write(out)
+
+    def _close(self, *, abort: bool) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self._flush()
+        if self.sender is not None:
+            self.sender.stopProducing()
+            self.transport.unregisterProducer()
+            self.sender = None
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # -- timeouts ----------------------------------------------------------
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        if self.lost:
+            return
+        phase = Phase.CLOSED if self.closing else self.core.phase
+        seconds = self.timeouts.for_phase(phase)
+        if seconds:
+            self.timer = self.clock.callLater(seconds, self._timed_out, phase)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _timed_out(self, phase: Phase) -> None:
+        self.timer = None
+        words = PHASE_WORDS.get(phase)
+        if words is None or self.closing:
+            self.closing = True
+            self.transport.abortConnection()
+            return
+        log.info("timeout waiting for {what} from {remote}", what=words, remote=self.core.remote)
+        reply = R.REMOTE_TIMEOUT.with_text(f"Timed out waiting for {words} from {self.core.remote}")
+        self._abort = True
+        self.core.abort(reply)
+        self.drive()
+
+
+class _OneConnection(Factory):
+    """Builds the protocol for one connection, naming the peer for replies."""
+
+    def __init__(self, dest: Destination, message: OutboundMessage, clock,
+                 timeouts: Timeouts, tls: Any) -> None:
+        self.dest, self.message, self.clock = dest, message, clock
+        self.timeouts, self.tls = timeouts, tls
+
+    def buildProtocol(self, addr) -> OutboundProtocol:
+        dest, tls = self.dest, self.tls
+        core = SMTPClientConnection(
+            dest.helo, lmtp=dest.lmtp, tls_available=tls is not None,
+            require_tls=dest.tls in ("encrypt", "verify"), auth=dest.auth,
+            message=self.message, allow_plaintext_auth=dest.allow_plaintext_auth,
+            remote=dest.describe(getattr(addr, "host", None)),
+        )
+        proto = OutboundProtocol(core, self.clock, self.timeouts, tls)
+        proto.factory = self
+        return proto
+
+
+def _endpoint(reactor, dest: Destination, timeouts: Timeouts):
+    if dest.unix_path:
+        return UNIXClientEndpoint(reactor, dest.unix_path, timeout=timeouts.connect)
+    host = str(dest.host).strip("[]")
+    port = dest.port or 25
+    version = ip_version(host)
+    if version == 4:
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeouts.connect)
+    if version == 6:
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeouts.connect)
+    return HostnameEndpoint(reactor, host, port, timeout=timeouts.connect)
+
+
+def _connect_failure(dest: Destination, failure: Exception) -> Reply:
+    remote = dest.describe()
+    if isinstance(failure, (error.DNSLookupError, error.UnknownHostError)):
+        words = "Host not found:"
+    elif isinstance(failure, (error.TimeoutError, defer.TimeoutError, defer.CancelledError,
+                              error.ConnectingCancelledError)):
+        words = "Timed out connecting to"
+    else:
+        words = "Cannot connect to"
+    return R.CONNECT_FAILED.with_text(f"{words} {remote}")
+
+
+def _everyone(message: OutboundMessage, reply: Reply, remote: str) -> DeliveryReport:
+    return DeliveryReport(replies={r.address: reply for r in message.recipients}, remote=remote)
+
+
+async def _open(reactor, dest: Destination, message: OutboundMessage, timeouts: Timeouts,
+                plaintext: bool = False):
+    """Connect and start ``message``; a :class:`HostAttempt` when that fails.
+
+    A message no SMTP command can carry, or a TLS policy that cannot be set
+    up (an unreadable CA file), raises: those are not the remote's fault.
+    """
+    check_message(message)
+    tls = None if plaintext else tls_options(dest)
+    factory = _OneConnection(dest, message, reactor, timeouts, tls)
+    d = _endpoint(reactor, dest, timeouts).connect(factory)
+    d.addTimeout(timeouts.connect, reactor)
+    try:
+        return await d
+    except Exception as e:
+        reply = _connect_failure(dest, e)
+        log.info("{id}: {why} ({e})", id=message.queue_id, why=reply.text, e=e)
+        return HostAttempt(_everyone(message, reply, dest.describe()), True)
+
+
+def _remote_name(dest: Destination, proto: OutboundProtocol) -> str:
+    peer = getattr(proto.transport.getPeer(), "host", None) if proto.transport else None
+    return dest.describe(peer)
+
+
+async def _attempt(reactor, dest: Destination, message: OutboundMessage, timeouts: Timeouts):
+    """Open a connection and send ``message``: ``(protocol or None, HostAttempt)``.
+
+    Under the "may" policy a failed handshake is retried once in plaintext.
+    """
+    for plaintext in (False, True):
+        proto = await _open(reactor, dest, message, timeouts, plaintext)
+        if isinstance(proto, HostAttempt):
+            return None, proto
+        result: ClientResult = await proto.next_result()
+        if proto.tls_failed and dest.tls == "may" and not plaintext:
+            log.info("{id}: TLS handshake with {remote} failed; trying again without TLS",
+                     id=message.queue_id, remote=proto.core.remote)
+            await proto.when_closed()
+            continue
+        break
+    report = DeliveryReport(replies=dict(result.replies), remote=_remote_name(dest, proto),
+                            details=dict(result.details))
+    return proto, HostAttempt(report, result.retry_elsewhere)
+
+
+async def deliver_to_host(reactor, host: Optional[str], port: Optional[int],
+                          message: OutboundMessage, *, helo: str, tls: str = "may",
+                          tls_hostname: Optional[str] = None, trust_root: Any = None,
+                          auth: Optional[Tuple[str, str]] = None, lmtp: bool = False,
+                          unix_path: Optional[str] = None, timeouts: Timeouts = Timeouts(),
+                          allow_plaintext_auth: bool = False) -> HostAttempt:
+    """Deliver ``message`` to one host (or UNIX socket) and QUIT.
+
+    Never raises for a delivery problem: connection failures, timeouts and
+    refusals all become replies in the report.  ``reactor`` provides the
+    connections and the clock.
+    """
+    dest = Destination(host, port, helo, tls, tls_hostname, trust_root, auth, lmtp,
+                       unix_path, allow_plaintext_auth)
+    proto, attempt = await _attempt(reactor, dest, message, timeouts)
+    if proto is not None:
+        await proto.quit()
+    return attempt
+
+
+class OutboundConnectionPool:
+    """Connections kept open between messages to the same destination.
+
+    After a message, a connection that is still usable waits ``idle_time``
+    seconds (on the reactor's clock) for the next message to the same
+    destination (host, port, TLS policy, credentials...).  Reuse starts with
+    RSET; when that fails, a fresh connection is opened.  A connection is not
+    reused after ``max_messages`` messages or ``max_age`` seconds.
+    :meth:`deliver_to_host` has the signature of the module function, so a
+    pool can be handed to :class:`~mailserver.delivery.remote.RemoteDelivery`
+    in its place.
+    """
+
+    def __init__(self, reactor, *, idle_time: float = 5.0, max_messages: int = 100,
+                 max_age: float = 300.0, timeouts: Timeouts = Timeouts()) -> None:
+        self.reactor = reactor
+        self.idle_time = idle_time
+        self.max_messages = max_messages
+        self.max_age = max_age
+        self.timeouts = timeouts
+        self._idle: Dict[tuple, List[Tuple[OutboundProtocol, Any]]] = {}
+        self._closing: List[defer.Deferred] = []
+
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    async def deliver_to_host(self, reactor, host: Optional[str], port: Optional[int],
+                              message: OutboundMessage, *, helo: str, tls: str = "may",
+                              tls_hostname: Optional[str] = None, trust_root: Any = None,
+                              auth: Optional[Tuple[str, str]] = None, lmtp: bool = False,
+                              unix_path: Optional[str] = None, timeouts: Optional[Timeouts] = None,
+                              allow_plaintext_auth: bool = False) -> HostAttempt:
+        """Like :func:`deliver_to_host`, reusing an idle connection when there is one."""
+        dest = Destination(host, port, helo, tls, tls_hostname, trust_root, auth, lmtp,
+                           unix_path, allow_plaintext_auth)
+        key = dest.key()
+        while (proto := self._take(key)) is not None:
+            result: ClientResult = await proto.send_next(message)
+            if result.reset_failed:
+                log.info("{id}: reusing {remote} failed at RSET; opening a new connection",
+                         id=message.queue_id, remote=proto.core.remote)
+                self._track(proto.quit())
+                continue
+            report = DeliveryReport(replies=dict(result.replies),
+                                    remote=_remote_name(dest, proto), details=dict(result.details))
+            self._park(key, proto)
+            return HostAttempt(report, result.retry_elsewhere)
+        proto, attempt = await _attempt(reactor or self.reactor, dest, message,
+                                        timeouts or self.timeouts)
+        if proto is not None:
+            self._park(key, proto)
+        return attempt
+
+    def _take(self, key: tuple) -> Optional[OutboundProtocol]:
+        entries = self._idle.get(key, [])
+        while entries:
+            proto, timer = entries.pop()
+            if timer.active():
+                timer.cancel()
+            if proto.reusable:
+                return proto
+        self._idle.pop(key, None)
+        return None
+
+    def _park(self, key: tuple, proto: OutboundProtocol) -> None:
+        fresh = time.monotonic() - proto.opened < self.max_age
+        if not (proto.reusable and proto.messages < self.max_messages and fresh):
+            self._track(proto.quit())
+            return
+        timer = self.reactor.callLater(self.idle_time, self._expire, key, proto)
+        self._idle.setdefault(key, []).append((proto, timer))
+
+    def _expire(self, key: tuple, proto: OutboundProtocol) -> None:
+        entries = self._idle.get(key, [])
+        self._idle[key] = [(p, t) for p, t in entries if p is not proto]
+        if not self._idle[key]:
+            del self._idle[key]
+        self._track(proto.quit())
+
+    def _track(self, closing: defer.Deferred) -> None:
+        """Remember a closing connection until it is closed (for :meth:`close`)."""
+        self._closing.append(closing)
+        closing.addBoth(self._untrack, closing)
+
+    def _untrack(self, result, closing: defer.Deferred):
+        if closing in self._closing:
+            self._closing.remove(closing)
+        return result
+
+    async def close(self) -> None:
+        """QUIT every idle connection and wait until all are closed."""
+        for entries in self._idle.values():
+            for proto, timer in entries:
+                if timer.active():
+                    timer.cancel()
+                self._track(proto.quit())
+        self._idle.clear()
+        await defer.gatherResults(list(self._closing))
