@@ -55,20 +55,23 @@ from dataclasses import dataclass, replace
 from inspect import isawaitable
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple, Union
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailserver import reply as R
 from mailserver.delivery.interfaces import DeliveryReport, IDeliveryTarget, OutboundMessage
 from mailserver.delivery.remote import (
     Hop, TLSPolicy, TLSPolicySpec, attempt_delivery, domain_of, ip_literal, log_report,
-    lookup_keys, same_reply, soften, tls_policy_for,
+    lookup_keys, same_reply, tls_policy_for,
 )
-from mailserver.errors import ReplyError
+from mailserver.errors import ReplyError, TempFailure
 from mailserver.reply import Reply
 
 KINDS = ("local", "smtp", "lmtp", "error", "defer")
 SMTP_PORT = 25
 LMTP_PORT = 24
+
+log = Logger(namespace="mailserver.routing")
 
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?"
                        r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)*")
@@ -239,9 +242,11 @@ class FixedHostTarget:
 
     ``host`` is a name or an IP address.  A name is resolved to addresses
     through ``resolver`` (an :class:`~mailserver.delivery.remote.MXResolver`,
-    A/AAAA only, CNAMEs allowed) and each address tried in turn; without a
-    resolver the name is passed to ``connect`` as it is.  ``auth`` and
-    ``tls`` are passed on to ``connect``.
+    A/AAAA only, CNAMEs allowed) and each address tried in turn.  Without a
+    resolver, or when the DNS knows no address for it (``localhost`` and
+    other ``/etc/hosts`` names), the name goes to ``connect`` as it is, for
+    the system resolver.  A DNS failure is a temporary ``451 4.4.3``.
+    ``auth`` and ``tls`` are passed on to ``connect``.
     """
 
     def __init__(self, connect, host: Optional[str] = None,
@@ -268,13 +273,18 @@ class FixedHostTarget:
         literal = ip_literal(f"[{self.host}]")
         if literal is not None:
             return [Hop(literal, literal, self.port)]
+        by_name = [Hop(self.host, self.host, self.port, tls_hostname=self.host)]
         if self.resolver is None:
-            return [Hop(self.host, self.host, self.port, tls_hostname=self.host)]
+            return by_name
         addresses, _aliased, problem = await self.resolver.addresses(self.host)
+        if not addresses and problem:
+            log.warn("next hop {host}: {why}", host=self.host, why=problem)
+            raise TempFailure(R.DNS_UNAVAILABLE.with_text(
+                R.DNS_UNAVAILABLE.text.format(domain=self.host)))
         if not addresses:
-            template = R.DNS_UNAVAILABLE if problem else R.NO_MAIL_ROUTE
-            reply = template.with_text(template.text.format(domain=self.host))
-            raise ReplyError(soften(reply))
+            log.info("next hop {host} has no address in the DNS; asking the system resolver",
+                     host=self.host)
+            return by_name
         return [Hop(self.host, a, self.port, tls_hostname=self.host) for a in addresses]
 
     async def deliver(self, message: OutboundMessage) -> DeliveryReport:

@@ -257,13 +257,22 @@ def test_fixed_host_tries_each_address_of_the_name():
     assert report.replies["a@far.test"] == OK
 
 
-def test_fixed_host_that_does_not_resolve_is_temporary():
-    for host, enhanced in (("nosuch.example.test", (4, 4, 4)), ("slow.example.test", (4, 4, 3))):
-        connect = FakeConnect()
-        report = result(fixed(connect, host).deliver(message("a@far.test")))
-        reply = report.replies["a@far.test"]
-        assert (reply.code, reply.enhanced) == (451, enhanced)
-        assert connect.calls == []
+def test_fixed_host_whose_dns_fails_is_temporary():
+    connect = FakeConnect()
+    report = result(fixed(connect, "slow.example.test").deliver(message("a@far.test")))
+    reply = report.replies["a@far.test"]
+    assert (reply.code, reply.enhanced) == (451, (4, 4, 3))
+    assert connect.calls == []
+
+
+def test_fixed_host_unknown_to_the_dns_goes_to_the_system_resolver():
+    """``localhost`` and names from /etc/hosts are handed over by name."""
+    connect = FakeConnect({"nosuch.example.test": net_error.DNSLookupError("nosuch")})
+    report = result(fixed(connect, "nosuch.example.test").deliver(message("a@far.test")))
+    assert connect.calls[0]["host"] == "nosuch.example.test"
+    reply = report.replies["a@far.test"]
+    assert (reply.code, reply.enhanced) == (451, (4, 4, 1))
+    assert reply.text == "Host not found: nosuch.example.test:25"
 
 
 def test_fixed_host_without_resolver_passes_the_name_on():
