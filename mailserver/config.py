@@ -20,13 +20,14 @@ import os
 import socket
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from mailserver.errors import ConfigError
 
 PROTOCOLS = ("smtp", "lmtp")
 TLS_MODES = ("none", "starttls")
 BACKENDS = ("ldif", "ldap")
+TLS_POLICIES = ("none", "may", "encrypt", "verify")
 
 
 def _doc(text: str, **kw: Any) -> dict:
@@ -167,6 +168,39 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class QueueConfig:
+    directory: str = field(default="var/queue", metadata=_doc("The outbound queue.", path=True))
+    max_active: int = field(default=100, metadata=_doc("Messages being delivered at once.", min=1))
+    min_backoff: float = field(default=300.0, metadata=_doc("First retry delay, seconds.", min=1))
+    max_backoff: float = field(default=3600.0, metadata=_doc("Longest retry delay, seconds.", min=1))
+    lifetime: float = field(default=432000.0, metadata=_doc("Bounce after this many seconds.", min=1))
+    delay_warning: float = field(default=0.0, metadata=_doc("Warn the sender after; 0 = never.",
+                                                            min=0))
+    scan_interval: float = field(default=60.0, metadata=_doc("Seconds between queue scans.", min=1))
+    destination_concurrency: int = field(
+        default=20, metadata=_doc("Parallel deliveries to one destination.", min=1))
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    trusted_networks: Tuple[str, ...] = field(
+        default=("127.0.0.0/8", "::1/128"),
+        metadata=_doc("Clients that may relay through port 25 (Postfix mynetworks)."))
+    etrn: bool = field(default=True, metadata=_doc("Accept ETRN from trusted networks."))
+    helo_name: str = field(default="", metadata=_doc("EHLO name outbound; default hostname."))
+    tls: str = field(default="may", metadata=_doc("Outbound TLS policy.", choices=TLS_POLICIES))
+    tls_policies: Dict[str, str] = field(default_factory=dict,
+                                         metadata=_doc("Per-domain TLS policy."))
+    tls_ca_file: str = field(default="", metadata=_doc("CAs for tls = verify.", path=True))
+    smarthost: str = field(default="", metadata=_doc("Send everything non-local here."))
+    smarthost_username: str = field(default="", metadata=_doc("AUTH login at the smarthost."))
+    smarthost_password: str = field(default="", metadata=_doc("AUTH password at the smarthost."))
+    transports: Dict[str, str] = field(default_factory=dict, metadata=_doc("Transport map."))
+    nameservers: Tuple[str, ...] = field(default=(), metadata=_doc("DNS servers; [] = resolv.conf."))
+    connect_timeout: float = field(default=30.0, metadata=_doc("Seconds to connect.", min=1))
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     server: ServerConfig
@@ -175,6 +209,8 @@ class Config:
     smtp: SMTPConfig
     directory: DirectoryConfig
     store: StoreConfig
+    queue: QueueConfig
+    relay: RelayConfig
     listeners: Tuple[ListenerConfig, ...]
 
     @property
@@ -189,6 +225,8 @@ SECTIONS = {
     "smtp": SMTPConfig,
     "directory": DirectoryConfig,
     "store": StoreConfig,
+    "queue": QueueConfig,
+    "relay": RelayConfig,
 }
 
 
@@ -207,6 +245,11 @@ def _check_value(path: str, key: str, f: dataclasses.Field, value: Any) -> Any:
     elif hint is str:
         if not isinstance(value, str):
             raise ConfigError(path, key, f"expected a string, got {value!r}")
+    elif hint == Dict[str, str]:
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(path, key, f"expected a table of strings, got {value!r}")
+        value = dict(value)
     elif hint == Tuple[str, ...]:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(path, key, f"expected a list of strings, got {value!r}")
@@ -223,6 +266,7 @@ def _check_value(path: str, key: str, f: dataclasses.Field, value: Any) -> Any:
 _HINTS = {
     "str": str, "int": int, "bool": bool, "float": float,
     "Tuple[str, ...]": Tuple[str, ...],
+    "Dict[str, str]": Dict[str, str],
 }
 
 
@@ -369,6 +413,36 @@ def _check_semantics(config: Config) -> None:
         MaildirStore(config.store.maildir_root, template=config.store.template)
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(path, "store.template", str(e)) from None
+    for net in config.relay.trusted_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(path, "relay.trusted_networks", f"{net!r} is not a network") from None
+    for domain, policy in config.relay.tls_policies.items():
+        if policy not in TLS_POLICIES:
+            raise ConfigError(path, f"relay.tls_policies.{domain}",
+                              f"must be one of {', '.join(TLS_POLICIES)}; got {policy!r}")
+    for server in config.relay.nameservers:
+        host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
+        try:
+            ipaddress.ip_address(host or server)
+        except ValueError:
+            raise ConfigError(path, "relay.nameservers",
+                              f"{server!r} is not an IP address (with an optional :port)") from None
+    from mailserver.delivery.routing import parse_smarthost, parse_transport_map
+
+    try:
+        parse_transport_map(config.relay.transports)
+    except ValueError as e:
+        raise ConfigError(path, "relay.transports", str(e)) from None
+    if config.relay.smarthost:
+        if "*" in config.relay.transports:
+            raise ConfigError(path, "relay.smarthost",
+                              "give a smarthost or a \"*\" transport, not both")
+        try:
+            parse_smarthost(config.relay.smarthost)
+        except ValueError as e:
+            raise ConfigError(path, "relay.smarthost", str(e)) from None
     seen = set()
     for i, lc in enumerate(config.listeners):
         if lc.address in seen:

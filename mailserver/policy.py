@@ -20,17 +20,20 @@ The rules for the MX and LMTP roles:
   on a list, so bounces to such a group are refused too.
 * ``postmaster`` without a domain (RFC 5321 4.5.1) means the postmaster of the
   first local domain.
-* Every other domain is a relay request.  Relaying needs the outbound queue,
-  which does not exist yet, so it is refused for everyone with ``554 5.7.1``
-  (LMTP: ``550 5.1.1``; LMTP only ever delivers locally).
-* Forwarding to external addresses also needs the queue: such a recipient gets a
-  temporary ``451 4.3.0`` so the sender retries, never a silent drop.
+* Every other domain is a relay request, allowed only to clients in
+  ``relay.trusted_networks`` (and, on submission, to authenticated users);
+  everyone else gets ``554 5.7.1``.  LMTP only ever delivers locally, so it
+  answers ``550 5.1.1``.  An accepted relay recipient has no resolution: the
+  outbound queue routes it.
+* Addresses that forward to external addresses are accepted; the queue
+  carries the forwarded copies.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from mailserver import reply as R
 from mailserver.directory.interfaces import Resolution
@@ -54,15 +57,35 @@ def split_address(address: str) -> tuple[str, str]:
     return local, domain.lower()
 
 
+class Networks:
+    """A set of IP networks (``relay.trusted_networks``)."""
+
+    def __init__(self, networks: Iterable[str] = ()) -> None:
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+
+    def __contains__(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:  # "unix" and the like: a local peer
+            return False
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.networks)
+
+
 class RecipientPolicy:
     """Decides RCPT for the MX and LMTP roles."""
 
     def __init__(self, directory, local_domains: Sequence[str], *, lmtp: bool = False,
-                 catch_all: bool = False) -> None:
+                 catch_all: bool = False, trusted: Optional[Networks] = None) -> None:
         self.directory = directory
         self.primary_domain = local_domains[0].lower() if local_domains else ""
         self.lmtp = lmtp
         self.catch_all = catch_all
+        self.trusted = trusted if trusted is not None else Networks()
+
+    def may_relay(self, client_ip: str, authenticated: bool) -> bool:
+        return not self.lmtp and (authenticated or client_ip in self.trusted)
 
     def normalise(self, recipient: str) -> str:
         """Expand a bare ``postmaster`` to the primary domain's."""
@@ -70,13 +93,15 @@ class RecipientPolicy:
             return f"postmaster@{self.primary_domain}"
         return recipient
 
-    async def check_rcpt(self, recipient: str, sender: str = "", *,
+    async def check_rcpt(self, recipient: str, sender: str = "", *, client_ip: str = "",
                          authenticated: bool = False) -> RcptDecision:
         """The decision for ``recipient`` in a transaction from ``sender``."""
         address = self.normalise(recipient)
         local, domain = split_address(address)
         try:
             if not domain or not await self.directory.is_local_domain(domain):
+                if domain and self.may_relay(client_ip, authenticated):
+                    return RcptDecision(R.RCPT_OK)
                 return RcptDecision(R.RCPT_UNKNOWN if self.lmtp else R.RELAY_DENIED)
             address = f"{local}@{domain}"
             resolution = await self.directory.resolve(address)
@@ -90,6 +115,4 @@ class RecipientPolicy:
             return RcptDecision(R.MAILBOX_DISABLED if resolution.disabled else R.RCPT_UNKNOWN)
         if not resolution.allows(sender, authenticated=authenticated):
             return RcptDecision(R.SENDER_NOT_ALLOWED)
-        if resolution.forwards:
-            return RcptDecision(R.FORWARD_UNAVAILABLE)
         return RcptDecision(R.RCPT_OK, resolution)

@@ -99,6 +99,8 @@ VRFY_CANNOT = R(252, "2.5.0", "Cannot VRFY user, but will accept message and att
 START_DATA = R(354, None, "End data with <CR><LF>.<CR><LF>")
 READY_TLS = R(220, "2.0.0", "Ready to start TLS")
 BDAT_OK = R(250, "2.0.0", "Octets received")  # sent as "<n> octets received"
+ETRN_STARTED = R(250, "2.0.0", "Queuing for node {node} started")
+ETRN_NOTHING = R(251, "2.0.0", "No messages waiting for node {node}")
 HELP = R(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS")
 
 # --- temporary ------------------------------------------------------------
@@ -114,6 +116,8 @@ STORAGE_FULL = R(452, "4.3.1", "Insufficient system storage")
 FORWARD_UNAVAILABLE = R(451, "4.3.0", "Forwarding to external addresses is not available yet, try again later")
 TOO_MANY_RECIPIENTS = R(452, "4.5.3", "Too many recipients")
 PROTOCOL_DESYNC = R(421, "4.5.0", "Cannot find the next command, closing connection")
+ETRN_UNAVAILABLE = R(458, "4.3.0", "Unable to queue messages for node {node}")
+ETRN_DENIED = R(459, "4.7.1", "Node {node} not allowed: ETRN is for trusted networks only")
 TLS_UNAVAILABLE = R(454, "4.7.0", "TLS not available due to temporary reason")
 AUTH_TEMPORARY = R(454, "4.7.0", "Temporary authentication failure")
 

@@ -24,7 +24,7 @@ from mailserver.config import Config, load_config, parse_address
 from mailserver.directory.reloadable import ReloadableDirectory
 from mailserver.errors import ConfigError
 from mailserver.delivery.local import LocalDelivery
-from mailserver.policy import RecipientPolicy
+from mailserver.policy import Networks, RecipientPolicy
 from mailserver.proto.smtp_server import Limits, Mode
 from mailserver.protocols.smtp import ConnectionLimiter, ListenerContext, SMTPFactory
 from mailserver.spool import prepare_spool
@@ -163,6 +163,74 @@ def build_directory(config: Config, reactor, parent: MailService) -> ReloadableD
     return parent.directory_service.directory
 
 
+def make_resolver(nameservers):
+    """A twisted.names resolver: the configured servers, or /etc/resolv.conf."""
+    from twisted.names import client
+
+    if not nameservers:
+        return client.createResolver()
+    servers = []
+    for entry in nameservers:
+        host, port = entry, 53
+        if entry.count(":") == 1:  # IPv4 with a port; bare IPv6 has several colons
+            host, _, p = entry.partition(":")
+            port = int(p)
+        servers.append((host, port))
+    return client.createResolver(servers=servers, resolvconf="/dev/null", hosts="/dev/null")
+
+
+def _trust_root(ca_file: str):
+    from twisted.internet import ssl
+
+    if not ca_file:
+        return ssl.platformTrust()
+    with open(ca_file, "rb") as f:
+        return ssl.trustRootFromCertificates(
+            [ssl.Certificate.loadPEM(p) for p in _pem_blocks(f.read())])
+
+
+def _pem_blocks(data: bytes) -> list:
+    marker = b"-----BEGIN CERTIFICATE-----"
+    return [marker + p for p in data.split(marker)[1:]]
+
+
+def build_queue(config: Config, reactor, parent: MailService, directory, delivery, pool):
+    """The outbound queue: spool, routing, remote delivery and the manager.
+    Returns the :class:`~mailserver.queue.submit.Outbox` listeners queue into."""
+    from mailserver.delivery.local import LocalTarget
+    from mailserver.delivery.remote import RemoteDelivery, TLSPolicy
+    from mailserver.delivery.routing import Router
+    from mailserver.protocols.outbound import deliver_to_host
+    from mailserver.queue.manager import QueueManager, Schedule
+    from mailserver.queue.spool import QueueSpool
+    from mailserver.queue.submit import Outbox
+
+    relay, q = config.relay, config.queue
+    helo = relay.helo_name or config.server.hostname
+    policies = {"*": relay.tls, **relay.tls_policies}
+    needs_roots = "verify" in policies.values()
+    trust = _trust_root(relay.tls_ca_file) if needs_roots else None
+    tls_policy = {k: TLSPolicy(v, trust if v == "verify" else None) for k, v in policies.items()}
+    remote = RemoteDelivery(make_resolver(relay.nameservers), deliver_to_host, helo=helo,
+                            reactor=reactor, tls_policy=tls_policy,
+                            own_names=(config.server.hostname, helo))
+    auth = None
+    if relay.smarthost_username:
+        auth = (relay.smarthost_username, relay.smarthost_password)
+    router = Router(directory.is_local_domain, LocalTarget(directory, delivery), remote,
+                    relay.transports, relay.smarthost or None, connect=deliver_to_host,
+                    helo=helo, reactor=reactor, tls_policy=tls_policy, smarthost_auth=auth)
+    spool = QueueSpool(q.directory, clock=reactor.seconds, fsync=config.store.fsync)
+    manager = QueueManager(spool, router, reactor, hostname=config.server.hostname,
+                           schedule=Schedule(
+                               min_backoff=q.min_backoff, max_backoff=q.max_backoff,
+                               lifetime=q.lifetime, delay_warning=q.delay_warning,
+                               scan_interval=q.scan_interval, max_active=q.max_active,
+                               destination_concurrency=q.destination_concurrency))
+    manager.setServiceParent(parent)
+    return Outbox(spool, pool, reactor, wake=manager.wake)
+
+
 def build_service(config: Config, reactor=None) -> MailService:
     if reactor is None:
         from twisted.internet import reactor
@@ -186,6 +254,8 @@ def build_service(config: Config, reactor=None) -> MailService:
     store = MaildirStore(config.store.maildir_root, template=config.store.template,
                          hostname=config.server.hostname, fsync=config.store.fsync)
     delivery = LocalDelivery(store, pool, reactor)
+    outbox = build_queue(config, reactor, top, directory, delivery, pool)
+    trusted = Networks(config.relay.trusted_networks)
     s = config.smtp
     limits = Limits(
         max_command_line=s.command_line_limit,
@@ -201,7 +271,7 @@ def build_service(config: Config, reactor=None) -> MailService:
             hostname=config.server.hostname,
             limits=limits,
             policy=RecipientPolicy(directory, config.domains.local, lmtp=lmtp,
-                                   catch_all=config.domains.catch_all),
+                                   catch_all=config.domains.catch_all, trusted=trusted),
             delivery=delivery,
             spool_dir=config.server.spool_dir,
             clock=reactor,
@@ -212,6 +282,8 @@ def build_service(config: Config, reactor=None) -> MailService:
             command_timeout=s.command_timeout,
             data_timeout=s.data_timeout,
             max_received=s.max_received_headers,
+            outbox=outbox,
+            etrn=config.relay.etrn,
         )
         endpoint = make_endpoint(reactor, lc.address, lc.socket_mode)
         svc = StreamServerEndpointService(endpoint, SMTPFactory(ctx))

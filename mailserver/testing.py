@@ -20,7 +20,8 @@ from mailserver.errors import DirectoryUnavailable
 
 @implementer(IDirectory)
 class FakeDirectory:
-    """Addresses map to mailboxes; ``down`` makes every call fail temporarily."""
+    """Addresses map to mailboxes (targets in ``local_domains``) and forwards
+    (other targets); ``down`` makes every call fail temporarily."""
 
     def __init__(self, entries: Optional[Dict[str, Tuple[str, ...]]] = None,
                  passwords: Optional[Dict[str, str]] = None,
@@ -42,9 +43,11 @@ class FakeDirectory:
         targets = self.entries.get(address.lower())
         if targets is None:
             return Resolution(address=address)
+        local = [t for t in targets if "@" not in t or t.rpartition("@")[2] in self.local_domains]
         return Resolution(
             address=address,
-            mailboxes=tuple(Mailbox(address=t, login=t.split("@")[0]) for t in targets),
+            mailboxes=tuple(Mailbox(address=t, login=t.split("@")[0]) for t in local),
+            forwards=tuple(t for t in targets if t not in local),
             restriction=self.restricted.get(address.lower()),
         )
 
@@ -104,3 +107,24 @@ class ImmediateReactor:
 
     def callFromThread(self, f, *args, **kw):
         f(*args, **kw)
+
+
+class RecordingOutbox:
+    """An outbox that records what would be queued; ``fail`` makes it refuse."""
+
+    def __init__(self) -> None:
+        self.queued: list = []
+        self.flushed: list = []
+        self.fail: Optional[BaseException] = None
+
+    def enqueue(self, **kw) -> defer.Deferred:
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        with open(kw["source_path"], "rb") as f:
+            kw["content"] = kw["prefix"] + f.read()
+        self.queued.append(kw)
+        return defer.succeed(kw.get("queue_id") or "QUEUED")
+
+    def flush(self, domain=None) -> defer.Deferred:
+        self.flushed.append(domain)
+        return defer.succeed(["ONE"] if domain == "example.org" else [])

@@ -88,6 +88,8 @@ class ListenerContext:
     data_timeout: float = 180.0
     max_received: int = 50
     queue_id: Callable[[], str] = field(default=new_queue_id)
+    outbox: Any = None  # mailserver.queue.submit.Outbox, for relayed and forwarded mail
+    etrn: bool = False
 
 
 def _peer_ip(transport) -> str:
@@ -140,7 +142,10 @@ class SMTPServerProtocol(Protocol):
     def _reset_transaction(self) -> None:
         self.sender: Optional[str] = None
         self.smtputf8 = False
-        self.accepted: List[tuple] = []  # (recipient, Resolution) in RCPT order
+        self.body_8bit = False
+        self.mail_params: dict = {}
+        self.rcpt_params: dict = {}  # recipient -> its RCPT parameters
+        self.accepted: List[tuple] = []  # (recipient, Resolution or None) in RCPT order
         message = getattr(self, "message", None)
         if message is not None:
             message.discard()
@@ -167,6 +172,8 @@ class SMTPServerProtocol(Protocol):
             limits=self.ctx.limits,
             tls_available=self.ctx.tls is not None,
             tls_active=False,
+            etrn=self.ctx.outbox is not None and self.ctx.etrn,
+            dsn=self.ctx.outbox is not None,
         )
         self.transport.registerProducer(self, True)
         self.core.greeting()
@@ -330,15 +337,19 @@ class SMTPServerProtocol(Protocol):
         self._reset_transaction()
         self.sender = event.sender
         self.smtputf8 = event.smtputf8
+        self.body_8bit = (event.body or "").upper() == "8BITMIME"
+        self.mail_params = dict(event.params)
         self.core.send(R.SENDER_OK)
 
     def on_rcpt(self, event: ev.RcptTo) -> None:
+        self.rcpt_params[event.recipient] = dict(event.params)
         self._decide(self._check_rcpt(event.recipient))
 
     async def _check_rcpt(self, recipient: str) -> list:
-        decision = await self.ctx.policy.check_rcpt(recipient, self.sender or "")
+        decision = await self.ctx.policy.check_rcpt(recipient, self.sender or "",
+                                                    client_ip=self.client)
         reply = decision.reply
-        if reply.is_positive:
+        if reply.is_positive and decision.resolution is not None:
             reply = self.ctx.delivery.check(decision.resolution) or reply
         if reply.is_positive:
             self.accepted.append((recipient, decision.resolution))
@@ -389,14 +400,86 @@ class SMTPServerProtocol(Protocol):
             log.info("{id}: client={client}, from=<{sender}>, size={size}, nrcpt={n}",
                      id=queue_id, client=self.client, sender=self.sender, size=message.size,
                      n=len(accepted))
-            results = await self.ctx.delivery.deliver(
-                queue_id, self.sender or "", message.path, prefix, accepted
-            )
+            return await self._dispatch(queue_id, message, prefix, accepted)
         finally:
             self._reset_transaction()
-        if self.ctx.mode is Mode.LMTP:
-            return results
-        return [_combine(results, queue_id)]
+
+    async def _dispatch(self, queue_id: str, message, prefix: bytes, accepted) -> list:
+        """Deliver the local copies now; queue what must wait or leave.
+
+        The queue carries relayed recipients, forwards and, for SMTP, local
+        copies that failed now (so the client gets one 250 and nothing is
+        delivered twice by its retry).  Replies are sent only when every
+        local copy and the queued message are durable.
+        """
+        lmtp = self.ctx.mode is Mode.LMTP
+        sender = self.sender or ""
+        local = [(r, res) for r, res in accepted if res is not None and res.mailboxes]
+        by_mailbox = {}
+        if local:
+            by_mailbox = await self.ctx.delivery.copies(queue_id, sender, message.path, prefix,
+                                                        local)
+        queued = []  # (address, orcpt, notify)
+        for rcpt, res in accepted:
+            orcpt, notify = self._dsn_params(rcpt)
+            if res is None:
+                queued.append((rcpt, orcpt, notify))
+            else:
+                queued.extend((f, orcpt, notify) for f in res.forwards)
+        if not lmtp:
+            owner = {mb: rcpt for rcpt, res in local for mb in res.mailboxes}
+            for mb, reply in by_mailbox.items():
+                if not reply.is_positive:
+                    orcpt, notify = self._dsn_params(owner[mb])
+                    queued.append((mb.address, orcpt, notify))
+        queue_reply = await self._enqueue(queue_id, message, prefix, queued) if queued else None
+        if lmtp:
+            replies = self.ctx.delivery.per_recipient(queue_id, local, by_mailbox)
+            by_rcpt = dict(zip([r for r, _ in local], replies))
+            out = []
+            for rcpt, res in accepted:
+                reply = by_rcpt.get(rcpt) or R.DELIVERED.with_text(
+                    R.DELIVERED.text.format(rcpt=rcpt, id=queue_id))
+                if reply.is_positive and res is not None and res.forwards and queue_reply:
+                    reply = queue_reply
+                out.append(reply)
+            return out
+        if queue_reply is not None:
+            return [queue_reply]
+        return [R.QUEUED.with_text(R.QUEUED.text.format(id=queue_id))]
+
+    def _dsn_params(self, rcpt: str) -> tuple:
+        """(ORCPT, NOTIFY) for a recipient, from its RCPT parameters."""
+        params = self.rcpt_params.get(rcpt, {})
+        orcpt = params.get("ORCPT") or f"rfc822;{rcpt}"
+        notify = tuple(n.strip().upper() for n in (params.get("NOTIFY") or "").split(",")
+                       if n.strip())
+        return orcpt, notify
+
+    async def _enqueue(self, queue_id: str, message, prefix: bytes, queued) -> Optional[R.Reply]:
+        """Queue ``message`` for ``queued``; None when durable, else the reply."""
+        if self.ctx.outbox is None:
+            return R.INTERNAL_ERROR.with_text(f"{R.INTERNAL_ERROR.text} ({queue_id})")
+        seen, recipients, notify = set(), [], {}
+        for address, orcpt, n in queued:
+            if address not in seen:
+                seen.add(address)
+                recipients.append((address, orcpt))
+                notify[address] = n
+        try:
+            await self.ctx.outbox.enqueue(
+                queue_id=queue_id, source_path=message.path, prefix=prefix,
+                sender=self.sender or "", recipients=recipients, notify=notify,
+                arrival=self.ctx.clock.seconds(), eight_bit=self.body_8bit,
+                smtputf8=self.smtputf8, envid=self.mail_params.get("ENVID"),
+                ret=(self.mail_params.get("RET") or "").upper() or None,
+            )
+        except Exception as e:
+            if not is_known(e):
+                log.failure("{id}: could not queue the message", id=queue_id)
+            return to_reply(e, queue_id)
+        log.info("{id}: queued for {n} recipient(s)", id=queue_id, n=len(recipients))
+        return None
 
     def _tls_details(self) -> dict:
         if not self.tls_active:
@@ -407,6 +490,27 @@ class SMTPServerProtocol(Protocol):
                     "tls_cipher": handle.get_cipher_name()}
         except Exception:
             return {"tls_version": "TLS", "tls_cipher": None}
+
+    def on_etrn(self, event: ev.Etrn) -> None:
+        self._decide(self._etrn(event.node))
+
+    async def _etrn(self, node: str) -> list:
+        """RFC 1985: run the deferred mail for ``node`` now (trusted clients only)."""
+        def say(template):
+            return template.with_text(template.text.format(node=node[:255]))
+
+        if self.ctx.outbox is None or not self.ctx.policy.may_relay(self.client, False):
+            return [say(R.ETRN_DENIED)]
+        if node.startswith("#"):  # named queues: we have none
+            return [say(R.ETRN_UNAVAILABLE)]
+        try:
+            moved = await self.ctx.outbox.flush(node.lstrip("@").lower())
+        except Exception:
+            log.failure("ETRN {node} failed", node=node)
+            return [say(R.ETRN_UNAVAILABLE)]
+        log.info("{listener}: ETRN {node} from {client}: {n} message(s)", listener=self.ctx.name,
+                 node=node, client=self.client, n=len(moved))
+        return [say(R.ETRN_STARTED if moved else R.ETRN_NOTHING)]
 
     def on_reset(self, event: ev.Reset) -> None:
         self._reset_transaction()
@@ -427,19 +531,12 @@ class SMTPServerProtocol(Protocol):
         ev.DataChunk: on_data_chunk,
         ev.DataAborted: on_data_aborted,
         ev.DataEnd: on_data_end,
+        ev.Etrn: on_etrn,
         ev.Reset: on_reset,
         ev.Quit: on_quit,
         ev.Closing: on_quit,
         ev.ConnectionClosed: on_closed,
     }
-
-
-def _combine(results: list, queue_id: str) -> R.Reply:
-    """One SMTP reply for all recipients: 250 only when every copy is durable."""
-    for reply in results:
-        if not reply.is_positive:
-            return reply
-    return R.QUEUED.with_text(R.QUEUED.text.format(id=queue_id))
 
 
 class SMTPFactory(Factory):

@@ -46,6 +46,8 @@ def toml_value(v) -> str:
         return repr(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
     s = str(v).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{s}"'
 
@@ -74,6 +76,7 @@ class MailServer:
 
     def __init__(self, workdir: Path, *, directory: dict, tls: Optional[dict] = None,
                  smtp: Optional[dict] = None, server: Optional[dict] = None,
+                 relay: Optional[dict] = None, queue: Optional[dict] = None,
                  lmtp_unix: bool = True) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -83,11 +86,15 @@ class MailServer:
         self.maildir_root = self.workdir / "mail"
         self.spool = self.workdir / "spool"
         self.log_path = self.workdir / "server.log"
+        self.queue_dir = self.workdir / "queue"
         tables = {
             "server": {"hostname": "mx.example.test", "spool_dir": str(self.spool), **(server or {})},
             "domains": {"local": ["example.test"]},
             "directory": directory,
             "store": {"maildir_root": str(self.maildir_root)},
+            "queue": {"directory": str(self.queue_dir), **(queue or {})},
+            # Tests relay only when they say so, and never ask real DNS.
+            "relay": {"trusted_networks": [], "nameservers": ["127.0.0.1:9"], **(relay or {})},
         }
         if tls:
             tables["tls"] = tls

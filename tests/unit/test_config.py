@@ -1,5 +1,6 @@
 """Configuration loading and validation."""
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -125,6 +126,8 @@ def test_reference_documents_every_key_with_its_default():
         for f in fields:
             assert f.name in table, f"{section}.{f.name} missing from etc/mailserver.toml"
             default = f.default
+            if default is dataclasses.MISSING:
+                default = f.default_factory()
             if isinstance(default, tuple):
                 default = list(default)
             assert table[f.name] == default, f"{section}.{f.name}"
@@ -159,3 +162,25 @@ def test_store_template_checked_like_the_store(cfgdir, template, ok):
     else:
         with pytest.raises(ConfigError, match="store.template"):
             load_config(write(cfgdir, text))
+
+
+@pytest.mark.parametrize("extra, key", [
+    ('[relay]\ntrusted_networks = ["10.0.0.0/33"]\n', "relay.trusted_networks"),
+    ('[relay.transports]\n"example.org" = "carrier-pigeon:x"\n', "relay.transports"),
+    ('[relay]\ntls_policies = { "bank.example" = "sometimes" }\n', "relay.tls_policies.bank.example"),
+    ('[relay]\nnameservers = ["dns.example"]\n', "relay.nameservers"),
+    ('[relay]\nsmarthost = "[relay.example:587"\n', "relay.smarthost"),
+])
+def test_relay_settings_checked(cfgdir, extra, key):
+    """Relay settings are validated at start, naming the key."""
+    with pytest.raises(ConfigError, match=f"{re.escape(key)}: "):
+        load_config(write(cfgdir, MINIMAL + extra))
+
+
+def test_transport_map_loads(cfgdir):
+    """A transport map and a smarthost load as tables of strings."""
+    text = MINIMAL + ('[relay]\nsmarthost = "[relay.example.net]:587"\n'
+                      '[relay.transports]\n"lists.example.test" = "lmtp:unix:/run/lmtp"\n')
+    c = load_config(write(cfgdir, text))
+    assert c.relay.transports == {"lists.example.test": "lmtp:unix:/run/lmtp"}
+    assert c.relay.smarthost == "[relay.example.net]:587"

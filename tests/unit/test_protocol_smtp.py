@@ -305,3 +305,84 @@ def test_unstorable_mailbox_refused_at_rcpt(h):
     t.clear()
     p.dataReceived(b"RCPT TO:<weird@example.test>\r\n")
     assert replies(t) == ["550 5.2.0"]
+
+
+def queue_harness(tmp_path, **kw):
+    from mailserver.policy import Networks
+    from mailserver.testing import RecordingOutbox
+
+    h = Harness(tmp_path, outbox=RecordingOutbox(), etrn=True, **kw)
+    h.ctx.policy.trusted = Networks(["192.0.2.0/24"])
+    return h
+
+
+def test_relay_from_trusted_network_is_queued(tmp_path):
+    """A trusted client's remote recipients go to the queue, with DSN parameters, before 250."""
+    h = queue_harness(tmp_path)
+    p, t = h.connect("192.0.2.7")
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.test> RET=HDRS ENVID=E1\r\n"
+                   b"RCPT TO:<r@example.org> NOTIFY=FAILURE\r\nRCPT TO:<alice@example.test>\r\n"
+                   b"DATA\r\nSubject: out\r\n\r\nbody\r\n.\r\n")
+    assert replies(t)[-1] == "250 2.0.0"
+    [q] = h.ctx.outbox.queued
+    assert q["recipients"] == [("r@example.org", "rfc822;r@example.org")]
+    assert q["notify"] == {"r@example.org": ("FAILURE",)}
+    assert (q["sender"], q["ret"], q["envid"]) == ("x@example.test", "HDRS", "E1")
+    assert q["content"].startswith(b"Received: from c (unknown [192.0.2.7])")
+    assert len(h.messages("alice")) == 1  # local copy delivered directly
+
+
+def test_untrusted_client_cannot_relay(tmp_path):
+    """Outside the trusted networks, remote recipients are still 554 5.7.1."""
+    h = queue_harness(tmp_path)
+    p, t = h.connect("198.51.100.1")
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.test>\r\nRCPT TO:<r@example.org>\r\n")
+    assert replies(t)[-1] == "554 5.7.1"
+
+
+def test_failed_local_copy_is_queued_not_refused(tmp_path):
+    """When one of several mailboxes fails now, it is queued and the client gets one 250."""
+    h = queue_harness(tmp_path, store=lambda s: BrokenStore(s, "bob@example.test",
+                                                           OSError(28, "No space")))
+    p, t = h.connect("198.51.100.1")
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<team@example.test>\r\n"
+                   b"DATA\r\nSubject: t\r\n\r\nbody\r\n.\r\n")
+    assert replies(t)[-1] == "250 2.0.0"
+    [q] = h.ctx.outbox.queued
+    assert q["recipients"] == [("bob@example.test", "rfc822;team@example.test")]
+    assert len(h.messages("alice")) == 1
+
+
+def test_queue_failure_is_temporary(tmp_path):
+    """If the queue cannot take the message, the client gets a 4xx, never a 250."""
+    h = queue_harness(tmp_path)
+    h.ctx.outbox.fail = OSError(28, "No space")
+    p, t = h.connect("192.0.2.7")
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.test>\r\nRCPT TO:<r@example.org>\r\n"
+                   b"DATA\r\nSubject: out\r\n\r\nbody\r\n.\r\n")
+    assert replies(t)[-1] == "452 4.3.1"
+
+
+def test_etrn(tmp_path):
+    """ETRN from a trusted client flushes the domain; others are refused with 459."""
+    h = queue_harness(tmp_path)
+    p, t = h.connect("192.0.2.7")
+    p.dataReceived(b"EHLO c\r\nETRN example.org\r\nETRN @other.example\r\nETRN #q\r\n")
+    assert replies(t)[-3:] == ["250 2.0.0", "251 2.0.0", "458 4.3.0"]
+    assert h.ctx.outbox.flushed == ["example.org", "other.example"]
+    p2, t2 = h.connect("198.51.100.1")
+    p2.dataReceived(b"EHLO c\r\nETRN example.org\r\n")
+    assert replies(t2)[-1] == "459 4.7.1"
+
+
+def test_forward_is_queued_with_its_original_recipient(tmp_path):
+    """An address that forwards outside is queued for the forward, ORCPT naming the original."""
+    h = queue_harness(tmp_path)
+    h.directory.entries["fwd@example.test"] = ("alice@example.test", "far@example.org")
+    p, t = h.connect("198.51.100.1")
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<fwd@example.test>\r\n"
+                   b"DATA\r\nSubject: f\r\n\r\nbody\r\n.\r\n")
+    assert replies(t)[-1] == "250 2.0.0"
+    [q] = h.ctx.outbox.queued
+    assert q["recipients"] == [("far@example.org", "rfc822;fwd@example.test")]
+    assert len(h.messages("alice")) == 1
