@@ -10,6 +10,10 @@ where mail for ADDRESS goes and prints every step of the answer.
 terminal (or one line of standard input).  Both use the blocking directory
 calls directly: no reactor runs.
 
+``mailserverctl queue list|show|flush|hold|release|delete`` look at and
+steer the outbound queue, safely while the server runs (see
+:mod:`mailserver.queue.cli`).
+
 Exit status of ``lookup`` and ``auth-test``: 0 found / authenticated,
 1 unknown address / refused login, 75 (EX_TEMPFAIL) the directory could not
 answer, 78 (EX_CONFIG) the configuration or the directory settings are
@@ -186,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("login")
     _config_option(p)
     p.set_defaults(func=auth_test)
+    from mailserver.queue.cli import add_queue_commands
+
+    add_queue_commands(sub)
     return parser
 
 

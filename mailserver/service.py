@@ -163,8 +163,9 @@ def build_directory(config: Config, reactor, parent: MailService) -> ReloadableD
     return parent.directory_service.directory
 
 
-def make_resolver(nameservers):
-    """A twisted.names resolver: the configured servers, or /etc/resolv.conf."""
+def make_resolver(nameservers, reactor):
+    """A twisted.names resolver: only the configured servers (never a
+    fallback to 127.0.0.1:53), or the system's /etc/resolv.conf and hosts."""
     from twisted.names import client
 
     if not nameservers:
@@ -172,11 +173,11 @@ def make_resolver(nameservers):
     servers = []
     for entry in nameservers:
         host, port = entry, 53
-        if entry.count(":") == 1:  # IPv4 with a port; bare IPv6 has several colons
+        if entry.count(":") == 1:  # IPv4 with a port; a bare IPv6 address has several colons
             host, _, p = entry.partition(":")
             port = int(p)
         servers.append((host, port))
-    return client.createResolver(servers=servers, resolvconf="/dev/null", hosts="/dev/null")
+    return client.Resolver(servers=servers, reactor=reactor, timeout=(2, 5))
 
 
 def _trust_root(ca_file: str):
@@ -211,9 +212,9 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     needs_roots = "verify" in policies.values()
     trust = _trust_root(relay.tls_ca_file) if needs_roots else None
     tls_policy = {k: TLSPolicy(v, trust if v == "verify" else None) for k, v in policies.items()}
-    remote = RemoteDelivery(make_resolver(relay.nameservers), deliver_to_host, helo=helo,
-                            reactor=reactor, tls_policy=tls_policy,
-                            own_names=(config.server.hostname, helo))
+    remote = RemoteDelivery(make_resolver(relay.nameservers, reactor), deliver_to_host,
+                            helo=helo, reactor=reactor, tls_policy=tls_policy,
+                            own_names=(config.server.hostname, helo), dns_timeout=(2, 5))
     auth = None
     if relay.smarthost_username:
         auth = (relay.smarthost_username, relay.smarthost_password)

@@ -77,10 +77,11 @@ class MailServer:
     def __init__(self, workdir: Path, *, directory: dict, tls: Optional[dict] = None,
                  smtp: Optional[dict] = None, server: Optional[dict] = None,
                  relay: Optional[dict] = None, queue: Optional[dict] = None,
-                 lmtp_unix: bool = True) -> None:
+                 domains: tuple = ("example.test",), lmtp_unix: bool = True,
+                 smtp_port: Optional[int] = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.smtp_port = free_port()
+        self.smtp_port = smtp_port or free_port()
         self.lmtp_port = free_port()
         self.lmtp_socket = str(self.workdir / "lmtp.sock")
         self.maildir_root = self.workdir / "mail"
@@ -89,7 +90,7 @@ class MailServer:
         self.queue_dir = self.workdir / "queue"
         tables = {
             "server": {"hostname": "mx.example.test", "spool_dir": str(self.spool), **(server or {})},
-            "domains": {"local": ["example.test"]},
+            "domains": {"local": list(domains)},
             "directory": directory,
             "store": {"maildir_root": str(self.maildir_root)},
             "queue": {"directory": str(self.queue_dir), **(queue or {})},
