@@ -264,7 +264,7 @@ class SmtpSinkTests(TestCase):
         report, retry = await send(sink.port, message)
         assert [r.code for r in report.replies.values()] == [250, 250] and not retry
         ((fields, body),) = sink.messages()
-        assert fields["X-Mail-Args"] == [f"<alice@example.org> RET=HDRS ENVID=Q+2B1"]
+        assert fields["X-Mail-Args"] == ["<alice@example.org> RET=HDRS ENVID=Q+2B1"]
         assert fields["X-Rcpt-Args"] == ["<bob@example.org> NOTIFY=FAILURE,DELAY "
                                          "ORCPT=rfc822;bob@example.org", "<carol@example.org>"]
         assert ".dot\nline\n" in body

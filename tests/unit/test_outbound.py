@@ -22,6 +22,9 @@ from twisted.test import iosim
 
 from mailserver import reply as R
 from mailserver.delivery.interfaces import OutboundMessage, OutboundRecipient
+from mailserver.delivery.local import LocalDelivery
+from mailserver.policy import RecipientPolicy
+from mailserver.proto.smtp_server import Limits, Mode
 from mailserver.protocols import outbound
 from mailserver.protocols.outbound import (
     Destination,
@@ -31,6 +34,10 @@ from mailserver.protocols.outbound import (
     deliver_to_host,
     tls_options,
 )
+from mailserver.protocols.smtp import ConnectionLimiter, ListenerContext, SMTPFactory
+from mailserver.spool import prepare_spool
+from mailserver.store.maildir import MaildirStore
+from mailserver.testing import FakeDirectory, ImmediateReactor, SynchronousThreadPool
 
 GREETING = b"220 mx.example.org ESMTP\r\n"
 EHLO = (b"250-mx.example.org\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n"
@@ -494,14 +501,6 @@ class PoolTests:
 
 
 # --- against our own server protocol, in memory -------------------------------
-
-from mailserver.delivery.local import LocalDelivery  # noqa: E402
-from mailserver.policy import RecipientPolicy  # noqa: E402
-from mailserver.proto.smtp_server import Limits, Mode  # noqa: E402
-from mailserver.protocols.smtp import ConnectionLimiter, ListenerContext, SMTPFactory  # noqa: E402
-from mailserver.spool import prepare_spool  # noqa: E402
-from mailserver.store.maildir import MaildirStore  # noqa: E402
-from mailserver.testing import FakeDirectory, ImmediateReactor, SynchronousThreadPool  # noqa: E402
 
 
 def test_delivery_to_our_server_protocol(tmp_path, content):
