@@ -198,6 +198,9 @@ class RelayConfig:
     transports: Dict[str, str] = field(default_factory=dict, metadata=_doc("Transport map."))
     nameservers: Tuple[str, ...] = field(default=(), metadata=_doc("DNS servers; [] = resolv.conf."))
     connect_timeout: float = field(default=30.0, metadata=_doc("Seconds to connect.", min=1))
+    srs_secret: str = field(default="", metadata=_doc("SRS for forwarded mail; \"\" = off."))
+    srs_domain: str = field(default="", metadata=_doc("Domain of SRS addresses; first local."))
+    srs_max_age: int = field(default=21, metadata=_doc("Days an SRS address stays valid.", min=1))
 
 
 @dataclass(frozen=True)

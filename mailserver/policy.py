@@ -27,6 +27,9 @@ The rules for the MX and LMTP roles:
   outbound queue routes it.
 * Addresses that forward to external addresses are accepted; the queue
   carries the forwarded copies.
+* With SRS on, ``SRS0=...@srs-domain`` addresses (bounces of forwarded mail)
+  are accepted from anyone when their hash and age check out, and relayed to
+  the original sender; forged or expired ones are ``550 5.1.1``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class RcptDecision:
 
     reply: Reply
     resolution: Optional[Resolution] = None
+    forward_to: Optional[str] = None  # an SRS address: relay to the original sender
 
 
 def split_address(address: str) -> tuple[str, str]:
@@ -77,12 +81,14 @@ class RecipientPolicy:
     """Decides RCPT for the MX and LMTP roles."""
 
     def __init__(self, directory, local_domains: Sequence[str], *, lmtp: bool = False,
-                 catch_all: bool = False, trusted: Optional[Networks] = None) -> None:
+                 catch_all: bool = False, trusted: Optional[Networks] = None,
+                 srs=None) -> None:
         self.directory = directory
         self.primary_domain = local_domains[0].lower() if local_domains else ""
         self.lmtp = lmtp
         self.catch_all = catch_all
         self.trusted = trusted if trusted is not None else Networks()
+        self.srs = srs
 
     def may_relay(self, client_ip: str, authenticated: bool) -> bool:
         return not self.lmtp and (authenticated or client_ip in self.trusted)
@@ -104,6 +110,11 @@ class RecipientPolicy:
                     return RcptDecision(R.RCPT_OK)
                 return RcptDecision(R.RCPT_UNKNOWN if self.lmtp else R.RELAY_DENIED)
             address = f"{local}@{domain}"
+            if self.srs is not None and not self.lmtp and self.srs.is_srs(address):
+                original = self.srs.reverse(address)
+                if original is None:
+                    return RcptDecision(R.RCPT_UNKNOWN)
+                return RcptDecision(R.RCPT_OK, forward_to=original)
             resolution = await self.directory.resolve(address)
             if not resolution.found and not resolution.disabled and self.catch_all:
                 fallback = await self.directory.resolve(f"@{domain}")

@@ -257,6 +257,12 @@ def build_service(config: Config, reactor=None) -> MailService:
     delivery = LocalDelivery(store, pool, reactor)
     outbox = build_queue(config, reactor, top, directory, delivery, pool)
     trusted = Networks(config.relay.trusted_networks)
+    srs = None
+    if config.relay.srs_secret:
+        from mailserver.srs import SRS
+
+        srs = SRS(config.relay.srs_secret, config.relay.srs_domain or config.domains.local[0],
+                  max_age_days=config.relay.srs_max_age, clock=reactor.seconds)
     s = config.smtp
     limits = Limits(
         max_command_line=s.command_line_limit,
@@ -272,7 +278,8 @@ def build_service(config: Config, reactor=None) -> MailService:
             hostname=config.server.hostname,
             limits=limits,
             policy=RecipientPolicy(directory, config.domains.local, lmtp=lmtp,
-                                   catch_all=config.domains.catch_all, trusted=trusted),
+                                   catch_all=config.domains.catch_all, trusted=trusted,
+                                   srs=srs),
             delivery=delivery,
             spool_dir=config.server.spool_dir,
             clock=reactor,
@@ -285,6 +292,7 @@ def build_service(config: Config, reactor=None) -> MailService:
             max_received=s.max_received_headers,
             outbox=outbox,
             etrn=config.relay.etrn,
+            srs=srs,
         )
         endpoint = make_endpoint(reactor, lc.address, lc.socket_mode)
         svc = StreamServerEndpointService(endpoint, SMTPFactory(ctx))

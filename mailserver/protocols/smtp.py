@@ -90,6 +90,7 @@ class ListenerContext:
     queue_id: Callable[[], str] = field(default=new_queue_id)
     outbox: Any = None  # mailserver.queue.submit.Outbox, for relayed and forwarded mail
     etrn: bool = False
+    srs: Any = None  # mailserver.srs.SRS when forwarded mail is rewritten
 
 
 def _peer_ip(transport) -> str:
@@ -352,7 +353,9 @@ class SMTPServerProtocol(Protocol):
         if reply.is_positive and decision.resolution is not None:
             reply = self.ctx.delivery.check(decision.resolution) or reply
         if reply.is_positive:
-            self.accepted.append((recipient, decision.resolution))
+            self.accepted.append((decision.forward_to or recipient, decision.resolution))
+            if decision.forward_to:
+                self.rcpt_params[decision.forward_to] = self.rcpt_params.get(recipient, {})
         if not reply.is_positive:  # accepted recipients are logged with the message
             log.info("{listener}: NOQUEUE: reject: RCPT from {client}: {reply}; from=<{sender}> "
                      "to=<{rcpt}>", listener=self.ctx.name, client=self.client, reply=str(reply),
@@ -419,20 +422,29 @@ class SMTPServerProtocol(Protocol):
         if local:
             by_mailbox = await self.ctx.delivery.copies(queue_id, sender, message.path, prefix,
                                                         local)
-        queued = []  # (address, orcpt, notify)
+        queued, forwarded = [], []  # (address, orcpt, notify)
         for rcpt, res in accepted:
             orcpt, notify = self._dsn_params(rcpt)
             if res is None:
                 queued.append((rcpt, orcpt, notify))
             else:
-                queued.extend((f, orcpt, notify) for f in res.forwards)
+                forwarded.extend((f, orcpt, notify) for f in res.forwards)
+        srs_sender = self.ctx.srs.forward(sender) if self.ctx.srs and forwarded else None
+        if srs_sender is None or srs_sender == sender:
+            queued += forwarded  # one queued message, one sender
+            forwarded = []
         if not lmtp:
             owner = {mb: rcpt for rcpt, res in local for mb in res.mailboxes}
             for mb, reply in by_mailbox.items():
                 if not reply.is_positive:
                     orcpt, notify = self._dsn_params(owner[mb])
                     queued.append((mb.address, orcpt, notify))
-        queue_reply = await self._enqueue(queue_id, message, prefix, queued) if queued else None
+        queue_reply = None
+        if queued:
+            queue_reply = await self._enqueue(queue_id, message, prefix, queued, sender)
+        if forwarded and queue_reply is None:  # forwarded copies leave with the SRS sender
+            queue_reply = await self._enqueue(self.ctx.queue_id(), message, prefix, forwarded,
+                                              srs_sender)
         if lmtp:
             replies = self.ctx.delivery.per_recipient(queue_id, local, by_mailbox)
             by_rcpt = dict(zip([r for r, _ in local], replies))
@@ -456,8 +468,10 @@ class SMTPServerProtocol(Protocol):
                        if n.strip())
         return orcpt, notify
 
-    async def _enqueue(self, queue_id: str, message, prefix: bytes, queued) -> Optional[R.Reply]:
-        """Queue ``message`` for ``queued``; None when durable, else the reply."""
+    async def _enqueue(self, queue_id: str, message, prefix: bytes, queued,
+                       sender: str) -> Optional[R.Reply]:
+        """Queue ``message`` from ``sender`` for ``queued``; None when durable,
+        else the reply for the client."""
         if self.ctx.outbox is None:
             return R.INTERNAL_ERROR.with_text(f"{R.INTERNAL_ERROR.text} ({queue_id})")
         seen, recipients, notify = set(), [], {}
@@ -469,7 +483,7 @@ class SMTPServerProtocol(Protocol):
         try:
             await self.ctx.outbox.enqueue(
                 queue_id=queue_id, source_path=message.path, prefix=prefix,
-                sender=self.sender or "", recipients=recipients, notify=notify,
+                sender=sender, recipients=recipients, notify=notify,
                 arrival=self.ctx.clock.seconds(), eight_bit=self.body_8bit,
                 smtputf8=self.smtputf8, envid=self.mail_params.get("ENVID"),
                 ret=(self.mail_params.get("RET") or "").upper() or None,
@@ -478,7 +492,8 @@ class SMTPServerProtocol(Protocol):
             if not is_known(e):
                 log.failure("{id}: could not queue the message", id=queue_id)
             return to_reply(e, queue_id)
-        log.info("{id}: queued for {n} recipient(s)", id=queue_id, n=len(recipients))
+        log.info("{id}: queued from=<{sender}> for {n} recipient(s)", id=queue_id, sender=sender,
+                 n=len(recipients))
         return None
 
     def _tls_details(self) -> dict:

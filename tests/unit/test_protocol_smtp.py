@@ -386,3 +386,26 @@ def test_forward_is_queued_with_its_original_recipient(tmp_path):
     [q] = h.ctx.outbox.queued
     assert q["recipients"] == [("far@example.org", "rfc822;fwd@example.test")]
     assert len(h.messages("alice")) == 1
+
+
+def test_srs_forwarding_and_bounce(tmp_path):
+    """Forwarded copies leave with an SRS sender; a bounce to it goes back to the original."""
+    from mailserver.srs import SRS
+
+    srs = SRS("secret", "example.test", clock=lambda: 1_800_000_000.0)
+    h = queue_harness(tmp_path, srs=srs)
+    h.ctx.policy.srs = srs
+    h.directory.entries["fwd@example.test"] = ("far@example.org",)
+    p, t = h.connect("198.51.100.1")
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.net>\r\nRCPT TO:<fwd@example.test>\r\n"
+                   b"DATA\r\nSubject: f\r\n\r\nbody\r\n.\r\n")
+    assert replies(t)[-1] == "250 2.0.0"
+    [q] = h.ctx.outbox.queued
+    assert q["sender"].startswith("SRS0=") and q["recipients"][0][0] == "far@example.org"
+    bounce_to = q["sender"]
+    p.dataReceived(b"MAIL FROM:<>\r\nRCPT TO:<" + bounce_to.encode() + b">\r\n"
+                   b"RCPT TO:<SRS0=fake=AA=example.net=x@example.test>\r\n"
+                   b"DATA\r\nSubject: bounce\r\n\r\nbody\r\n.\r\n")
+    assert replies(t) == ["250 2.1.0", "250 2.1.5", "550 5.1.1", "354 End d", "250 2.0.0"]
+    assert h.ctx.outbox.queued[1]["recipients"][0][0] == "x@example.net"
+    assert h.ctx.outbox.queued[1]["sender"] == ""
