@@ -185,6 +185,14 @@ class OwnServerTests(TestCase):
             time.sleep(0.05)
         assert self.server.log().count("smtp: connect from") == before + 1
 
+    async def test_host_name(self):
+        """A host name goes through HostnameEndpoint; the report names host and address."""
+        message = self.mail("alice@example.test", subject="by-name")
+        report, _ = await deliver_to_host(reactor(), "localhost", self.server.smtp_port, message,
+                                          helo="client.example.test", timeouts=TIMEOUTS)
+        assert report.replies["alice@example.test"].code == 250, report
+        assert report.remote == f"localhost[127.0.0.1]:{self.server.smtp_port}"
+
     async def test_nothing_listening(self):
         """A closed port: 451 4.4.1 for everyone and try the next host."""
         report, retry = await send(free_port(), self.mail("alice@example.test"))
@@ -212,10 +220,16 @@ class Sink:
             self.proc.wait(10)
 
     def messages(self) -> list:
-        """Each dump as (headers dict of lists, body text)."""
+        """Each dump as (headers dict of lists, body text).
+
+        smtp-sink opens a dump file at MAIL and removes it, a moment after its
+        reply, when the transaction ends without data: empty files are skipped.
+        """
         out = []
         for path in sorted(self.directory.glob("msg.*")):
             text = path.read_text(errors="replace")
+            if not text:
+                continue
             head, _, body = text.partition("\nReceived: ")
             fields: dict = {}
             for line in head.splitlines():
