@@ -3,5 +3,6 @@
 # .venv with the test dependencies, then runs pytest.  Extra arguments go to pytest.
 MAILSERVER_EXTRA=test
 . "$(dirname "$0")/_setup.sh"
-apt_install slapd ldap-utils swaks dovecot-core
+dpkg -s postfix >/dev/null 2>&1 || echo "postfix postfix/main_mailer_type select No configuration" | as_root debconf-set-selections
+apt_install slapd ldap-utils swaks dovecot-core postfix
 exec .venv/bin/python -m pytest "$@"
