@@ -101,6 +101,12 @@ class SynchronousThreadPool:
         else:
             onResult(True, result)
 
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
 
 class ImmediateReactor:
     """Just enough reactor for ``deferToThreadPool`` with the pool above."""

@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 
 import pytest
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailserver.directory.ldap import LDAPDirectory, LDAPSettings
 from mailserver.directory.ldif import embedded_directory
+from mailserver.testing import ImmediateReactor, SynchronousThreadPool
 from tests.support.slapd import DATA, QUICKSTART_LDIF, SUFFIX, release_shared, shared_slapd
 
 SERVICE_DN = "cn=mailserver,dc=example,dc=test"
@@ -44,29 +44,8 @@ CAROL_DN = f"uid=carol,{CASES}"
 DEEP_LEVELS = 13  # deep0 .. deep12; deep12 holds alice
 
 
-class ImmediateThreadPool:
-    """Runs "threaded" work at once, on the caller's thread."""
-
-    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):
-        try:
-            result = function(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
-
-
-class ImmediateReactor:
-    """Just enough reactor for deferToThreadPool: calls back at once."""
-
-    def callFromThread(self, function, *args, **kwargs):
-        function(*args, **kwargs)
+# One set of synchronous fakes for the whole suite: the ones the product ships.
+ImmediateThreadPool = SynchronousThreadPool
 
 
 class QueueReactor:
