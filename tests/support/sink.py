@@ -80,6 +80,7 @@ class SinkMessage:
     helo: str = ""
     mail_args: str = ""
     rcpt_args: List[str] = field(default_factory=list)
+    data: bool = False  # DATA was accepted (smtp-sink wrote its Received header)
     content: bytes = b""  # the message as received (LF line ends)
 
     @property
@@ -117,6 +118,7 @@ def parse_dump(path: Path) -> SinkMessage:
         elif name == "X-Rcpt-Args":
             msg.rcpt_args.append(value)
         elif name == "Received":
+            msg.data = True
             # Its two continuation lines (by ... id ...; and the date) end
             # smtp-sink's part; the message follows.
             for _ in range(2):
@@ -241,7 +243,8 @@ class SmtpSink:
         return len(self.dump_files())
 
     def messages(self) -> List[SinkMessage]:
-        """Every saved message, oldest first."""
+        """Every dump, oldest first: messages, and transactions still open or
+        left open (``data`` False, no content)."""
         out = []
         for path in self.dump_files():
             try:
@@ -251,9 +254,12 @@ class SmtpSink:
         return sorted(out, key=lambda m: m.mtime)
 
     def by_message_id(self) -> Dict[str, List[SinkMessage]]:
-        """Saved messages grouped by their Message-ID header (duplicates stay)."""
+        """Messages (dumps that got as far as DATA) grouped by their Message-ID
+        header (duplicates stay)."""
         out: Dict[str, List[SinkMessage]] = {}
         for m in self.messages():
+            if not m.data:
+                continue
             out.setdefault(m.header("Message-ID") or "", []).append(m)
         return out
 
