@@ -417,8 +417,8 @@ def main(argv=None) -> int:
               f"({m['drain_rate']:.0f} msg/s, first to last remote acceptance; "
               f"server CPU {m['drain_cpu_per_msg'] * ms:.1f} ms per message)")
     if m["sessions"] is not None:
-        print(f"  SMTP sessions to smtp-sink per round: {m['sessions']:.0f} "
-              f"for {args.messages} messages")
+        print(f"  SMTP sessions ended at smtp-sink per round: {m['sessions']:.0f} "
+              f"for {args.messages} messages (connections kept open are not counted)")
     print(f"  duplicates at smtp-sink: {summary['duplicates']}; left in the queue: {left}")
     return 0
 
