@@ -15,7 +15,7 @@ import sys
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -91,6 +91,17 @@ class DirectoryService(service.Service):
     def stopService(self) -> None:
         super().stopService()
         self.directory.close()
+
+
+class PoolService(service.Service):
+    """Closes idle outbound connections at shutdown."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+
+    def stopService(self):
+        super().stopService()
+        return defer.ensureDeferred(self.pool.close())
 
 
 class MailService(service.MultiService):
@@ -201,12 +212,17 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     from mailserver.delivery.local import LocalTarget
     from mailserver.delivery.remote import RemoteDelivery, TLSPolicy
     from mailserver.delivery.routing import Router
-    from mailserver.protocols.outbound import deliver_to_host
+    from mailserver.protocols.outbound import OutboundConnectionPool, Timeouts
     from mailserver.queue.manager import QueueManager, Schedule
     from mailserver.queue.spool import QueueSpool
     from mailserver.queue.submit import Outbox
 
     relay, q = config.relay, config.queue
+    # Reuse: several messages per connection to one destination.
+    connections = OutboundConnectionPool(reactor,
+                                         timeouts=Timeouts(connect=relay.connect_timeout))
+    PoolService(connections).setServiceParent(parent)
+    deliver_to_host = connections.deliver_to_host
     helo = relay.helo_name or config.server.hostname
     policies = {"*": relay.tls, **relay.tls_policies}
     needs_roots = "verify" in policies.values()

@@ -175,10 +175,12 @@ class QueueManager(service.Service):
             self._timer = self.clock.callLater(delay, self.scan)
 
     def _due_time(self, queue_id: str) -> Optional[float]:
+        from mailserver.queue.spool import NotQueued
+
         try:
             _state, env = self.spool.load(queue_id)
-        except FileNotFoundError:
-            return None  # another process took it
+        except (NotQueued, FileNotFoundError):
+            return None  # another process took it, or it was deleted
         except Exception as e:
             self._quarantine(queue_id, e)
             return None
@@ -216,8 +218,12 @@ class QueueManager(service.Service):
 
     # -- one message -----------------------------------------------------
     async def _process(self, queue_id: str) -> None:
+        from mailserver.queue.spool import NotQueued
+
         try:
             _state, env = self.spool.load(queue_id)
+        except NotQueued:
+            return  # deleted between the claim and now
         except Exception as e:
             self._quarantine(queue_id, e)
             return
