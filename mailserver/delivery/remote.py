@@ -516,15 +516,6 @@ async def attempt_delivery(connect, reactor, message: OutboundMessage, hops: Seq
     return DeliveryReport(replies=done, remote=remote, details=details)
 
 
-def log_report(queue_id: str, report: DeliveryReport) -> None:
-    """One Postfix-style line per recipient."""
-    for rcpt, reply in report.replies.items():
-        status = "sent" if reply.is_positive else "deferred" if reply.is_temporary else "bounced"
-        emit = log.info if reply.is_positive else log.warn
-        emit("{id}: to=<{to}>, relay={relay}, status={status} ({reply})", id=queue_id,
-             to=rcpt, relay=report.remote or "none", status=status, reply=str(reply))
-
-
 @implementer(IDeliveryTarget)
 class RemoteDelivery:
     """Deliver to the mail exchangers of the recipients' domain.
@@ -586,7 +577,6 @@ class RemoteDelivery:
                 self.connect, self.reactor, message, hops_for(destinations, port),
                 helo=self.helo, tls=tls_policy_for(self.tls_policy, domain),
                 max_addresses=self.max_addresses)
-        log_report(message.queue_id, report)
         return report
 
 

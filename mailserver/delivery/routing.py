@@ -61,7 +61,7 @@ from zope.interface import implementer
 from mailserver import reply as R
 from mailserver.delivery.interfaces import DeliveryReport, IDeliveryTarget, OutboundMessage
 from mailserver.delivery.remote import (
-    Hop, TLSPolicy, TLSPolicySpec, attempt_delivery, domain_of, ip_literal, log_report,
+    Hop, TLSPolicy, TLSPolicySpec, attempt_delivery, domain_of, ip_literal,
     lookup_keys, same_reply, tls_policy_for,
 )
 from mailserver.errors import ReplyError, TempFailure
@@ -229,7 +229,6 @@ class RefuseTarget:
 
     async def deliver(self, message: OutboundMessage) -> DeliveryReport:
         report = same_reply(message, self.reply, remote=self.name)
-        log_report(message.queue_id, report)
         return report
 
     def __repr__(self) -> str:
@@ -296,7 +295,6 @@ class FixedHostTarget:
             report = await attempt_delivery(
                 self.connect, self.reactor, message, hops, helo=self.helo, tls=self.tls,
                 auth=self.auth, lmtp=self.lmtp, max_addresses=self.max_addresses)
-        log_report(message.queue_id, report)
         return report
 
     def __repr__(self) -> str:

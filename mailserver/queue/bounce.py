@@ -250,8 +250,8 @@ def _status_part(envelope, recipients, reporting_mta, action, kind, now, will_re
         b["Final-Recipient"] = _address_field(rcpt.address)
         b["Action"] = action
         b["Status"] = _status(rcpt, kind)
-        host = rcpt.remote.split("[", 1)[0]
-        if host and host != "local":
+        host = remote_mta(rcpt.remote)
+        if host:
             b["Remote-MTA"] = f"dns; {_ascii(host)}"
         if rcpt.last_reply is not None:
             b["Diagnostic-Code"] = _fold(f"smtp; {_ascii(_said(rcpt.last_reply))}",
@@ -295,6 +295,20 @@ def _status(rcpt: Recipient, kind: str) -> str:
             return "2.0.0"
         default = "2.0.0"
     return "%d.%d.%d" % reply.enhanced if reply.enhanced else default
+
+
+def remote_mta(remote: str) -> str:
+    """The Remote-MTA name from where an attempt went: the host name of
+    ``host[ip]:port``, ``[ip]`` for an address literal ``[ip]:port``, the host
+    of ``host:port``; nothing for local delivery or a UNIX socket."""
+    if not remote or remote == "local" or remote.startswith("unix:"):
+        return ""
+    if remote.startswith("["):
+        return remote[: remote.index("]") + 1] if "]" in remote else ""
+    host = remote.split("[", 1)[0]
+    if "[" not in remote and host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return host
 
 
 def _address_field(address: str) -> str:

@@ -276,3 +276,19 @@ def test_unknown_kind_and_empty_recipients(original):
         dsn(env(), original, kind="maybe")
     with pytest.raises(ValueError):
         dsn(env(), original, recipients=[])
+
+
+@pytest.mark.parametrize("remote, mta", [
+    ("mx1.example.org[192.0.2.1]:25", "mx1.example.org"),
+    ("[192.0.2.1]:2525", "[192.0.2.1]"),
+    ("[2001:db8::1]:25", "[2001:db8::1]"),
+    ("localhost:2525", "localhost"),
+    ("local", ""),
+    ("unix:/run/lmtp", ""),
+    ("", ""),
+])
+def test_remote_mta_names(remote, mta):
+    """Remote-MTA names the host, or the address literal, never a port."""
+    from mailserver.queue.bounce import remote_mta
+
+    assert remote_mta(remote) == mta
