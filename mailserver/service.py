@@ -15,7 +15,7 @@ import sys
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, threads
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -139,6 +139,21 @@ class MailService(service.MultiService):
         log.info("mailserver started: {n} listener(s) for {domains}",
                  n=len(self.config.listeners), domains=", ".join(self.config.domains.local))
 
+    def stopService(self):
+        """Stop listeners, the queue and the directory first, and the thread
+        pools only once they have finished: work still in flight at shutdown
+        (a delivery writing its outcome to the spool) needs a worker thread."""
+        service.Service.stopService(self)
+        pools = [s for s in self if isinstance(s, ThreadPoolService)]
+        others = [s for s in reversed(list(self)) if s not in pools]
+        first = defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others])
+
+        def then(_):
+            for p in pools:
+                p.stopService()
+
+        return first.addBoth(then)
+
     def reload(self) -> None:
         """SIGHUP: re-read the config file, the TLS certificate and the
         directory settings (emptying its cache); connections stay up.  A bad
@@ -238,7 +253,10 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
                     relay.transports, relay.smarthost or None, connect=deliver_to_host,
                     helo=helo, reactor=reactor, tls_policy=tls_policy, smarthost_auth=auth)
     spool = QueueSpool(q.directory, clock=reactor.seconds, fsync=config.store.fsync)
-    manager = QueueManager(spool, router, reactor, hostname=config.server.hostname,
+    def io(f, *args):  # spool work (fsync included) never on the reactor thread
+        return threads.deferToThreadPool(reactor, pool, f, *args)
+
+    manager = QueueManager(spool, router, reactor, hostname=config.server.hostname, io=io,
                            schedule=Schedule(
                                min_backoff=q.min_backoff, max_backoff=q.max_backoff,
                                lifetime=q.lifetime, delay_warning=q.delay_warning,

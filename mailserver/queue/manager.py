@@ -58,7 +58,7 @@ class QueueManager(service.Service):
     """Runs deliveries from ``spool`` through ``router`` on ``clock``."""
 
     def __init__(self, spool, router, clock, *, hostname: str, schedule: Schedule = Schedule(),
-                 bounces=None) -> None:
+                 bounces=None, io=None) -> None:
         from mailserver.queue import bounce
 
         self.spool = spool
@@ -69,6 +69,11 @@ class QueueManager(service.Service):
         self.bounces = bounces or bounce
         self.active: Dict[str, defer.Deferred] = {}
         self._semaphores: Dict[tuple, defer.DeferredSemaphore] = {}
+        # Spool work (listings, envelope reads, writes with fsync) runs through
+        # ``io``: a worker thread in the server, inline in tests.
+        self._io = io or (lambda f, *a: defer.maybeDeferred(f, *a))
+        self._scanning = False
+        self._rescan = False
         self._timer = None
         self._poller = None
         self._flush_mtime = self._flush_stamp()
@@ -149,13 +154,47 @@ class QueueManager(service.Service):
         self._timer = None
         if self._stopping:
             return
-        now = self.clock.seconds()
+        if self._scanning:
+            self._rescan = True
+            return
+        self._scanning = True
+        d = defer.ensureDeferred(self._scan())
+        d.addErrback(lambda f: log.failure("queue scan failed", f))
+
+    async def _scan(self) -> None:
+        try:
+            now = self.clock.seconds()
+            room = self.schedule.max_active - len(self.active)
+            claimed, next_due = await self._io(self._claim_due, now, room, set(self.active))
+            for queue_id in claimed:
+                d = defer.ensureDeferred(self._process(queue_id))
+                self.active[queue_id] = d
+                d.addErrback(self._crashed, queue_id)
+                d.addBoth(self._finished, queue_id)
+        finally:
+            self._scanning = False
+        if self._stopping:
+            return
+        if self._rescan:
+            self._rescan = False
+            next_due = now
+        when = max(next_due - now, 0.0)
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= now + when:
+                return  # a wake() during the scan already planned an earlier one
+            self._timer.cancel()
+        self._timer = self.clock.callLater(when, self.scan)
+
+    def _claim_due(self, now: float, room: int, busy: set) -> tuple:
+        """(ids claimed, when the next deferred one is due); runs in a worker
+        thread: a directory listing, small envelope reads and renames."""
+        claimed = []
         next_due = now + self.schedule.scan_interval
         for state in ("incoming", "deferred"):
             for _state, queue_id in list(self.spool.list(state)):
-                if len(self.active) >= self.schedule.max_active:
-                    break
-                if queue_id in self.active:
+                if len(claimed) >= room:
+                    return claimed, next_due
+                if queue_id in busy:
                     continue
                 if state == "deferred":
                     due = self._due_time(queue_id)
@@ -164,15 +203,9 @@ class QueueManager(service.Service):
                     if due > now:
                         next_due = min(next_due, due)
                         continue
-                if not self._claim(queue_id):
-                    continue
-                d = defer.ensureDeferred(self._process(queue_id))
-                self.active[queue_id] = d
-                d.addErrback(self._crashed, queue_id)
-                d.addBoth(self._finished, queue_id)
-        if not self._stopping:
-            delay = max(next_due - now, 0.0)
-            self._timer = self.clock.callLater(delay, self.scan)
+                if self._claim(queue_id):
+                    claimed.append(queue_id)
+        return claimed, next_due
 
     def _due_time(self, queue_id: str) -> Optional[float]:
         from mailserver.queue.spool import NotQueued
@@ -200,13 +233,17 @@ class QueueManager(service.Service):
         if not self._stopping:
             self.wake()
 
-    def _crashed(self, failure, queue_id: str) -> None:
+    def _crashed(self, failure, queue_id: str):
         """A bug while processing: put the message back for a later try."""
         log.failure("{id}: internal error in the queue manager", failure, id=queue_id)
-        try:
-            self.spool.move(queue_id, "deferred")
-        except Exception:
-            pass
+
+        def back():
+            try:
+                self.spool.move(queue_id, "deferred", from_states=("active",))
+            except Exception:
+                pass
+
+        return self._io(back).addErrback(lambda _: None)
 
     def _quarantine(self, queue_id: str, error: BaseException) -> None:
         log.error("{id}: unreadable queue file moved to corrupt/: {error}", id=queue_id,
@@ -221,19 +258,27 @@ class QueueManager(service.Service):
         from mailserver.queue.spool import NotQueued
 
         try:
-            _state, env = self.spool.load(queue_id)
+            _state, env = await self._io(self.spool.load, queue_id)
         except NotQueued:
             return  # deleted between the claim and now
         except Exception as e:
-            self._quarantine(queue_id, e)
+            await self._io(self._quarantine, queue_id, e)
             return
-        now = self.clock.seconds()
         failed, delivered_here = [], []
         if env.pending():
             message = env.outbound(self.spool.content_path(queue_id))
             results = await self._deliver_all(message)
             failed, delivered_here = self._record(env, results, self.clock.seconds())
-        now = self.clock.seconds()
+        wake = await self._io(self._conclude, queue_id, env, failed, delivered_here,
+                              self.clock.seconds())
+        if wake:
+            self.wake()
+
+    def _conclude(self, queue_id: str, env, failed: list, delivered_here: list,
+                  now: float) -> bool:
+        """After an attempt: notices, then delete, or save and defer.  Runs in
+        a worker thread (it writes and fsyncs); True when it queued a notice."""
+        wake = False
         still = env.pending()
         if still and now - env.arrival >= self.schedule.lifetime:
             for r in still:
@@ -241,25 +286,26 @@ class QueueManager(service.Service):
             failed += still
             still = []
         if failed:
-            self._bounce(queue_id, env, failed, "failure", now)
+            wake |= self._bounce(queue_id, env, failed, "failure", now)
         if delivered_here:  # NOTIFY=SUCCESS: we are the final hop for local mailboxes
-            self._bounce(queue_id, env, delivered_here, "success", now)
+            wake |= self._bounce(queue_id, env, delivered_here, "success", now)
         if still and self.schedule.delay_warning and \
                 now - env.arrival >= self.schedule.delay_warning:
             late = [r for r in still if not r.delay_notified]
             if late:
-                self._bounce(queue_id, env, late, "delay", now)
+                wake |= self._bounce(queue_id, env, late, "delay", now)
                 for r in late:
                     r.delay_notified = True
         if not still:
             log.info("{id}: removed", id=queue_id)
             self.spool.delete(queue_id)
-            return
+            return wake
         env.attempts += 1
         env.next_attempt = now + self.schedule.backoff(env.attempts)
         env.last_error = str(still[0].last_reply or "")
         self.spool.save(queue_id, env)
         self.spool.move(queue_id, "deferred")
+        return wake
 
     async def _deliver_all(self, message: OutboundMessage) -> Dict[str, tuple]:
         """``{rcpt: (Reply, remote)}`` for every recipient of ``message``."""
@@ -319,14 +365,14 @@ class QueueManager(service.Service):
                 delivered_here.append(r)
         return failed, delivered_here
 
-    def _bounce(self, queue_id: str, env, recipients: List, kind: str, now: float) -> None:
+    def _bounce(self, queue_id: str, env, recipients: List, kind: str, now: float) -> bool:
         """Queue a DSN about ``recipients`` when their NOTIFY wants one; never
         for a bounce.  Committed before the caller updates the original."""
         b = self.bounces
         wanted = [r for r in recipients
                   if b.should_notify(env, r, kind, delay_default=bool(self.schedule.delay_warning))]
         if not wanted:
-            return
+            return False
         dsn = b.make_dsn(env, wanted, reporting_mta=self.hostname, kind=kind,
                          original_path=self.spool.content_path(queue_id), now=now,
                          will_retry_until=env.arrival + self.schedule.lifetime)
@@ -335,7 +381,7 @@ class QueueManager(service.Service):
             new_id = writer.commit(b.bounce_envelope(env, writer.queue_id, now, dsn,
                                                      reporting_mta=self.hostname))
         log.info("{id}: sender {kind} notification: {dsn}", id=queue_id, kind=kind, dsn=new_id)
-        self.wake()
+        return True
 
 
 def _destination(target, message: OutboundMessage) -> tuple:

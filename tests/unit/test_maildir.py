@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import errno
 import mailbox
-import multiprocessing
 import os
 import re
 import stat
+import subprocess
+import sys
 import threading
 import time
 
@@ -513,9 +514,15 @@ class PathSafetyTests:
                                            os.path.basename(path)))
 
 
-def _deliver_many(root: str, count: int) -> list:
-    store = MaildirStore(root, hostname="h")
-    return [store.deliver_bytes(ALICE, sender="", data=MESSAGE) for _ in range(count)]
+_DELIVER_MANY = """
+import sys
+from mailserver.directory.interfaces import Mailbox
+from mailserver.store.maildir import MaildirStore
+store = MaildirStore(sys.argv[1], hostname="h")
+box = Mailbox(address="alice@example.org", login="alice")
+for _ in range(int(sys.argv[2])):
+    print(store.deliver_bytes(box, sender="", data=DATA))
+"""
 
 
 class ConcurrencyTests:
@@ -549,14 +556,18 @@ class ConcurrencyTests:
         assert listing(os.path.join(maildir, "tmp")) == []
         assert len(mailbox.Maildir(maildir, factory=None, create=False)) == 200
 
-    @pytest.mark.skipif(
-        "fork" not in multiprocessing.get_all_start_methods(), reason="needs fork"
-    )
     def test_processes(self, tmp_path):
         """Several processes sharing one maildir (worker processes) never collide."""
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(4) as pool:
-            batches = pool.starmap(_deliver_many, [(str(tmp_path), 20)] * 4)
+        # Separate interpreters, not a fork of this (threaded) pytest process.
+        script = _DELIVER_MANY.replace("DATA", repr(MESSAGE))
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), "20"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+                 for _ in range(4)]
+        batches = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0
+            batches.append(out.decode().split())
         paths = [p for batch in batches for p in batch]
         assert len(set(paths)) == 80
         maildir = os.path.join(str(tmp_path), "example.org", "alice")
