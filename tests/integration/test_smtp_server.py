@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mailbox
+import os
 import shutil
 import smtplib
 import socket
@@ -73,6 +74,37 @@ def test_swaks_delivery(server):
     assert msg["Delivered-To"] == "alice@example.test"
     assert "by mx.example.test (mailserver) with ESMTP id" in msg["Received"]
     assert "from swaks" in msg.get_payload()
+
+
+def smtp_source():
+    path = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+    if not os.path.exists(path):
+        pytest.fail("smtp-source is not installed (scripts/test.sh installs postfix)")
+    return path
+
+
+@pytest.mark.parametrize("speak", ["smtp", "lmtp"])
+def test_smtp_source_parallel_sessions(server, speak):
+    """Postfix's smtp-source: 4 parallel sessions, 10 messages each over one
+    connection (-d); every message lands once, with its size and headers."""
+    subject = f"smtp-source-{speak}"
+    port = server.smtp_port if speak == "smtp" else server.lmtp_port
+    args = [smtp_source(), "-s", "4", "-m", "40", "-d", "-l", "2000", "-S", subject,
+            "-f", "load@example.org", "-t", "bob@example.test", "-M", "client.example.org"]
+    if speak == "lmtp":
+        args.append("-L")
+    out = subprocess.run(args + [f"127.0.0.1:{port}"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    got = by_subject(server, "bob", subject)
+    assert len(got) == 40
+    for msg in got:
+        assert msg["Return-Path"] == "<load@example.org>"
+        assert msg["Delivered-To"] == "bob@example.test"
+        body = msg.get_payload().replace("\n", "")  # -l counts CRLFs too
+        assert body.startswith("1XXX") and len(body) >= 1900
+        with_ = "LMTP" if speak == "lmtp" else "SMTP"
+        assert f"with {with_} id" in msg["Received"], msg["Received"]
 
 
 def test_swaks_starttls(server, tls_files):
