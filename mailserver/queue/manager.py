@@ -340,6 +340,10 @@ class QueueManager(service.Service):
             return {r.address: (reply, "") for r in message.recipients}
         finally:
             sem.release()
+            if sem.tokens == sem.limit and not sem.waiting:
+                # Idle: keep entries for busy destinations only.
+                if self._semaphores.get(key) is sem:
+                    del self._semaphores[key]
         out = {}
         for r in message.recipients:
             reply = report.replies.get(r.address) or R.INTERNAL_ERROR

@@ -210,6 +210,27 @@ def test_active_set_is_bounded(env):
     m.stopService()
 
 
+def test_destination_concurrency_limit(env):
+    """Messages to one domain share destination_concurrency slots; the
+    bookkeeping for a destination goes once it is idle."""
+    clock, spool, submit = env
+    for i in range(4):
+        submit([f"r{i}@example.org"])
+    target = ScriptedTarget({})
+    target.hold = defer.Deferred()
+    m = manager(spool, clock, target, max_active=4, destination_concurrency=1)
+    clock.advance(0)
+    assert len(m.active) == 4
+    assert len(target.calls) == 1  # the other three wait for the slot
+    d, target.hold = target.hold, None
+    d.callback(None)
+    clock.advance(0)
+    assert len(target.calls) == 4
+    assert m._semaphores == {}
+    assert states(spool) == []
+    m.stopService()
+
+
 def test_recovery_after_crash_redelivers(env):
     """A message left in active/ by a crash is delivered after restart (duplicates allowed)."""
     clock, spool, submit = env
