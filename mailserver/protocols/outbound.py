@@ -508,15 +508,19 @@ class OutboundConnectionPool:
     seconds (on the reactor's clock) for the next message to the same
     destination (host, port, TLS policy, credentials...).  Reuse starts with
     RSET; when that fails, a fresh connection is opened.  A connection is not
-    reused after ``max_messages`` messages or ``max_age`` seconds.
+    reused after ``max_messages`` messages or ``max_age`` seconds.  At most
+    ``max_idle`` connections wait at once (the one idle longest is closed to
+    make room), so a burst to many domains cannot pile up descriptors.
     :meth:`deliver_to_host` has the signature of the module function, so a
     pool can be handed to :class:`~mailserver.delivery.remote.RemoteDelivery`
     in its place.
     """
 
     def __init__(self, reactor, *, idle_time: float = 5.0, max_messages: int = 100,
-                 max_age: float = 300.0, timeouts: Timeouts = Timeouts()) -> None:
+                 max_age: float = 300.0, max_idle: int = 64,
+                 timeouts: Timeouts = Timeouts()) -> None:
         self.reactor = reactor
+        self.max_idle = max_idle
         self.idle_time = idle_time
         self.max_messages = max_messages
         self.max_age = max_age
@@ -570,8 +574,18 @@ class OutboundConnectionPool:
         if not (proto.reusable and proto.messages < self.max_messages and fresh):
             self._track(proto.quit())
             return
+        if self.idle_count() >= self.max_idle:
+            self._evict_oldest()
         timer = self.reactor.callLater(self.idle_time, self._expire, key, proto)
         self._idle.setdefault(key, []).append((proto, timer))
+
+    def _evict_oldest(self) -> None:
+        entries = [(timer.getTime(), key, proto, timer)
+                   for key, idle in self._idle.items() for proto, timer in idle]
+        if entries:
+            _, key, proto, timer = min(entries, key=lambda e: e[0])
+            timer.cancel()
+            self._expire(key, proto)
 
     def _expire(self, key: tuple, proto: OutboundProtocol) -> None:
         entries = self._idle.get(key, [])

@@ -443,6 +443,24 @@ class PoolTests:
         link.lost()
         assert pool.idle_count() == 0
 
+    def test_idle_connections_are_capped(self, content):
+        """Past max_idle, the connection idle longest is closed to make room."""
+        reactor = MemoryReactorClock()
+        pool = OutboundConnectionPool(reactor, idle_time=5, max_idle=1)
+        links = []
+        for host in ("192.0.2.1", "192.0.2.2"):
+            d = Deferred.fromCoroutine(pool.deliver_to_host(
+                reactor, host, 25, content(), helo="client.example.test"))
+            link = Link(reactor)
+            deliver_ok(link)
+            link.server(b"250 2.0.0 queued\r\n")
+            result(d)
+            links.append(link)
+            reactor.advance(1)
+        assert links[0].take() == b"QUIT\r\n"
+        assert links[1].take() == b""
+        assert pool.idle_count() == 1
+
     def test_failed_rset_opens_a_new_connection(self, content):
         """RSET refused: the message goes over a fresh connection."""
         reactor = MemoryReactorClock()
