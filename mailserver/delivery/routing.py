@@ -419,13 +419,14 @@ class Router:
         kind, target, nexthop = entry
         return Route(kind, target, nexthop if nexthop is not None else domain)
 
-    async def group(self, message: OutboundMessage) -> List[Tuple[Any, OutboundMessage]]:
-        """``(target, part)`` per next hop, in the order recipients first
-        reach each one; each ``part`` keeps its recipients in message order."""
-        groups: Dict[Tuple[int, str], Tuple[Any, list]] = {}
+    async def group(self, message: OutboundMessage) -> List[Tuple[Any, str, OutboundMessage]]:
+        """``(target, nexthop, part)`` per next hop, in the order recipients
+        first reach each one; each ``part`` keeps its recipients in message
+        order."""
+        groups: Dict[Tuple[int, str], Tuple[Any, str, list]] = {}
         for rcpt in message.recipients:
             route = await self.route(rcpt.address)
             key = (id(route.target), route.nexthop)
-            groups.setdefault(key, (route.target, []))[1].append(rcpt)
-        return [(target, replace(message, recipients=tuple(rcpts)))
-                for target, rcpts in groups.values()]
+            groups.setdefault(key, (route.target, route.nexthop, []))[2].append(rcpt)
+        return [(target, nexthop, replace(message, recipients=tuple(rcpts)))
+                for target, nexthop, rcpts in groups.values()]

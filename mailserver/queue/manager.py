@@ -316,8 +316,10 @@ class QueueManager(service.Service):
             if not is_known(e):
                 log.failure("{id}: routing failed", id=message.queue_id)
             return {r.address: (reply, "") for r in message.recipients}
-        attempts = [self._deliver_group(target, _destination(target, sub), sub)
-                    for target, sub in groups]
+        # The per-destination limit counts next hops: every domain behind one
+        # smarthost shares its slots, each MX domain has its own.
+        attempts = [self._deliver_group(target, (id(target), nexthop.lower()), sub)
+                    for target, nexthop, sub in groups]
         results: Dict[str, tuple] = {}
         for part in await defer.gatherResults([defer.ensureDeferred(a) for a in attempts]):
             results.update(part)
@@ -386,11 +388,6 @@ class QueueManager(service.Service):
                                                      reporting_mta=self.hostname))
         log.info("{id}: sender {kind} notification: {dsn}", id=queue_id, kind=kind, dsn=new_id)
         return True
-
-
-def _destination(target, message: OutboundMessage) -> tuple:
-    """What the per-destination concurrency limit counts: target and domain."""
-    return (id(target), message.recipients[0].address.rpartition("@")[2].lower())
 
 
 def _expired(last: Optional[Reply]) -> Reply:

@@ -48,7 +48,7 @@ class OneTargetRouter:
         self.target = target
 
     async def group(self, message):
-        return [(self.target, message)]
+        return [(self.target, message.recipients[0].address.rpartition("@")[2], message)]
 
 
 @pytest.fixture

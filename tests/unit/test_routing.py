@@ -180,20 +180,22 @@ def test_group_by_target_and_nexthop_keeping_order():
     msg = message("a@far.test", "l1@example.test", "b@relayed.test", "c@far.test", "d@near.test",
                   "e@also.test", "l2@example.test")
     groups = result(r.group(msg))
-    assert [[x.address for x in part.recipients] for _t, part in groups] == [
+    assert [[x.address for x in part.recipients] for _t, _n, part in groups] == [
         ["a@far.test", "c@far.test"], ["l1@example.test", "l2@example.test"],
         ["b@relayed.test", "e@also.test"], ["d@near.test"]]
-    targets = [t for t, _part in groups]
+    assert [n for _t, n, _part in groups] == ["far.test", "local",
+                                               "[relay.example.test]:25", "near.test"]
+    targets = [t for t, _n, _part in groups]
     assert targets[0] is r.remote_target and targets[3] is r.remote_target
     assert targets[1] is LOCAL
     assert isinstance(targets[2], FixedHostTarget)
     assert all((part.queue_id, part.content_path) == (msg.queue_id, msg.content_path)
-               for _t, part in groups)
+               for _t, _n, part in groups)
 
 
 def test_error_and_defer_entries_answer_every_recipient():
     r = router({"gone.test": "error:5.1.2 Domain retired", "later.test": "defer:4.3.5 Maintenance"})
-    groups = dict((p.recipients[0].address, (t, p)) for t, p in result(r.group(
+    groups = dict((p.recipients[0].address, (t, p)) for t, _n, p in result(r.group(
         message("a@gone.test", "b@later.test"))))
     target, part = groups["a@gone.test"]
     assert isinstance(target, RefuseTarget) and IDeliveryTarget.providedBy(target)
@@ -206,7 +208,7 @@ def test_error_and_defer_entries_answer_every_recipient():
 def test_smtp_host_entry_looks_up_mx_of_that_host():
     connect = FakeConnect()
     r = router({"hubbed.test": "smtp:hub.example.test:2525"}, connect=connect)
-    target, part = result(r.group(message("a@hubbed.test")))[0]
+    target, _nexthop, part = result(r.group(message("a@hubbed.test")))[0]
     assert route(r, "a@hubbed.test").nexthop == "hub.example.test:2525"
     assert result(target.deliver(part)).replies["a@hubbed.test"] == OK
     assert (connect.calls[0]["host"], connect.calls[0]["port"]) == ("192.0.2.1", 2525)
