@@ -101,6 +101,11 @@ class SynchronousThreadPool:
         else:
             onResult(True, result)
 
+    joined = False
+
+    def callInThread(self, func, *args, **kw) -> None:
+        func(*args, **kw)
+
     def start(self) -> None:
         pass
 

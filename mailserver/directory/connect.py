@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 import ssl
-from typing import Callable, Optional
+import threading
+import time
+from typing import Callable, Dict, List, Optional
 
 from ldap3 import NONE, SYNC, Connection, Server, Tls
 from ldap3.core.exceptions import (
@@ -30,6 +32,7 @@ from ldap3.core.exceptions import (
     LDAPCommunicationError,
     LDAPMaximumRetriesError,
     LDAPResponseTimeoutError,
+    LDAPSASLPrepError,
     LDAPServerPoolExhaustedError,
     LDAPStartTLSError,
 )
@@ -44,12 +47,25 @@ log = Logger()
 CONNECTION_ERRORS = (
     LDAPCommunicationError,  # socket open/send/receive, session terminated
     LDAPResponseTimeoutError,
+    LDAPSASLPrepError,
     LDAPServerPoolExhaustedError,
     LDAPMaximumRetriesError,
     LDAPCertificateError,  # this server's certificate; the next may be fine
     LDAPStartTLSError,  # this server refused or botched StartTLS
     OSError,  # ssl.SSLError included
 )
+
+#: Search results that say "this server cannot answer now" (busy,
+#: unavailable, timeLimitExceeded, other): the next server may.
+UNFIT_RESULTS = frozenset({3, 51, 52, 80})
+
+#: Seconds a failed server stays at the back of the list.
+RETRY_AFTER = 30.0
+
+
+class ServerUnfit(Exception):
+    """The server answered, but not usefully (see :data:`UNFIT_RESULTS`)."""
+
 
 #: Bind results that mean "not with this password": a wrong password, an
 #: entry that cannot bind.  Any other failure (busy, unavailable,
@@ -83,17 +99,60 @@ def unbind_quietly(conn: Connection) -> None:
         pass
 
 
-class NetworkConnector:
+class Connector:
+    """What :class:`~mailserver.directory.ldap.LDAPDirectory` needs from a
+    connector: ``open()`` a connection for searches, ``check_password(dn,
+    password)``, and these two, for connectors with one server."""
+
+    #: How many servers there are to try (the most fresh connections one
+    #: operation opens).
+    server_count = 1
+
+    def server_failed(self, conn: Connection, error: BaseException) -> None:
+        """An operation on ``conn`` failed with ``error`` (a connection error
+        or :class:`ServerUnfit`)."""
+
+
+class NetworkConnector(Connector):
     """Opens ldap3 connections to real servers, in ``uris`` order (failover)."""
 
-    def __init__(self, settings: LDAPSettings) -> None:
+    def __init__(self, settings: LDAPSettings, clock: Callable[[], float] = time.monotonic) -> None:
         if not settings.uris:
             raise ValueError("the LDAP backend needs at least one URI")
         self._settings = settings
         self._tls = make_tls(settings)
+        self._clock = clock
+        self._failed: Dict[str, float] = {}  # uri: when it last failed
+        self._lock = threading.Lock()
 
     def describe(self) -> str:
         return ", ".join(self._settings.uris)
+
+    @property
+    def server_count(self) -> int:
+        return len(self._settings.uris)
+
+    def order(self) -> List[str]:
+        """The URIs to try: in configured order, recently failed ones last."""
+        now = self._clock()
+        with self._lock:
+            recent = {u for u, when in self._failed.items() if now - when < RETRY_AFTER}
+        uris = self._settings.uris
+        return [u for u in uris if u not in recent] + [u for u in uris if u in recent]
+
+    def server_failed(self, conn: Connection, error: BaseException) -> None:
+        """``conn``'s server failed an operation: try the others first."""
+        uri = getattr(conn, "mailserver_uri", None)
+        if uri is not None:
+            self._mark(uri, error)
+
+    def _mark(self, uri: str, error: Optional[BaseException]) -> None:
+        with self._lock:
+            if error is None:  # it works (again)
+                self._failed.pop(uri, None)
+                return
+            self._failed[uri] = self._clock()
+        log.warn("LDAP server {server} failed: {error}", server=uri, error=error)
 
     def _connection(self, server: Server, user: Optional[str], password: Optional[str]):
         return Connection(
@@ -113,16 +172,21 @@ class NetworkConnector:
 
     def _each_server(self, attempt: Callable[[Server], object]):
         last: Optional[BaseException] = None
-        for uri in self._settings.uris:
+        for uri in self.order():
             # A new Server each time: ldap3 remembers a failed address and
             # skips it for a few seconds, which would delay recovery.
             server = Server(uri, get_info=NONE, connect_timeout=self._settings.connect_timeout,
                             tls=self._tls)
             try:
-                return attempt(server)
+                outcome = attempt(server)
             except CONNECTION_ERRORS as e:
                 last = e
-                log.warn("LDAP server {server} unreachable: {error}", server=server.name, error=e)
+                self._mark(uri, e)
+                continue
+            self._mark(uri, None)
+            if isinstance(outcome, Connection):
+                outcome.mailserver_uri = uri  # for server_failed()
+            return outcome
         assert last is not None
         raise last
 
@@ -152,7 +216,10 @@ class NetworkConnector:
             conn = self._connection(server, dn, password)
             try:
                 self._secure(conn, server)
-                ok = conn.bind(read_server_info=False)
+                try:
+                    ok = conn.bind(read_server_info=False)
+                except LDAPSASLPrepError:
+                    return False  # control characters: no such password can match
                 code = (conn.result or {}).get("result")
             finally:
                 unbind_quietly(conn)

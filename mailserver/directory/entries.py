@@ -48,7 +48,8 @@ def clean_dn(dn: str) -> Optional[str]:
         parts = parse_dn(dn, strip=True)
     except LDAPException:
         return None
-    return ",".join(f"{name.strip()}={value.strip()}" for name, value, _sep in parts) or None
+    # Keep each separator: "+" joins the values of a multi-valued RDN.
+    return "".join(f"{name.strip()}={value.strip()}{sep}" for name, value, sep in parts) or None
 
 
 def dn_key(dn: str) -> str:

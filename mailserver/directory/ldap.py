@@ -41,7 +41,9 @@ from zope.interface import implementer
 from mailserver.directory import accounts
 from mailserver.directory.connect import (  # noqa: F401  (re-exported)
     CONNECTION_ERRORS,
+    UNFIT_RESULTS,
     NetworkConnector,
+    ServerUnfit,
     unbind_quietly,
 )
 from mailserver.directory.entries import Entry, first_address, is_disabled
@@ -54,7 +56,7 @@ from mailserver.errors import DirectoryUnavailable
 
 log = Logger()
 
-_SUCCESS, _SIZE_LIMIT, _NO_SUCH_OBJECT, _INVALID_DN_SYNTAX = 0, 4, 32, 34
+_SUCCESS, _SIZE_LIMIT, _REFERRAL, _NO_SUCH_OBJECT, _INVALID_DN_SYNTAX = 0, 4, 10, 32, 34
 _SCOPES = {"subtree": SUBTREE, "one": LEVEL}
 
 
@@ -115,15 +117,25 @@ class LDAPDirectory:
         return self._defer(self.senders_for_sync, login)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Refuse new calls and unbind the kept connections.  Unbinding waits
+        for a search in flight on that connection, so it happens on a pool
+        thread, never on the caller's (the reactor's)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            connections, self._connections = self._connections, set()
+
+        def unbind_all():
+            for conn in connections:
+                unbind_quietly(conn)
+
+        if self._pool.joined:  # the pool stopped first: nothing can be in flight
+            unbind_all()
+        else:
+            self._pool.callInThread(unbind_all)
         if self._own_pool:
             self._pool.stop()
-        with self._lock:
-            connections, self._connections = self._connections, set()
-        for conn in connections:
-            unbind_quietly(conn)
 
     # -- blocking implementations ----------------------------------------
 
@@ -175,8 +187,10 @@ class LDAPDirectory:
         """Run one search; returns (entries, truncated by a size limit).
 
         With ``base_scope`` the search reads the single entry ``base`` and a
-        missing entry is an empty answer; otherwise a missing search base is a
-        configuration or server problem and raises DirectoryUnavailable.
+        missing entry (or one held elsewhere: a referral, as for a group member
+        in another domain of a forest) is an empty answer; otherwise a missing
+        search base is a configuration or server problem and raises
+        DirectoryUnavailable, after the other servers were tried.
         """
         s = self.settings
         scope = 0 if base_scope else _SCOPES[s.scope]  # 0 is ldap3's BASE
@@ -186,11 +200,16 @@ class LDAPDirectory:
             conn.search(base, search_filter, scope, dereference_aliases=DEREF_NEVER,
                         attributes=list(attributes) or None, size_limit=size_limit,
                         time_limit=max(1, math.ceil(s.operation_timeout)))
-            return conn.result or {}, list(conn.response or [])
+            result = conn.result or {}
+            code = result.get("result")
+            if code in UNFIT_RESULTS or (code == _NO_SUCH_OBJECT and not base_scope):
+                raise ServerUnfit(f"search {search_filter} under {base!r}: "
+                                  f"result {code} {result.get('description')}")
+            return result, list(conn.response or [])
 
         result, response = self._call(operation)
         code = result.get("result")
-        if code in (_NO_SUCH_OBJECT, _INVALID_DN_SYNTAX) and base_scope:
+        if code in (_NO_SUCH_OBJECT, _INVALID_DN_SYNTAX, _REFERRAL) and base_scope:
             return [], False
         if code not in (_SUCCESS, _SIZE_LIMIT):
             raise DirectoryUnavailable(
@@ -223,29 +242,40 @@ class LDAPDirectory:
             raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
 
     def _call(self, operation):
-        """Run ``operation(conn)`` on this thread's connection, retrying once
-        on a fresh connection when the kept one turns out to be dead."""
-        if self._closed:
-            raise DirectoryUnavailable("directory is closed")
-        for _attempt in range(2):
+        """Run ``operation(conn)`` on this thread's connection.  When it fails
+        on a connection error or an unfit server, the connection is dropped
+        and the operation retried on fresh ones, at most one per server."""
+        fresh_left = self._connector.server_count
+        while True:
+            if self._closed:
+                raise DirectoryUnavailable("directory is closed")
             conn = getattr(self._local, "conn", None)
             fresh = conn is None
             if fresh:
-                conn = self._guard(self._connector.open)
-                self._local.conn = conn
-                with self._lock:
-                    self._connections.add(conn)
+                conn = self._keep(self._guard(self._connector.open))
+                fresh_left -= 1
             try:
                 return operation(conn)
-            except CONNECTION_ERRORS as e:
+            except CONNECTION_ERRORS + (ServerUnfit,) as e:
                 self._discard(conn)
-                if fresh:
-                    log.warn("directory unavailable: {error!r}", error=e)
+                self._connector.server_failed(conn, e)
+                if fresh and fresh_left <= 0:
+                    log.warn("directory unavailable: {error}", error=e)
                     raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
             except LDAPException as e:
                 log.warn("directory error: {error!r}", error=e)
                 raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
-        raise AssertionError("unreachable")  # the second attempt is always fresh
+
+    def _keep(self, conn: Connection) -> Connection:
+        """Make ``conn`` this thread's connection, unless the directory closed
+        meanwhile (then nobody would ever unbind it)."""
+        with self._lock:
+            if not self._closed:
+                self._connections.add(conn)
+                self._local.conn = conn
+                return conn
+        unbind_quietly(conn)
+        raise DirectoryUnavailable("directory is closed")
 
     def _discard(self, conn: Connection) -> None:
         self._local.conn = None

@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ldap3 import MOCK_SYNC, NONE, Connection, Server
 
+from mailserver.directory.connect import Connector
 from mailserver.directory.ldap import LDAPDirectory, LDAPSettings
 from mailserver.directory.entries import clean_dn, dn_key, member_dn
 from mailserver.directory.schema import SchemaMapping
@@ -228,7 +229,7 @@ def with_member_of(records: List[Record], mapping: SchemaMapping) -> List[Record
     return result
 
 
-class EmbeddedConnector:
+class EmbeddedConnector(Connector):
     """Opens MOCK_SYNC connections on one shared in-process server.
 
     All connections made here see the same entries (ldap3 keeps them on the

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
 
+from twisted.logger import Logger
+
 from mailserver.directory.entries import (  # noqa: F401  (re-exported names)
     Entry,
     Search,
@@ -48,6 +50,9 @@ from mailserver.directory.interfaces import Mailbox, Resolution, SenderRestricti
 from mailserver.directory.reader import Limits, Reader
 from mailserver.directory.restrictions import read_restriction
 from mailserver.directory.schema import SchemaMapping, render_filter
+from mailserver.errors import DirectoryUnavailable
+
+log = Logger()
 
 
 class Expansion(Reader):
@@ -117,7 +122,12 @@ class Expansion(Reader):
             attributes=m.requested_attributes,
         )
         if truncated:
-            self.trace.append(f"{address}: size limit hit, using the first {len(entries)} entries")
+            # Some owners would silently miss the mail: temporary, as Postfix
+            # treats a size limit, until the server's limit or data is fixed.
+            log.error("directory: {address} matches more entries than the server returns "
+                      "(its size limit); mail to it is deferred", address=address)
+            raise DirectoryUnavailable(f"{address}: the search hit the server's size limit "
+                                       f"after {len(entries)} entries")
         if not entries:
             self.trace.append(f"{address}: no entry")
             return
@@ -172,13 +182,29 @@ class Expansion(Reader):
             self.member_addresses.setdefault(address)
 
     def route(self, entry: Entry, routes: List[str], login: str, depth: int) -> None:
-        own = set(addresses(entry, self.mapping))
+        owned = addresses(entry, self.mapping)
+        own = set(owned)
         self.trace.append(f"{entry.dn}: routes to {', '.join(routes)}")
         for target in routes:
+            if "@" not in target:
+                target = self.qualify(entry, target, owned)
+                if not target:
+                    continue
             if target in own and login:
                 self.add_mailbox(entry, login)  # "forward, and keep a copy here"
             else:
                 self.resolve_address(target, depth + 1)
+
+    def qualify(self, entry: Entry, name: str, owned: List[str]) -> str:
+        """A bare target (``bob``, as in an aliases file) in the domain of the
+        entry's own address, else of the first local domain; "" when there
+        is none (never a forward to a domainless address)."""
+        domains = [a.rpartition("@")[2] for a in owned] + list(self.settings.local_domains)
+        if not domains or not name:
+            self.trace.append(f"{entry.dn}: target {name!r} has no domain, skipped")
+            return ""
+        self.trace.append(f"{entry.dn}: target {name} taken as {name}@{domains[0]}")
+        return f"{name}@{domains[0]}"
 
     def expand_group(self, entry: Entry, depth: int) -> None:
         if self.in_chain and self.expand_chain(entry, depth):

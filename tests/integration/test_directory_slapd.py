@@ -144,6 +144,42 @@ def test_failover_to_next_uri(slapd_server):
         directory.close()
 
 
+def test_hung_first_server_costs_one_timeout(slapd_server):
+    """A first URI that accepts connections and never answers (anonymous
+    searches, so opening succeeds): the lookup moves on to the next server,
+    and later lookups and logins go there first, without waiting again."""
+    import socket
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)  # the kernel completes the handshakes; nobody reads
+    uri = f"ldap://127.0.0.1:{hung.getsockname()[1]}"
+    directory = sync_directory(uri, slapd_server.uri, bind_dn="", bind_password="",
+                               connect_timeout=1.0, operation_timeout=1.0)
+    try:
+        started = time.monotonic()
+        assert result_of(directory.resolve("alice@example.test")).mailboxes == (ALICE,)
+        assert time.monotonic() - started < 5.0
+        started = time.monotonic()
+        assert result_of(directory.resolve("bob@example.test")).mailboxes == (BOB,)
+        assert result_of(directory.authenticate("alice", "alice-password")).login == "alice"
+        assert time.monotonic() - started < 0.9  # less than one operation_timeout
+    finally:
+        directory.close()
+        hung.close()
+
+
+def test_password_with_control_characters_is_refused(slapd_server):
+    """ldap3 will not send such a password (SASLprep): that is a wrong
+    password (535), not an outage (454)."""
+    directory = sync_directory(slapd_server.uri)
+    try:
+        for password in ("alice-password\t", "x\x00", "\xad"):
+            assert result_of(directory.authenticate("alice", password)) is None
+    finally:
+        directory.close()
+
+
 def test_all_servers_down():
     """With every URI down, resolve and authenticate fail temporarily."""
     uris = [f"ldap://127.0.0.1:{free_port()}" for _ in range(2)]

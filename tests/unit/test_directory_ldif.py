@@ -15,6 +15,7 @@ from ldap3.core.exceptions import (
 )
 from twisted.python.threadpool import ThreadPool
 
+from mailserver.directory.connect import Connector
 from mailserver.directory.interfaces import IDirectory, Mailbox
 from mailserver.directory.ldap import LDAPDirectory, LDAPSettings
 from mailserver.directory.ldif import EmbeddedConnector, LDIFError, embedded_directory, parse_ldif
@@ -294,13 +295,17 @@ class FakeConnection:
         self.unbound = True
 
 
-class FakeConnector:
+class FakeConnector(Connector):
     def __init__(self, *scripts, open_error=None, password_error=None):
         self.scripts = list(scripts)
         self.open_error = open_error
         self.password_error = password_error
         self.opened = []
+        self.failed = []
         self.password_checks = 0
+
+    def server_failed(self, conn, error):
+        self.failed.append(error)
 
     def open(self):
         if self.open_error:
@@ -369,3 +374,92 @@ def test_empty_password_never_reaches_the_server():
     assert result_of(directory.authenticate("alice", "")) is None
     assert directory.authenticate_sync("alice", "") is None
     assert connector.password_checks == 0
+
+
+def test_unfit_server_fails_over_to_the_next():
+    """busy/unavailable (or a missing base) on one server: the same
+    operation is tried on a fresh connection to the next, once per server."""
+    connector = FakeConnector([52], [0])
+    connector.server_count = 2
+    directory = scripted(connector)
+    assert not result_of(directory.resolve("a@example.test")).found
+    assert len(connector.opened) == 2 and connector.opened[0].unbound
+    assert "result 52" in str(connector.failed[0])
+
+
+def test_referral_for_a_member_is_not_found():
+    """Reading one entry held by another server (a referral) is an empty
+    answer; the same result for a whole search is an outage."""
+    directory = scripted(FakeConnector([10, 10]))
+    assert directory.search("(objectClass=*)", base="uid=x,dc=elsewhere",
+                            base_scope=True) == ([], False)
+    failure_of(directory.resolve("a@example.test"), DirectoryUnavailable)
+
+
+def test_size_limit_on_an_address_is_temporary():
+    """An address search cut short by the server's size limit would leave
+    owners out: it defers (451) instead of delivering to some."""
+    failure = failure_of(scripted(FakeConnector([4])).resolve("a@example.test"),
+                         DirectoryUnavailable)
+    assert "size limit" in str(failure.value)
+
+
+def test_bare_alias_target_takes_the_alias_domain(tmp_path):
+    """rfc822MailMember: bob (aliases-file style) means bob in the alias's
+    own domain, never a forward to a domainless address."""
+    text = QUICKSTART_LDIF.read_text() + (
+        "\ndn: cn=bare,dc=example,dc=test\nobjectClass: nisMailAlias\n"
+        "objectClass: inetLocalMailRecipient\ncn: bare\nmailLocalAddress: bare@example.test\n"
+        "rfc822MailMember: bob\n")
+    result = result_of(embedded(text, tmp_path).resolve("bare@example.test"))
+    assert [m.login for m in result.mailboxes] == ["bob"]
+    assert result.forwards == ()
+    assert any("taken as bob@example.test" in step for step in result.trace)
+
+
+def test_multi_valued_rdn_member(tmp_path):
+    """A member DN with a multi-valued RDN (cn=Multi+uid=multi) keeps its
+    "+" and is found."""
+    from mailserver.directory.entries import clean_dn
+
+    assert clean_dn("cn=Multi + uid=multi , ou=people,dc=x") == "cn=Multi+uid=multi,ou=people,dc=x"
+    text = QUICKSTART_LDIF.read_text() + (
+        "\ndn: cn=Multi+uid=multi,ou=people,dc=example,dc=test\nobjectClass: inetOrgPerson\n"
+        "cn: Multi\nsn: M\nuid: multi\nmail: multi@example.test\n"
+        "\ndn: cn=plus,dc=example,dc=test\nobjectClass: groupOfNames\n"
+        "objectClass: inetLocalMailRecipient\ncn: plus\nmailLocalAddress: plus@example.test\n"
+        "member: cn=Multi+uid=multi,ou=people,dc=example,dc=test\n")
+    result = result_of(embedded(text, tmp_path).resolve("plus@example.test"))
+    assert [m.login for m in result.mailboxes] == ["multi"]
+
+
+def test_close_unbinds_off_the_calling_thread():
+    """close() hands the unbinds to the pool (a search in flight holds the
+    connection's lock) and a connection opened after it is never kept."""
+    connector = FakeConnector([0])
+    directory = scripted(connector)
+    result_of(directory.resolve("a@example.test"))
+    directory.close()
+    assert connector.opened[0].unbound  # the synchronous pool ran it
+    failure_of(directory.resolve("a@example.test"), DirectoryUnavailable)
+    with pytest.raises(DirectoryUnavailable):
+        directory._keep(FakeConnection([]))
+    assert directory.open_connections == 0
+
+
+def test_failed_server_goes_to_the_back_for_a_while():
+    from mailserver.directory.connect import RETRY_AFTER, NetworkConnector
+    from mailserver.directory.ldap import LDAPSettings
+
+    now = [1000.0]
+    connector = NetworkConnector(LDAPSettings(uris=("ldap://a", "ldap://b")),
+                                 clock=lambda: now[0])
+    assert connector.order() == ["ldap://a", "ldap://b"]
+
+    class Conn:
+        mailserver_uri = "ldap://a"
+
+    connector.server_failed(Conn(), OSError("timed out"))
+    assert connector.order() == ["ldap://b", "ldap://a"]
+    now[0] += RETRY_AFTER
+    assert connector.order() == ["ldap://a", "ldap://b"]

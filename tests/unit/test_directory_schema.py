@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from mailserver.directory.connect import Connector
 from mailserver.directory.entries import (
     Entry,
     addresses,
@@ -282,7 +283,7 @@ def test_walk_is_the_default():
 
 # -- is_local_domain without the directory --------------------------------------
 
-class DeadConnector:
+class DeadConnector(Connector):
     def open(self):
         raise DirectoryUnavailable("down")
 
