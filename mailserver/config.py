@@ -451,6 +451,33 @@ def _check_semantics(config: Config) -> None:
         if lc.address in seen:
             raise ConfigError(path, f"listeners[{i}].address", f"{lc.address} is used twice")
         seen.add(lc.address)
+    _check_directories(config)
+
+
+def _check_directories(config: Config) -> None:
+    """The spool, the maildir root and the queue must not share any directory.
+
+    Each owns what lies below it: at start the spool empties ``incoming/``,
+    which is also where the queue keeps envelopes of messages due now, and
+    maildirs are created from addresses anywhere under their root.  Equal or
+    nested directories would have one of them delete the other's files.
+    """
+    dirs = (("server.spool_dir", config.server.spool_dir),
+            ("store.maildir_root", config.store.maildir_root),
+            ("queue.directory", config.queue.directory))
+    for i, (key, value) in enumerate(dirs):
+        mine = os.path.realpath(value)
+        for other_key, other_value in dirs[:i]:
+            other = os.path.realpath(other_value)
+            if mine == other:
+                problem = f"{value} is also {other_key}"
+            elif os.path.commonpath((mine, other)) == other:
+                problem = f"{value} is inside {other_key} ({other_value})"
+            elif os.path.commonpath((mine, other)) == mine:
+                problem = f"{value} contains {other_key} ({other_value})"
+            else:
+                continue
+            raise ConfigError(config.path, key, problem + "; each needs a directory of its own")
 
 
 def check_files_readable(config: Config) -> None:

@@ -184,3 +184,37 @@ def test_transport_map_loads(cfgdir):
     c = load_config(write(cfgdir, text))
     assert c.relay.transports == {"lists.example.test": "lmtp:unix:/run/lmtp"}
     assert c.relay.smarthost == "[relay.example.net]:587"
+
+
+@pytest.mark.parametrize("extra, key, problem", [
+    ('[queue]\ndirectory = "var/spool"\n', "queue.directory", "is also server.spool_dir"),
+    ('[queue]\ndirectory = "./var//spool/"\n', "queue.directory", "is also server.spool_dir"),
+    ('[queue]\ndirectory = "var/spool/queue"\n', "queue.directory", "is inside server.spool_dir"),
+    ('[queue]\ndirectory = "var"\n', "queue.directory", "contains server.spool_dir"),
+    ('[queue]\ndirectory = "var/mail/q"\n', "queue.directory", "is inside store.maildir_root"),
+    ('[store]\nmaildir_root = "var/spool"\n', "store.maildir_root", "is also server.spool_dir"),
+    ('[server]\nspool_dir = "var/mail/spool"\n', "store.maildir_root", "contains server.spool_dir"),
+])
+def test_spool_queue_and_maildirs_do_not_overlap(cfgdir, extra, key, problem):
+    """The spool, the queue and the maildir root each need their own directory:
+    the spool's start-up clean-up would otherwise delete queued envelopes."""
+    path = write(cfgdir, MINIMAL + extra)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: {key}: "), msg
+    assert problem in msg
+
+
+def test_overlap_seen_through_a_symlink(cfgdir):
+    """A queue directory that is the spool under another name is refused too."""
+    (cfgdir / "var/spool").mkdir(parents=True)
+    (cfgdir / "q").symlink_to(cfgdir / "var/spool")
+    with pytest.raises(ConfigError, match=r"queue.directory: .*is also server.spool_dir"):
+        load_config(write(cfgdir, MINIMAL + '[queue]\ndirectory = "q"\n'))
+
+
+def test_sibling_directories_with_a_common_prefix_are_fine(cfgdir):
+    """var/spool and var/spool2 share a prefix, not a directory."""
+    c = load_config(write(cfgdir, MINIMAL + '[queue]\ndirectory = "var/spool2"\n'))
+    assert c.queue.directory == str(cfgdir / "var/spool2")
