@@ -148,6 +148,13 @@ class Recipient:
         elif reply.is_permanent:
             self.state = BOUNCED
 
+    def expire(self) -> None:
+        """Give up at the end of the queue lifetime.  The last (temporary)
+        reply and where it came from stay as they were: the DSN reports
+        4.4.7 and quotes them, and never blames a host for a reply it did
+        not send."""
+        self.state = BOUNCED
+
     def outbound(self) -> OutboundRecipient:
         return OutboundRecipient(address=self.address, notify=self.notify, orcpt=self.orcpt)
 

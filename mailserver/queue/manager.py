@@ -16,13 +16,21 @@ destination's results come back per recipient:
 
 A bounce is committed to the spool before the message it reports on is
 updated, so a crash in between can duplicate a bounce but never lose one.
-Time comes from the injected clock; nothing here blocks the reactor except the
-spool's small file operations.
+Time comes from the injected clock; spool work runs through the injected
+``io`` (a worker thread in the server).
+
+Faults of our own (a full disk while saving an envelope, an unreadable
+directory, a bug) never become a loop: a message whose processing failed goes
+back to ``deferred/`` and is held in memory for a backoff before its next try,
+and recipients delivered in the failed round are remembered so the next round
+does not deliver them again.  Only an envelope that cannot be parsed goes to
+``corrupt/``; an I/O error is a reason to wait, not to quarantine.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Dict, List, Optional
 
 from twisted.application import service
@@ -32,7 +40,6 @@ from twisted.logger import Logger
 from mailserver import reply as R
 from mailserver.delivery.interfaces import DeliveryReport, OutboundMessage
 from mailserver.errors import is_known, to_reply
-from mailserver.reply import Reply
 
 log = Logger(namespace="mailserver.qmgr")
 
@@ -51,7 +58,8 @@ class Schedule:
 
     def backoff(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failed try (1, 2, ...)."""
-        return min(self.max_backoff, self.min_backoff * (2 ** max(attempts - 1, 0)))
+        doublings = min(max(attempts - 1, 0), 40)  # flushes count: attempts grow without bound
+        return min(self.max_backoff, self.min_backoff * (2.0 ** doublings))
 
 
 class QueueManager(service.Service):
@@ -74,6 +82,10 @@ class QueueManager(service.Service):
         self._io = io or (lambda f, *a: defer.maybeDeferred(f, *a))
         self._scanning = False
         self._rescan = False
+        # After a failed round: {id: (not before, failures)} and the replies
+        # of recipients delivered in that round but not saved.
+        self._held: Dict[str, tuple] = {}
+        self._unsaved: Dict[str, Dict[str, tuple]] = {}
         self._timer = None
         self._poller = None
         self._flush_mtime = self._flush_stamp()
@@ -102,7 +114,6 @@ class QueueManager(service.Service):
         if not self.active:
             return None
         pending = defer.DeferredList(list(self.active.values()), consumeErrors=True)
-        timeout = self.clock.callLater(10.0, lambda: None)
         done = defer.Deferred()
 
         def finished(_):
@@ -111,8 +122,8 @@ class QueueManager(service.Service):
             if not done.called:
                 done.callback(None)
 
+        timeout = self.clock.callLater(10.0, finished, None)
         pending.addBoth(finished)
-        self.clock.callLater(10.0, finished, None)
         return done
 
     # -- scheduling ------------------------------------------------------
@@ -127,8 +138,6 @@ class QueueManager(service.Service):
         self._timer = self.clock.callLater(0, self.scan)
 
     def _flush_stamp(self) -> float:
-        import os
-
         try:
             return os.stat(self.spool.flush_path).st_mtime
         except OSError:
@@ -162,10 +171,17 @@ class QueueManager(service.Service):
         d.addErrback(lambda f: log.failure("queue scan failed", f))
 
     async def _scan(self) -> None:
+        now = self.clock.seconds()
         try:
-            now = self.clock.seconds()
             room = self.schedule.max_active - len(self.active)
-            claimed, next_due = await self._io(self._claim_due, now, room, set(self.active))
+            held = {k: until for k, (until, _n) in self._held.items()}
+            try:
+                claimed, next_due = await self._io(self._claim_due, now, room,
+                                                   set(self.active), held)
+            except Exception:
+                # An unreadable spool directory (EMFILE, EIO): try again later.
+                log.failure("queue scan failed; next try in {s:.0f} s", s=self.schedule.scan_interval)
+                claimed, next_due = [], now + self.schedule.scan_interval
             for queue_id in claimed:
                 d = defer.ensureDeferred(self._process(queue_id))
                 self.active[queue_id] = d
@@ -185,7 +201,7 @@ class QueueManager(service.Service):
             self._timer.cancel()
         self._timer = self.clock.callLater(when, self.scan)
 
-    def _claim_due(self, now: float, room: int, busy: set) -> tuple:
+    def _claim_due(self, now: float, room: int, busy: set, held: Dict[str, float]) -> tuple:
         """(ids claimed, when the next deferred one is due); runs in a worker
         thread: a directory listing, small envelope reads and renames."""
         claimed = []
@@ -195,6 +211,9 @@ class QueueManager(service.Service):
                 if len(claimed) >= room:
                     return claimed, next_due
                 if queue_id in busy:
+                    continue
+                if held.get(queue_id, now) > now:
+                    next_due = min(next_due, held[queue_id])
                     continue
                 if state == "deferred":
                     due = self._due_time(queue_id)
@@ -208,14 +227,17 @@ class QueueManager(service.Service):
         return claimed, next_due
 
     def _due_time(self, queue_id: str) -> Optional[float]:
-        from mailserver.queue.spool import NotQueued
+        from mailserver.queue.spool import EnvelopeError, NotQueued
 
         try:
             _state, env = self.spool.load(queue_id)
         except (NotQueued, FileNotFoundError):
             return None  # another process took it, or it was deleted
-        except Exception as e:
+        except EnvelopeError as e:
             self._quarantine(queue_id, e)
+            return None
+        except OSError as e:
+            log.warn("{id}: cannot read the envelope now: {error}", id=queue_id, error=e)
             return None
         return env.next_attempt
 
@@ -226,6 +248,11 @@ class QueueManager(service.Service):
             self.spool.move(queue_id, "active")
         except (AlreadyClaimed, FileNotFoundError):
             return False
+        except OSError as e:
+            # The rename may have happened and the directory fsync failed:
+            # then the message is ours, in active/, and must be processed.
+            log.warn("{id}: claiming: {error}", id=queue_id, error=e)
+            return os.path.exists(self.spool.envelope_path("active", queue_id))
         return True
 
     def _finished(self, _result, queue_id: str) -> None:
@@ -234,8 +261,14 @@ class QueueManager(service.Service):
             self.wake()
 
     def _crashed(self, failure, queue_id: str):
-        """A bug while processing: put the message back for a later try."""
-        log.failure("{id}: internal error in the queue manager", failure, id=queue_id)
+        """Processing failed (a full disk, an I/O error, a bug): put the
+        message back, held for a backoff that grows with each failure."""
+        _until, failures = self._held.get(queue_id, (0.0, 0))
+        failures += 1
+        wait = self.schedule.backoff(failures)
+        self._held[queue_id] = (self.clock.seconds() + wait, failures)
+        log.failure("{id}: processing failed; next try in {wait:.0f} s", failure, id=queue_id,
+                    wait=wait)
 
         def back():
             try:
@@ -255,22 +288,33 @@ class QueueManager(service.Service):
 
     # -- one message -----------------------------------------------------
     async def _process(self, queue_id: str) -> None:
-        from mailserver.queue.spool import NotQueued
+        from mailserver.queue.spool import EnvelopeError, NotQueued
 
         try:
             _state, env = await self._io(self.spool.load, queue_id)
         except NotQueued:
+            self._held.pop(queue_id, None)
             return  # deleted between the claim and now
-        except Exception as e:
+        except EnvelopeError as e:
             await self._io(self._quarantine, queue_id, e)
             return
+        for r in env.pending():  # delivered in a round whose outcome was not saved
+            if r.address in self._unsaved.get(queue_id, {}):
+                r.record(*self._unsaved[queue_id][r.address])
         failed, delivered_here = [], []
         if env.pending():
             message = env.outbound(self.spool.content_path(queue_id))
             results = await self._deliver_all(message)
             failed, delivered_here = self._record(env, results, self.clock.seconds())
-        wake = await self._io(self._conclude, queue_id, env, failed, delivered_here,
-                              self.clock.seconds())
+        try:
+            wake = await self._io(self._conclude, queue_id, env, failed, delivered_here,
+                                  self.clock.seconds())
+        except Exception:
+            self._unsaved[queue_id] = {r.address: (r.last_reply, r.remote, r.last_attempt)
+                                       for r in env.recipients if r.state == "delivered"}
+            raise
+        self._held.pop(queue_id, None)
+        self._unsaved.pop(queue_id, None)
         if wake:
             self.wake()
 
@@ -282,7 +326,9 @@ class QueueManager(service.Service):
         still = env.pending()
         if still and now - env.arrival >= self.schedule.lifetime:
             for r in still:
-                r.record(_expired(r.last_reply), r.remote, now)
+                r.expire()
+                log.info("{id}: to=<{to}>, status=expired (last: {reply})", id=env.id,
+                         to=r.address, reply=str(r.last_reply or "never tried"))
             failed += still
             still = []
         if failed:
@@ -388,11 +434,3 @@ class QueueManager(service.Service):
                                                      reporting_mta=self.hostname))
         log.info("{id}: sender {kind} notification: {dsn}", id=queue_id, kind=kind, dsn=new_id)
         return True
-
-
-def _expired(last: Optional[Reply]) -> Reply:
-    """The permanent reply for a recipient still pending at the end of its lifetime."""
-    text = "Delivery time expired"
-    if last is not None:
-        text += f"; last error: {last}"
-    return R.R(554, "5.4.7", text[:900].replace("\r", " ").replace("\n", " "))

@@ -349,9 +349,13 @@ class QueueSpool:
         return None
 
     def read_envelope(self, state: str, queue_id: str) -> Envelope:
-        """Parse ``<state>/<id>``: EnvelopeError if invalid, OSError if unreadable."""
-        with open(self.envelope_path(state, queue_id), "rb") as f:
-            data = f.read(1 << 20)  # far beyond any real envelope
+        """Parse ``<state>/<id>``: EnvelopeError if invalid (not a regular
+        file included), OSError if unreadable now (permissions, I/O)."""
+        try:
+            with open(self.envelope_path(state, queue_id), "rb") as f:
+                data = f.read(1 << 20)  # far beyond any real envelope
+        except (IsADirectoryError, NotADirectoryError) as e:
+            raise EnvelopeError(f"{state}/{queue_id} is not a file: {e}") from e
         env = Envelope.from_json(data)
         if env.id != queue_id:
             raise EnvelopeError(f"envelope says id {env.id!r}, file is {queue_id!r}")
@@ -540,10 +544,12 @@ class QueueSpool:
                 self.read_envelope(state, queue_id)
             except FileNotFoundError:
                 continue
-            except (OSError, EnvelopeError) as e:
+            except EnvelopeError as e:
                 self.quarantine(queue_id, f"unreadable envelope in {state}/: {e}", state)
                 report.quarantined += 1
                 continue
+            except OSError:
+                continue  # cannot read it now (permissions, I/O): left for the manager to retry
             if not os.path.exists(self.content_path(queue_id)):
                 self.quarantine(queue_id, f"data file missing (envelope was in {state}/)",
                                 state)

@@ -144,7 +144,8 @@ def test_never_bounce_a_bounce(env):
 
 
 def test_expiry_bounces_pending_recipients(env):
-    """Past the lifetime, still-deferred recipients bounce with 5.4.7 and the last error."""
+    """Past the lifetime, still-deferred recipients bounce: Status 4.4.7 (RFC
+    3463 delivery time expired) with the last real reply and its host."""
     clock, spool, submit = env
     submit(["slow@example.org"])
     target = ScriptedTarget({"slow@example.org": [TEMP]})
@@ -153,7 +154,9 @@ def test_expiry_bounces_pending_recipients(env):
         clock.advance(3600)
     [(_to, dsn)] = target.bounces
     text = str(dsn.get_payload()[1])
-    assert "Status: 5.4.7" in text and "try later" in text
+    assert "Action: failed" in text and "Status: 4.4.7" in text
+    assert "Diagnostic-Code: smtp; 451 4.3.0 try later" in text
+    assert "Remote-MTA: dns; mx.example.org" in text
     assert states(spool) == []
     m.stopService()
 
@@ -239,6 +242,91 @@ def test_recovery_after_crash_redelivers(env):
     target = ScriptedTarget({})
     m = manager(spool, clock, target)
     clock.advance(0)
+    assert target.calls == [["r@example.org"]]
+    assert states(spool) == []
+    m.stopService()
+
+
+def test_backoff_never_overflows():
+    """Flushes count as attempts, so attempts can grow past 1024."""
+    assert Schedule().backoff(5000) == Schedule().max_backoff
+
+
+def test_failed_save_is_held_and_delivered_recipients_are_not_repeated(env, monkeypatch):
+    """A full disk while saving the outcome: the message waits a backoff (no
+    hot loop) and the recipient already delivered is not sent again."""
+    import errno
+
+    clock, spool, submit = env
+    submit(["ok@example.org", "later@example.org"])
+    target = ScriptedTarget({"later@example.org": [TEMP, R.OK]})
+    real_save = spool.save
+    calls = {"n": 0}
+
+    def full_disk(*a):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*a)
+
+    monkeypatch.setattr(spool, "save", full_disk)
+    m = manager(spool, clock, target, min_backoff=300)
+    clock.advance(0)
+    assert target.calls == [["ok@example.org", "later@example.org"]]
+    for _ in range(5):
+        clock.advance(1)
+    assert len(target.calls) == 1  # held, not retried at once
+    clock.advance(300)
+    assert target.calls[1:] == [["later@example.org"]]
+    assert states(spool) == []
+    m.stopService()
+
+
+def test_failed_scan_is_retried(env, monkeypatch):
+    """A listing that fails (EMFILE) does not stop the queue: the next scan
+    is still planned."""
+    import errno
+
+    clock, spool, submit = env
+    submit(["r@example.org"])
+    real_list = spool.list
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    def flaky(*a):
+        if failures:
+            raise failures.pop()
+        return real_list(*a)
+
+    target = ScriptedTarget({})
+    m = manager(spool, clock, target, scan_interval=60)
+    monkeypatch.setattr(spool, "list", flaky)
+    clock.advance(0)
+    assert target.calls == []
+    clock.advance(60)
+    assert target.calls == [["r@example.org"]]
+    m.stopService()
+
+
+def test_io_error_reading_an_envelope_is_not_corruption(env, monkeypatch):
+    """EMFILE/EIO while loading is a reason to wait, never to quarantine."""
+    import errno
+
+    clock, spool, submit = env
+    qid = submit(["r@example.org"])
+    real_load = spool.load
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def flaky(queue_id):
+        if failures:
+            raise failures.pop()
+        return real_load(queue_id)
+
+    monkeypatch.setattr(spool, "load", flaky)
+    target = ScriptedTarget({})
+    m = manager(spool, clock, target, min_backoff=300)
+    clock.advance(0)
+    assert states(spool) == [("deferred", qid)]
+    clock.advance(300)
     assert target.calls == [["r@example.org"]]
     assert states(spool) == []
     m.stopService()
