@@ -91,6 +91,7 @@ class ListenerContext:
     outbox: Any = None  # mailserver.queue.submit.Outbox, for relayed and forwarded mail
     etrn: bool = False
     srs: Any = None  # mailserver.srs.SRS when forwarded mail is rewritten
+    close_grace: float = 10.0  # seconds a closing connection may take to drain
 
 
 def _peer_ip(transport) -> str:
@@ -135,7 +136,9 @@ class SMTPServerProtocol(Protocol):
         self.reading_paused = False
         self.closing = False
         self.counted = False
+        self.registered = False  # as the transport's producer
         self.timer = None
+        self.abort_timer = None
         self.due = 1  # replies owed for the pending decision
         self._reset_transaction()
 
@@ -163,7 +166,7 @@ class SMTPServerProtocol(Protocol):
                      listener=self.ctx.name, client=self.client, reply=str(refusal))
             self.transport.write(refusal.to_bytes())
             self.closing = True
-            self.transport.loseConnection()
+            self._hang_up()
             return
         self.counted = True
         log.info("{listener}: connect from {client}", listener=self.ctx.name, client=self.client)
@@ -177,6 +180,7 @@ class SMTPServerProtocol(Protocol):
             dsn=self.ctx.outbox is not None,
         )
         self.transport.registerProducer(self, True)
+        self.registered = True
         self.core.greeting()
         self._flush()
         self._arm_timer()
@@ -189,6 +193,9 @@ class SMTPServerProtocol(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self._cancel_timer()
+        if self.abort_timer is not None and self.abort_timer.active():
+            self.abort_timer.cancel()
+        self.abort_timer = None
         self.closing = True
         self._reset_transaction()
         if self.counted:
@@ -211,8 +218,7 @@ class SMTPServerProtocol(Protocol):
         except Exception:
             log.failure("{listener}: internal error, closing session with {client}",
                         listener=self.ctx.name, client=self.client)
-            self.transport.write(R.SERVICE_UNAVAILABLE.to_bytes())
-            self._close()
+            self._close(R.SERVICE_UNAVAILABLE)
             return
         if self._flush() or progressed:
             # Only progress (a command, a reply, a block of data) restarts the
@@ -256,11 +262,41 @@ class SMTPServerProtocol(Protocol):
     def stopProducing(self) -> None:
         self.closing = True
 
-    def _close(self) -> None:
-        self._flush()
+    def _close(self, last: Optional[R.Reply] = None) -> None:
+        """Send what the core has queued, then ``last`` (a 421 of ours), and
+        hang up."""
+        try:
+            self._flush()
+        except Exception:  # a broken core must not keep the connection open
+            log.failure("{listener}: could not flush replies to {client}",
+                        listener=self.ctx.name, client=self.client)
+        if last is not None:
+            self.transport.write(last.to_bytes())
         self.closing = True
         self._cancel_timer()
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """Close once the replies are written, or abort after ``close_grace``.
+
+        A client that pipelines and never reads keeps the write buffer full,
+        and ``loseConnection`` alone would wait for it forever, holding the
+        client's connection slot.  Unregistering as the transport's producer
+        first matters too: a paused streaming producer is resumed, instead of
+        the connection closed, when the buffer drains.
+        """
+        if self.registered:
+            self.registered = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
+        if self.abort_timer is None:
+            self.abort_timer = self.ctx.clock.callLater(self.ctx.close_grace, self._abort)
+
+    def _abort(self) -> None:
+        self.abort_timer = None
+        log.info("{listener}: {client} did not read the closing reply; connection aborted",
+                 listener=self.ctx.name, client=self.client)
+        self.transport.abortConnection()
 
     def _decide(self, coro, due: int = 1) -> None:
         """Run an async decision owing ``due`` replies; the core waits for them."""
@@ -292,10 +328,7 @@ class SMTPServerProtocol(Protocol):
         log.failure("{listener}: internal error, closing session with {client}", failure,
                     listener=self.ctx.name, client=self.client)
         if not self.closing:
-            self.transport.write(R.SERVICE_UNAVAILABLE.to_bytes())
-            self.closing = True
-            self._cancel_timer()
-            self.transport.loseConnection()
+            self._close(R.SERVICE_UNAVAILABLE)
 
     # -- timeouts ----------------------------------------------------------
     def _arm_timer(self) -> None:
@@ -313,8 +346,7 @@ class SMTPServerProtocol(Protocol):
     def _timed_out(self) -> None:
         self.timer = None
         log.info("{listener}: timeout from {client}", listener=self.ctx.name, client=self.client)
-        self.transport.write(R.TIMEOUT.to_bytes())
-        self._close()
+        self._close(R.TIMEOUT)
 
     # -- event handlers ----------------------------------------------------
     def on_hello(self, event: ev.Hello) -> None:

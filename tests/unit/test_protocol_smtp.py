@@ -409,3 +409,70 @@ def test_srs_forwarding_and_bounce(tmp_path):
     assert replies(t) == ["250 2.1.0", "250 2.1.5", "550 5.1.1", "354 End d", "250 2.0.0"]
     assert h.ctx.outbox.queued[1]["recipients"][0][0] == "x@example.net"
     assert h.ctx.outbox.queued[1]["sender"] == ""
+
+
+def aborted(t):
+    return t.disconnected  # only StringTransport.abortConnection sets it
+
+
+def unread_client(h):
+    """A session whose client pipelines and never reads: the write buffer is full."""
+    p, t = h.connect()
+    p.pauseProducing()  # what Twisted does when the send buffer fills up
+    p.dataReceived(b"EHLO c\r\n" * 100)
+    return p, t
+
+
+def test_timeout_aborts_a_client_that_never_reads(h):
+    """After the timeout's 421, a connection that does not close within the grace period is
+    aborted, so its connection slot is released."""
+    p, t = unread_client(h)
+    h.clock.advance(h.ctx.command_timeout + 1)
+    assert replies(t)[-1] == "421 4.4.2"
+    assert t.disconnecting and not aborted(t)
+    assert t.producer is None  # a paused producer would be resumed instead of closing
+    h.clock.advance(h.ctx.close_grace + 1)
+    assert aborted(t)
+    p.connectionLost(None)
+    assert h.ctx.limiter.total == 0
+
+
+def test_too_many_errors_aborts_a_client_that_never_reads(h):
+    """The 421 for too many errors is followed by an abort when the client does not read."""
+    p, t = unread_client(h)
+    p.resumeProducing()
+    t.clear()
+    p.pauseProducing()
+    p.dataReceived(b"BOGUS\r\n" * 30)
+    p.resumeProducing()
+    assert replies(t)[-1] == "421 4.7.0"
+    assert t.disconnecting and not aborted(t)
+    h.clock.advance(h.ctx.close_grace + 1)
+    assert aborted(t)
+
+
+def test_closed_connection_is_not_aborted(h):
+    """A connection that closes normally after QUIT leaves no abort timer behind."""
+    p, t = h.connect()
+    p.dataReceived(b"QUIT\r\n")
+    assert t.disconnecting
+    p.connectionLost(None)
+    assert h.clock.getDelayedCalls() == []
+    assert not aborted(t)
+
+
+def test_internal_error_reply_comes_after_earlier_replies(h, monkeypatch):
+    """A bug while handling a pipelined command gives 421 after the replies already due."""
+    from mailserver.proto import smtp_events as ev
+    from mailserver.protocols.smtp import SMTPServerProtocol
+
+    def boom(self, event):
+        raise RuntimeError("bug")
+
+    monkeypatch.setitem(SMTPServerProtocol.HANDLERS, ev.MailFrom, boom)
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\n")
+    t.clear()
+    p.dataReceived(b"NOOP\r\nMAIL FROM:<x@example.org>\r\n")
+    assert replies(t) == ["250 2.0.0", "421 4.3.2"]
+    assert t.disconnecting
