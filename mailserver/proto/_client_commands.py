@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.unit.test_smtp_client -*-
 """What the outbound client sends: MAIL and RCPT lines, and the content.
 
+* :func:`unsendable` picks out addresses that no MAIL or RCPT command can
+  carry (they get a permanent refusal instead of being sent).
 * :func:`refusal` decides whether a message may go to a server at all, from
   the extensions it announced (SIZE, 8BITMIME, SMTPUTF8).
 * :func:`mail_command` and :func:`rcpt_command` build the commands with the
@@ -23,14 +25,52 @@ from mailserver.proto._client_replies import size_limit
 from mailserver.reply import Reply
 
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
-_BAD_ADDRESS = frozenset("\r\n\x00<> ")
+
+# What may go between the angle brackets of MAIL FROM and RCPT TO.  A quoted
+# local part holds RFC 5321 qtextSMTP and quoted-pairs (space included), as
+# our listener accepts it; everything else is one word without spaces,
+# quotes, backslashes or angle brackets.  Controls (CR, LF, NUL, TAB, DEL...)
+# are refused everywhere, and so are the surrogates that stand for bytes
+# that were not UTF-8.
+_NOT_UTF8 = r"\ud800-\udfff"
+_QUOTED_LOCAL = re.compile(r'"(?:[^"\\\x00-\x1f\x7f' + _NOT_UTF8 + r']|\\[\x20-\x7e])*"')
+_WORD = re.compile(r'[^\x00-\x20\x7f"\\<>' + _NOT_UTF8 + r']+')
+
+UNSENDABLE_RECIPIENT = Reply(553, (5, 1, 3), "Recipient address cannot be sent over SMTP")
+UNSENDABLE_SENDER = Reply(553, (5, 1, 7), "Sender address cannot be sent over SMTP")
+
+
+def sendable(address: str) -> bool:
+    """True when ``<address>`` is a well-formed path for MAIL or RCPT.
+
+    ``local@domain``, where ``local`` is a quoted string or a word and the
+    domain a word; or one word without ``@`` (``postmaster``).  This is no
+    full syntax check (the receiver does that), only the guarantee that the
+    address cannot end the command early or smuggle another one in.
+    """
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return bool(_WORD.fullmatch(address))
+    return bool((_QUOTED_LOCAL.fullmatch(local) or _WORD.fullmatch(local))
+                and _WORD.fullmatch(domain))
+
+
+def unsendable(message: OutboundMessage) -> dict[str, Reply]:
+    """Our permanent refusal for each recipient that cannot be sent.
+
+    A recipient whose address is no SMTP path gets ``553 5.1.3``; when the
+    sender is not (the null sender ``""`` is), every recipient gets
+    ``553 5.1.7``.  Empty when all is well.
+    """
+    if message.sender and not sendable(message.sender):
+        return {r.address: UNSENDABLE_SENDER for r in message.recipients}
+    return {r.address: UNSENDABLE_RECIPIENT for r in message.recipients
+            if not sendable(r.address)}
 
 
 def check_message(message: OutboundMessage) -> None:
-    """Raise ValueError for a message no SMTP command can carry."""
-    for address in [message.sender] + [r.address for r in message.recipients]:
-        if _BAD_ADDRESS & set(address):
-            raise ValueError(f"address not fit for an SMTP command: {address!r}")
+    """Raise ValueError for a message no transaction is meant for (a bug
+    of the caller, unlike :func:`unsendable` addresses)."""
     if not message.recipients:
         raise ValueError("a message without recipients")
 

@@ -57,6 +57,11 @@ Policy choices:
   ``REMOTE_NO_SMTPUTF8`` (553 5.6.7, as RFC 6531 §3.6.1 and Postfix use for
   non-ASCII addresses).  The 8-bit decision trusts
   :attr:`OutboundMessage.eight_bit`; the content is not scanned.
+* **Addresses no command can carry** (a control character, a space outside
+  a quoted local part, an angle bracket: see
+  :func:`~mailserver.proto._client_commands.sendable`) are never sent: such
+  a recipient gets ``553 5.1.3`` at once, and an unsendable sender gives
+  every recipient ``553 5.1.7`` without a MAIL command.
 * **MAIL/RCPT parameters**: SIZE= when the server has SIZE, BODY=8BITMIME
   for 8-bit content, SMTPUTF8 when needed; RET/ENVID and NOTIFY/ORCPT only
   when the server has DSN (ENVID and ORCPT as xtext).
@@ -92,6 +97,7 @@ from mailserver.proto._client_commands import (
     mail_command,
     rcpt_command,
     refusal,
+    unsendable,
 )
 from mailserver.proto._client_events import (
     ClientEvent,
@@ -295,6 +301,8 @@ class SMTPClientConnection:
         self._pipelined = False
         self._later: collections.deque[tuple[str, Phase, Handler]] = collections.deque()
         self._stuffer = DotStuffer()
+        for address, reply in unsendable(message).items():
+            self._final(address, reply, from_remote=False)
 
     def _await(self, phase: Phase, handler: Handler) -> None:
         self._expect.append((phase, handler))
@@ -492,6 +500,10 @@ class SMTPClientConnection:
             self._fail(self._remote(raw), retry=True, quit=True, from_remote=True)
 
     def _start_transaction(self) -> None:
+        pending = [r for r in self._rcpts if r.address not in self._results]
+        if not pending:  # every address was unsendable: nothing to say
+            self._done()
+            return
         refused = refusal(self._message, self.extensions)
         if refused is not None:
             self._all(refused, retry=False)
@@ -499,7 +511,7 @@ class SMTPClientConnection:
             return
         commands: list[tuple[str, Phase, Handler]] = [
             (mail_command(self._message, self.extensions), Phase.MAIL, self._on_mail)]
-        for rcpt in self._rcpts:
+        for rcpt in pending:
             commands.append((rcpt_command(rcpt, self.extensions), Phase.RCPT,
                              partial(self._on_rcpt, rcpt.address)))
         commands.append(("DATA", Phase.DATA, self._on_data))

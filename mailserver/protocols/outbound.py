@@ -59,7 +59,7 @@ from zope.interface import implementer
 
 from mailserver import reply as R
 from mailserver.delivery.interfaces import DeliveryReport, OutboundMessage
-from mailserver.proto._client_commands import check_message
+from mailserver.proto._client_commands import check_message, unsendable
 from mailserver.proto._client_policy import PHASE_WORDS, Destination, Timeouts, ip_version
 from mailserver.proto.smtp_client import (
     NEED_DATA,
@@ -435,14 +435,27 @@ def _everyone(message: OutboundMessage, reply: Reply, remote: str) -> DeliveryRe
     return DeliveryReport(replies={r.address: reply for r in message.recipients}, remote=remote)
 
 
+def _unsendable(message: OutboundMessage) -> Optional[HostAttempt]:
+    """The final answer, without connecting, when no address of ``message``
+    can be sent (see :func:`~mailserver.proto._client_commands.unsendable`);
+    ``None`` when there is something to send.  A message without recipients
+    raises ValueError."""
+    check_message(message)
+    refused = unsendable(message)
+    if any(r.address not in refused for r in message.recipients):
+        return None
+    log.info("{id}: no address can be sent over SMTP ({reply})", id=message.queue_id,
+             reply=str(next(iter(refused.values()))))
+    return HostAttempt(DeliveryReport(replies=refused), False)
+
+
 async def _open(reactor, dest: Destination, message: OutboundMessage, timeouts: Timeouts,
                 plaintext: bool = False):
     """Connect and start ``message``; a :class:`HostAttempt` when that fails.
 
-    A message no SMTP command can carry, or a TLS policy that cannot be set
-    up (an unreadable CA file), raises: those are not the remote's fault.
+    A TLS policy that cannot be set up (an unreadable CA file) raises: that
+    is not the remote's fault.
     """
-    check_message(message)
     tls = None if plaintext else tls_options(dest)
     factory = _OneConnection(dest, message, reactor, timeouts, tls)
     d = _endpoint(reactor, dest, timeouts).connect(factory)
@@ -464,7 +477,12 @@ async def _attempt(reactor, dest: Destination, message: OutboundMessage, timeout
     """Open a connection and send ``message``: ``(protocol or None, HostAttempt)``.
 
     Under the "may" policy a failed handshake is retried once in plaintext.
+    When no address can be sent (:func:`_unsendable`), no connection is
+    made; otherwise the client refuses the unsendable recipients itself.
     """
+    refused = _unsendable(message)
+    if refused is not None:
+        return None, refused
     for plaintext in (False, True):
         proto = await _open(reactor, dest, message, timeouts, plaintext)
         if isinstance(proto, HostAttempt):
@@ -541,6 +559,9 @@ class OutboundConnectionPool:
         dest = Destination(host, port, helo, tls, tls_hostname, trust_root, auth, lmtp,
                            unix_path, allow_plaintext_auth)
         key = dest.key()
+        refused = _unsendable(message)
+        if refused is not None:
+            return refused
         while (proto := self._take(key)) is not None:
             result: ClientResult = await proto.send_next(message)
             if result.reset_failed:

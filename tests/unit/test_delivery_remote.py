@@ -355,6 +355,24 @@ def test_unknown_exception_is_internal_error_and_stops():
     assert [e["log_failure"].type for e in events if "log_failure" in e] == [ZeroDivisionError]
 
 
+def test_unsendable_address_is_a_permanent_refusal_not_an_internal_error():
+    """With the real connect, an address no RCPT can carry bounces at once
+    (553 5.1.3), without a connection or a logged traceback."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailserver.protocols.outbound import deliver_to_host
+
+    reactor = MemoryReactorClock()
+    target = RemoteDelivery(FakeResolver(ZONES), deliver_to_host, helo="out.example.net",
+                            reactor=reactor, rng=random.Random(1))
+    with capturedLogs() as events:
+        report = result(target.deliver(message("john doe@example.test")))
+    reply = report.replies["john doe@example.test"]
+    assert (reply.code, reply.enhanced) == (553, (5, 1, 3))
+    assert not reactor.tcpClients
+    assert not [e for e in events if "log_failure" in e]
+
+
 def test_missing_result_for_a_recipient_is_temporary():
     def forgetful(reactor, host, port, msg, **kw):
         return (DeliveryReport({"a@example.test": OK}), False)

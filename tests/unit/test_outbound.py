@@ -252,6 +252,37 @@ class DeliveryTests:
         with pytest.raises(ValueError):
             Destination("mx", 25, "h", tls="sometimes")
 
+    def test_unsendable_addresses_refused_without_connecting(self, content):
+        """Nothing sendable (here the sender): 553 for everyone at once, no
+        connection, and no reason to try another host."""
+        reactor = MemoryReactorClock()
+        msg = content()
+        msg = OutboundMessage(queue_id="Q1", sender="alice smith@example.test",
+                              recipients=msg.recipients, content_path=msg.content_path,
+                              size=msg.size)
+        report, retry = result(start(reactor, msg))
+        assert {a: (r.code, r.enhanced) for a, r in report.replies.items()} == {
+            "bob@example.org": (553, (5, 1, 7))}
+        assert not retry and not reactor.tcpClients
+
+    def test_quoted_local_part_with_a_space_is_sent(self, content):
+        """A quoted local part with a space goes out as it is."""
+        reactor = MemoryReactorClock()
+        msg = content()
+        msg = OutboundMessage(queue_id="Q1", sender='"alice smith"@example.test',
+                              recipients=(OutboundRecipient('"john doe"@example.org'),),
+                              content_path=msg.content_path, size=msg.size)
+        d = start(reactor, msg)
+        link = Link(reactor)
+        link.server(GREETING)
+        assert link.server(EHLO) == (b'MAIL FROM:<"alice smith"@example.test> SIZE=%d\r\n'
+                                     b'RCPT TO:<"john doe"@example.org>\r\nDATA\r\n'
+                                     % msg.size)
+        link.server(ACCEPT)
+        link.stream()
+        finish(link)
+        assert result(d).report.replies['"john doe"@example.org'].code == 250
+
     def test_report_details_keep_remote_text(self, content):
         """A refused recipient's remote reply goes into the report's details."""
         reactor = MemoryReactorClock()
@@ -506,6 +537,23 @@ class PoolTests:
         link.server(b"221 bye\r\n")
         link.lost()
         assert closed.called and not reactor.getDelayedCalls()
+
+    def test_unsendable_message_leaves_idle_connections_alone(self, content):
+        """A message with nothing sendable takes no idle connection (no RSET)."""
+        reactor = MemoryReactorClock()
+        pool = OutboundConnectionPool(reactor)
+        d1 = self.deliver(pool, reactor, content())
+        link = Link(reactor)
+        deliver_ok(link)
+        link.server(b"250 ok\r\n")
+        result(d1)
+        msg = content()
+        msg = OutboundMessage(queue_id="Q2", sender=msg.sender,
+                              recipients=(OutboundRecipient("bob@example.org>\r\nRSET"),),
+                              content_path=msg.content_path, size=msg.size)
+        report, retry = result(self.deliver(pool, reactor, msg))
+        assert report.replies["bob@example.org>\r\nRSET"].code == 553 and not retry
+        assert link.take() == b"" and pool.idle_count() == 1 and not reactor.tcpClients
 
     def test_not_reused_after_failure(self, content):
         """A connection that ended in an error is closed, not parked."""

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from mailserver import reply as R
 from mailserver.delivery.interfaces import OutboundMessage, OutboundRecipient
-from mailserver.proto._client_commands import DotStuffer, orcpt, xtext
+from mailserver.proto._client_commands import DotStuffer, orcpt, sendable, xtext
 from mailserver.proto._client_replies import (
     MalformedReply,
     RawReply,
@@ -332,10 +332,77 @@ class TransactionTests:
         with pytest.raises(UsageError):
             s.client.quit()
 
-    def test_bad_address_refused(self):
-        """An address that would inject a command is refused before anything."""
+    def test_quoted_local_parts_with_spaces_are_sent(self):
+        """A quoted local part may hold spaces and quoted-pairs: sent as it is."""
+        s = Session(message('"john doe"@example.org', '"a\\"b"@example.org',
+                            sender='"mary ann"@example.test'))
+        assert s.greet() == (b'MAIL FROM:<"mary ann"@example.test> SIZE=1000\r\n'
+                             b'RCPT TO:<"john doe"@example.org>\r\n'
+                             b'RCPT TO:<"a\\"b"@example.org>\r\nDATA\r\n')
+
+    def test_unsendable_recipient_refused_the_rest_sent(self):
+        """A recipient that would inject a command gets 553 5.1.3 and no RCPT;
+        the others are delivered in the same transaction."""
+        bad = "bob@example.org>\r\nRSET"
+        s = Session(message(bad, "carol@example.org", "john doe@example.org"))
+        assert s.greet() == (b"MAIL FROM:<alice@example.test> SIZE=1000\r\n"
+                             b"RCPT TO:<carol@example.org>\r\nDATA\r\n")
+        s.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        s.content(b"x\r\n")
+        s.feed(b"250 2.0.0 queued\r\n")
+        assert codes(s.result) == {bad: (553, (5, 1, 3)), "carol@example.org": (250, (2, 0, 0)),
+                                   "john doe@example.org": (553, (5, 1, 3))}
+        assert bad not in s.result.details and not s.result.retry_elsewhere
+
+    def test_unsendable_sender_refuses_everyone_without_mail(self):
+        """A sender no MAIL command can carry: 553 5.1.7 for all, nothing sent,
+        the connection still usable."""
+        s = Session(message("a@example.org", "b@example.org", sender="al\nice@example.test"))
+        assert s.greet() == b""
+        assert codes(s.result) == {"a@example.org": (553, (5, 1, 7)),
+                                   "b@example.org": (553, (5, 1, 7))}
+        assert not s.result.retry_elsewhere and s.client.phase is Phase.IDLE
+        s.client.next_message(message())
+        assert s.feed() == b"RSET\r\n"
+
+    def test_only_unsendable_recipients_no_mail(self):
+        """With nothing left to send, no MAIL either."""
+        s = Session(message("<a@example.org>"))
+        assert s.greet(PLAIN) == b""
+        assert codes(s.result) == {"<a@example.org>": (553, (5, 1, 3))}
+        assert s.client.phase is Phase.IDLE
+
+    def test_message_without_recipients_is_a_usage_error(self):
+        """A message without recipients is the caller's bug: ValueError."""
         with pytest.raises(ValueError):
-            Session(message("bob@example.org>\r\nRSET"))
+            Session(OutboundMessage(queue_id="Q1", sender="", recipients=(),
+                                    content_path="/nonexistent", size=10))
+
+
+@pytest.mark.parametrize("address, ok", [
+    ('"john doe"@example.org', True),
+    ('"a\\"b"@example.org', True),        # quoted-pair
+    ('"x@y <z>"@example.org', True),       # specials inside quotes
+    ('""@example.org', True),
+    ("jörg@bücher.example", True),          # SMTPUTF8 decides elsewhere
+    ('"a b"@[IPv6:2001:db8::1]', True),
+    ("postmaster", True),
+    ("john doe@example.org", False),       # a space outside quotes
+    ('"a"b"@example.org', False),
+    ('"a\\"@example.org', False),         # the quote is escaped: unterminated
+    ('"tab\there"@example.org', False),
+    ('"a\rb"@example.org', False),
+    ("a@example.org>\r\nRSET", False),
+    ("a@example.org> NOTIFY=NEVER", False),
+    ("a\x00@example.org", False),
+    ("a\udcff@example.org", False),        # a byte that was not UTF-8
+    ("a@exa mple.org", False),
+    ("a@", False),
+    ("", False),
+])
+def test_sendable(address, ok):
+    """What may go between the angle brackets of MAIL and RCPT."""
+    assert sendable(address) is ok
 
 
 class ReuseTests:
