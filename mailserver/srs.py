@@ -6,18 +6,25 @@ When ``alice@example.org`` writes to ``fwd@ourdomain`` and we forward to
 our address and fails.  With SRS the forwarded copy's envelope sender becomes
 an address of ours that encodes the original::
 
-    SRS0=HHHH=TT=example.org=alice@ourdomain
+    SRS0=HHHHHHHHHH=TT=example.org=alice@ourdomain
 
-``HHHH`` is a keyed hash (HMAC-SHA256 of the timestamp, domain and local part,
-base64, the first four characters) so nobody can make us relay by forging
-such addresses; ``TT`` is the day number (modulo 1024, two base32
-characters), so old addresses expire.  A bounce to that address is accepted
-at RCPT time, checked, and sent on to the original sender.
+``HHHHHHHHHH`` is a keyed hash so nobody can make us relay by forging such
+addresses: HMAC-SHA256 over the timestamp, domain and local part (lower-cased,
+each preceded by its length in octets, so no two different triples hash the
+same input), its first :data:`HASH_LENGTH` base32 characters (50 bits).
+Base32 survives relays that change the case of an address; the check
+upper-cases what comes back and compares in constant time.  ``TT`` is the day
+number (modulo 1024, two base32 characters), so old addresses expire.  A
+bounce to that address is accepted at RCPT time, checked, and sent on to the
+original sender.
 
-This is the SRS0 form of Shevek's scheme as Postfix's postsrsd and Exim
-implement it (case-insensitive hash check, ``=`` separators).  Rewriting an
-address that is already SRS0 (a second forwarder) is not done: the address is
-kept as it is, which still passes SPF for the first forwarder's domain only.
+The address has the SRS0 shape of Shevek's scheme (``=`` separators), but the
+hash is ours: only this server checks it, so it need not match postsrsd's or
+Exim's.  An original sender whose rewritten local part would pass 64 octets
+(RFC 5321 4.5.3.1.1) is not rewritten: our own address parser, and many
+others, would refuse the bounce.  Rewriting an address that is already SRS0
+(a second forwarder) is not done either: the address is kept as it is, which
+still passes SPF for the first forwarder's domain only.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ from typing import Callable, Optional
 _B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 DAY = 86400
 PERIOD = 1024
+HASH_LENGTH = 10
+"""Base32 characters of the hash: 50 bits, case-insensitive."""
+MAX_LOCAL = 64
+"""Octets in a local part (RFC 5321 4.5.3.1.1); longer rewrites are not made."""
 
 
 class SRS:
@@ -46,9 +57,12 @@ class SRS:
         self.clock = clock
 
     def _hash(self, stamp: str, domain: str, local: str) -> str:
-        mac = hmac.new(self.secret, f"{stamp}{domain}{local}".lower().encode("utf-8"),
-                       hashlib.sha256).digest()
-        return base64.b64encode(mac).decode("ascii")[:4]
+        # Each field is length-prefixed: shifting a character from the domain
+        # to the local part (or the other way) changes the hashed input.
+        fields = [f.lower().encode("utf-8") for f in (stamp, domain, local)]
+        message = b"".join(b"%d:%s" % (len(f), f) for f in fields)
+        mac = hmac.new(self.secret, message, hashlib.sha256).digest()
+        return base64.b32encode(mac).decode("ascii")[:HASH_LENGTH]
 
     def _today(self) -> int:
         return int(self.clock() // DAY) % PERIOD
@@ -61,7 +75,10 @@ class SRS:
             return sender  # bounces, our own senders and SRS addresses stay as they are
         today = self._today()
         stamp = _B32[today // 32] + _B32[today % 32]
-        return f"SRS0={self._hash(stamp, domain, local)}={stamp}={domain}={local}@{self.domain}"
+        rewritten = f"SRS0={self._hash(stamp, domain, local)}={stamp}={domain}={local}"
+        if len(rewritten.encode("utf-8")) > MAX_LOCAL:
+            return sender  # a bounce to it would be refused as too long
+        return f"{rewritten}@{self.domain}"
 
     def is_srs(self, address: str) -> bool:
         local, _, domain = address.rpartition("@")
@@ -77,7 +94,7 @@ class SRS:
         if len(parts) != 4:
             return None
         given, stamp, domain, orig_local = parts
-        if len(stamp) != 2 or not domain or not orig_local:
+        if len(given) != HASH_LENGTH or len(stamp) != 2 or not domain or not orig_local:
             return None
         try:
             day = _B32.index(stamp[0].upper()) * 32 + _B32.index(stamp[1].upper())
@@ -86,7 +103,7 @@ class SRS:
         age = (self._today() - day) % PERIOD
         if age > self.max_age_days:
             return None
-        if not hmac.compare_digest(given.lower(),
-                                   self._hash(stamp.upper(), domain, orig_local).lower()):
+        expected = self._hash(stamp, domain, orig_local)
+        if not hmac.compare_digest(given.upper().encode("utf-8"), expected.encode("ascii")):
             return None
         return f"{orig_local}@{domain}"
