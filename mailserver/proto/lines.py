@@ -5,10 +5,12 @@ Each reader works on the connection's own receive buffer (a ``bytearray``)
 and removes what it consumed from the front of it.
 
 * :class:`CommandFramer` cuts command lines, bounded by the command line
-  limit.  A line ends at LF; one CR before the LF is removed, so a command
-  ending in a bare LF is accepted (Postfix does the same).  Any other CR stays
-  in the line and makes it a syntax error.  An overlong line is discarded up
-  to its LF and reported as :data:`TOO_LONG`; it is never buffered whole.
+  limit, which may be higher for some verbs (SMTP extensions let MAIL and
+  RCPT grow by their parameters).  A line ends at LF; one CR before the LF is
+  removed, so a command ending in a bare LF is accepted (Postfix does the
+  same).  Any other CR stays in the line and makes it a syntax error.  An
+  overlong line is discarded up to its LF and reported as :data:`TOO_LONG`;
+  it is never buffered beyond the highest limit.
 * :class:`DotReader` reads DATA content.  The end of data is exactly
   CR LF "." CR LF, where the CR LF is a real line ending (the one before the
   dot, or the end of the DATA command line).  A bare LF or bare CR never ends
@@ -52,10 +54,17 @@ TOO_LONG = _TooLong()
 
 
 class CommandFramer:
-    """Cuts command lines of at most ``limit`` octets (terminator included)."""
+    """Cuts command lines of at most ``limit`` octets (terminator included).
 
-    def __init__(self, limit: int) -> None:
+    ``verb_limits`` maps upper-case verbs (``b"RCPT"``) to a higher limit of
+    their own; a line is measured against its first word's.  No more than the
+    highest limit is ever buffered.
+    """
+
+    def __init__(self, limit: int, verb_limits: Optional[dict[bytes, int]] = None) -> None:
         self.limit = limit
+        self.verb_limits = dict(verb_limits or {})
+        self.bound = max([limit, *self.verb_limits.values()])
         self._skipping = False
 
     def next_line(self, buf: bytearray) -> Union[bytes, _TooLong, None]:
@@ -66,12 +75,14 @@ class CommandFramer:
         in the place of the line.
         """
         if not self._skipping:
-            end = buf.find(b"\n", 0, self.limit)
+            end = buf.find(b"\n", 0, self.bound)
             if end >= 0:
                 line = bytes(buf[:end])
                 del buf[: end + 1]
+                if end >= self.limit and end + 1 > self._limit_for(line):
+                    return TOO_LONG
                 return line[:-1] if line.endswith(b"\r") else line
-            if len(buf) < self.limit:
+            if len(buf) < self.bound:
                 return None
             self._skipping = True
         end = buf.find(b"\n")
@@ -85,6 +96,9 @@ class CommandFramer:
     def reset(self) -> None:
         """Forget a partly skipped line (the buffer was discarded)."""
         self._skipping = False
+
+    def _limit_for(self, line: bytes) -> int:
+        return self.verb_limits.get(line.partition(b" ")[0].upper(), self.limit)
 
 
 class ContentChecker:

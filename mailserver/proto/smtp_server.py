@@ -17,9 +17,12 @@ LMTP mode ``DataEnd`` waits for one reply per accepted recipient, in RCPT order.
 Policy choices:
 
 * **Command lines** may end in CR LF or a bare LF (one CR before the LF is
-  removed).  A line over ``max_command_line`` octets is discarded up to its LF
-  and answered with ``LINE_TOO_LONG``; the session goes on.  NUL in a command
-  gives ``NUL_IN_COMMAND``.
+  removed).  A line over its limit is discarded up to its LF and answered
+  with ``LINE_TOO_LONG``; the session goes on.  The limit is
+  ``max_command_line`` octets, plus, for MAIL and RCPT, what the extensions
+  in the EHLO reply let them grow by (:data:`LINE_ALLOWANCES`): 564 and 512
+  by default, 664 and 1012 with DSN.  NUL in a command gives
+  ``NUL_IN_COMMAND``.
 * **HELO/EHLO/LHLO is required** before MAIL and STARTTLS (``NEED_HELO`` /
   ``NEED_LHLO``), like Postfix's ``smtpd_helo_required``.  LMTP takes only
   LHLO (HELO/EHLO get ``USE_LHLO``); SMTP does not know LHLO.
@@ -116,6 +119,15 @@ DEFAULT_MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
 
 DEFAULT_RCPT_PARAMS: frozenset[str] = frozenset()
 """RCPT parameters accepted by default (DSN's NOTIFY/ORCPT come later)."""
+
+LINE_ALLOWANCES: dict[str, dict[str, int]] = {
+    "SIZE": {"MAIL": 26},  # RFC 1870: SIZE=
+    "8BITMIME": {"MAIL": 16},  # RFC 6152: BODY=
+    "SMTPUTF8": {"MAIL": 10},  # RFC 6531 3.1
+    "DSN": {"MAIL": 100, "RCPT": 500},  # RFC 3461: RET, ENVID; NOTIFY, ORCPT
+    "AUTH": {"MAIL": 500},  # RFC 4954: AUTH= (should the core ever offer AUTH)
+}
+"""Octets an advertised extension adds to a verb's command line limit."""
 
 
 class Mode(enum.Enum):
@@ -275,7 +287,7 @@ class SMTPServerConnection:
         self._out = bytearray()
         self._events: collections.deque[Event] = collections.deque()
         self._eof = False
-        self._framer = CommandFramer(limits.max_command_line)
+        self._framer = CommandFramer(limits.max_command_line, self._verb_limits())
         self._reader: Union[None, DotReader, BdatReader, Sentinel] = None
         self._checker: Optional[ContentChecker] = None
         self._bdat_last = False
@@ -314,9 +326,10 @@ class SMTPServerConnection:
     def buffered(self) -> int:
         """Octets received and not yet handled.
 
-        An unfinished command line never holds more than ``max_command_line``
-        octets, but input that arrives while a decision is pending is kept
-        whole: the adapter should pause the transport on ``PAUSED``.
+        An unfinished command line never holds more than the highest command
+        line limit (RCPT's with DSN), but input that arrives while a decision
+        is pending is kept whole: the adapter should pause the transport on
+        ``PAUSED``.
         """
         return len(self._buf)
 
@@ -507,9 +520,10 @@ class SMTPServerConnection:
         self._events.append(Hello(verb, domain))
         self._reply(reply)
 
-    def _capabilities(self) -> Reply:
+    def _extensions(self) -> list[str]:
+        """The EHLO/LHLO keyword lines."""
         size = self.limits.max_message_size
-        lines = [self.hostname, "PIPELINING", f"SIZE {size}" if size else "SIZE"]
+        lines = ["PIPELINING", f"SIZE {size}" if size else "SIZE"]
         lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING"]
         if self.dsn:
             lines.append("DSN")
@@ -517,7 +531,20 @@ class SMTPServerConnection:
             lines.append("ETRN")
         if self.tls_available and not self.tls_active:
             lines.append("STARTTLS")
-        return Reply(250, None, "\n".join(lines))
+        return lines
+
+    def _capabilities(self) -> Reply:
+        return Reply(250, None, "\n".join([self.hostname, *self._extensions()]))
+
+    def _verb_limits(self) -> dict[bytes, int]:
+        """MAIL's and RCPT's command line limits, raised by what the advertised
+        extensions add (STARTTLS, the only keyword that comes and goes, adds
+        nothing)."""
+        limits = {b"MAIL": self.limits.max_command_line, b"RCPT": self.limits.max_command_line}
+        for line in self._extensions():
+            for verb, octets in LINE_ALLOWANCES.get(line.split()[0], {}).items():
+                limits[verb.encode("ascii")] += octets
+        return limits
 
     def _do_helo(self, arg: str) -> None:
         self._hello("HELO", arg, Reply(250, None, self.hostname))

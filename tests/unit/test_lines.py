@@ -56,6 +56,34 @@ def test_framer_limit_boundary() -> None:
     assert lines_of(CommandFramer(512), long + b"NOOP\r\n") == [TOO_LONG, b"NOOP"]
 
 
+def test_framer_verb_limits() -> None:
+    """A verb with a limit of its own is measured against it, whatever its case;
+    other lines keep the base limit."""
+    framer = CommandFramer(16, {b"RCPT": 32})
+    rcpt = b"rcpt " + b"x" * 25 + b"\r\n"
+    assert len(rcpt) == 32
+    noop = b"NOOP " + b"x" * 9 + b"\r\n"
+    assert len(noop) == 16
+    assert lines_of(framer, rcpt, noop) == [rcpt[:-2], noop[:-2]]
+    assert lines_of(framer, b"x" + rcpt, b"x" + noop, b"NOOP\n") == [TOO_LONG, TOO_LONG, b"NOOP"]
+    assert lines_of(framer, b"RCPTX" + b"x" * 15 + b"\n") == [TOO_LONG]  # not the verb RCPT
+    assert lines_of(framer, b"RCPT " + b"x" * 26 + b"\n") == [b"RCPT " + b"x" * 26]  # bare LF
+
+
+def test_framer_verb_limits_bound_the_buffer() -> None:
+    """No more than the highest limit is held while a line is incomplete."""
+    framer = CommandFramer(16, {b"MAIL": 24, b"RCPT": 32})
+    assert framer.bound == 32
+    buf = bytearray()
+    for _ in range(100):
+        buf += b"RCPT " + b"x" * 100
+        assert framer.next_line(buf) is None
+        assert len(buf) <= 32
+    buf += b"\r\nNOOP\r\n"
+    assert framer.next_line(buf) is TOO_LONG
+    assert framer.next_line(buf) == b"NOOP"
+
+
 def test_framer_skips_overlong_line_without_buffering() -> None:
     """An overlong line is dropped as it arrives and reported at its LF."""
     framer = CommandFramer(16)

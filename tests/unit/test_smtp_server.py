@@ -1054,6 +1054,76 @@ def test_overlong_line_is_not_buffered() -> None:
     assert run(conn, b"\r\nNOOP\r\n") == ([], replies(R.LINE_TOO_LONG, R.NOOP_OK))
 
 
+def padded(head: bytes, tail: bytes, octets: int) -> bytes:
+    """``head``, then x's, then ``tail`` and CR LF: a command line of ``octets``."""
+    return head + b"x" * (octets - len(head) - len(tail) - 2) + tail + b"\r\n"
+
+
+def dsn_rcpt(octets: int) -> bytes:
+    """A RCPT of ``octets`` with the longest path our parser takes (64-octet
+    local part, 255-octet domain), NOTIFY, and an ORCPT that makes up the rest."""
+    domain = ".".join(c * 63 for c in "abcd").encode()
+    head = b"RCPT TO:<" + b"r" * 64 + b"@" + domain + b">"
+    return padded(head + b" NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;", b"@b.example", octets)
+
+
+def test_dsn_rcpt_line_limit() -> None:
+    """With DSN offered, RCPT may grow by 500 octets (RFC 3461).  The longest
+    RCPT whose parameters are all valid (875 octets) reaches the application;
+    longer ones up to 1012 octets are read and refused for their ORCPT (over
+    500 characters), not for their length; past 1012 they are LINE_TOO_LONG."""
+    conn = greeted(dsn=True)
+    run(conn, MAIL)
+    for octets in (559, 875):
+        events, out = run(conn, dsn_rcpt(octets))
+        assert kinds(events) == [RcptTo] and out == R.RCPT_OK.to_bytes()
+        assert len(events[0].params["ORCPT"]) <= len("rfc822;") + 500
+    for octets in (876, 1000, 1012):
+        assert run(conn, dsn_rcpt(octets)) == ([], R.BAD_ARGUMENTS.to_bytes())
+    events, out = run(conn, dsn_rcpt(1013) + b"NOOP\r\n")
+    assert events == [] and out == replies(R.LINE_TOO_LONG, R.NOOP_OK)
+    assert conn.state is State.RCPT and len(conn.transaction.recipients) == 2
+
+
+@pytest.mark.parametrize("dsn, verb, limit", [
+    (False, b"MAIL", 564),  # SIZE 26, BODY 16, SMTPUTF8 10
+    (False, b"RCPT", 512),
+    (False, b"NOOP", 512),
+    (True, b"MAIL", 664),  # and RET, ENVID 100
+    (True, b"RCPT", 1012),  # NOTIFY, ORCPT 500
+    (True, b"NOOP", 512),
+    (True, b"HELO", 512),
+])
+def test_line_limit_follows_extensions(dsn: bool, verb: bytes, limit: int) -> None:
+    """MAIL and RCPT get the room the advertised extensions add; other verbs
+    keep RFC 5321's 512.  A line just over its limit is 500 5.5.2 and the
+    session goes on; the verb's case does not matter."""
+    conn = greeted(dsn=dsn)
+    too_long = padded(verb.lower() + b" ", b"", limit + 1)
+    assert run(conn, too_long + b"NOOP\r\n") == ([], replies(R.LINE_TOO_LONG, R.NOOP_OK))
+    _, out = run(conn, padded(verb + b" ", b"", limit))
+    assert not out.startswith(b"500 5.5.2")
+
+
+def test_line_limit_counts_bare_lf() -> None:
+    """A line ending in a bare LF is measured with its one-octet terminator."""
+    conn = greeted(dsn=True)
+    run(conn, MAIL)
+    fits = dsn_rcpt(1013)[:-2] + b"\n"  # 1012 octets
+    assert run(conn, fits) == ([], R.BAD_ARGUMENTS.to_bytes())  # read, not LINE_TOO_LONG
+    too_long = dsn_rcpt(1014)[:-2] + b"\n"
+    assert run(conn, too_long) == ([], R.LINE_TOO_LONG.to_bytes())
+
+
+def test_dsn_overlong_line_is_not_buffered() -> None:
+    """With DSN an endless line still never holds more than RCPT's limit."""
+    conn = greeted(dsn=True)
+    for _ in range(200):
+        assert run(conn, b"RCPT TO:<" + b"x" * 4096) == ([], b"")
+        assert conn.buffered <= 1012
+    assert run(conn, b"\r\nNOOP\r\n") == ([], replies(R.LINE_TOO_LONG, R.NOOP_OK))
+
+
 def test_overlong_mail_line_not_executed() -> None:
     """The tail of an overlong line is not taken as a command."""
     conn = greeted()
