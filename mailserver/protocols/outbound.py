@@ -531,7 +531,8 @@ class OutboundConnectionPool:
     make room), so a burst to many domains cannot pile up descriptors.
     :meth:`deliver_to_host` has the signature of the module function, so a
     pool can be handed to :class:`~mailserver.delivery.remote.RemoteDelivery`
-    in its place.
+    in its place.  After :meth:`close` nothing is parked: a connection whose
+    delivery ends then is sent QUIT at once.
     """
 
     def __init__(self, reactor, *, idle_time: float = 5.0, max_messages: int = 100,
@@ -545,6 +546,9 @@ class OutboundConnectionPool:
         self.timeouts = timeouts
         self._idle: Dict[tuple, List[Tuple[OutboundProtocol, Any]]] = {}
         self._closing: List[defer.Deferred] = []
+        self._closed = False
+        self._busy = 0  # deliveries in flight
+        self._drained: List[defer.Deferred] = []  # fired when _busy drops to 0
 
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())
@@ -558,6 +562,18 @@ class OutboundConnectionPool:
         """Like :func:`deliver_to_host`, reusing an idle connection when there is one."""
         dest = Destination(host, port, helo, tls, tls_hostname, trust_root, auth, lmtp,
                            unix_path, allow_plaintext_auth)
+        self._busy += 1
+        try:
+            return await self._deliver(reactor, dest, message, timeouts)
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                drained, self._drained = self._drained, []
+                for d in drained:
+                    d.callback(None)
+
+    async def _deliver(self, reactor, dest: Destination, message: OutboundMessage,
+                       timeouts: Optional[Timeouts]) -> HostAttempt:
         key = dest.key()
         refused = _unsendable(message)
         if refused is not None:
@@ -592,7 +608,8 @@ class OutboundConnectionPool:
 
     def _park(self, key: tuple, proto: OutboundProtocol) -> None:
         fresh = time.monotonic() - proto.opened < self.max_age
-        if not (proto.reusable and proto.messages < self.max_messages and fresh):
+        if self._closed or not (proto.reusable and proto.messages < self.max_messages
+                                and fresh):
             self._track(proto.quit())
             return
         if self.idle_count() >= self.max_idle:
@@ -625,12 +642,31 @@ class OutboundConnectionPool:
             self._closing.remove(closing)
         return result
 
-    async def close(self) -> None:
-        """QUIT every idle connection and wait until all are closed."""
+    async def close(self, grace: float = 10.0) -> None:
+        """QUIT every idle connection and wait until all are closed.
+
+        Deliveries still in flight get up to ``grace`` seconds to finish (the
+        queue manager gives them as long at shutdown); their connections are
+        then sent QUIT, not parked, and waited for too.
+        """
+        self._closed = True
         for entries in self._idle.values():
             for proto, timer in entries:
                 if timer.active():
                     timer.cancel()
                 self._track(proto.quit())
         self._idle.clear()
-        await defer.gatherResults(list(self._closing))
+        if self._busy:
+            drained = defer.Deferred()
+            self._drained.append(drained)
+            timer = self.reactor.callLater(grace, self._give_up_waiting, drained)
+            await drained
+            if timer.active():
+                timer.cancel()
+        while self._closing:
+            await defer.gatherResults(list(self._closing))
+
+    def _give_up_waiting(self, drained: defer.Deferred) -> None:
+        if drained in self._drained:
+            self._drained.remove(drained)
+            drained.callback(None)

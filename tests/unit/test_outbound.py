@@ -555,6 +555,36 @@ class PoolTests:
         assert report.replies["bob@example.org>\r\nRSET"].code == 553 and not retry
         assert link.take() == b"" and pool.idle_count() == 1 and not reactor.tcpClients
 
+    def test_delivery_in_flight_at_close_quits_instead_of_parking(self, content):
+        """A delivery that ends after close() sends QUIT on its connection rather
+        than parking it, and close() waits for that connection to close."""
+        reactor = MemoryReactorClock()
+        pool = OutboundConnectionPool(reactor)
+        d = self.deliver(pool, reactor, content())
+        link = Link(reactor)
+        deliver_ok(link)
+        closed = Deferred.fromCoroutine(pool.close())
+        assert not closed.called
+        assert link.server(b"250 2.0.0 queued\r\n") == b"QUIT\r\n"
+        assert result(d).report.replies["bob@example.org"].code == 250
+        assert pool.idle_count() == 0 and not closed.called
+        link.server(b"221 bye\r\n")
+        link.lost()
+        assert closed.called and not reactor.getDelayedCalls()
+
+    def test_close_waits_for_deliveries_in_flight_only_so_long(self, content):
+        """A delivery still running after the grace period does not hold up close()."""
+        reactor = MemoryReactorClock()
+        pool = OutboundConnectionPool(reactor)
+        self.deliver(pool, reactor, content())
+        link = Link(reactor)
+        link.server(GREETING)
+        closed = Deferred.fromCoroutine(pool.close(grace=10))
+        reactor.advance(9)
+        assert not closed.called
+        reactor.advance(1)
+        assert closed.called
+
     def test_not_reused_after_failure(self, content):
         """A connection that ended in an error is closed, not parked."""
         reactor = MemoryReactorClock()
