@@ -110,36 +110,105 @@ class LocalTarget:
     """The queue's way into local mailboxes (an ``IDeliveryTarget``).
 
     Each recipient is resolved again (the directory may have changed since the
-    message was accepted) and its mailboxes get a copy.  Forwards are not
-    followed here: they were added to the queued message as recipients of their
-    own when it was accepted.  An address that no longer exists bounces
-    (``550 5.1.1``); an outage is temporary.
+    message was accepted) and its mailboxes get a copy.  Its forwards (an
+    alias to outside addresses, a group's outside members, a mailbox's
+    forwarding address) are queued through ``outbox`` as a new message from
+    the same content, as the SMTP session does at DATA time: ORCPT names the
+    original recipient, NOTIFY, ENVID and RET are kept, and the sender is
+    rewritten by ``srs`` when given.  The original recipient counts as done
+    only once that message is durable.  Without an ``outbox`` forwards are a
+    temporary failure (``FORWARD_UNAVAILABLE``), never dropped.
+
+    An address that no longer exists bounces (``550 5.1.1``); an outage is
+    temporary.
     """
 
-    def __init__(self, directory, delivery: LocalDelivery) -> None:
+    def __init__(self, directory, delivery: LocalDelivery, outbox=None, srs=None,
+                 clock=None) -> None:
         self.directory = directory
         self.delivery = delivery
+        self.outbox = outbox  # mailserver.queue.submit.Outbox
+        self.srs = srs  # mailserver.srs.SRS
+        self.clock = clock  # None: the global reactor, looked up when needed
 
     async def deliver(self, message):
         from mailserver.delivery.interfaces import DeliveryReport
         from mailserver.directory.interfaces import Resolution
-        from mailserver.errors import ReplyError
 
         replies = {}
-        accepted = []
+        accepted, forwards = [], []  # (rcpt, Resolution), (OutboundRecipient, addresses)
         for rcpt in message.recipients:
             try:
                 resolution = await self.directory.resolve(rcpt.address)
             except ReplyError as e:
                 replies[rcpt.address] = e.reply
                 continue
-            if not resolution.mailboxes:
+            if not resolution.found:
                 replies[rcpt.address] = (R.MAILBOX_DISABLED if resolution.disabled
                                          else R.RCPT_UNKNOWN)
                 continue
-            accepted.append((rcpt.address, Resolution(rcpt.address, resolution.mailboxes)))
+            if resolution.mailboxes:
+                accepted.append((rcpt.address, Resolution(rcpt.address, resolution.mailboxes)))
+            if resolution.forwards:
+                forwards.append((rcpt, resolution.forwards))
         if accepted:
             results = await self.delivery.deliver(message.queue_id, message.sender,
                                                   message.content_path, b"", accepted)
             replies.update(zip([a for a, _ in accepted], results))
-        return DeliveryReport(replies=replies, remote="local")
+        # A recipient whose local copy failed for now is tried again whole:
+        # queueing its forwards now would send them twice.
+        forwards = [(r, f) for r, f in forwards
+                    if r.address not in replies or not replies[r.address].is_temporary]
+        by_forward = set()  # recipients whose reply is the forwarding's
+        if forwards:
+            reply = await self._forward(message, forwards)
+            for rcpt, _ in forwards:
+                local = replies.get(rcpt.address)
+                if local is None or (local.is_positive and not reply.is_positive):
+                    replies[rcpt.address] = reply
+                    by_forward.add(rcpt.address)
+        # "local" tells the queue that its recipients reached their mailboxes
+        # here, so a NOTIFY=SUCCESS report is due; a forwarded copy has not
+        # arrived yet, and its own last hop reports.
+        only_forwarded = by_forward == set(replies) and all(
+            r.is_positive for r in replies.values())
+        return DeliveryReport(replies=replies,
+                              remote="forward" if by_forward and only_forwarded else "local")
+
+    async def _forward(self, message, forwards) -> R.Reply:
+        """Queue one message for every forward address; its reply."""
+        if self.outbox is None:
+            log.warn("{id}: cannot forward to {to}: no queue to forward through",
+                     id=message.queue_id, to=", ".join(a for _, f in forwards for a in f))
+            return R.FORWARD_UNAVAILABLE
+        recipients, notify = [], {}
+        for rcpt, addresses in forwards:
+            orcpt = rcpt.orcpt or f"rfc822;{rcpt.address}"
+            for address in addresses:
+                if address not in notify:
+                    recipients.append((address, orcpt))
+                    notify[address] = rcpt.notify
+        sender = message.sender
+        if self.srs is not None:
+            sender = self.srs.forward(sender)
+        clock = self.clock
+        if clock is None:
+            from twisted.internet import reactor as clock
+        try:
+            new_id = await self.outbox.enqueue(
+                source_path=message.content_path, prefix=b"", sender=sender,
+                recipients=recipients, notify=notify, arrival=clock.seconds(),
+                eight_bit=message.eight_bit, smtputf8=message.smtputf8,
+                envid=message.envid, ret=message.ret,
+            )
+        except Exception as e:
+            if not is_known(e) and not isinstance(e, OSError):
+                log.failure("{id}: could not queue the forwarded copy", id=message.queue_id)
+            else:
+                log.warn("{id}: could not queue the forwarded copy: {reason}",
+                         id=message.queue_id, reason=str(e))
+            return to_reply(e, message.queue_id)
+        for address, orcpt in recipients:
+            log.info("{id}: to=<{to}>, orig_to=<{orig}>, relay=local, status=forwarded as {new}",
+                     id=message.queue_id, to=address, orig=orcpt.partition(";")[2], new=new_id)
+        return R.QUEUED.with_text(R.QUEUED.text.format(id=new_id))
