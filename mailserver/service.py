@@ -225,7 +225,7 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     """The outbound queue: spool, routing, remote delivery and the manager.
     Returns the :class:`~mailserver.queue.submit.Outbox` listeners queue into."""
     from mailserver.delivery.local import LocalTarget
-    from mailserver.delivery.remote import RemoteDelivery, TLSPolicy
+    from mailserver.delivery.remote import OwnListeners, RemoteDelivery, TLSPolicy
     from mailserver.delivery.routing import Router
     from mailserver.protocols.outbound import OutboundConnectionPool, Timeouts
     from mailserver.queue.manager import QueueManager, Schedule
@@ -243,9 +243,15 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     needs_roots = "verify" in policies.values()
     trust = _trust_root(relay.tls_ca_file) if needs_roots else None
     tls_policy = {k: TLSPolicy(v, trust if v == "verify" else None) for k, v in policies.items()}
+    # Loops: an MX named like us, or one whose address and port reach one of
+    # our SMTP listeners (another port on this machine is another server).
+    listening = [(host, port) for kind, host, port in
+                 (parse_address(lc.address) for lc in config.listeners if lc.protocol == "smtp")
+                 if kind != "unix"]
     remote = RemoteDelivery(make_resolver(relay.nameservers, reactor), deliver_to_host,
                             helo=helo, reactor=reactor, tls_policy=tls_policy,
-                            own_names=(config.server.hostname, helo), dns_timeout=(2, 5))
+                            own_names=(config.server.hostname, helo),
+                            own_endpoint=OwnListeners(listening), dns_timeout=(2, 5))
     auth = None
     if relay.smarthost_username:
         auth = (relay.smarthost_username, relay.smarthost_password)

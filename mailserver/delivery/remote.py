@@ -27,10 +27,14 @@ DNS (RFC 5321 §5.1, RFC 7505, RFC 2181 §10.3):
   saves the mail).
 * Address literals (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``): that address,
   no DNS query.
-* Loops: when an MX host is us (its name or an address in ``own_names``),
-  hosts at that preference or worse are dropped, so a backup MX relays only
-  to better ones.  Nothing left, or an implicit MX or literal that is us:
-  ``554 5.4.6``.
+* Loops: when an MX host is us, hosts at that preference or worse are
+  dropped, so a backup MX relays only to better ones.  Nothing left, or an
+  implicit MX or literal that is us: ``554 5.4.6``.  A host is us when its
+  name or one of its addresses is in ``own_names``, or when ``own_endpoint``
+  says one of its addresses, at the port we would connect to, reaches one of
+  our own SMTP listeners (:class:`OwnListeners`: an address of this machine
+  and a port we listen on).  The port matters: another server on this
+  machine (a test instance, a content filter on 127.0.0.1:10025) is not us.
 
 Attempts (:func:`attempt_delivery`): at most ``max_addresses`` connections
 (Postfix ``smtp_mx_address_limit``, 5).  A connection failure, or a report
@@ -50,6 +54,7 @@ from __future__ import annotations
 import ipaddress
 import random as _random
 import socket
+import time
 from dataclasses import dataclass, replace
 from inspect import isawaitable
 from itertools import zip_longest
@@ -214,12 +219,16 @@ class MXResolver:
     """Destinations for a domain, from an injected twisted.names ``IResolver``.
 
     ``own_names``: host names and IP addresses of this server, for loop
-    detection.  ``families``: see the module docstring.  ``rng``: a
+    detection.  ``own_endpoint``: ``(address, port) -> bool``, true when a
+    connection to ``address:port`` would reach this server (see
+    :class:`OwnListeners`); consulted when :meth:`destinations` is given the
+    port.  ``families``: see the module docstring.  ``rng``: a
     ``random.Random`` for shuffling equal preferences.  ``timeout``: passed
     to every lookup (a twisted.names timeout sequence) when not None.
     """
 
     def __init__(self, resolver, *, own_names: Iterable[str] = (),
+                 own_endpoint: Optional[Callable[[str, int], bool]] = None,
                  families: Sequence[str] = DEFAULT_FAMILIES,
                  rng: Optional[_random.Random] = None, timeout: Optional[Sequence[int]] = None,
                  max_hosts: int = MAX_MX_HOSTS) -> None:
@@ -233,6 +242,7 @@ class MXResolver:
         self.max_hosts = max_hosts
         self.own_addresses = frozenset(filter(None, (_canonical_ip(n) for n in own_names)))
         self.own_hosts = frozenset(_name(n) for n in own_names if _canonical_ip(n) is None)
+        self.own_endpoint = own_endpoint
 
     # -- queries -----------------------------------------------------------
     async def _lookup(self, method: str, name: str):
@@ -299,19 +309,27 @@ class MXResolver:
         return tuple(ordered), any(r[1] for r in results), "; ".join(problems) or None
 
     # -- the rules -----------------------------------------------------------
-    def _is_self(self, host: str, addresses: Iterable[str]) -> bool:
-        return host in self.own_hosts or any(a in self.own_addresses for a in addresses)
+    def _is_self(self, host: str, addresses: Iterable[str], port: Optional[int]) -> bool:
+        if host in self.own_hosts:
+            return True
+        for a in addresses:
+            if a in self.own_addresses:
+                return True
+            if port is not None and self.own_endpoint is not None and self.own_endpoint(a, port):
+                return True
+        return False
 
-    async def destinations(self, domain: str) -> List[Destination]:
+    async def destinations(self, domain: str, port: Optional[int] = None) -> List[Destination]:
         """Where to deliver mail for ``domain``, best first.
 
+        ``port``: where the connections will go, for ``own_endpoint``.
         Raises :class:`PermFailure` or :class:`TempFailure` with the reply
         every recipient in ``domain`` should get.
         """
         domain = domain.lower().rstrip(".")
         literal = ip_literal(domain)
         if literal is not None:
-            if literal in self.own_addresses:
+            if self._is_self(literal, (literal,), port):
                 raise PermFailure(_fill(R.MAIL_LOOPS, domain=domain))
             return [Destination(literal, 0, (literal,), implicit=True)]
         if not domain:
@@ -326,7 +344,7 @@ class MXResolver:
             raise TempFailure(_fill(R.DNS_UNAVAILABLE, domain=domain)) from None
 
         if not records:
-            return await self._implicit(domain, qname)
+            return await self._implicit(domain, qname, port)
         targets = [(r.preference, _name(r.name)) for r in records]
         if all(t == "" for _p, t in targets):
             raise PermFailure(R.NULL_MX.with_text(f"{R.NULL_MX.text}: {domain} accepts no mail"))
@@ -345,7 +363,7 @@ class MXResolver:
         found = await defer.gatherResults(
             [defer.ensureDeferred(self.addresses(h)) for h, _p in grouped], consumeErrors=True)
         own_pref = min((p for (h, p), (addrs, _a, _e) in zip(grouped, found)
-                        if self._is_self(h, addrs)), default=None)
+                        if self._is_self(h, addrs, port)), default=None)
         out: List[Destination] = []
         problems = []
         for (host, pref), (addrs, aliased, problem) in zip(grouped, found):
@@ -370,10 +388,11 @@ class MXResolver:
             raise TempFailure(_fill(R.DNS_UNAVAILABLE, domain=domain))
         raise TempFailure(_fill(R.NO_USABLE_MX, domain=domain))
 
-    async def _implicit(self, domain: str, qname: str) -> List[Destination]:
+    async def _implicit(self, domain: str, qname: str,
+                        port: Optional[int]) -> List[Destination]:
         addrs, _aliased, problem = await self.addresses(qname)
         if addrs:
-            if self._is_self(qname, addrs):
+            if self._is_self(qname, addrs, port):
                 raise PermFailure(_fill(R.MAIL_LOOPS, domain=domain))
             if problem:
                 log.info("{domain}: using what resolved ({why})", domain=domain, why=problem)
@@ -382,6 +401,93 @@ class MXResolver:
             log.warn("address lookup for {domain} failed: {why}", domain=domain, why=problem)
             raise TempFailure(_fill(R.DNS_UNAVAILABLE, domain=domain))
         raise PermFailure(_fill(R.NO_MAIL_ROUTE, domain=domain))
+
+
+# -- is it us? ----------------------------------------------------------------------
+
+def _unmapped(text: str):
+    """The IP address in ``text`` (an IPv4-mapped IPv6 one as IPv4), or None."""
+    try:
+        ip = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+    return ip.ipv4_mapped if ip.version == 6 and ip.ipv4_mapped is not None else ip
+
+
+class LocalAddresses:
+    """``address -> bool``: is ``address`` one of this machine's?
+
+    Loopback and unspecified addresses (``0.0.0.0`` and ``::`` connect to
+    this machine too) are, without asking; for any other, binding a UDP
+    socket to ``(address, 0)`` succeeds only when an interface has it.  No
+    packet is sent.  Answers are kept ``ttl`` seconds (addresses come and
+    go with DHCP and VPNs), at most ``max_size`` of them.
+    """
+
+    def __init__(self, *, ttl: float = 300.0, max_size: int = 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.max_size = max_size
+        self.clock = clock
+        self._cache: Dict[str, Tuple[bool, float]] = {}
+
+    def __call__(self, address: str) -> bool:
+        ip = _unmapped(address)
+        if ip is None:
+            return False
+        if ip.is_loopback or ip.is_unspecified:
+            return True
+        key, now = ip.compressed, self.clock()
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        answer = self._bindable(ip)
+        if key not in self._cache and len(self._cache) >= self.max_size:
+            self._cache.pop(next(iter(self._cache)))  # the oldest entry
+        self._cache[key] = (answer, now + self.ttl)
+        return answer
+
+    @staticmethod
+    def _bindable(ip) -> bool:
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.bind((ip.compressed, 0))
+        except OSError:  # EADDRNOTAVAIL; EAFNOSUPPORT without IPv6
+            return False
+        return True
+
+
+class OwnListeners:
+    """``(address, port) -> bool``: would a connection there reach one of our
+    SMTP listeners?
+
+    ``listeners``: ``(host, port)`` of each TCP listener, ``host`` empty (or
+    ``0.0.0.0``, ``::``) for one on every address.  Such a listener is
+    reached through any address of this machine (``is_local``, by default
+    :class:`LocalAddresses`) at its port; one bound to an address only
+    through that address.  Another port on this machine is somebody else.
+    """
+
+    def __init__(self, listeners: Iterable[Tuple[str, int]], *,
+                 is_local: Optional[Callable[[str], bool]] = None) -> None:
+        self.is_local = is_local or LocalAddresses()
+        self._wildcard_ports = set()
+        self._bound = set()
+        for host, port in listeners:
+            ip = _unmapped(host) if host else None
+            if not host or (ip is not None and ip.is_unspecified):
+                self._wildcard_ports.add(port)
+            elif ip is not None:
+                self._bound.add((ip, port))
+
+    def __call__(self, address: str, port: int) -> bool:
+        ip = _unmapped(address)
+        if ip is None:
+            return False
+        if (ip, port) in self._bound:
+            return True
+        return port in self._wildcard_ports and self.is_local(ip.compressed)
 
 
 # -- trying next hops ------------------------------------------------------------
@@ -524,15 +630,18 @@ class RemoteDelivery:
     ``connect``: ``deliver_to_host``-shaped callable (see
     :func:`attempt_delivery`).  ``reactor``: None means the global reactor,
     looked up at delivery time.  ``tls_policy``: see :func:`tls_policy_for`,
-    keyed by recipient domain (or configured next hop).
+    keyed by recipient domain (or configured next hop).  ``own_names`` and
+    ``own_endpoint``: loop detection (see :class:`MXResolver`).
     """
 
     def __init__(self, resolver, connect, *, helo: str, reactor=None,
-                 tls_policy: TLSPolicySpec = None, own_names: Iterable[str] = (), port: int = 25,
+                 tls_policy: TLSPolicySpec = None, own_names: Iterable[str] = (),
+                 own_endpoint: Optional[Callable[[str, int], bool]] = None, port: int = 25,
                  max_addresses: int = 5, families: Sequence[str] = DEFAULT_FAMILIES,
                  rng: Optional[_random.Random] = None, dns_timeout: Optional[Sequence[int]] = None,
                  mx_resolver: Optional[MXResolver] = None) -> None:
-        self.mx = mx_resolver or MXResolver(resolver, own_names=own_names, families=families,
+        self.mx = mx_resolver or MXResolver(resolver, own_names=own_names,
+                                            own_endpoint=own_endpoint, families=families,
                                             rng=rng, timeout=dns_timeout)
         self.connect = connect
         self.helo = helo
@@ -568,7 +677,7 @@ class RemoteDelivery:
         ``configured``: ``domain`` is an administrator's next hop, so DNS
         verdicts about it are temporary."""
         try:
-            destinations = await self.mx.destinations(domain)
+            destinations = await self.mx.destinations(domain, port)
         except ReplyError as e:
             reply = soften(e.reply) if configured else e.reply
             report = same_reply(message, reply)

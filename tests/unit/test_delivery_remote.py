@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from typing import Dict, Optional
 
@@ -16,7 +17,8 @@ from mailserver.delivery.interfaces import (
     DeliveryReport, IDeliveryTarget, OutboundMessage, OutboundRecipient,
 )
 from mailserver.delivery.remote import (
-    Destination, MXResolver, RemoteDelivery, TLSPolicy, soften, tls_policy_for,
+    Destination, LocalAddresses, MXResolver, OwnListeners, RemoteDelivery, TLSPolicy, soften,
+    tls_policy_for,
 )
 from mailserver.errors import PermFailure, TempFailure
 from mailserver.reply import Reply
@@ -54,6 +56,9 @@ ZONES = {
         "me": {"A": "198.51.100.7"},
         "myaddr": {"MX": [[10, "mine"]]},
         "mine": {"A": "198.51.100.7"},
+        "alsome": {"MX": [[10, "local"]]},
+        "local": {"A": "127.0.0.1"},
+        "backup2": {"MX": [[10, "mx1"], [20, "local"], [30, "mx3"]]},
     },
 }
 
@@ -201,6 +206,83 @@ def test_loop_detected_by_address_and_for_literals():
     assert failure(mx(own_names=OWN).destinations("[198.51.100.7]"), PermFailure).reply.code == 554
     assert failure(mx(own_names=["me.example.test"]).destinations("me.example.test"),
                    PermFailure).reply.code == 554
+
+
+class FakeEndpoints:
+    """``own_endpoint`` for tests: ``(address, port)`` pairs that are us."""
+
+    def __init__(self, *ours):
+        self.ours = set(ours)
+        self.asked = []
+
+    def __call__(self, address, port):
+        self.asked.append((address, port))
+        return (address, port) in self.ours
+
+
+def test_loop_detected_by_address_and_port_of_our_listener():
+    """An MX under another name whose address and port reach our listener is us."""
+    us = FakeEndpoints(("127.0.0.1", 25))
+    e = failure(mx(own_endpoint=us).destinations("alsome.example.test", 25), PermFailure)
+    assert (e.reply.code, e.reply.enhanced) == (554, (5, 4, 6))
+    assert ("127.0.0.1", 25) in us.asked
+    assert hosts(result(mx(own_endpoint=us).destinations("backup2.example.test", 25))) == [
+        "mx1.example.test"]
+    assert failure(mx(own_endpoint=us).destinations("local.example.test", 25),
+                   PermFailure).reply.code == 554  # implicit MX
+    assert failure(mx(own_endpoint=us).destinations("[127.0.0.1]", 25),
+                   PermFailure).reply.code == 554  # address literal
+
+
+def test_same_address_at_another_port_is_not_us():
+    """Another server on this machine (another port) is a fine destination."""
+    us = FakeEndpoints(("127.0.0.1", 25))
+    got = result(mx(own_endpoint=us).destinations("alsome.example.test", 2525))
+    assert hosts(got) == ["local.example.test"]
+    assert hosts(result(mx(own_endpoint=us).destinations("alsome.example.test"))) == [
+        "local.example.test"]  # no port given: only own_names count
+
+
+def test_own_listeners():
+    """A wildcard listener is reached through any local address at its port; one
+    bound to an address only through that address."""
+    local = {"127.0.0.1", "127.0.0.2", "192.0.2.2", "::1"}
+    ours = OwnListeners([("", 25), ("127.0.0.1", 2525), ("::", 587), ("unix-like", 9)],
+                        is_local=local.__contains__)
+    assert ours("192.0.2.2", 25) and ours("127.0.0.2", 25) and ours("::1", 587)
+    assert ours("127.0.0.1", 2525) and ours("::ffff:127.0.0.1", 2525)
+    assert not ours("127.0.0.2", 2525)   # bound to 127.0.0.1 only
+    assert not ours("127.0.0.1", 2526)   # somebody else's port
+    assert not ours("192.0.2.99", 25)    # not this machine
+    assert not ours("mx.example.test", 25)
+
+
+def test_local_addresses_loopback_and_bind_test():
+    """Loopback and unspecified addresses are local without a socket; others
+    are local when a UDP socket can be bound to them."""
+    probed = []
+    la = LocalAddresses()
+    la._bindable = lambda ip: probed.append(ip.compressed) or ip.compressed == "192.0.2.2"
+    assert la("127.0.0.5") and la("::1") and la("0.0.0.0") and la("::ffff:127.0.0.1")
+    assert probed == []
+    assert la("192.0.2.2") and not la("192.0.2.99") and not la("not an address")
+    assert probed == ["192.0.2.2", "192.0.2.99"]
+    assert LocalAddresses._bindable(ipaddress.ip_address("127.0.0.1"))
+    assert not LocalAddresses._bindable(ipaddress.ip_address("198.51.100.254"))
+
+
+def test_local_addresses_are_cached_for_a_while_and_bounded():
+    now = [0.0]
+    probed = []
+    la = LocalAddresses(ttl=60, max_size=2, clock=lambda: now[0])
+    la._bindable = lambda ip: probed.append(ip.compressed) or False
+    la("192.0.2.1"), la("192.0.2.1")
+    assert probed == ["192.0.2.1"]
+    now[0] = 61
+    la("192.0.2.1")
+    assert probed == ["192.0.2.1"] * 2
+    la("192.0.2.2"), la("192.0.2.3")
+    assert len(la._cache) == 2
 
 
 def test_utf8_domain_is_looked_up_as_a_label():
@@ -371,6 +453,19 @@ def test_unsendable_address_is_a_permanent_refusal_not_an_internal_error():
     assert (reply.code, reply.enhanced) == (553, (5, 1, 3))
     assert not reactor.tcpClients
     assert not [e for e in events if "log_failure" in e]
+
+
+def test_mx_that_reaches_our_own_listener_is_a_loop_without_connecting():
+    """RemoteDelivery asks own_endpoint with the port it would connect to."""
+    connect = FakeConnect()
+    us = FakeEndpoints(("127.0.0.1", 25))
+    report = result(remote(connect, own_endpoint=us).deliver(message("x@alsome.example.test")))
+    reply = report.replies["x@alsome.example.test"]
+    assert (reply.code, reply.enhanced) == (554, (5, 4, 6)) and connect.calls == []
+    report = result(remote(connect, own_endpoint=us).via("alsome.example.test", 2525)
+                    .deliver(message("x@elsewhere.test")))
+    assert report.replies["x@elsewhere.test"] == OK
+    assert (connect.calls[0]["host"], connect.calls[0]["port"]) == ("127.0.0.1", 2525)
 
 
 def test_missing_result_for_a_recipient_is_temporary():
