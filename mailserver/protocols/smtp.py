@@ -487,10 +487,60 @@ class SMTPServerProtocol(Protocol):
                 if reply.is_positive and res is not None and res.forwards and queue_reply:
                     reply = queue_reply
                 out.append(reply)
+            await self._report_delivered(queue_id, message, [
+                (rcpt, res) for (rcpt, res), reply in zip(accepted, out)
+                if reply.is_positive and res is not None], by_mailbox)
             return out
         if queue_reply is not None:
             return [queue_reply]
+        await self._report_delivered(queue_id, message, local, by_mailbox)
         return [R.QUEUED.with_text(R.QUEUED.text.format(id=queue_id))]
+
+    async def _report_delivered(self, queue_id: str, message, accepted, by_mailbox) -> None:
+        """RFC 3461: queue a "delivered" DSN for the mailboxes of ``accepted``
+        that got their copy now, when their recipient's NOTIFY has SUCCESS.
+
+        Copies queued instead are reported by the queue manager once
+        delivered.  This runs before the 250, while the content is still on
+        disk; a failure is logged and the 250 stands.
+        """
+        from mailserver.queue import bounce
+        from mailserver.queue.envelope import DELIVERED, ClientInfo, Envelope, Recipient
+
+        if not self.sender or self.ctx.outbox is None:
+            return  # never report on a bounce
+        now = self.ctx.clock.seconds()
+        recipients, seen = [], set()
+        for rcpt, res in accepted:
+            orcpt, notify = self._dsn_params(rcpt)
+            for mb in res.mailboxes:
+                reply = by_mailbox.get(mb)
+                if reply is None or not reply.is_positive or (mb.address, orcpt) in seen:
+                    continue
+                seen.add((mb.address, orcpt))
+                recipients.append(Recipient(address=mb.address, orcpt=orcpt, notify=notify,
+                                            state=DELIVERED, attempts=1, last_reply=reply,
+                                            remote="local", last_attempt=now))
+        original = Envelope(
+            id=queue_id, sender=self.sender, recipients=recipients, arrival=now,
+            size=message.size, eight_bit=self.body_8bit, smtputf8=self.smtputf8,
+            envid=self.mail_params.get("ENVID"),
+            ret=(self.mail_params.get("RET") or "").upper() or None,
+            client=ClientInfo(address=self.client, helo=self.helo, protocol=(
+                "LMTP" if self.ctx.mode is Mode.LMTP else "ESMTP" if self.esmtp else "SMTP")),
+        )
+        wanted = [r for r in recipients if bounce.should_notify(original, r, "success")]
+        if not wanted:
+            return
+        try:
+            dsn_id = await self.ctx.outbox.enqueue_dsn(
+                original=original, recipients=wanted, kind="success",
+                reporting_mta=self.ctx.hostname, original_path=message.path, now=now)
+        except Exception:
+            log.failure("{id}: could not queue the delivery report to <{sender}>", id=queue_id,
+                        sender=self.sender)
+            return
+        log.info("{id}: sender success notification: {dsn}", id=queue_id, dsn=dsn_id)
 
     def _dsn_params(self, rcpt: str) -> tuple:
         """(ORCPT, NOTIFY) for a recipient, from its RCPT parameters."""

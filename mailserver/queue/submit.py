@@ -3,7 +3,9 @@
 
 :func:`enqueue_copy` runs in a worker thread (it writes and fsyncs) and
 returns only once the message is durable in ``incoming/``, so a 250 may
-follow.  :class:`Outbox` is how a listener calls it.
+follow.  :func:`enqueue_dsn` does the same for a delivery status
+notification the listener writes itself (a "delivered" report for mail it
+put into maildirs at once).  :class:`Outbox` is how a listener calls them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ def enqueue_copy(spool, *, queue_id: Optional[str] = None, source_path: str, pre
         return writer.commit(envelope)
 
 
+def enqueue_dsn(spool, *, original: Envelope, recipients: Sequence[Recipient], kind: str,
+                reporting_mta: str, original_path: Optional[str], now: float) -> str:
+    """Queue a DSN (:func:`~mailserver.queue.bounce.make_dsn`) about
+    ``recipients`` of ``original``, from ``<>`` to its sender, as the queue
+    manager does for deliveries it makes; the id once it is durable."""
+    from mailserver.queue import bounce
+
+    dsn = bounce.make_dsn(original, recipients, reporting_mta=reporting_mta, kind=kind,
+                          original_path=original_path, now=now)
+    with spool.begin() as writer:
+        writer.write(dsn)
+        return writer.commit(bounce.bounce_envelope(original, writer.queue_id, now, dsn,
+                                                    reporting_mta=reporting_mta))
+
+
 class Outbox:
     """How a listener queues mail: in a worker thread, then wake the manager."""
 
@@ -51,10 +68,17 @@ class Outbox:
 
     def enqueue(self, **kw):
         """Deferred firing with the queue id once the message is durable."""
+        return self._queue(enqueue_copy, **kw)
+
+    def enqueue_dsn(self, **kw):
+        """Deferred firing with the DSN's queue id once it is durable
+        (see :func:`enqueue_dsn`)."""
+        return self._queue(enqueue_dsn, **kw)
+
+    def _queue(self, write, **kw):
         from twisted.internet import threads
 
-        d = threads.deferToThreadPool(self.reactor, self.threadpool, enqueue_copy,
-                                      self.spool, **kw)
+        d = threads.deferToThreadPool(self.reactor, self.threadpool, write, self.spool, **kw)
 
         def queued(queue_id):
             self.wake()

@@ -476,3 +476,96 @@ def test_internal_error_reply_comes_after_earlier_replies(h, monkeypatch):
     p.dataReceived(b"NOOP\r\nMAIL FROM:<x@example.org>\r\n")
     assert replies(t) == ["250 2.0.0", "421 4.3.2"]
     assert t.disconnecting
+
+
+def dsn_harness(tmp_path, **kw):
+    """A harness queueing into a real spool, as the server does."""
+    from mailserver.queue.spool import QueueSpool
+    from mailserver.queue.submit import Outbox
+
+    spool = QueueSpool(str(tmp_path / "queue"))
+    h = Harness(tmp_path, outbox=Outbox(spool, SynchronousThreadPool(), ImmediateReactor()),
+                **kw)
+    h.spool = spool
+    return h
+
+
+def queued_dsns(spool):
+    """(envelope, parsed message) of every queued message."""
+    import email
+
+    out = []
+    for _state, queue_id in spool.list():
+        _, env = spool.load(queue_id)
+        with open(spool.content_path(queue_id), "rb") as f:
+            out.append((env, email.message_from_bytes(f.read())))
+    return out
+
+
+def test_notify_success_reports_delivery_at_data_time(tmp_path):
+    """NOTIFY=SUCCESS on a recipient delivered at once queues a "delivered" DSN to the sender."""
+    h = dsn_harness(tmp_path)
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org> ENVID=E7\r\n"
+                   b"RCPT TO:<team@example.test> NOTIFY=SUCCESS,FAILURE\r\n"
+                   b"RCPT TO:<bob@example.test>\r\n"
+                   b"DATA\r\nSubject: tell me\r\n\r\nbody\r\n.\r\n")
+    assert replies(t)[-1] == "250 2.0.0"
+    [(env, dsn)] = queued_dsns(h.spool)
+    assert env.sender == "" and [r.address for r in env.recipients] == ["x@example.org"]
+    assert env.recipients[0].notify == ("NEVER",)
+    assert dsn.get_content_type() == "multipart/report"
+    status = dsn.get_payload()[1].as_string()
+    assert status.count("Action: delivered") == 2  # team's two mailboxes; bob did not ask
+    assert "Final-Recipient: rfc822; alice@example.test" in status
+    assert status.count("Original-Recipient: rfc822; team@example.test") == 2
+    assert "Original-Recipient: rfc822; bob@example.test" not in status
+    assert "Original-Envelope-Id: E7" in status
+    assert "Subject: tell me" in dsn.get_payload()[2].as_string()
+
+
+@pytest.mark.parametrize("mail_from, notify", [
+    (b"<>", b"NOTIFY=SUCCESS"),
+    (b"<x@example.org>", b"NOTIFY=FAILURE,DELAY"),
+    (b"<x@example.org>", b""),
+])
+def test_no_success_report_unless_asked(tmp_path, mail_from, notify):
+    """No delivered DSN for a bounce, or when NOTIFY does not ask for SUCCESS."""
+    h = dsn_harness(tmp_path)
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:" + mail_from + b"\r\nRCPT TO:<alice@example.test> "
+                   + notify + b"\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    assert replies(t)[-1] == "250 2.0.0"
+    assert queued_dsns(h.spool) == []
+
+
+def test_failed_success_report_keeps_the_250(tmp_path, monkeypatch):
+    """A DSN that cannot be queued is logged; the message was delivered and the client gets 250."""
+    h = dsn_harness(tmp_path)
+
+    def full(**kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(h.ctx.outbox, "enqueue_dsn", full)
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<alice@example.test> "
+                   b"NOTIFY=SUCCESS\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    assert replies(t)[-1] == "250 2.0.0"
+    assert len(h.messages("alice")) == 1
+
+
+def test_lmtp_success_report_only_for_delivered_recipients(tmp_path):
+    """LMTP reports delivery for the recipients it answered 250, not the failed ones."""
+    h = dsn_harness(tmp_path, mode=Mode.LMTP,
+                    store=lambda s: BrokenStore(s, "bob@example.test", OSError(28, "No space")))
+    p, t = h.connect()
+    p.dataReceived(b"LHLO c\r\nMAIL FROM:<x@example.org>\r\n"
+                   b"RCPT TO:<alice@example.test> NOTIFY=SUCCESS\r\n"
+                   b"RCPT TO:<bob@example.test> NOTIFY=SUCCESS\r\nDATA\r\n")
+    t.clear()
+    p.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert replies(t) == ["250 2.0.0", "452 4.3.1"]
+    [(env, dsn)] = queued_dsns(h.spool)
+    status = dsn.get_payload()[1].as_string()
+    assert "Final-Recipient: rfc822; alice@example.test" in status
+    assert "bob@example.test" not in status
