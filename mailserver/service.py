@@ -221,7 +221,8 @@ def _pem_blocks(data: bytes) -> list:
     return [marker + p for p in data.split(marker)[1:]]
 
 
-def build_queue(config: Config, reactor, parent: MailService, directory, delivery, pool):
+def build_queue(config: Config, reactor, parent: MailService, directory, delivery, pool,
+                srs=None):
     """The outbound queue: spool, routing, remote delivery and the manager.
     Returns the :class:`~mailserver.queue.submit.Outbox` listeners queue into."""
     from mailserver.delivery.local import LocalTarget
@@ -255,7 +256,10 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     auth = None
     if relay.smarthost_username:
         auth = (relay.smarthost_username, relay.smarthost_password)
-    router = Router(directory.is_local_domain, LocalTarget(directory, delivery), remote,
+    # Queued local recipients may forward outside: their copies go back into
+    # the queue through the outbox (set below, once the manager exists).
+    local = LocalTarget(directory, delivery, srs=srs, clock=reactor)
+    router = Router(directory.is_local_domain, local, remote,
                     relay.transports, relay.smarthost or None, connect=deliver_to_host,
                     helo=helo, reactor=reactor, tls_policy=tls_policy, smarthost_auth=auth)
     spool = QueueSpool(q.directory, clock=reactor.seconds, fsync=config.store.fsync)
@@ -269,7 +273,8 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
                                scan_interval=q.scan_interval, max_active=q.max_active,
                                destination_concurrency=q.destination_concurrency))
     manager.setServiceParent(parent)
-    return Outbox(spool, pool, reactor, wake=manager.wake)
+    local.outbox = Outbox(spool, pool, reactor, wake=manager.wake)
+    return local.outbox
 
 
 def build_service(config: Config, reactor=None) -> MailService:
@@ -295,14 +300,14 @@ def build_service(config: Config, reactor=None) -> MailService:
     store = MaildirStore(config.store.maildir_root, template=config.store.template,
                          hostname=config.server.hostname, fsync=config.store.fsync)
     delivery = LocalDelivery(store, pool, reactor)
-    outbox = build_queue(config, reactor, top, directory, delivery, pool)
-    trusted = Networks(config.relay.trusted_networks)
     srs = None
     if config.relay.srs_secret:
         from mailserver.srs import SRS
 
         srs = SRS(config.relay.srs_secret, config.relay.srs_domain or config.domains.local[0],
                   max_age_days=config.relay.srs_max_age, clock=reactor.seconds)
+    outbox = build_queue(config, reactor, top, directory, delivery, pool, srs)
+    trusted = Networks(config.relay.trusted_networks)
     s = config.smtp
     limits = Limits(
         max_command_line=s.command_line_limit,

@@ -38,3 +38,28 @@ def test_thread_pools_stop_after_the_services_that_use_them():
     assert pool.joined
     assert done.called
     assert not top.running
+
+
+def test_queued_local_recipients_can_forward(tmp_path, monkeypatch):
+    """The server wires the queue's local target to the outbox (forwards of a
+    queued recipient are queued again) and to SRS when it is configured."""
+    import shutil
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailserver.config import load_config
+    from mailserver.queue.manager import QueueManager
+    from mailserver.service import build_service
+    from tests.support.slapd import ROOT
+
+    (tmp_path / "etc").mkdir()
+    shutil.copy(ROOT / "etc" / "quickstart-users.ldif", tmp_path / "etc")
+    text = (ROOT / "etc" / "quickstart.toml").read_text()
+    text = text.replace("[relay]", "[relay]\nsrs_secret = \"s3cret\"") if "[relay]" in text \
+        else text + "\n[relay]\nsrs_secret = \"s3cret\"\n"
+    (tmp_path / "etc" / "quickstart.toml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    top = build_service(load_config("etc/quickstart.toml"), MemoryReactorClock())
+    [manager] = [s for s in top if isinstance(s, QueueManager)]
+    local = manager.router.local_target
+    assert local.outbox is not None and local.srs is not None
