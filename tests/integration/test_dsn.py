@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import mailbox
 import smtplib
-import time
 
 import pytest
 
 from tests.conftest import embedded_directory
-from tests.support.server import MailServer
+from tests.support.server import MailServer, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +28,6 @@ def reports_to(server, local, subject):
     return [m for m in mailbox.Maildir(str(path), factory=None, create=False)
             if m.get_content_type() == "multipart/report" and subject in m.as_string()]
 
-
-def wait_for(predicate, what: str, deadline: float = 30.0):
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def send(server, sender, rcpt, subject, rcpt_options=(), mail_options=()):

@@ -4,25 +4,15 @@ address and listener port is us, found before any connection is made."""
 from __future__ import annotations
 
 import smtplib
-import time
 
 import pytest
 
 from tests.conftest import embedded_directory
 from tests.support.dns import DNSServer
-from tests.support.server import MailServer, free_port
+from tests.support.server import MailServer, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
-
-def wait_for(predicate, what: str, deadline: float = 30.0):
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_mx_that_is_our_own_listener_is_a_loop(tmp_path):

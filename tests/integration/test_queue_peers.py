@@ -21,31 +21,19 @@ import re
 import smtplib
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import embedded_directory
 from tests.support.dns import DNSServer
-from tests.support.server import MailServer, free_port, twistd_env
+from tests.support.server import MailServer, free_port, twistd_env, wait_for
 from tests.support.sink import SmtpSink, require_smtp_sink
 
 pytestmark = pytest.mark.slow
 
 QUEUED = ("incoming", "active", "deferred", "hold", "corrupt")
 
-
-def wait_for(predicate, what: str, deadline: float = 30.0, interval: float = 0.05):
-    """Poll ``predicate`` (another process makes the progress) until true."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # --- the pieces ----------------------------------------------------------------------

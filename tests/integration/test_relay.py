@@ -3,31 +3,19 @@ server, and delivers to a second instance of itself; bounces come back as DSNs."
 
 from __future__ import annotations
 
-import email
 import mailbox
 import smtplib
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.conftest import embedded_directory
 from tests.support.dns import DNSServer
-from tests.support.server import MailServer, free_port, twistd_env
+from tests.support.server import MailServer, free_port, twistd_env, wait_for
 
 pytestmark = pytest.mark.slow
 
-
-def wait_for(predicate, what: str, deadline: float = 30.0):
-    """Poll ``predicate`` (a queue run happens in another process) until true."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def messages(server, local):

@@ -26,6 +26,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(predicate, what: str, deadline: float = 30.0, interval: float = 0.05):
+    """Poll ``predicate`` until it returns something true, and return that.
+
+    For progress made by another process (the server's queue run), which no
+    in-process clock can drive; fails after ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def wait_for_port(port: int, deadline: float, proc: Optional[subprocess.Popen] = None) -> None:
     """Poll until something accepts on 127.0.0.1:port (the server is up)."""
     while time.monotonic() < deadline:

@@ -6,7 +6,6 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mailserver import reply as R
 from mailserver.delivery.local import LocalDelivery
 from mailserver.policy import RecipientPolicy
 from mailserver.proto.smtp_server import Limits, Mode
