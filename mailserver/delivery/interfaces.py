@@ -25,6 +25,7 @@ class OutboundRecipient:
     address: str
     notify: Tuple[str, ...] = ()  # "NEVER" or any of "SUCCESS", "FAILURE", "DELAY"; () = not given
     orcpt: Optional[str] = None  # "rfc822;user@example.org" as received
+    mailbox_only: bool = False  # a local mailbox's retry: its forwards are already queued
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class DeliveryReport:
     replies: Dict[str, Reply]
     remote: str = ""  # "mx1.example.org[192.0.2.1]:25", "local", ...
     details: Dict[str, str] = field(default_factory=dict)  # rcpt -> remote's text, for DSNs
+    remotes: Dict[str, str] = field(default_factory=dict)  # rcpt -> its own ``remote``, if not that
 
 
 class IDeliveryTarget(Interface):

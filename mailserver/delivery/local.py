@@ -110,17 +110,29 @@ class LocalTarget:
     """The queue's way into local mailboxes (an ``IDeliveryTarget``).
 
     Each recipient is resolved again (the directory may have changed since the
-    message was accepted) and its mailboxes get a copy.  Its forwards (an
-    alias to outside addresses, a group's outside members, a mailbox's
-    forwarding address) are queued through ``outbox`` as a new message from
-    the same content, as the SMTP session does at DATA time: ORCPT names the
-    original recipient, NOTIFY, ENVID and RET are kept, and the sender is
-    rewritten by ``srs`` when given.  The original recipient counts as done
-    only once that message is durable.  Without an ``outbox`` forwards are a
-    temporary failure (``FORWARD_UNAVAILABLE``), never dropped.
+    message was accepted).  As the SMTP session does at DATA time, in this
+    order:
 
-    An address that no longer exists bounces (``550 5.1.1``); an outage is
-    temporary.
+    1. its forwards (an alias to outside addresses, a group's outside members,
+       a mailbox's forwarding address) are queued through ``outbox`` as one new
+       message from the same content: ORCPT names the original recipient,
+       NOTIFY, ENVID and RET are kept, the sender is rewritten by ``srs`` when
+       given.  If that fails the recipient waits, nothing else done;
+    2. its mailboxes get a copy;
+    3. when some copies failed for now while other parts of the recipient are
+       done, those mailboxes are queued alone (``mailbox_only``), so the
+       retry neither repeats the copies made nor the forwards.
+
+    A ``mailbox_only`` recipient (such a retry) gets its mailboxes only.  The
+    original recipient counts as done once everything is delivered or durably
+    queued.  Without an ``outbox`` forwards are a temporary failure
+    (``FORWARD_UNAVAILABLE``), never dropped.  An address that no longer
+    exists bounces (``550 5.1.1``); an outage is temporary.
+
+    A recipient's ``remote`` in the report is ``"local"`` when its mailbox
+    copies were all made here now (a NOTIFY=SUCCESS report is owed, as at
+    DATA time); a recipient that only forwards, or whose copy was queued
+    again, reports when that copy arrives.
     """
 
     def __init__(self, directory, delivery: LocalDelivery, outbox=None, srs=None,
@@ -135,8 +147,8 @@ class LocalTarget:
         from mailserver.delivery.interfaces import DeliveryReport
         from mailserver.directory.interfaces import Resolution
 
-        replies = {}
-        accepted, forwards = [], []  # (rcpt, Resolution), (OutboundRecipient, addresses)
+        replies, remotes = {}, {}
+        resolved = []  # (rcpt, mailboxes, forwards)
         for rcpt in message.recipients:
             try:
                 resolution = await self.directory.resolve(rcpt.address)
@@ -147,33 +159,71 @@ class LocalTarget:
                 replies[rcpt.address] = (R.MAILBOX_DISABLED if resolution.disabled
                                          else R.RCPT_UNKNOWN)
                 continue
-            if resolution.mailboxes:
-                accepted.append((rcpt.address, Resolution(rcpt.address, resolution.mailboxes)))
-            if resolution.forwards:
-                forwards.append((rcpt, resolution.forwards))
-        if accepted:
-            results = await self.delivery.deliver(message.queue_id, message.sender,
-                                                  message.content_path, b"", accepted)
-            replies.update(zip([a for a, _ in accepted], results))
-        # A recipient whose local copy failed for now is tried again whole:
-        # queueing its forwards now would send them twice.
-        forwards = [(r, f) for r, f in forwards
-                    if r.address not in replies or not replies[r.address].is_temporary]
-        by_forward = set()  # recipients whose reply is the forwarding's
-        if forwards:
-            reply = await self._forward(message, forwards)
-            for rcpt, _ in forwards:
-                local = replies.get(rcpt.address)
-                if local is None or (local.is_positive and not reply.is_positive):
+            forwards = resolution.forwards
+            if rcpt.mailbox_only and resolution.mailboxes:
+                forwards = ()
+            resolved.append((rcpt, resolution.mailboxes, forwards))
+
+        forwarding = [(rcpt, f) for rcpt, _m, f in resolved if f]
+        if forwarding:
+            reply = await self._forward(message, forwarding)
+            if not reply.is_positive:  # wait whole: no copy made, nothing to repeat
+                for rcpt, _f in forwarding:
                     replies[rcpt.address] = reply
-                    by_forward.add(rcpt.address)
-        # "local" tells the queue that its recipients reached their mailboxes
-        # here, so a NOTIFY=SUCCESS report is due; a forwarded copy has not
-        # arrived yet, and its own last hop reports.
-        only_forwarded = by_forward == set(replies) and all(
-            r.is_positive for r in replies.values())
-        return DeliveryReport(replies=replies,
-                              remote="forward" if by_forward and only_forwarded else "local")
+                resolved = [(r, m, f) for r, m, f in resolved if not f]
+            else:
+                for rcpt, _f in forwarding:
+                    replies[rcpt.address] = reply
+                    remotes[rcpt.address] = "forward"
+
+        accepted = [(rcpt.address, Resolution(rcpt.address, mailboxes))
+                    for rcpt, mailboxes, _f in resolved if mailboxes]
+        by_mailbox = {}
+        if accepted:
+            by_mailbox = await self.delivery.copies(message.queue_id, message.sender,
+                                                    message.content_path, b"", accepted)
+        retry = []  # (rcpt, failed mailboxes) to queue alone
+        for rcpt, mailboxes, forwards in resolved:
+            if not mailboxes:
+                continue
+            results = [by_mailbox[mb] for mb in mailboxes]
+            failed = [r for r in results if not r.is_positive]
+            if not failed:
+                if not forwards:
+                    replies[rcpt.address] = R.DELIVERED.with_text(R.DELIVERED.text.format(
+                        rcpt=rcpt.address, id=message.queue_id))
+                remotes[rcpt.address] = "local"  # as at DATA time: its mailbox copies arrived
+                continue
+            temporary = [mb for mb in mailboxes if by_mailbox[mb].is_temporary]
+            partly_done = bool(forwards) or len(temporary) < len(mailboxes)
+            if partly_done and temporary and not rcpt.mailbox_only:
+                retry.append((rcpt, temporary))
+                continue
+            # Nothing else done for it (or a permanent failure): its own reply.
+            replies[rcpt.address] = failed[0]
+            remotes.pop(rcpt.address, None)
+        if retry:
+            reply = await self._requeue(message, retry)
+            for rcpt, _mbs in retry:
+                if reply.is_positive:
+                    replies.setdefault(rcpt.address, reply)
+                    remotes[rcpt.address] = "queued"
+                else:
+                    replies[rcpt.address] = reply
+        return DeliveryReport(replies=replies, remote="local", remotes=remotes)
+
+    async def _requeue(self, message, retry) -> R.Reply:
+        """Queue the mailboxes whose copy failed for now, alone."""
+        recipients, notify, only = [], {}, set()
+        for rcpt, mailboxes in retry:
+            orcpt = rcpt.orcpt or f"rfc822;{rcpt.address}"
+            for mb in mailboxes:
+                if mb.address not in notify:
+                    recipients.append((mb.address, orcpt))
+                    notify[mb.address] = rcpt.notify
+                    only.add(mb.address)
+        return await self._enqueue(message, recipients, notify, message.sender, only,
+                                   "local copy queued again")
 
     async def _forward(self, message, forwards) -> R.Reply:
         """Queue one message for every forward address; its reply."""
@@ -191,24 +241,31 @@ class LocalTarget:
         sender = message.sender
         if self.srs is not None:
             sender = self.srs.forward(sender)
+        return await self._enqueue(message, recipients, notify, sender, (), "forwarded")
+
+    async def _enqueue(self, message, recipients, notify, sender, mailbox_only,
+                       status: str) -> R.Reply:
+        if self.outbox is None:
+            return R.FORWARD_UNAVAILABLE
         clock = self.clock
         if clock is None:
             from twisted.internet import reactor as clock
         try:
             new_id = await self.outbox.enqueue(
                 source_path=message.content_path, prefix=b"", sender=sender,
-                recipients=recipients, notify=notify, arrival=clock.seconds(),
-                eight_bit=message.eight_bit, smtputf8=message.smtputf8,
-                envid=message.envid, ret=message.ret,
+                recipients=recipients, notify=notify, mailbox_only=mailbox_only,
+                arrival=clock.seconds(), eight_bit=message.eight_bit,
+                smtputf8=message.smtputf8, envid=message.envid, ret=message.ret,
             )
         except Exception as e:
             if not is_known(e) and not isinstance(e, OSError):
-                log.failure("{id}: could not queue the forwarded copy", id=message.queue_id)
+                log.failure("{id}: could not queue a copy", id=message.queue_id)
             else:
-                log.warn("{id}: could not queue the forwarded copy: {reason}",
+                log.warn("{id}: could not queue a copy: {reason}",
                          id=message.queue_id, reason=str(e))
             return to_reply(e, message.queue_id)
         for address, orcpt in recipients:
-            log.info("{id}: to=<{to}>, orig_to=<{orig}>, relay=local, status=forwarded as {new}",
-                     id=message.queue_id, to=address, orig=orcpt.partition(";")[2], new=new_id)
+            log.info("{id}: to=<{to}>, orig_to=<{orig}>, relay=local, status={status} as {new}",
+                     id=message.queue_id, to=address, orig=orcpt.partition(";")[2],
+                     status=status, new=new_id)
         return R.QUEUED.with_text(R.QUEUED.text.format(id=new_id))

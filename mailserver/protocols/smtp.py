@@ -465,15 +465,18 @@ class SMTPServerProtocol(Protocol):
         if srs_sender is None or srs_sender == sender:
             queued += forwarded  # one queued message, one sender
             forwarded = []
+        retries = set()  # mailboxes whose copy failed: retried alone, forwards are queued
         if not lmtp:
             owner = {mb: rcpt for rcpt, res in local for mb in res.mailboxes}
             for mb, reply in by_mailbox.items():
                 if not reply.is_positive:
                     orcpt, notify = self._dsn_params(owner[mb])
                     queued.append((mb.address, orcpt, notify))
+                    retries.add(mb.address)
         queue_reply = None
         if queued:
-            queue_reply = await self._enqueue(queue_id, message, prefix, queued, sender)
+            queue_reply = await self._enqueue(queue_id, message, prefix, queued, sender,
+                                              mailbox_only=retries)
         if forwarded and queue_reply is None:  # forwarded copies leave with the SRS sender
             queue_reply = await self._enqueue(self.ctx.queue_id(), message, prefix, forwarded,
                                               srs_sender)
@@ -551,7 +554,7 @@ class SMTPServerProtocol(Protocol):
         return orcpt, notify
 
     async def _enqueue(self, queue_id: str, message, prefix: bytes, queued,
-                       sender: str) -> Optional[R.Reply]:
+                       sender: str, mailbox_only=frozenset()) -> Optional[R.Reply]:
         """Queue ``message`` from ``sender`` for ``queued``; None when durable,
         else the reply for the client."""
         if self.ctx.outbox is None:
@@ -566,6 +569,7 @@ class SMTPServerProtocol(Protocol):
             await self.ctx.outbox.enqueue(
                 queue_id=queue_id, source_path=message.path, prefix=prefix,
                 sender=sender, recipients=recipients, notify=notify,
+                mailbox_only=mailbox_only,
                 arrival=self.ctx.clock.seconds(), eight_bit=self.body_8bit,
                 smtputf8=self.smtputf8, envid=self.mail_params.get("ENVID"),
                 ret=(self.mail_params.get("RET") or "").upper() or None,

@@ -119,12 +119,15 @@ class Recipient:
     ``bounced`` (permanently failed or expired; a DSN may be due).
     ``last_reply`` is the last answer about it (the remote's reply, or ours
     for a connection failure); ``remote`` is where that answer came from,
-    ``"mx.example.net[192.0.2.1]"``.
+    ``"mx.example.net[192.0.2.1]"``.  ``mailbox_only``: a local mailbox
+    whose copy failed when the message arrived; the retry delivers into that
+    mailbox alone, since the address's forwards were already queued.
     """
 
     address: str
     notify: Tuple[str, ...] = ()
     orcpt: Optional[str] = None
+    mailbox_only: bool = False
     state: str = PENDING
     attempts: int = 0
     last_reply: Optional[Reply] = None
@@ -156,7 +159,8 @@ class Recipient:
         self.state = BOUNCED
 
     def outbound(self) -> OutboundRecipient:
-        return OutboundRecipient(address=self.address, notify=self.notify, orcpt=self.orcpt)
+        return OutboundRecipient(address=self.address, notify=self.notify, orcpt=self.orcpt,
+                                 mailbox_only=self.mailbox_only)
 
 
 @dataclass
@@ -326,6 +330,7 @@ def _recipient_to_dict(r: Recipient) -> Dict[str, Any]:
         "address": r.address,
         "notify": list(r.notify),
         "orcpt": r.orcpt,
+        "mailbox_only": r.mailbox_only,
         "state": r.state,
         "attempts": r.attempts,
         "last_reply": reply,
@@ -345,6 +350,8 @@ def _recipient_from_dict(raw: Any, index: int) -> Recipient:
         address=r.get("address", str),
         notify=tuple(notify),
         orcpt=r.get("orcpt", str, optional=True),
+        # Absent from envelopes written before it existed.
+        mailbox_only=r.get("mailbox_only", bool) if "mailbox_only" in raw else False,
         state=r.get("state", str),
         attempts=r.get("attempts", int),
         last_reply=None if reply_raw is None else _reply_from_list(reply_raw, index),

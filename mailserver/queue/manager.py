@@ -182,6 +182,11 @@ class QueueManager(service.Service):
                 # An unreadable spool directory (EMFILE, EIO): try again later.
                 log.failure("queue scan failed; next try in {s:.0f} s", s=self.schedule.scan_interval)
                 claimed, next_due = [], now + self.schedule.scan_interval
+            if self._stopping:
+                # Shutting down while the claim ran: no delivery may start that
+                # stopService does not wait for; recover() requeues them.
+                return
+            self._forget_stale(now)
             for queue_id in claimed:
                 d = defer.ensureDeferred(self._process(queue_id))
                 self.active[queue_id] = d
@@ -200,6 +205,14 @@ class QueueManager(service.Service):
                 return  # a wake() during the scan already planned an earlier one
             self._timer.cancel()
         self._timer = self.clock.callLater(when, self.scan)
+
+    def _forget_stale(self, now: float) -> None:
+        """Drop failure records of messages not seen for a whole lifetime
+        (deleted or quarantined meanwhile): memory stays bounded."""
+        for queue_id, (until, _n) in list(self._held.items()):
+            if until < now - self.schedule.lifetime and queue_id not in self.active:
+                self._held.pop(queue_id, None)
+                self._unsaved.pop(queue_id, None)
 
     def _claim_due(self, now: float, room: int, busy: set, held: Dict[str, float]) -> tuple:
         """(ids claimed, when the next deferred one is due); runs in a worker
@@ -293,9 +306,10 @@ class QueueManager(service.Service):
         try:
             _state, env = await self._io(self.spool.load, queue_id)
         except NotQueued:
-            self._held.pop(queue_id, None)
+            self._forget(queue_id)
             return  # deleted between the claim and now
         except EnvelopeError as e:
+            self._forget(queue_id)
             await self._io(self._quarantine, queue_id, e)
             return
         for r in env.pending():  # delivered in a round whose outcome was not saved
@@ -313,10 +327,13 @@ class QueueManager(service.Service):
             self._unsaved[queue_id] = {r.address: (r.last_reply, r.remote, r.last_attempt)
                                        for r in env.recipients if r.state == "delivered"}
             raise
-        self._held.pop(queue_id, None)
-        self._unsaved.pop(queue_id, None)
+        self._forget(queue_id)
         if wake:
             self.wake()
+
+    def _forget(self, queue_id: str) -> None:
+        self._held.pop(queue_id, None)
+        self._unsaved.pop(queue_id, None)
 
     def _conclude(self, queue_id: str, env, failed: list, delivered_here: list,
                   now: float) -> bool:
@@ -395,7 +412,7 @@ class QueueManager(service.Service):
         out = {}
         for r in message.recipients:
             reply = report.replies.get(r.address) or R.INTERNAL_ERROR
-            out[r.address] = (reply, report.remote)
+            out[r.address] = (reply, report.remotes.get(r.address, report.remote))
         return out
 
     def _record(self, env, results: Dict[str, tuple], now: float) -> tuple:

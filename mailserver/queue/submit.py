@@ -10,7 +10,7 @@ put into maildirs at once).  :class:`Outbox` is how a listener calls them.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Collection, Optional, Sequence, Tuple
 
 from mailserver.queue.envelope import ClientInfo, Envelope, Recipient
 
@@ -22,10 +22,12 @@ def enqueue_copy(spool, *, queue_id: Optional[str] = None, source_path: str, pre
                  recipients: Sequence[Tuple[str, Optional[str]]], arrival: float,
                  eight_bit: bool = False, smtputf8: bool = False,
                  envid: Optional[str] = None, ret: Optional[str] = None,
-                 notify: Optional[dict] = None,
+                 notify: Optional[dict] = None, mailbox_only: Collection[str] = (),
                  client: Optional[ClientInfo] = None) -> str:
     """Queue ``prefix`` + the content of ``source_path`` for ``recipients``
-    (``(address, orcpt)`` pairs; ``notify`` maps an address to its NOTIFY)."""
+    (``(address, orcpt)`` pairs; ``notify`` maps an address to its NOTIFY;
+    addresses in ``mailbox_only`` are local mailboxes to retry, see
+    :class:`~mailserver.queue.envelope.Recipient`)."""
     notify = notify or {}
     with spool.begin(queue_id) as writer:
         writer.write(prefix)
@@ -34,7 +36,8 @@ def enqueue_copy(spool, *, queue_id: Optional[str] = None, source_path: str, pre
                 writer.write(chunk)
         envelope = Envelope(
             id=writer.queue_id, sender=sender,
-            recipients=[Recipient(address=a, orcpt=o, notify=tuple(notify.get(a, ())))
+            recipients=[Recipient(address=a, orcpt=o, notify=tuple(notify.get(a, ())),
+                                  mailbox_only=a in mailbox_only)
                         for a, o in recipients],
             arrival=arrival, eight_bit=eight_bit, smtputf8=smtputf8, envid=envid, ret=ret,
             client=client or ClientInfo(),

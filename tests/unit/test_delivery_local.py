@@ -72,7 +72,7 @@ def test_alias_to_outside_is_forwarded_not_unknown(h):
                              orcpt="rfc822;away@example.test")
     report = h.deliver(rcpt, envid="E1", ret="HDRS")
     assert report.replies["away@example.test"].is_positive
-    assert report.remote == "forward"  # not a final delivery: no success report from here
+    assert report.remotes["away@example.test"] == "forward"  # no success report from here
     [q] = h.outbox.queued
     assert q["recipients"] == [("far@example.org", "rfc822;away@example.test")]
     assert q["notify"] == {"far@example.org": ("SUCCESS", "FAILURE")}
@@ -85,7 +85,7 @@ def test_mailbox_and_forward_get_both_copies(h):
     """A mailbox with a forwarding address gets its copy, and the forward is queued."""
     report = h.deliver("both@example.test")
     assert report.replies["both@example.test"].is_positive
-    assert report.remote == "local"
+    assert report.remotes["both@example.test"] == "local"  # its mailbox copy arrived
     assert len(h.messages("alice")) == 1
     [q] = h.outbox.queued
     assert q["recipients"] == [("far@example.org", "rfc822;both@example.test")]
@@ -133,17 +133,51 @@ def test_queue_failure_is_temporary(h):
     assert report.replies["both@example.test"] == R.STORAGE_FULL
 
 
-def test_failed_local_copy_holds_back_the_forward(tmp_path):
-    """When the local copy fails for now, the forward waits for the retry (no duplicates)."""
+def test_failed_local_copy_is_queued_alone(tmp_path):
+    """Forward queued, local copy failed for now: the mailbox is queued again
+    on its own (mailbox_only), so the retry repeats neither the forward nor
+    a copy already made."""
     h = Harness(tmp_path)
 
     def full(*a, **kw):
         raise OSError(28, "No space left on device")
 
     h.store.deliver = full
-    report = h.deliver("both@example.test")
-    assert report.replies["both@example.test"].is_temporary
+    rcpt = OutboundRecipient("both@example.test", notify=("SUCCESS",))
+    report = h.deliver(rcpt)
+    assert report.replies["both@example.test"].is_positive
+    assert report.remotes["both@example.test"] == "queued"
+    forward, retry = h.outbox.queued
+    assert forward["recipients"] == [("far@example.org", "rfc822;both@example.test")]
+    assert retry["recipients"] == [("alice@example.test", "rfc822;both@example.test")]
+    assert retry["mailbox_only"] == {"alice@example.test"}
+    assert retry["notify"] == {"alice@example.test": ("SUCCESS",)}
+
+
+def test_mailbox_only_retry_gets_no_forward(h):
+    """The retry of a mailbox copy delivers into the mailbox and queues no forward."""
+    report = h.deliver(OutboundRecipient("both@example.test", mailbox_only=True))
+    assert report.replies["both@example.test"].is_positive
+    assert report.remotes["both@example.test"] == "local"
+    assert len(h.messages("alice")) == 1
     assert h.outbox.queued == []
+
+
+def test_failed_forward_makes_no_copy(h):
+    """When the forward cannot be queued the recipient waits whole: no local
+    copy is made, so the retry cannot give the mailbox a second one."""
+    h.outbox.fail = OSError(28, "No space left on device")
+    report = h.deliver("both@example.test", "alice@example.test")
+    assert report.replies["both@example.test"] == R.STORAGE_FULL
+    assert report.replies["alice@example.test"].is_positive
+    assert len(h.messages("alice")) == 1  # alice's own copy, not one for both@
+
+
+def test_only_mailbox_deliveries_are_reported_delivered(h):
+    """In one attempt, a forward-only recipient is not "local" (no success
+    report from here) while a mailbox recipient is."""
+    report = h.deliver("away@example.test", "alice@example.test")
+    assert report.remotes == {"away@example.test": "forward", "alice@example.test": "local"}
 
 
 def test_forwards_take_the_srs_sender(tmp_path):

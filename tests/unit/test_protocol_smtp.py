@@ -349,6 +349,7 @@ def test_failed_local_copy_is_queued_not_refused(tmp_path):
     assert replies(t)[-1] == "250 2.0.0"
     [q] = h.ctx.outbox.queued
     assert q["recipients"] == [("bob@example.test", "rfc822;team@example.test")]
+    assert q["mailbox_only"] == {"bob@example.test"}  # the retry is bob's mailbox alone
     assert len(h.messages("alice")) == 1
 
 

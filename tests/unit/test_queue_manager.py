@@ -330,3 +330,47 @@ def test_io_error_reading_an_envelope_is_not_corruption(env, monkeypatch):
     assert target.calls == [["r@example.org"]]
     assert states(spool) == []
     m.stopService()
+
+
+def test_no_delivery_starts_after_stop(env):
+    """A scan whose claim comes back after stopService starts nothing: the
+    claimed message stays in active/ for recover() at the next start."""
+    clock, spool, submit = env
+    qid = submit(["r@example.org"])
+    gate = []
+
+    def io(f, *a):
+        if f.__name__ == "_claim_due":
+            d = defer.Deferred()
+            gate.append((d, f, a))
+            return d
+        return defer.maybeDeferred(f, *a)
+
+    target = ScriptedTarget({})
+    m = QueueManager(spool, OneTargetRouter(target), clock, hostname="mx.example.test", io=io)
+    m.startService()
+    clock.advance(0)
+    [(d, f, a)] = gate
+    assert m.stopService() is None  # nothing active yet
+    d.callback(f(*a))
+    assert target.calls == []
+    assert states(spool) == [("active", qid)]
+
+
+def test_failure_records_of_vanished_messages_are_dropped(env, monkeypatch):
+    """A message deleted while held leaves no record behind for long."""
+    import errno
+
+    clock, spool, submit = env
+    qid = submit(["r@example.org"])
+    real_load = spool.load
+    monkeypatch.setattr(spool, "load", lambda i: (_ for _ in ()).throw(
+        OSError(errno.EIO, "Input/output error")))
+    m = manager(spool, clock, ScriptedTarget({}), min_backoff=300, lifetime=3600)
+    clock.advance(0)
+    assert qid in m._held
+    monkeypatch.setattr(spool, "load", real_load)
+    spool.delete(qid)
+    clock.advance(3600 + 600)
+    assert m._held == {} and m._unsaved == {}
+    m.stopService()

@@ -73,6 +73,20 @@ def test_envelope_round_trip():
     assert json.loads(data)["version"] == 1
 
 
+def test_envelope_mailbox_only_flag():
+    """A mailbox retry keeps its flag; envelopes written before the flag
+    existed read as False."""
+    env = envelope(id="ABC123")
+    env.recipients[0].mailbox_only = True
+    again = Envelope.from_json(env.to_json())
+    assert again.recipients[0].mailbox_only and again.recipients[0].outbound().mailbox_only
+    assert not again.recipients[1].mailbox_only
+    raw = json.loads(env.to_json())
+    for r in raw["recipients"]:
+        del r["mailbox_only"]
+    assert not Envelope.from_json(json.dumps(raw).encode()).recipients[0].mailbox_only
+
+
 def test_envelope_keeps_non_ascii_addresses():
     env = envelope(id="X1", sender="jörg@exämple.org",
                    recipients=[Recipient("名前@example.jp")])
