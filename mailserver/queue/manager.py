@@ -187,8 +187,8 @@ class QueueManager(service.Service):
                 # stopService does not wait for; recover() requeues them.
                 return
             self._forget_stale(now)
-            for queue_id in claimed:
-                d = defer.ensureDeferred(self._process(queue_id))
+            for queue_id, loaded in claimed:
+                d = defer.ensureDeferred(self._process(queue_id, loaded))
                 self.active[queue_id] = d
                 d.addErrback(self._crashed, queue_id)
                 d.addBoth(self._finished, queue_id)
@@ -215,8 +215,10 @@ class QueueManager(service.Service):
                 self._unsaved.pop(queue_id, None)
 
     def _claim_due(self, now: float, room: int, busy: set, held: Dict[str, float]) -> tuple:
-        """(ids claimed, when the next deferred one is due); runs in a worker
-        thread: a directory listing, small envelope reads and renames."""
+        """([(id, its envelope or the error loading it)] claimed, when the
+        next deferred one is due); runs in a worker thread: a directory
+        listing, small envelope reads and renames.  Loading here saves each
+        message a trip through the thread pool."""
         claimed = []
         next_due = now + self.schedule.scan_interval
         for state in ("incoming", "deferred"):
@@ -236,7 +238,11 @@ class QueueManager(service.Service):
                         next_due = min(next_due, due)
                         continue
                 if self._claim(queue_id):
-                    claimed.append(queue_id)
+                    try:
+                        loaded = self.spool.load(queue_id)[1]
+                    except Exception as e:
+                        loaded = e
+                    claimed.append((queue_id, loaded))
         return claimed, next_due
 
     def _due_time(self, queue_id: str) -> Optional[float]:
@@ -258,7 +264,7 @@ class QueueManager(service.Service):
         from mailserver.queue.spool import AlreadyClaimed
 
         try:
-            self.spool.move(queue_id, "active")
+            self.spool.move(queue_id, "active", sync=False)  # undone by a crash: still queued
         except (AlreadyClaimed, FileNotFoundError):
             return False
         except OSError as e:
@@ -300,11 +306,15 @@ class QueueManager(service.Service):
             log.failure("{id}: could not quarantine", id=queue_id)
 
     # -- one message -----------------------------------------------------
-    async def _process(self, queue_id: str) -> None:
+    async def _process(self, queue_id: str, loaded) -> None:
+        """Deliver one claimed message; ``loaded`` is its envelope, or the
+        exception raised loading it."""
         from mailserver.queue.spool import EnvelopeError, NotQueued
 
         try:
-            _state, env = await self._io(self.spool.load, queue_id)
+            if isinstance(loaded, BaseException):
+                raise loaded
+            env = loaded
         except NotQueued:
             self._forget(queue_id)
             return  # deleted between the claim and now

@@ -576,3 +576,15 @@ def test_create_false_refuses_a_missing_queue(tmp_path):
     with pytest.raises(QueueError, match="not a queue directory"):
         QueueSpool(str(tmp_path / "nothing"), create=False)
     assert not (tmp_path / "nothing").exists()
+
+
+def test_claim_needs_no_directory_fsync(spool, monkeypatch):
+    """A claim (to active/) may skip the directory fsyncs: undone by a crash,
+    the message is still queued; other moves keep them."""
+    qid = queue(spool)
+    synced = []
+    monkeypatch.setattr(spool, "_fsync_dir", synced.append)
+    spool.move(qid, ACTIVE, sync=False)
+    assert synced == []
+    spool.move(qid, DEFERRED)
+    assert sorted(synced) == sorted([spool.state_dir(DEFERRED), spool.state_dir(ACTIVE)])
