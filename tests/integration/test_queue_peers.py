@@ -229,6 +229,32 @@ def test_permanent_failure_bounces_to_the_sender(sinks, sending):
     assert not [m for m in sink.messages() if m.data]  # refused before DATA
 
 
+def test_expiry_bounces_with_the_last_reply(sinks, sending):
+    """A recipient smtp-sink keeps refusing with 4xx is given up after the
+    queue lifetime: the sender gets a DSN with Status 4.4.7 (delivery time
+    expired) quoting the sink's last reply, and the queue empties."""
+    reply = "452 4.2.2 sink.test mailbox busy, try again later"
+    sink = sinks(soft_fail=["RCPT"], soft_reply=reply)
+    server = sending({"slow.test": f"smtp:[127.0.0.1]:{sink.port}"},
+                     min_backoff=1.0, max_backoff=1.0, lifetime=3.0)
+    send(server, "bob@example.test", ["carol@slow.test"], ["expire-1"])
+
+    def dsn():
+        return [m for m in maildir_messages(server, "bob")
+                if m.get_content_type() == "multipart/report"]
+
+    [bounce] = wait_for(dsn, "the expiry DSN in bob's mailbox")
+    _human, status, _original = bounce.get_payload()
+    text = status.as_string()
+    assert "Final-Recipient: rfc822; carol@slow.test" in text
+    assert "Action: failed" in text and "Status: 4.4.7" in text
+    diagnostic = re.search(r"Diagnostic-Code: (.*(?:\n[ \t].*)*)", text).group(1)
+    assert " ".join(diagnostic.split()) == f"smtp; {reply}"
+    wait_for(lambda: queue_empty(server), "the queue to empty")
+    assert "status=expired" in server.log()
+    assert not message_ids(sink)
+
+
 # --- restarts and crashes ------------------------------------------------------------
 
 def test_restart_with_a_full_queue(sinks, sending, tmp_path):
