@@ -11,7 +11,7 @@ an exception escaping it counts as a temporary failure for every recipient.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, FrozenSet, Optional, Tuple
 
 from zope.interface import Interface
 
@@ -55,6 +55,9 @@ class DeliveryReport:
     remote: str = ""  # "mx1.example.org[192.0.2.1]:25", "local", ...
     details: Dict[str, str] = field(default_factory=dict)  # rcpt -> remote's text, for DSNs
     remotes: Dict[str, str] = field(default_factory=dict)  # rcpt -> its own ``remote``, if not that
+    # Local recipients whose forwards are durably queued, whatever their
+    # reply: a retry delivers to their mailboxes only.
+    forwarded: FrozenSet[str] = frozenset()
 
 
 class IDeliveryTarget(Interface):

@@ -119,9 +119,13 @@ class LocalTarget:
        NOTIFY, ENVID and RET are kept, the sender is rewritten by ``srs`` when
        given.  If that fails the recipient waits, nothing else done;
     2. its mailboxes get a copy;
-    3. when some copies failed for now while other parts of the recipient are
-       done, those mailboxes are queued alone (``mailbox_only``), so the
-       retry neither repeats the copies made nor the forwards.
+    3. when some copies failed while other parts of the recipient are done,
+       those mailboxes are queued alone (``mailbox_only``), so the retry
+       neither repeats the copies made nor the forwards (a permanent failure
+       fails again there and bounces under the mailbox's address).  If even
+       that cannot be queued the recipient waits whole; the report's
+       ``forwarded`` tells the queue its forwards are done, so they are not
+       queued twice.
 
     A ``mailbox_only`` recipient (such a retry) gets its mailboxes only.  The
     original recipient counts as done once everything is delivered or durably
@@ -148,6 +152,7 @@ class LocalTarget:
         from mailserver.directory.interfaces import Resolution
 
         replies, remotes = {}, {}
+        forwarded = set()  # recipients whose forwards are now queued
         resolved = []  # (rcpt, mailboxes, forwards)
         for rcpt in message.recipients:
             try:
@@ -175,6 +180,7 @@ class LocalTarget:
                 for rcpt, _f in forwarding:
                     replies[rcpt.address] = reply
                     remotes[rcpt.address] = "forward"
+                    forwarded.add(rcpt.address)
 
         accepted = [(rcpt.address, Resolution(rcpt.address, mailboxes))
                     for rcpt, mailboxes, _f in resolved if mailboxes]
@@ -194,12 +200,15 @@ class LocalTarget:
                         rcpt=rcpt.address, id=message.queue_id))
                 remotes[rcpt.address] = "local"  # as at DATA time: its mailbox copies arrived
                 continue
-            temporary = [mb for mb in mailboxes if by_mailbox[mb].is_temporary]
-            partly_done = bool(forwards) or len(temporary) < len(mailboxes)
-            if partly_done and temporary and not rcpt.mailbox_only:
-                retry.append((rcpt, temporary))
+            # Some copies made or forwards queued: the failed mailboxes go on
+            # alone (a permanent failure fails again there and bounces with
+            # its own address, as at DATA time).
+            missing = [mb for mb in mailboxes if not by_mailbox[mb].is_positive]
+            partly_done = bool(forwards) or len(missing) < len(mailboxes)
+            if partly_done and not rcpt.mailbox_only:
+                retry.append((rcpt, missing))
                 continue
-            # Nothing else done for it (or a permanent failure): its own reply.
+            # Nothing else done for it: its own reply, retried or bounced whole.
             replies[rcpt.address] = failed[0]
             remotes.pop(rcpt.address, None)
         if retry:
@@ -210,7 +219,8 @@ class LocalTarget:
                     remotes[rcpt.address] = "queued"
                 else:
                     replies[rcpt.address] = reply
-        return DeliveryReport(replies=replies, remote="local", remotes=remotes)
+        return DeliveryReport(replies=replies, remote="local", remotes=remotes,
+                              forwarded=frozenset(forwarded))
 
     async def _requeue(self, message, retry) -> R.Reply:
         """Queue the mailboxes whose copy failed for now, alone."""

@@ -326,11 +326,10 @@ def _recipient_to_dict(r: Recipient) -> Dict[str, Any]:
     if r.last_reply is not None:
         enh = r.last_reply.enhanced
         reply = [r.last_reply.code, "%d.%d.%d" % enh if enh else None, r.last_reply.text]
-    return {
+    out = {
         "address": r.address,
         "notify": list(r.notify),
         "orcpt": r.orcpt,
-        "mailbox_only": r.mailbox_only,
         "state": r.state,
         "attempts": r.attempts,
         "last_reply": reply,
@@ -338,6 +337,9 @@ def _recipient_to_dict(r: Recipient) -> Dict[str, Any]:
         "last_attempt": r.last_attempt,
         "delay_notified": r.delay_notified,
     }
+    if r.mailbox_only:  # only when set: envelopes stay readable by earlier versions
+        out["mailbox_only"] = True
+    return out
 
 
 def _recipient_from_dict(raw: Any, index: int) -> Recipient:

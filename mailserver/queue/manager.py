@@ -264,7 +264,7 @@ class QueueManager(service.Service):
         from mailserver.queue.spool import AlreadyClaimed
 
         try:
-            self.spool.move(queue_id, "active", sync=False)  # undone by a crash: still queued
+            self.spool.move(queue_id, "active")
         except (AlreadyClaimed, FileNotFoundError):
             return False
         except OSError as e:
@@ -422,7 +422,8 @@ class QueueManager(service.Service):
         out = {}
         for r in message.recipients:
             reply = report.replies.get(r.address) or R.INTERNAL_ERROR
-            out[r.address] = (reply, report.remotes.get(r.address, report.remote))
+            out[r.address] = (reply, report.remotes.get(r.address, report.remote),
+                              r.address in report.forwarded)
         return out
 
     def _record(self, env, results: Dict[str, tuple], now: float) -> tuple:
@@ -432,7 +433,9 @@ class QueueManager(service.Service):
         for r in env.pending():
             if r.address not in results:
                 continue
-            reply, remote = results[r.address]
+            reply, remote, *forwarded = results[r.address]
+            if forwarded and forwarded[0]:
+                r.mailbox_only = True  # its forwards are queued: a retry must not repeat them
             r.record(reply, remote, now)
             status = {"delivered": "sent", "bounced": "bounced"}.get(r.state, "deferred")
             log.info("{id}: to=<{to}>, relay={relay}, status={status} ({reply})",

@@ -422,17 +422,17 @@ class QueueSpool:
         return state
 
     def move(self, queue_id: str, to_state: str,
-             from_states: Optional[Sequence[str]] = None, sync: bool = True) -> str:
+             from_states: Optional[Sequence[str]] = None) -> str:
         """Rename the envelope into ``to_state``; return the state it left.
 
         ``from_states`` are the states it may be taken from, tried in order;
         the default is incoming and deferred for ``active`` (a claim), and
         every other state otherwise.  Raises :class:`AlreadyClaimed` when it is
-        in none of them (moved or deleted by someone else).
-
-        ``sync=False`` skips the directory fsyncs, for a claim: if a crash
-        undoes the rename the message is still queued, where recovery would
-        have put it anyway (``active/`` goes back to ``incoming/``).
+        in none of them (moved or deleted by someone else).  Both directories
+        are fsynced, a claim's included: POSIX makes an entry's removal
+        durable only with its directory, and a rename out of ``incoming/``
+        that a crash undid after the message was delivered and deleted would
+        bring it back.
         """
         check_id(queue_id)
         dest = self.envelope_path(to_state, queue_id)
@@ -446,9 +446,8 @@ class QueueSpool:
                 os.rename(self.envelope_path(state, queue_id), dest)
             except FileNotFoundError:
                 continue
-            if sync:
-                self._fsync_dir(self.state_dir(to_state))
-                self._fsync_dir(self.state_dir(state))
+            self._fsync_dir(self.state_dir(to_state))
+            self._fsync_dir(self.state_dir(state))
             return state
         raise AlreadyClaimed(queue_id, self.find(queue_id))
 

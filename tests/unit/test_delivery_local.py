@@ -263,3 +263,54 @@ def test_queued_bounce_follows_the_forward_through_the_queue(tmp_path):
         ("far@example.org", "rfc822;away@example.test")]
     assert list(spool.list()) == []
     manager.stopService()
+
+
+def test_failed_requeue_keeps_the_forward_done(tmp_path):
+    """Forward queued, copy failed, and the copy cannot be queued either: the
+    recipient waits, and the report says its forward is done (the queue
+    then retries it mailbox_only)."""
+    h = Harness(tmp_path)
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    h.store.deliver = full
+    real = h.outbox.enqueue
+    calls = []
+
+    def second_fails(**kw):
+        calls.append(kw)
+        if len(calls) == 2:
+            return defer.fail(OSError(28, "No space left on device"))
+        return real(**kw)
+
+    h.outbox.enqueue = second_fails
+    report = h.deliver("both@example.test")
+    assert report.replies["both@example.test"] == R.STORAGE_FULL
+    assert report.forwarded == {"both@example.test"}
+
+
+def test_permanent_copy_failure_is_not_swallowed(tmp_path):
+    """In a group, one member's copy failing for good while another
+    succeeds: the failed mailbox is queued alone, where it fails again and
+    bounces under its own address, never dropped."""
+    from mailserver import errors
+
+    h = Harness(tmp_path)
+    real = h.store.deliver
+
+    def refuse_bob(mailbox, **kw):
+        if mailbox.login == "bob":
+            raise errors.ReplyError(R.R(550, "5.2.1", "mailbox disabled"))
+        return real(mailbox, **kw)
+
+    h.directory = FakeDirectory({**USERS, "pair@example.test": ("alice@example.test",
+                                                                "bob@example.test")})
+    h.target.directory = h.directory
+    h.store.deliver = refuse_bob
+    report = h.deliver("pair@example.test")
+    assert report.replies["pair@example.test"].is_positive
+    assert len(h.messages("alice")) == 1
+    [q] = h.outbox.queued
+    assert q["recipients"] == [("bob@example.test", "rfc822;pair@example.test")]
+    assert q["mailbox_only"] == {"bob@example.test"}

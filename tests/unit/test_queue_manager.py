@@ -374,3 +374,21 @@ def test_failure_records_of_vanished_messages_are_dropped(env, monkeypatch):
     clock.advance(3600 + 600)
     assert m._held == {} and m._unsaved == {}
     m.stopService()
+
+
+def test_forwarded_recipient_is_retried_mailbox_only(env):
+    """A local target that queued a recipient's forwards but must retry its
+    copy: the saved envelope marks it mailbox_only."""
+    clock, spool, submit = env
+    qid = submit(["both@example.test"])
+
+    class Target:
+        async def deliver(self, message):
+            return DeliveryReport(replies={"both@example.test": TEMP}, remote="local",
+                                  forwarded=frozenset({"both@example.test"}))
+
+    m = manager(spool, clock, Target())
+    clock.advance(0)
+    _state, env_ = spool.load(qid)
+    assert env_.recipients[0].mailbox_only
+    m.stopService()
