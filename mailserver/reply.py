@@ -160,7 +160,7 @@ AUTH_REQUIRED = R(530, "5.7.0", "Authentication required")
 MUST_STARTTLS = R(530, "5.7.0", "Must issue a STARTTLS command first")
 
 
-# --- outbound routing (delivery.remote, delivery.routing) ------------------
+# --- outbound routing (delivery.mx, delivery.remote, delivery.routing) -----
 # What the queue records for a recipient when the attempt never reached a
 # remote reply.  ``{domain}``/``{remote}`` are filled in with ``with_text``.
 DNS_UNAVAILABLE = R(451, "4.4.3", "Temporary DNS failure looking up {domain}")

@@ -226,7 +226,8 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     """The outbound queue: spool, routing, remote delivery and the manager.
     Returns the :class:`~mailserver.queue.submit.Outbox` listeners queue into."""
     from mailserver.delivery.local import LocalTarget
-    from mailserver.delivery.remote import OwnListeners, RemoteDelivery, TLSPolicy
+    from mailserver.delivery.loops import OwnListeners
+    from mailserver.delivery.remote import RemoteDelivery, TLSPolicy
     from mailserver.delivery.routing import Router
     from mailserver.protocols.outbound import OutboundConnectionPool, Timeouts
     from mailserver.queue.manager import QueueManager, Schedule

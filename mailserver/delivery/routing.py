@@ -60,9 +60,10 @@ from zope.interface import implementer
 
 from mailserver import reply as R
 from mailserver.delivery.interfaces import DeliveryReport, IDeliveryTarget, OutboundMessage
+from mailserver.delivery.mx import ip_literal
 from mailserver.delivery.remote import (
-    Hop, TLSPolicy, TLSPolicySpec, attempt_delivery, domain_of, ip_literal,
-    lookup_keys, same_reply, tls_policy_for,
+    Hop, TLSPolicy, TLSPolicySpec, attempt_delivery, domain_of, lookup_keys, same_reply,
+    tls_policy_for,
 )
 from mailserver.errors import ReplyError, TempFailure
 from mailserver.reply import Reply
@@ -240,7 +241,7 @@ class FixedHostTarget:
     """Deliver over SMTP or LMTP to one configured host (or UNIX socket).
 
     ``host`` is a name or an IP address.  A name is resolved to addresses
-    through ``resolver`` (an :class:`~mailserver.delivery.remote.MXResolver`,
+    through ``resolver`` (an :class:`~mailserver.delivery.mx.MXResolver`,
     A/AAAA only, CNAMEs allowed) and each address tried in turn.  Without a
     resolver, or when the DNS knows no address for it (``localhost`` and
     other ``/etc/hosts`` names), the name goes to ``connect`` as it is, for

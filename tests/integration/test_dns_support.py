@@ -3,7 +3,7 @@
 Each check runs a twisted.names client in a child Python process (its own
 reactor), pointed at the server with ``client.Resolver(servers=[...])``,
 so no reactor runs inside pytest.  The same child also runs
-:class:`~mailserver.delivery.remote.MXResolver` against the server, end to
+:class:`~mailserver.delivery.mx.MXResolver` against the server, end to
 end over the wire.
 """
 
@@ -40,7 +40,7 @@ import json, sys
 from twisted.internet import defer, task
 from twisted.names import client, dns
 
-from mailserver.delivery.remote import MXResolver
+from mailserver.delivery.mx import MXResolver
 
 
 def show(rr):

@@ -16,10 +16,9 @@ from mailserver import reply as R
 from mailserver.delivery.interfaces import (
     DeliveryReport, IDeliveryTarget, OutboundMessage, OutboundRecipient,
 )
-from mailserver.delivery.remote import (
-    Destination, LocalAddresses, MXResolver, OwnListeners, RemoteDelivery, TLSPolicy, soften,
-    tls_policy_for,
-)
+from mailserver.delivery.loops import LocalAddresses, OwnListeners
+from mailserver.delivery.mx import Destination, MXResolver
+from mailserver.delivery.remote import RemoteDelivery, TLSPolicy, soften, tls_policy_for
 from mailserver.errors import PermFailure, TempFailure
 from mailserver.reply import Reply
 from tests.support.dns import FakeResolver

@@ -11,7 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailserver import reply as R
 from mailserver.delivery.interfaces import DeliveryReport, IDeliveryTarget
-from mailserver.delivery.remote import MXResolver, RemoteDelivery, TLSPolicy
+from mailserver.delivery.mx import MXResolver
+from mailserver.delivery.remote import RemoteDelivery, TLSPolicy
 from mailserver.delivery.routing import (
     FixedHostTarget, RefuseTarget, Router, Transport, lookup_keys, parse_smarthost,
     parse_transport, parse_transport_map,
