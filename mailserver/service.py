@@ -229,7 +229,8 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     from mailserver.delivery.loops import OwnListeners
     from mailserver.delivery.remote import RemoteDelivery, TLSPolicy
     from mailserver.delivery.routing import Router
-    from mailserver.protocols.outbound import OutboundConnectionPool, Timeouts
+    from mailserver.protocols.outbound import Timeouts
+    from mailserver.protocols.outbound_pool import OutboundConnectionPool
     from mailserver.queue.manager import QueueManager, Schedule
     from mailserver.queue.spool import QueueSpool
     from mailserver.queue.submit import Outbox

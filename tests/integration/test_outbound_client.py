@@ -22,7 +22,8 @@ from twisted.trial.unittest import TestCase
 
 from mailserver import reply as R
 from mailserver.delivery.interfaces import OutboundMessage, OutboundRecipient
-from mailserver.protocols.outbound import OutboundConnectionPool, Timeouts, deliver_to_host
+from mailserver.protocols.outbound import Timeouts, deliver_to_host
+from mailserver.protocols.outbound_pool import OutboundConnectionPool
 from tests.support.server import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow

@@ -29,11 +29,11 @@ from mailserver.protocols import outbound
 from mailserver.protocols.outbound import (
     Destination,
     HostAttempt,
-    OutboundConnectionPool,
     Timeouts,
     deliver_to_host,
     tls_options,
 )
+from mailserver.protocols.outbound_pool import OutboundConnectionPool
 from mailserver.protocols.smtp import ConnectionLimiter, ListenerContext, SMTPFactory
 from mailserver.spool import prepare_spool
 from mailserver.store.maildir import MaildirStore
