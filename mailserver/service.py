@@ -26,7 +26,8 @@ from mailserver.errors import ConfigError
 from mailserver.delivery.local import LocalDelivery
 from mailserver.policy import Networks, RecipientPolicy
 from mailserver.proto.smtp_server import Limits, Mode
-from mailserver.protocols.smtp import ConnectionLimiter, ListenerContext, SMTPFactory
+from mailserver.protocols.limits import ConnectionLimiter
+from mailserver.protocols.smtp import ListenerContext, SMTPFactory
 from mailserver.spool import prepare_spool
 from mailserver.store.maildir import MaildirStore
 from mailserver.tls import ReloadableTLS, make_self_signed

@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
-import ipaddress
-
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -32,42 +30,11 @@ from mailserver.errors import is_known, to_reply
 from mailserver.policy import RecipientPolicy
 from mailserver.proto import smtp_events as ev
 from mailserver.proto.smtp_server import Limits, Mode, SMTPServerConnection
+from mailserver.protocols.limits import ConnectionLimiter, client_key
 from mailserver.received import HeaderScanner, SessionInfo, received_header
 from mailserver.spool import IncomingMessage, new_queue_id
 
 log = Logger(namespace="mailserver.smtpd")
-
-
-class ConnectionLimiter:
-    """Counts connections in total and per client.
-
-    Each listener has its own, so a flood on port 25 cannot take the slots an
-    LMTP feed needs.  Clients are keyed by :func:`client_key`.
-    """
-
-    def __init__(self, max_total: int, max_per_client: int) -> None:
-        self.max_total = max_total
-        self.max_per_client = max_per_client
-        self.total = 0
-        self.per_client: dict[str, int] = {}
-
-    def acquire(self, client: str) -> Optional[R.Reply]:
-        """Count a new connection, or return the 421 that refuses it."""
-        if self.total >= self.max_total:
-            return R.TOO_MANY_CONNECTIONS
-        if self.per_client.get(client, 0) >= self.max_per_client:
-            return R.TOO_MANY_FROM_CLIENT
-        self.total += 1
-        self.per_client[client] = self.per_client.get(client, 0) + 1
-        return None
-
-    def release(self, client: str) -> None:
-        self.total -= 1
-        left = self.per_client.get(client, 1) - 1
-        if left:
-            self.per_client[client] = left
-        else:
-            self.per_client.pop(client, None)
 
 
 @dataclass
@@ -98,20 +65,6 @@ def _peer_ip(transport) -> str:
     """The client's IP address, or ``"unix"`` for a UNIX-socket peer."""
     peer = transport.getPeer()
     return getattr(peer, "host", None) or "unix"
-
-
-def client_key(ip: str) -> str:
-    """What the per-client limit counts: the address, or its /64 for IPv6
-    (one IPv6 host usually holds a whole /64)."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return ip
-    if addr.version == 6:
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(addr)
 
 
 @implementer(IPushProducer)

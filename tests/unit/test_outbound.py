@@ -34,7 +34,8 @@ from mailserver.protocols.outbound import (
     tls_options,
 )
 from mailserver.protocols.outbound_pool import OutboundConnectionPool
-from mailserver.protocols.smtp import ConnectionLimiter, ListenerContext, SMTPFactory
+from mailserver.protocols.limits import ConnectionLimiter
+from mailserver.protocols.smtp import ListenerContext, SMTPFactory
 from mailserver.spool import prepare_spool
 from mailserver.store.maildir import MaildirStore
 from mailserver.testing import FakeDirectory, ImmediateReactor, SynchronousThreadPool

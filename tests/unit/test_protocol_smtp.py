@@ -9,7 +9,8 @@ from twisted.internet.testing import StringTransport
 from mailserver.delivery.local import LocalDelivery
 from mailserver.policy import RecipientPolicy
 from mailserver.proto.smtp_server import Limits, Mode
-from mailserver.protocols.smtp import ConnectionLimiter, ListenerContext, SMTPFactory
+from mailserver.protocols.limits import ConnectionLimiter
+from mailserver.protocols.smtp import ListenerContext, SMTPFactory
 from mailserver.spool import prepare_spool
 from mailserver.store.maildir import MaildirStore
 from mailserver.testing import FakeDirectory, ImmediateReactor, SynchronousThreadPool
@@ -291,7 +292,7 @@ def test_lmtp_internal_error_answers_every_recipient(tmp_path, monkeypatch):
 ])
 def test_client_key(ip, key):
     """Per-client limits count IPv4 addresses, IPv6 /64s, and UNIX peers together."""
-    from mailserver.protocols.smtp import client_key
+    from mailserver.protocols.limits import client_key
 
     assert client_key(ip) == key
 
