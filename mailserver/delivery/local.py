@@ -96,7 +96,8 @@ class LocalDelivery:
             if failed:
                 replies.append(failed[0])
             else:
-                replies.append(R.DELIVERED.with_text(R.DELIVERED.text.format(rcpt=rcpt, id=queue_id)))
+                replies.append(R.DELIVERED.with_text(
+                    R.DELIVERED.text.format(rcpt=rcpt, id=queue_id)))
         return replies
 
     async def deliver(self, queue_id: str, sender: str, source_path: str, prefix: bytes,

@@ -112,17 +112,17 @@ def _alabel(domain: str) -> str:
     try:
         return domain if domain.isascii() else domain.encode("idna").decode("ascii")
     except UnicodeError:
-        raise PermFailure(_fill(R.DOMAIN_NOT_FOUND, domain=domain)) from None
+        raise PermFailure(fill_template(R.DOMAIN_NOT_FOUND, domain=domain)) from None
 
 
-def _canonical_ip(text: str) -> Optional[str]:
+def canonical_ip(text: str) -> Optional[str]:
     try:
         return ipaddress.ip_address(text.strip("[]")).compressed
     except ValueError:
         return None
 
 
-def _fill(template: Reply, **values: str) -> Reply:
+def fill_template(template: Reply, **values: str) -> Reply:
     return template.with_text(template.text.format(**values))
 
 
@@ -174,8 +174,8 @@ class MXResolver:
         self.rng = rng or _random.Random()
         self.timeout = timeout
         self.max_hosts = max_hosts
-        self.own_addresses = frozenset(filter(None, (_canonical_ip(n) for n in own_names)))
-        self.own_hosts = frozenset(_name(n) for n in own_names if _canonical_ip(n) is None)
+        self.own_addresses = frozenset(filter(None, (canonical_ip(n) for n in own_names)))
+        self.own_hosts = frozenset(_name(n) for n in own_names if canonical_ip(n) is None)
         self.own_endpoint = own_endpoint
 
     # -- queries -----------------------------------------------------------
@@ -264,18 +264,18 @@ class MXResolver:
         literal = ip_literal(domain)
         if literal is not None:
             if self._is_self(literal, (literal,), port):
-                raise PermFailure(_fill(R.MAIL_LOOPS, domain=domain))
+                raise PermFailure(fill_template(R.MAIL_LOOPS, domain=domain))
             return [Destination(literal, 0, (literal,), implicit=True)]
         if not domain:
-            raise PermFailure(_fill(R.DOMAIN_NOT_FOUND, domain="(none)"))
+            raise PermFailure(fill_template(R.DOMAIN_NOT_FOUND, domain="(none)"))
         qname = _alabel(domain)
         try:
             records, _aliased = await self._query("lookupMailExchange", dns.MX, qname)
         except _NotFound:
-            raise PermFailure(_fill(R.DOMAIN_NOT_FOUND, domain=domain)) from None
+            raise PermFailure(fill_template(R.DOMAIN_NOT_FOUND, domain=domain)) from None
         except _Unavailable as e:
             log.warn("MX lookup for {domain} failed: {why}", domain=domain, why=str(e))
-            raise TempFailure(_fill(R.DNS_UNAVAILABLE, domain=domain)) from None
+            raise TempFailure(fill_template(R.DNS_UNAVAILABLE, domain=domain)) from None
 
         if not records:
             return await self._implicit(domain, qname, port)
@@ -317,21 +317,21 @@ class MXResolver:
         if out:
             return out
         if own_pref is not None and not any(p < own_pref for _h, p in grouped):
-            raise PermFailure(_fill(R.MAIL_LOOPS, domain=domain))
+            raise PermFailure(fill_template(R.MAIL_LOOPS, domain=domain))
         if problems:
-            raise TempFailure(_fill(R.DNS_UNAVAILABLE, domain=domain))
-        raise TempFailure(_fill(R.NO_USABLE_MX, domain=domain))
+            raise TempFailure(fill_template(R.DNS_UNAVAILABLE, domain=domain))
+        raise TempFailure(fill_template(R.NO_USABLE_MX, domain=domain))
 
     async def _implicit(self, domain: str, qname: str,
                         port: Optional[int]) -> List[Destination]:
         addrs, _aliased, problem = await self.addresses(qname)
         if addrs:
             if self._is_self(qname, addrs, port):
-                raise PermFailure(_fill(R.MAIL_LOOPS, domain=domain))
+                raise PermFailure(fill_template(R.MAIL_LOOPS, domain=domain))
             if problem:
                 log.info("{domain}: using what resolved ({why})", domain=domain, why=problem)
             return [Destination(qname, 0, addrs, implicit=True)]
         if problem:
             log.warn("address lookup for {domain} failed: {why}", domain=domain, why=problem)
-            raise TempFailure(_fill(R.DNS_UNAVAILABLE, domain=domain))
-        raise PermFailure(_fill(R.NO_MAIL_ROUTE, domain=domain))
+            raise TempFailure(fill_template(R.DNS_UNAVAILABLE, domain=domain))
+        raise PermFailure(fill_template(R.NO_MAIL_ROUTE, domain=domain))

@@ -36,7 +36,7 @@ from zope.interface import implementer
 from mailserver import reply as R
 from mailserver.delivery.interfaces import DeliveryReport, IDeliveryTarget, OutboundMessage
 from mailserver.delivery.mx import (
-    DEFAULT_FAMILIES, Destination, MXResolver, _canonical_ip, _fill,
+    DEFAULT_FAMILIES, Destination, MXResolver, canonical_ip, fill_template,
 )
 from mailserver.errors import ReplyError
 from mailserver.reply import Reply
@@ -163,7 +163,7 @@ def hops_for(destinations: Sequence[Destination], port: int) -> List[Hop]:
     """One :class:`Hop` per address, in order."""
     hops = []
     for dest in destinations:
-        literal = _canonical_ip(dest.host) is not None
+        literal = canonical_ip(dest.host) is not None
         for address in dest.addresses:
             hops.append(Hop(dest.host, address, port, None if literal else dest.host))
     return hops
@@ -226,7 +226,7 @@ async def attempt_delivery(connect, reactor, message: OutboundMessage, hops: Seq
                      id=message.queue_id, remote=remote, reply=str(fallback[still[0].address]))
         remaining = still
     for r in remaining:
-        done[r.address] = fallback.get(r.address) or _fill(R.NO_USABLE_MX,
+        done[r.address] = fallback.get(r.address) or fill_template(R.NO_USABLE_MX,
                                                            domain=domain_of(r.address))
     return DeliveryReport(replies=done, remote=remote, details=details)
 

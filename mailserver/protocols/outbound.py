@@ -436,7 +436,7 @@ def _everyone(message: OutboundMessage, reply: Reply, remote: str) -> DeliveryRe
     return DeliveryReport(replies={r.address: reply for r in message.recipients}, remote=remote)
 
 
-def _unsendable(message: OutboundMessage) -> Optional[HostAttempt]:
+def unsendable_attempt(message: OutboundMessage) -> Optional[HostAttempt]:
     """The final answer, without connecting, when no address of ``message``
     can be sent (see :func:`~mailserver.proto._client_commands.unsendable`);
     ``None`` when there is something to send.  A message without recipients
@@ -469,19 +469,19 @@ async def _open(reactor, dest: Destination, message: OutboundMessage, timeouts: 
         return HostAttempt(_everyone(message, reply, dest.describe()), True)
 
 
-def _remote_name(dest: Destination, proto: OutboundProtocol) -> str:
+def remote_name(dest: Destination, proto: OutboundProtocol) -> str:
     peer = getattr(proto.transport.getPeer(), "host", None) if proto.transport else None
     return dest.describe(peer)
 
 
-async def _attempt(reactor, dest: Destination, message: OutboundMessage, timeouts: Timeouts):
+async def attempt_host(reactor, dest: Destination, message: OutboundMessage, timeouts: Timeouts):
     """Open a connection and send ``message``: ``(protocol or None, HostAttempt)``.
 
     Under the "may" policy a failed handshake is retried once in plaintext.
-    When no address can be sent (:func:`_unsendable`), no connection is
+    When no address can be sent (:func:`unsendable_attempt`), no connection is
     made; otherwise the client refuses the unsendable recipients itself.
     """
-    refused = _unsendable(message)
+    refused = unsendable_attempt(message)
     if refused is not None:
         return None, refused
     for plaintext in (False, True):
@@ -495,7 +495,7 @@ async def _attempt(reactor, dest: Destination, message: OutboundMessage, timeout
             await proto.when_closed()
             continue
         break
-    report = DeliveryReport(replies=dict(result.replies), remote=_remote_name(dest, proto),
+    report = DeliveryReport(replies=dict(result.replies), remote=remote_name(dest, proto),
                             details=dict(result.details))
     return proto, HostAttempt(report, result.retry_elsewhere)
 
@@ -514,7 +514,7 @@ async def deliver_to_host(reactor, host: Optional[str], port: Optional[int],
     """
     dest = Destination(host, port, helo, tls, tls_hostname, trust_root, auth, lmtp,
                        unix_path, allow_plaintext_auth)
-    proto, attempt = await _attempt(reactor, dest, message, timeouts)
+    proto, attempt = await attempt_host(reactor, dest, message, timeouts)
     if proto is not None:
         await proto.quit()
     return attempt

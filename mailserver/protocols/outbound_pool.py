@@ -21,7 +21,7 @@ from mailserver.delivery.interfaces import DeliveryReport, OutboundMessage
 from mailserver.proto._client_policy import Destination, Timeouts
 from mailserver.proto.smtp_client import ClientResult
 from mailserver.protocols.outbound import (
-    HostAttempt, OutboundProtocol, _attempt, _remote_name, _unsendable,
+    HostAttempt, OutboundProtocol, attempt_host, remote_name, unsendable_attempt,
 )
 
 __all__ = ["OutboundConnectionPool"]
@@ -87,7 +87,7 @@ class OutboundConnectionPool:
     async def _deliver(self, reactor, dest: Destination, message: OutboundMessage,
                        timeouts: Optional[Timeouts]) -> HostAttempt:
         key = dest.key()
-        refused = _unsendable(message)
+        refused = unsendable_attempt(message)
         if refused is not None:
             return refused
         while (proto := self._take(key)) is not None:
@@ -98,10 +98,10 @@ class OutboundConnectionPool:
                 self._track(proto.quit())
                 continue
             report = DeliveryReport(replies=dict(result.replies),
-                                    remote=_remote_name(dest, proto), details=dict(result.details))
+                                    remote=remote_name(dest, proto), details=dict(result.details))
             self._park(key, proto)
             return HostAttempt(report, result.retry_elsewhere)
-        proto, attempt = await _attempt(reactor or self.reactor, dest, message,
+        proto, attempt = await attempt_host(reactor or self.reactor, dest, message,
                                         timeouts or self.timeouts)
         if proto is not None:
             self._park(key, proto)

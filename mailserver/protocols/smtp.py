@@ -154,7 +154,8 @@ class SMTPServerProtocol(Protocol):
         if self.counted:
             self.counted = False
             self.ctx.limiter.release(self.key)
-            log.info("{listener}: disconnect from {client}", listener=self.ctx.name, client=self.client)
+            log.info("{listener}: disconnect from {client}", listener=self.ctx.name,
+                     client=self.client)
 
     # -- the event loop ----------------------------------------------------
     def _drive(self) -> None:
