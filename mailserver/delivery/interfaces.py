@@ -45,6 +45,7 @@ class OutboundMessage:
     smtputf8: bool = False
     envid: Optional[str] = None  # RFC 3461 ENVID
     ret: Optional[str] = None  # "FULL" or "HDRS"
+    arrival: Optional[float] = None  # when the queue took it (None: not from the queue)
 
 
 @dataclass(frozen=True)

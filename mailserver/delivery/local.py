@@ -224,7 +224,8 @@ class LocalTarget:
                               forwarded=frozenset(forwarded))
 
     async def _requeue(self, message, retry) -> R.Reply:
-        """Queue the mailboxes whose copy failed for now, alone."""
+        """Queue the mailboxes whose copy failed, alone.  They keep the
+        message's arrival time: the same delivery, the same lifetime."""
         recipients, notify, only = [], {}, set()
         for rcpt, mailboxes in retry:
             orcpt = rcpt.orcpt or f"rfc822;{rcpt.address}"
@@ -234,7 +235,7 @@ class LocalTarget:
                     notify[mb.address] = rcpt.notify
                     only.add(mb.address)
         return await self._enqueue(message, recipients, notify, message.sender, only,
-                                   "local copy queued again")
+                                   "local copy queued again", arrival=message.arrival)
 
     async def _forward(self, message, forwards) -> R.Reply:
         """Queue one message for every forward address; its reply."""
@@ -255,7 +256,7 @@ class LocalTarget:
         return await self._enqueue(message, recipients, notify, sender, (), "forwarded")
 
     async def _enqueue(self, message, recipients, notify, sender, mailbox_only,
-                       status: str) -> R.Reply:
+                       status: str, arrival: Optional[float] = None) -> R.Reply:
         if self.outbox is None:
             return R.FORWARD_UNAVAILABLE
         clock = self.clock
@@ -265,7 +266,8 @@ class LocalTarget:
             new_id = await self.outbox.enqueue(
                 source_path=message.content_path, prefix=b"", sender=sender,
                 recipients=recipients, notify=notify, mailbox_only=mailbox_only,
-                arrival=clock.seconds(), eight_bit=message.eight_bit,
+                arrival=clock.seconds() if arrival is None else arrival,
+                eight_bit=message.eight_bit,
                 smtputf8=message.smtputf8, envid=message.envid, ret=message.ret,
             )
         except Exception as e:

@@ -221,6 +221,7 @@ class Envelope:
             smtputf8=self.smtputf8,
             envid=self.envid,
             ret=self.ret,
+            arrival=self.arrival,
         )
 
     # --- serialisation ----------------------------------------------------

@@ -41,12 +41,12 @@ class Harness:
         self.content = tmp_path / "content"
         self.content.write_bytes(b"Subject: q\r\n\r\nbody\r\n")
 
-    def deliver(self, *recipients, sender="x@example.net", envid=None, ret=None):
+    def deliver(self, *recipients, sender="x@example.net", envid=None, ret=None, arrival=None):
         message = OutboundMessage(
             queue_id="Q1", sender=sender, content_path=str(self.content), size=20,
             recipients=tuple(r if isinstance(r, OutboundRecipient) else OutboundRecipient(r)
                              for r in recipients),
-            envid=envid, ret=ret,
+            envid=envid, ret=ret, arrival=arrival,
         )
         d = defer.ensureDeferred(self.target.deliver(message))
         results = []
@@ -144,10 +144,12 @@ def test_failed_local_copy_is_queued_alone(tmp_path):
 
     h.store.deliver = full
     rcpt = OutboundRecipient("both@example.test", notify=("SUCCESS",))
-    report = h.deliver(rcpt)
+    report = h.deliver(rcpt, arrival=1_700_000_000.0)
     assert report.replies["both@example.test"].is_positive
     assert report.remotes["both@example.test"] == "queued"
     forward, retry = h.outbox.queued
+    assert forward["arrival"] == h.clock.seconds()  # a new message
+    assert retry["arrival"] == 1_700_000_000.0  # the same delivery: the same lifetime
     assert forward["recipients"] == [("far@example.org", "rfc822;both@example.test")]
     assert retry["recipients"] == [("alice@example.test", "rfc822;both@example.test")]
     assert retry["mailbox_only"] == {"alice@example.test"}
