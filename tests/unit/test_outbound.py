@@ -452,6 +452,17 @@ class PoolTests:
         return Deferred.fromCoroutine(pool.deliver_to_host(
             reactor, "192.0.2.1", 25, message, helo="client.example.test"))
 
+    def one_idle(self, content):
+        """A pool holding one idle connection, after one delivered message."""
+        reactor = MemoryReactorClock()
+        pool = OutboundConnectionPool(reactor)
+        d = self.deliver(pool, reactor, content())
+        link = Link(reactor)
+        deliver_ok(link)
+        link.server(b"250 ok\r\n")
+        result(d)
+        return reactor, pool, link
+
     def test_reuse_with_rset(self, content):
         """A second message to the same destination reuses the connection after RSET."""
         reactor = MemoryReactorClock()
@@ -495,13 +506,7 @@ class PoolTests:
 
     def test_failed_rset_opens_a_new_connection(self, content):
         """RSET refused: the message goes over a fresh connection."""
-        reactor = MemoryReactorClock()
-        pool = OutboundConnectionPool(reactor)
-        d1 = self.deliver(pool, reactor, content())
-        link = Link(reactor)
-        deliver_ok(link)
-        link.server(b"250 ok\r\n")
-        result(d1)
+        reactor, pool, link = self.one_idle(content)
         d2 = self.deliver(pool, reactor, content())
         link.take()
         assert link.server(b"421 4.4.2 idle too long\r\n") == b""
@@ -513,26 +518,14 @@ class PoolTests:
 
     def test_idle_connection_closed_by_server(self, content):
         """An idle connection the server closes is not reused."""
-        reactor = MemoryReactorClock()
-        pool = OutboundConnectionPool(reactor)
-        d1 = self.deliver(pool, reactor, content())
-        link = Link(reactor)
-        deliver_ok(link)
-        link.server(b"250 ok\r\n")
-        result(d1)
+        reactor, pool, link = self.one_idle(content)
         link.lost()
         self.deliver(pool, reactor, content())
         assert len(reactor.tcpClients) == 1
 
     def test_close_quits_idle_connections(self, content):
         """close() sends QUIT on every idle connection and waits for the close."""
-        reactor = MemoryReactorClock()
-        pool = OutboundConnectionPool(reactor)
-        d1 = self.deliver(pool, reactor, content())
-        link = Link(reactor)
-        deliver_ok(link)
-        link.server(b"250 ok\r\n")
-        result(d1)
+        reactor, pool, link = self.one_idle(content)
         closed = Deferred.fromCoroutine(pool.close())
         assert link.take() == b"QUIT\r\n" and not closed.called
         link.server(b"221 bye\r\n")
@@ -541,13 +534,7 @@ class PoolTests:
 
     def test_unsendable_message_leaves_idle_connections_alone(self, content):
         """A message with nothing sendable takes no idle connection (no RSET)."""
-        reactor = MemoryReactorClock()
-        pool = OutboundConnectionPool(reactor)
-        d1 = self.deliver(pool, reactor, content())
-        link = Link(reactor)
-        deliver_ok(link)
-        link.server(b"250 ok\r\n")
-        result(d1)
+        reactor, pool, link = self.one_idle(content)
         msg = content()
         msg = OutboundMessage(queue_id="Q2", sender=msg.sender,
                               recipients=(OutboundRecipient("bob@example.org>\r\nRSET"),),
