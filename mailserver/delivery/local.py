@@ -206,7 +206,7 @@ class LocalTarget:
             # its own address, as at DATA time).
             missing = [mb for mb in mailboxes if not by_mailbox[mb].is_positive]
             partly_done = bool(forwards) or len(missing) < len(mailboxes)
-            if partly_done and not rcpt.mailbox_only:
+            if partly_done:  # (for a mailbox_only one: some of its copies made)
                 retry.append((rcpt, missing))
                 continue
             # Nothing else done for it: its own reply, retried or bounced whole.
@@ -220,6 +220,7 @@ class LocalTarget:
                     remotes[rcpt.address] = "queued"
                 else:
                     replies[rcpt.address] = reply
+                    remotes.pop(rcpt.address, None)
         return DeliveryReport(replies=replies, remote="local", remotes=remotes,
                               forwarded=frozenset(forwarded))
 

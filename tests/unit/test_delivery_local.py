@@ -316,3 +316,26 @@ def test_permanent_copy_failure_is_not_swallowed(tmp_path):
     [q] = h.outbox.queued
     assert q["recipients"] == [("bob@example.test", "rfc822;pair@example.test")]
     assert q["mailbox_only"] == {"bob@example.test"}
+
+
+def test_mailbox_only_group_requeues_the_failed_member_alone(tmp_path):
+    """A group already marked mailbox_only (its forwards went earlier) with
+    one copy made and one failed: the failed member goes on alone, so the
+    member that got its copy does not get another on the retry."""
+    h = Harness(tmp_path)
+    real = h.store.deliver
+
+    def bob_full(mailbox, **kw):
+        if mailbox.login == "bob":
+            raise OSError(28, "No space left on device")
+        return real(mailbox, **kw)
+
+    h.directory = FakeDirectory({**USERS, "pair@example.test": ("alice@example.test",
+                                                                "bob@example.test")})
+    h.target.directory = h.directory
+    h.store.deliver = bob_full
+    report = h.deliver(OutboundRecipient("pair@example.test", mailbox_only=True))
+    assert report.replies["pair@example.test"].is_positive
+    assert len(h.messages("alice")) == 1
+    [q] = h.outbox.queued
+    assert q["recipients"] == [("bob@example.test", "rfc822;pair@example.test")]
