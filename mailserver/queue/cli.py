@@ -257,6 +257,8 @@ def _print_envelope(state: str, env: Envelope, out) -> None:
             extra.append("notify=" + ",".join(r.notify))
         if r.orcpt:
             extra.append(f"orcpt={r.orcpt}")
+        if r.mailbox_only:
+            extra.append("mailbox-only")  # a local copy retried; its forwards already left
         print(f"  <{r.address}> {r.state}, {r.attempts} attempt(s)"
               + (f" [{' '.join(extra)}]" if extra else ""), file=out)
         if r.last_reply is not None:

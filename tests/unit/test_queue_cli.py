@@ -113,6 +113,15 @@ def test_show(qdir, spool, capsys):
     assert shown["state"] == "deferred" and shown["envelope"]["id"] == qid
 
 
+def test_show_marks_a_mailbox_only_retry(qdir, spool, capsys):
+    qid = add(spool, rcpts=("carol@example.test",))
+    _state, env = spool.load(qid)
+    env.recipients[0].mailbox_only = True
+    spool.save(qid, env)
+    assert run(qdir, "show", qid) == 0
+    assert "<carol@example.test> pending, 0 attempt(s) [mailbox-only]" in capsys.readouterr().out
+
+
 def test_show_unknown_and_corrupt(qdir, spool, capsys):
     assert run(qdir, "show", "NOSUCH") == 1
     assert "not in the queue" in capsys.readouterr().err
