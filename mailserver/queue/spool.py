@@ -60,6 +60,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
 
+from mailserver.durable import O_CLOEXEC, fsync_dir
 from mailserver.queue.envelope import (
     ID_PATTERN, AlreadyClaimed, Envelope, EnvelopeError, InvalidQueueId, NotQueued, QueueError,
     check_id,
@@ -80,8 +81,6 @@ STATES = (INCOMING, ACTIVE, DEFERRED, HOLD, CORRUPT)
 #: Content without an envelope older than this is removed by recover().
 ORPHAN_AGE = 3600.0
 
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _NO_HARD_LINKS = frozenset(
     e for e in (errno.EPERM, errno.EMLINK, errno.ENOSYS,
                 getattr(errno, "ENOTSUP", None), getattr(errno, "EOPNOTSUPP", None))
@@ -129,7 +128,7 @@ class QueueWriter:
         self.queue_id = check_id(queue_id)
         self.path = spool.content_path(queue_id)
         self.tmp_path = self.path + ".tmp"
-        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
+        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o600)
         self._file = os.fdopen(fd, "wb", buffering=65536)
         self.size = 0
         self._done = False
@@ -225,18 +224,13 @@ class QueueSpool:
     # --- durability helpers -----------------------------------------------
 
     def _fsync_dir(self, path: str) -> None:
-        if not self.fsync:
-            return
-        fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.fsync:
+            fsync_dir(path)
 
     def _write_tmp(self, name: str, data: bytes) -> str:
         """Write ``data`` to a fresh file under tmp/, fsynced; return its path."""
         path = os.path.join(self.tmp_dir, f"{name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -296,7 +290,7 @@ class QueueSpool:
         """
         queue_id = check_id(envelope.id or new_queue_id(self._clock))
         dest = self.content_path(queue_id)
-        fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | O_CLOEXEC)
         try:
             if self.fsync:
                 os.fsync(fd)
@@ -324,7 +318,7 @@ class QueueSpool:
         tmp = dest + ".tmp"
         try:
             with open(path, "rb") as src, open(
-                    os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600),
+                    os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o600),
                     "wb") as out:
                 shutil.copyfileobj(src, out, 65536)
                 out.flush()
@@ -518,7 +512,7 @@ class QueueSpool:
 
     def touch_flush(self) -> None:
         """Update the mtime of ``<root>/flush``: "scan the queue now"."""
-        fd = os.open(self.flush_path, os.O_WRONLY | os.O_CREAT | _O_CLOEXEC, 0o600)
+        fd = os.open(self.flush_path, os.O_WRONLY | os.O_CREAT | O_CLOEXEC, 0o600)
         os.close(fd)
         os.utime(self.flush_path, None)
 

@@ -49,6 +49,7 @@ from typing import Callable, List, Optional
 
 from zope.interface import implementer
 
+from mailserver.durable import O_CLOEXEC, fsync_dir
 from mailserver.directory.interfaces import Mailbox
 from mailserver.errors import PermFailure
 from mailserver import reply as catalog
@@ -92,8 +93,6 @@ _NO_HARD_LINKS = frozenset(
     if e is not None
 )
 
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 # Deliveries made by this process (the Q field).  next() on a count is atomic
 # in CPython, so threads need no lock; after a fork the pid differs anyway.
@@ -138,14 +137,6 @@ def encode_component(text: str) -> str:
 def _escape_hostname(hostname: str) -> str:
     escaped = "".join(_HOSTNAME_ESCAPES.get(c, c) for c in hostname)
     return escaped or "localhost"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _split_address(address: str) -> tuple[str, str]:
@@ -257,7 +248,7 @@ class MaildirDelivery:
         self._done = True
         if self._fsync:
             # On failure the message stays in new/ (see the module docstring).
-            _fsync_dir(new_dir)
+            fsync_dir(new_dir)
         return new_path
 
     def _publish(self, new_path: str) -> None:
@@ -386,7 +377,7 @@ class MaildirStore:
         if not self.fsync:
             return
         try:
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
         except BaseException:
             if created:
                 try:
@@ -437,7 +428,7 @@ class MaildirStore:
         self.ensure_maildir(maildir)
         name = self.unique_name()
         tmp_path = os.path.join(maildir, "tmp", name)
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o600)
         try:
             delivery = MaildirDelivery(maildir, name, fd, fsync=self.fsync)
         except BaseException:
