@@ -381,14 +381,15 @@ class QueueManager(service.Service):
         return wake
 
     async def _deliver_all(self, message: OutboundMessage) -> Dict[str, tuple]:
-        """``{rcpt: (Reply, remote)}`` for every recipient of ``message``."""
+        """``{rcpt: (Reply, remote, forwards queued)}`` for every recipient of
+        ``message``."""
         try:
             groups = await self.router.group(message)
         except Exception as e:
             reply = to_reply(e, message.queue_id)
             if not is_known(e):
                 log.failure("{id}: routing failed", id=message.queue_id)
-            return {r.address: (reply, "") for r in message.recipients}
+            return {r.address: (reply, "", False) for r in message.recipients}
         # The per-destination limit counts next hops: every domain behind one
         # smarthost shares its slots, each MX domain has its own.
         attempts = [self._deliver_group(target, (id(target), nexthop.lower()), sub)
@@ -412,7 +413,7 @@ class QueueManager(service.Service):
             reply = to_reply(e, message.queue_id)
             if reply.is_permanent and not is_known(e):
                 reply = R.INTERNAL_ERROR
-            return {r.address: (reply, "") for r in message.recipients}
+            return {r.address: (reply, "", False) for r in message.recipients}
         finally:
             sem.release()
             if sem.tokens == sem.limit and not sem.waiting:
@@ -433,8 +434,8 @@ class QueueManager(service.Service):
         for r in env.pending():
             if r.address not in results:
                 continue
-            reply, remote, *forwarded = results[r.address]
-            if forwarded and forwarded[0]:
+            reply, remote, forwarded = results[r.address]
+            if forwarded:
                 r.mailbox_only = True  # its forwards are queued: a retry must not repeat them
             r.record(reply, remote, now)
             status = {"delivered": "sent", "bounced": "bounced"}.get(r.state, "deferred")
