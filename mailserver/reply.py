@@ -177,7 +177,7 @@ TRANSPORT_ERROR = R(550, "5.0.0", "Mail for this destination is refused")
 
 # --- outbound client: replies we make up about a remote server ---------------
 # (The remote's own replies are passed on as they came; these describe what
-# happened when there was no usable reply.  See mailserver.proto.smtp_client.)
+# happened when there was no usable reply.  See mailserver.sansio.smtp_client.)
 REMOTE_TIMEOUT = R(451, "4.4.2", "Timed out waiting for the remote server")
 REMOTE_PROTOCOL_ERROR = R(451, "4.5.0", "Malformed or unexpected reply from the remote server")
 REMOTE_TLS_NOT_OFFERED = R(451, "4.7.4", "TLS required but not offered by the remote server")

@@ -25,10 +25,10 @@ from mailserver.directory.reloadable import ReloadableDirectory
 from mailserver.errors import ConfigError
 from mailserver.delivery.local import LocalDelivery
 from mailserver.policy import Networks, RecipientPolicy
-from mailserver.proto.smtp_server import Limits, Mode
+from mailserver.sansio.smtp_server import Limits, Mode
 from mailserver.protocols.limits import ConnectionLimiter
 from mailserver.protocols.smtp import ListenerContext, SMTPFactory
-from mailserver.spool import prepare_spool
+from mailserver.incoming import prepare_spool
 from mailserver.store.maildir import MaildirStore
 from mailserver.tls import ReloadableTLS, make_self_signed
 
@@ -225,7 +225,7 @@ def _pem_blocks(data: bytes) -> list:
 def build_queue(config: Config, reactor, parent: MailService, directory, delivery, pool,
                 srs=None):
     """The outbound queue: spool, routing, remote delivery and the manager.
-    Returns the :class:`~mailserver.queue.submit.Outbox` listeners queue into."""
+    Returns the :class:`~mailserver.queue.outbox.Outbox` listeners queue into."""
     from mailserver.delivery.local import LocalTarget
     from mailserver.delivery.loops import OwnListeners
     from mailserver.delivery.remote import RemoteDelivery, TLSPolicy
@@ -234,7 +234,7 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     from mailserver.protocols.outbound_pool import OutboundConnectionPool
     from mailserver.queue.manager import QueueManager, Schedule
     from mailserver.queue.spool import QueueSpool
-    from mailserver.queue.submit import Outbox
+    from mailserver.queue.outbox import Outbox
 
     relay, q = config.relay, config.queue
     # Reuse: several messages per connection to one destination.

@@ -144,7 +144,7 @@ class LocalTarget:
                  clock=None) -> None:
         self.directory = directory
         self.delivery = delivery
-        self.outbox = outbox  # mailserver.queue.submit.Outbox
+        self.outbox = outbox  # mailserver.queue.outbox.Outbox
         self.srs = srs  # mailserver.srs.SRS
         self.clock = clock  # None: the global reactor, looked up when needed
 

@@ -2,7 +2,7 @@
 """The Twisted edge of outbound SMTP and LMTP delivery.
 
 :func:`deliver_to_host` makes one connection, runs one message through the
-sans-IO :class:`~mailserver.proto.smtp_client.SMTPClientConnection` and
+sans-IO :class:`~mailserver.sansio.smtp_client.SMTPClientConnection` and
 answers ``(report, retry_elsewhere)`` (a :class:`HostAttempt`).
 :class:`~mailserver.protocols.outbound_pool.OutboundConnectionPool` does the
 same but keeps the connection open for a short while, so the next message to
@@ -60,9 +60,9 @@ from zope.interface import implementer
 
 from mailserver import reply as R
 from mailserver.delivery.interfaces import DeliveryReport, OutboundMessage
-from mailserver.proto._client_commands import check_message, unsendable
-from mailserver.proto._client_policy import PHASE_WORDS, Destination, Timeouts, ip_version
-from mailserver.proto.smtp_client import (
+from mailserver.sansio._client_commands import check_message, unsendable
+from mailserver.sansio._client_policy import PHASE_WORDS, Destination, Timeouts, ip_version
+from mailserver.sansio.smtp_client import (
     NEED_DATA,
     ClientResult,
     Closed,
@@ -438,7 +438,7 @@ def _everyone(message: OutboundMessage, reply: Reply, remote: str) -> DeliveryRe
 
 def unsendable_attempt(message: OutboundMessage) -> Optional[HostAttempt]:
     """The final answer, without connecting, when no address of ``message``
-    can be sent (see :func:`~mailserver.proto._client_commands.unsendable`);
+    can be sent (see :func:`~mailserver.sansio._client_commands.unsendable`);
     ``None`` when there is something to send.  A message without recipients
     raises ValueError."""
     check_message(message)

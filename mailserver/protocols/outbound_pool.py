@@ -18,8 +18,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailserver.delivery.interfaces import DeliveryReport, OutboundMessage
-from mailserver.proto._client_policy import Destination, Timeouts
-from mailserver.proto.smtp_client import ClientResult
+from mailserver.sansio._client_policy import Destination, Timeouts
+from mailserver.sansio.smtp_client import ClientResult
 from mailserver.protocols.outbound import (
     HostAttempt, OutboundProtocol, attempt_host, remote_name, unsendable_attempt,
 )

@@ -2,7 +2,7 @@
 """The Twisted edge of the SMTP and LMTP listeners.
 
 :class:`SMTPServerProtocol` owns the transport and nothing else of substance:
-it feeds bytes to the sans-IO :class:`~mailserver.proto.smtp_server.SMTPServerConnection`,
+it feeds bytes to the sans-IO :class:`~mailserver.sansio.smtp_server.SMTPServerConnection`,
 answers the decisions it returns (asking :mod:`mailserver.policy` and the
 directory, writing to the store), writes the core's output, runs the idle
 timeouts on an injected clock and starts TLS.  While a decision is pending the
@@ -28,11 +28,11 @@ from mailserver import reply as R
 from mailserver.delivery.local import LocalDelivery
 from mailserver.errors import is_known, to_reply
 from mailserver.policy import RecipientPolicy
-from mailserver.proto import smtp_events as ev
-from mailserver.proto.smtp_server import Limits, Mode, SMTPServerConnection
+from mailserver.sansio import smtp_events as ev
+from mailserver.sansio.smtp_server import Limits, Mode, SMTPServerConnection
 from mailserver.protocols.limits import ConnectionLimiter, client_key
 from mailserver.received import HeaderScanner, SessionInfo, received_header
-from mailserver.spool import IncomingMessage, new_queue_id
+from mailserver.incoming import IncomingMessage, new_queue_id
 
 log = Logger(namespace="mailserver.smtpd")
 
@@ -55,7 +55,7 @@ class ListenerContext:
     data_timeout: float = 180.0
     max_received: int = 50
     queue_id: Callable[[], str] = field(default=new_queue_id)
-    outbox: Any = None  # mailserver.queue.submit.Outbox, for relayed and forwarded mail
+    outbox: Any = None  # mailserver.queue.outbox.Outbox, for relayed and forwarded mail
     etrn: bool = False
     srs: Any = None  # mailserver.srs.SRS when forwarded mail is rewritten
     close_grace: float = 10.0  # seconds a closing connection may take to drain

@@ -65,7 +65,7 @@ from mailserver.queue.envelope import (
     ID_PATTERN, AlreadyClaimed, Envelope, EnvelopeError, InvalidQueueId, NotQueued, QueueError,
     check_id,
 )
-from mailserver.spool import new_queue_id
+from mailserver.incoming import new_queue_id
 
 __all__ = [
     "ACTIVE", "CORRUPT", "DEFERRED", "HOLD", "INCOMING", "STATES",

@@ -12,7 +12,7 @@ from mailserver import reply as R
 from mailserver.delivery.interfaces import OutboundMessage, OutboundRecipient
 from mailserver.delivery.local import LocalDelivery, LocalTarget
 from mailserver.queue.spool import QueueSpool
-from mailserver.queue.submit import Outbox
+from mailserver.queue.outbox import Outbox
 from mailserver.store.maildir import MaildirStore
 from mailserver.testing import (FakeDirectory, ImmediateReactor, RecordingOutbox,
                                 SynchronousThreadPool)
@@ -245,7 +245,7 @@ def test_queued_bounce_follows_the_forward_through_the_queue(tmp_path):
     """End to end in the queue: a DSN to a local address that forwards outside leaves
     for the outside address; the original is done and nothing is bounced."""
     from mailserver.queue.manager import QueueManager
-    from mailserver.queue.submit import enqueue_copy
+    from mailserver.queue.outbox import enqueue_copy
 
     h = Harness(tmp_path, outbox=None)
     spool = QueueSpool(str(tmp_path / "queue"), clock=h.clock.seconds)

@@ -1,4 +1,4 @@
-"""Tests for mailserver.proto.lines: command framing, DATA reading, content checks."""
+"""Tests for mailserver.sansio.lines: command framing, DATA reading, content checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailserver import reply as R
-from mailserver.proto.lines import (
+from mailserver.sansio.lines import (
     MAX_CHUNK,
     TOO_LONG,
     BdatReader,

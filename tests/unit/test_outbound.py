@@ -24,7 +24,7 @@ from mailserver import reply as R
 from mailserver.delivery.interfaces import OutboundMessage, OutboundRecipient
 from mailserver.delivery.local import LocalDelivery
 from mailserver.policy import RecipientPolicy
-from mailserver.proto.smtp_server import Limits, Mode
+from mailserver.sansio.smtp_server import Limits, Mode
 from mailserver.protocols import outbound
 from mailserver.protocols.outbound import (
     Destination,
@@ -36,7 +36,7 @@ from mailserver.protocols.outbound import (
 from mailserver.protocols.outbound_pool import OutboundConnectionPool
 from mailserver.protocols.limits import ConnectionLimiter
 from mailserver.protocols.smtp import ListenerContext, SMTPFactory
-from mailserver.spool import prepare_spool
+from mailserver.incoming import prepare_spool
 from mailserver.store.maildir import MaildirStore
 from mailserver.testing import FakeDirectory, ImmediateReactor, SynchronousThreadPool
 

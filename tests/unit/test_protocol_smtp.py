@@ -8,10 +8,10 @@ from twisted.internet.testing import StringTransport
 
 from mailserver.delivery.local import LocalDelivery
 from mailserver.policy import RecipientPolicy
-from mailserver.proto.smtp_server import Limits, Mode
+from mailserver.sansio.smtp_server import Limits, Mode
 from mailserver.protocols.limits import ConnectionLimiter
 from mailserver.protocols.smtp import ListenerContext, SMTPFactory
-from mailserver.spool import prepare_spool
+from mailserver.incoming import prepare_spool
 from mailserver.store.maildir import MaildirStore
 from mailserver.testing import FakeDirectory, ImmediateReactor, SynchronousThreadPool
 
@@ -268,14 +268,14 @@ def test_completed_commands_do_extend_the_timeout(h):
 
 def test_lmtp_internal_error_answers_every_recipient(tmp_path, monkeypatch):
     """A failure before delivery in LMTP still gives one reply per recipient."""
-    from mailserver import spool
+    from mailserver import incoming
 
     h = Harness(tmp_path, mode=Mode.LMTP)
 
     def full(self):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(spool.IncomingMessage, "finish", full)
+    monkeypatch.setattr(incoming.IncomingMessage, "finish", full)
     p, t = h.connect()
     p.dataReceived(b"LHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<alice@example.test>\r\n"
                    b"RCPT TO:<bob@example.test>\r\nRCPT TO:<team@example.test>\r\nDATA\r\n")
@@ -464,7 +464,7 @@ def test_closed_connection_is_not_aborted(h):
 
 def test_internal_error_reply_comes_after_earlier_replies(h, monkeypatch):
     """A bug while handling a pipelined command gives 421 after the replies already due."""
-    from mailserver.proto import smtp_events as ev
+    from mailserver.sansio import smtp_events as ev
     from mailserver.protocols.smtp import SMTPServerProtocol
 
     def boom(self, event):
@@ -482,7 +482,7 @@ def test_internal_error_reply_comes_after_earlier_replies(h, monkeypatch):
 def dsn_harness(tmp_path, **kw):
     """A harness queueing into a real spool, as the server does."""
     from mailserver.queue.spool import QueueSpool
-    from mailserver.queue.submit import Outbox
+    from mailserver.queue.outbox import Outbox
 
     spool = QueueSpool(str(tmp_path / "queue"))
     h = Harness(tmp_path, outbox=Outbox(spool, SynchronousThreadPool(), ImmediateReactor()),

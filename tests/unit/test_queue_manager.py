@@ -12,7 +12,7 @@ from mailserver import reply as R
 from mailserver.delivery.interfaces import DeliveryReport
 from mailserver.queue.manager import QueueManager, Schedule
 from mailserver.queue.spool import QueueSpool
-from mailserver.queue.submit import enqueue_copy
+from mailserver.queue.outbox import enqueue_copy
 
 TEMP = R.R(451, "4.3.0", "try later")
 PERM = R.R(550, "5.1.1", "no such user")

@@ -16,7 +16,7 @@ from mailserver.queue.spool import (
     AlreadyClaimed, InvalidQueueId, NotQueued, QueueError, QueueSpool,
 )
 from mailserver.reply import Reply
-from mailserver.spool import IncomingMessage, new_queue_id, prepare_spool
+from mailserver.incoming import IncomingMessage, new_queue_id, prepare_spool
 
 CONTENT = b"Received: from c.example\r\nSubject: hi\r\n\r\nbody\r\n"
 NOW = 1_700_000_000.0

@@ -1,8 +1,8 @@
-"""Tests for mailserver.proto.smtp_client: the sans-IO outbound SMTP/LMTP client.
+"""Tests for mailserver.sansio.smtp_client: the sans-IO outbound SMTP/LMTP client.
 
 Server replies are scripted bytes; the assertions are on the commands the
 client writes, its events and the per-recipient results.  The last tests pair
-the client with the real server core (mailserver.proto.smtp_server) in memory.
+the client with the real server core (mailserver.sansio.smtp_server) in memory.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from hypothesis import strategies as st
 
 from mailserver import reply as R
 from mailserver.delivery.interfaces import OutboundMessage, OutboundRecipient
-from mailserver.proto._client_commands import DotStuffer, orcpt, sendable, xtext
-from mailserver.proto._client_replies import (
+from mailserver.sansio._client_commands import DotStuffer, orcpt, sendable, xtext
+from mailserver.sansio._client_replies import (
     MalformedReply,
     RawReply,
     ReplyReader,
     make_reply,
     parse_extensions,
 )
-from mailserver.proto import smtp_events as sev
-from mailserver.proto.lines import DotReader
-from mailserver.proto.smtp_client import (
+from mailserver.sansio import smtp_events as sev
+from mailserver.sansio.lines import DotReader
+from mailserver.sansio.smtp_client import (
     NEED_DATA,
     ClientResult,
     Closed,
@@ -37,7 +37,7 @@ from mailserver.proto.smtp_client import (
     SMTPClientConnection,
     UsageError,
 )
-from mailserver.proto.smtp_server import Limits, Mode, SMTPServerConnection
+from mailserver.sansio.smtp_server import Limits, Mode, SMTPServerConnection
 from mailserver.reply import Reply
 
 GREETING = b"220 mx.example.org ESMTP test\r\n"

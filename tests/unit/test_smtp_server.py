@@ -1,4 +1,4 @@
-"""Tests for mailserver.proto.smtp_server: the sans-IO SMTP/LMTP server core.
+"""Tests for mailserver.sansio.smtp_server: the sans-IO SMTP/LMTP server core.
 
 Bytes go in, events and reply bytes come out; expected replies are the
 catalog constants from mailserver.reply.
@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from mailserver import reply as R
 from mailserver.address import Address
-from mailserver.proto.lines import MAX_CHUNK
-from mailserver.proto.smtp_events import (
+from mailserver.sansio.lines import MAX_CHUNK
+from mailserver.sansio.smtp_events import (
     NEED_DATA,
     PAUSED,
     Closing,
@@ -33,7 +33,7 @@ from mailserver.proto.smtp_events import (
     Reset,
     StartTLS,
 )
-from mailserver.proto.smtp_server import (
+from mailserver.sansio.smtp_server import (
     Limits,
     Mode,
     SMTPServerConnection,
@@ -1369,7 +1369,7 @@ class EtrnTests:
     """ETRN (RFC 1985) in the core."""
 
     def _conn(self, etrn=True):
-        from mailserver.proto.smtp_server import Limits, Mode, SMTPServerConnection
+        from mailserver.sansio.smtp_server import Limits, Mode, SMTPServerConnection
 
         c = SMTPServerConnection(hostname="mx.example.test", mode=Mode.MX, limits=Limits(),
                                  etrn=etrn)
@@ -1379,7 +1379,7 @@ class EtrnTests:
 
     def test_etrn_is_a_decision_and_advertised(self):
         """ETRN after EHLO is handed to the application, and EHLO lists it."""
-        from mailserver.proto.smtp_events import Etrn, Hello
+        from mailserver.sansio.smtp_events import Etrn, Hello
 
         c = self._conn()
         c.receive_data(b"EHLO c\r\nETRN example.org\r\n")
@@ -1415,7 +1415,7 @@ class DsnParamTests:
     """RFC 3461 parameters, accepted only when DSN is offered, and checked."""
 
     def _conn(self, dsn=True):
-        from mailserver.proto.smtp_server import Limits, Mode, SMTPServerConnection
+        from mailserver.sansio.smtp_server import Limits, Mode, SMTPServerConnection
 
         c = SMTPServerConnection(hostname="mx.example.test", mode=Mode.MX, limits=Limits(),
                                  dsn=dsn)
@@ -1432,7 +1432,7 @@ class DsnParamTests:
     def test_advertised_and_accepted(self):
         """With DSN on, EHLO lists it and RET/ENVID/NOTIFY/ORCPT reach the application."""
         from mailserver import reply as R
-        from mailserver.proto.smtp_events import MailFrom, RcptTo
+        from mailserver.sansio.smtp_events import MailFrom, RcptTo
 
         c = self._conn()
         assert b"250 DSN\r\n" in self.ehlo

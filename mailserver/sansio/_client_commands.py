@@ -21,7 +21,7 @@ from typing import Optional
 
 from mailserver import reply as R
 from mailserver.delivery.interfaces import OutboundMessage, OutboundRecipient
-from mailserver.proto._client_replies import size_limit
+from mailserver.sansio._client_replies import size_limit
 from mailserver.reply import Reply
 
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")

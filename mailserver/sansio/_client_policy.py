@@ -12,7 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
-from mailserver.proto._client_events import Phase
+from mailserver.sansio._client_events import Phase
 
 TLS_MODES = ("none", "may", "encrypt", "verify")
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_spool -*-
+# -*- test-case-name: tests.unit.test_protocol_smtp -*-
 """Where message data waits while it arrives and until it is delivered.
 
 An :class:`IncomingMessage` is a file under ``<spool>/incoming/`` named after the

@@ -59,7 +59,7 @@ Policy choices:
   :attr:`OutboundMessage.eight_bit`; the content is not scanned.
 * **Addresses no command can carry** (a control character, a space outside
   a quoted local part, an angle bracket: see
-  :func:`~mailserver.proto._client_commands.sendable`) are never sent: such
+  :func:`~mailserver.sansio._client_commands.sendable`) are never sent: such
   a recipient gets ``553 5.1.3`` at once, and an unsendable sender gives
   every recipient ``553 5.1.7`` without a MAIL command.
 * **MAIL/RCPT parameters**: SIZE= when the server has SIZE, BODY=8BITMIME
@@ -79,7 +79,7 @@ Policy choices:
   ``REMOTE_PROTOCOL_ERROR`` (451 4.5.0); nothing the server sends can raise
   out of :meth:`~SMTPClientConnection.next_event`.
 * **Content**: dot-stuffed, every line ending in CR LF (see
-  :class:`~mailserver.proto._client_commands.DotStuffer`).
+  :class:`~mailserver.sansio._client_commands.DotStuffer`).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ from typing import Callable, Optional, Union
 
 from mailserver import reply as R
 from mailserver.delivery.interfaces import OutboundMessage, OutboundRecipient
-from mailserver.proto._client_commands import (
+from mailserver.sansio._client_commands import (
     DotStuffer,
     check_message,
     mail_command,
@@ -99,7 +99,7 @@ from mailserver.proto._client_commands import (
     refusal,
     unsendable,
 )
-from mailserver.proto._client_events import (
+from mailserver.sansio._client_events import (
     ClientEvent,
     ClientResult,
     Closed,
@@ -109,7 +109,7 @@ from mailserver.proto._client_events import (
     SendContent,
     UsageError,
 )
-from mailserver.proto._client_replies import (
+from mailserver.sansio._client_replies import (
     MalformedReply,
     RawReply,
     ReplyReader,
@@ -117,7 +117,7 @@ from mailserver.proto._client_replies import (
     parse_extensions,
     with_enhanced,
 )
-from mailserver.proto.smtp_events import NEED_DATA, Sentinel
+from mailserver.sansio.smtp_events import NEED_DATA, Sentinel
 from mailserver.reply import Reply
 
 __all__ = [

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.unit.test_smtp_client -*-
 """The outbound client's phases, events and result (values only).
 
-Re-exported by :mod:`mailserver.proto.smtp_client`, which documents them.
+Re-exported by :mod:`mailserver.sansio.smtp_client`, which documents them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ reads to :meth:`SMTPServerConnection.receive_data`, loops on
 :meth:`~SMTPServerConnection.next_event`, answers decisions with
 :meth:`~SMTPServerConnection.send` and writes
 :meth:`~SMTPServerConnection.data_to_send`.  The events are in
-:mod:`mailserver.proto.smtp_events`.
+:mod:`mailserver.sansio.smtp_events`.
 
 Ordering (PIPELINING, RFC 2920): commands are handled one at a time, in the
 order received.  While a decision (``StartTLS``, ``MailFrom``, ``RcptTo``,
@@ -31,7 +31,7 @@ Policy choices:
   (RFC 5321 §3.3 allows either; RFC 2920 §3.1).  LMTP always answers 503
   (RFC 2033 §4.2).
 * **End of data is exactly CR LF "." CR LF.**  Bare CR or LF never ends the data
-  or starts a command (see :mod:`mailserver.proto.lines`).  Content with a bare
+  or starts a command (see :mod:`mailserver.sansio.lines`).  Content with a bare
   CR or LF, a NUL, a line over ``max_text_line`` or more than
   ``max_message_size`` octets is read to its real end and then refused
   (``BARE_NEWLINE``, ``NUL_IN_DATA``, ``DATA_LINE_TOO_LONG``,
@@ -86,14 +86,14 @@ from mailserver.address import (
     split_argument,
 )
 from mailserver.errors import ProtocolError
-from mailserver.proto.lines import (
+from mailserver.sansio.lines import (
     TOO_LONG,
     BdatReader,
     CommandFramer,
     ContentChecker,
     DotReader,
 )
-from mailserver.proto.smtp_events import (
+from mailserver.sansio.smtp_events import (
     NEED_DATA,
     PAUSED,
     Closing,

@@ -1,4 +1,4 @@
-"""Events produced by :class:`mailserver.proto.smtp_server.SMTPServerConnection`.
+"""Events produced by :class:`mailserver.sansio.smtp_server.SMTPServerConnection`.
 
 Two kinds of events:
 
