@@ -18,6 +18,12 @@
 * any other entry with a login is a mailbox; one without a login but with an
   external address (a contact) is a forward.
 
+A target address or member DN that has no entry (the account was deleted,
+the alias was not updated) is left out, with a warning naming the alias or
+group and the missing target, and a trace line; the other targets still
+count.  When nothing is left at all, the resolution is empty: the address is
+unknown (``550 5.1.1`` at RCPT), never accepted to be dropped.
+
 Each address and each DN is expanded once per resolution, which ends loops
 and removes duplicates while keeping first-seen order.  Nesting deeper than
 ``max_depth`` is not followed, and at most ``max_expansions`` directory reads
@@ -100,21 +106,24 @@ class Expansion(Reader):
                 self._domains[domain] = not local or domain in local
         return self._domains[domain]
 
-    def resolve_address(self, address: str, depth: int) -> None:
+    def resolve_address(self, address: str, depth: int) -> bool:
+        """Resolve ``address`` into the results.  False when the directory
+        has no entry for it (the caller says what pointed there); True
+        otherwise, also when it was skipped (loop, duplicate, limits)."""
         if address in self.seen_addresses:
             self.trace.append(f"{address}: already resolved (loop or duplicate), skipped")
-            return
+            return True
         self.seen_addresses.add(address)
         if depth > self.settings.max_depth:
             self.trace.append(f"{address}: deeper than max_depth {self.settings.max_depth}, "
                               "not followed")
-            return
+            return True
         if depth and not self.is_local(address):
             self.trace.append(f"{address}: outside the local domains, forwarded")
             self.add_forward(address)
-            return
+            return True
         if not self.budget(address):
-            return
+            return True
         localpart, _, domain = address.rpartition("@") if "@" in address else (address, "", "")
         m = self.mapping
         entries, truncated = self.search(
@@ -130,12 +139,13 @@ class Expansion(Reader):
                                        f"after {len(entries)} entries")
         if not entries:
             self.trace.append(f"{address}: no entry")
-            return
+            return False
         for entry in entries:
             self.trace.append(f"{address}: matches {entry.dn}")
             if depth == 0:
                 self.top_entries.append(entry)
             self.expand_entry(entry, depth)
+        return True
 
     def expand_entry(self, entry: Entry, depth: int) -> None:
         key = dn_key(entry.dn)
@@ -192,8 +202,8 @@ class Expansion(Reader):
                     continue
             if target in own and login:
                 self.add_mailbox(entry, login)  # "forward, and keep a copy here"
-            else:
-                self.resolve_address(target, depth + 1)
+            elif not self.resolve_address(target, depth + 1):
+                self.missing(entry, "alias", "target", target)
 
     def qualify(self, entry: Entry, name: str, owned: List[str]) -> str:
         """A bare target (``bob``, as in an aliases file) in the domain of the
@@ -227,9 +237,17 @@ class Expansion(Reader):
                 return
             found = self.read(dn)
             if found is None:
-                self.trace.append(f"{dn}: member not found")
+                self.missing(entry, "group", "member", dn)
                 continue
             self.expand_entry(found, depth + 1)
+
+    def missing(self, entry: Entry, kind: str, what: str, target: str) -> None:
+        """``entry`` (an alias or a group) names ``target``, which has no
+        entry: it is left out, and the administrator should hear of it."""
+        self.trace.append(f"{entry.dn}: {what} {target} does not exist, left out")
+        log.warn("directory: {kind} {name}: {what} {target} does not exist, left out "
+                 "(lookup of {address})", kind=kind, name=first_address(entry, self.mapping)
+                 or entry.dn, dn=entry.dn, what=what, target=target, address=self.address)
 
     def expand_chain(self, entry: Entry, depth: int) -> bool:
         """Every member at any depth from one in-chain search; the nested

@@ -8,11 +8,16 @@ the two are shown to behave alike.
 from __future__ import annotations
 
 import pytest
+from twisted.internet import defer
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
+from mailserver import reply as R
 from mailserver.directory.interfaces import Account, Mailbox
+from mailserver.policy import RecipientPolicy
 from tests.support.directory import (  # noqa: F401  (fixtures)
     ALICE_DN,
     BOB_DN,
+    CASES,
     CAROL_DN,
     backend,
     cases_files,
@@ -114,16 +119,73 @@ def test_alias_loop(backend):
     assert any("already resolved" in step for step in result.trace)
 
 
+def missing_warnings(events):
+    """The text of the "does not exist" warnings among captured log events."""
+    return [formatEvent(e) for e in events
+            if e.get("log_level") == LogLevel.warn and "does not exist" in formatEvent(e)]
+
+
 def test_dangling_alias(backend):
-    """An alias to a local address nobody owns resolves to nothing."""
-    assert not resolve(backend, "ghost@example.test").found
+    """An alias to a local address nobody owns resolves to nothing (so RCPT
+    gets 550 5.1.1), and the dangling target is logged and traced, naming
+    the alias."""
+    with capturedLogs() as events:
+        result = resolve(backend, "ghost@example.test")
+    assert not result.found
+    assert result.mailboxes == () and result.forwards == () and not result.disabled
+    assert missing_warnings(events) == [
+        "directory: alias ghost@example.test: target nobody@example.test does not exist, "
+        "left out (lookup of ghost@example.test)"]
+    assert f"cn=ghost,{CASES}: target nobody@example.test does not exist, left out" \
+        in result.trace
+
+
+def test_alias_with_a_dangling_target_delivers_to_the_others(backend):
+    """One target gone: the others still get the mail, and the gone one is logged."""
+    with capturedLogs() as events:
+        result = resolve(backend, "halfway@example.test")
+    assert result.mailboxes == (BOB,)
+    assert missing_warnings(events) == [
+        "directory: alias halfway@example.test: target nobody@example.test does not exist, "
+        "left out (lookup of halfway@example.test)"]
+    assert f"cn=halfway,{CASES}: target nobody@example.test does not exist, left out" \
+        in result.trace
 
 
 def test_missing_member_is_skipped(backend):
-    """A member DN with no entry is skipped; the other members still count."""
-    result = resolve(backend, "partial@example.test")
+    """A member DN with no entry is left out, logged and traced with the
+    group's name; the other members still count."""
+    with capturedLogs() as events:
+        result = resolve(backend, "partial@example.test")
     assert result.mailboxes == (BOB,)
-    assert any("member not found" in step for step in result.trace)
+    assert missing_warnings(events) == [
+        f"directory: group partial@example.test: member uid=gone,{CASES} does not exist, "
+        "left out (lookup of partial@example.test)"]
+    assert f"cn=partial,{CASES}: member uid=gone,{CASES} does not exist, left out" \
+        in result.trace
+
+
+def test_group_whose_members_are_all_gone_is_unknown(backend):
+    """With no member left, the group resolves to not found (550 5.1.1 at
+    RCPT), never to an empty success; each gone member is logged."""
+    with capturedLogs() as events:
+        result = resolve(backend, "vanished@example.test")
+    assert not result.found and not result.disabled
+    assert len(missing_warnings(events)) == 2
+    policy = RecipientPolicy(backend, ["example.test"])
+    for address in ("vanished@example.test", "ghost@example.test"):
+        decision = result_of(defer.Deferred.fromCoroutine(policy.check_rcpt(address)))
+        assert decision.reply == R.RCPT_UNKNOWN
+
+
+@pytest.mark.parametrize("address", ["ping@example.test", "loop-a@example.test",
+                                     "deep0@example.test", "nobody@example.test"])
+def test_loops_limits_and_unknown_addresses_are_not_missing_targets(backend, address):
+    """Only a target or member that has no entry is logged as missing: not a
+    loop, not a depth limit, not the looked-up address itself being unknown."""
+    with capturedLogs() as events:
+        resolve(backend, address)
+    assert missing_warnings(events) == []
 
 
 def test_alias_with_local_and_external_targets(backend):

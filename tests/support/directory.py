@@ -143,6 +143,8 @@ def _cases_ldif() -> str:
         _group("loop-a", "loop-a@example.test", [f"cn=loop-b,{CASES}", ALICE_DN]),
         _group("loop-b", "loop-b@example.test", [f"cn=loop-a,{CASES}", BOB_DN]),
         _group("partial", "partial@example.test", [f"uid=gone,{CASES}", BOB_DN]),
+        _group("vanished", "vanished@example.test", [f"uid=gone,{CASES}", f"uid=lost,{CASES}"]),
+        _alias("halfway", ["halfway@example.test"], ["nobody@example.test", "bob@example.test"]),
         _group("partners", "partners@example.test", [f"cn=partner,{CASES}", BOB_DN]),
         _group("spaced", "spaced@example.test",
                ["UID=Alice, OU=People, DC=Example, DC=Test", ALICE_DN, BOB_DN]),
