@@ -24,7 +24,7 @@ import math
 import ssl
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 from ldap3 import NONE, SYNC, Connection, Server, Tls
 from ldap3.core.exceptions import (
@@ -67,6 +67,14 @@ class ServerUnfit(Exception):
     """The server answered, but not usefully (see :data:`UNFIT_RESULTS`)."""
 
 
+#: Errors meaning "the server, not the connection, failed": it did not answer
+#: in time (ldap3 raises its receive error merged with the socket's
+#: ``TimeoutError`` when ``receive_timeout`` expires), or answered that it
+#: cannot serve.  A fresh connection to the same server would wait, or be
+#: refused, again.
+SERVER_FAULTS = (TimeoutError, LDAPResponseTimeoutError, ServerUnfit)
+
+
 #: Bind results that mean "not with this password": a wrong password, an
 #: entry that cannot bind.  Any other failure (busy, unavailable,
 #: confidentialityRequired, strongerAuthRequired, protocol errors) says the
@@ -101,8 +109,13 @@ def unbind_quietly(conn: Connection) -> None:
 
 class Connector:
     """What :class:`~mailserver.directory.ldap.LDAPDirectory` needs from a
-    connector: ``open()`` a connection for searches, ``check_password(dn,
-    password)``, and these two, for connectors with one server."""
+    connector: ``open(failed)`` a connection for searches, ``check_password(dn,
+    password)``, and these two, for connectors with one server.
+
+    ``failed`` is the set of servers (URIs) one operation has given up on:
+    ``open`` tries none of them, adds each server that fails to open, and
+    names the server of the connection it returns in ``mailserver_uri``.
+    """
 
     #: How many servers there are to try (the most fresh connections one
     #: operation opens).
@@ -170,9 +183,15 @@ class NetworkConnector(Connector):
                 raise LDAPStartTLSError(f"StartTLS refused by {server.name}: "
                                         f"{(conn.result or {}).get('description')}")
 
-    def _each_server(self, attempt: Callable[[Server], object]):
+    def _each_server(self, attempt: Callable[[Server], object],
+                     failed: Optional[Set[str]] = None):
+        """``attempt(server)`` on each server in :meth:`order` until one
+        succeeds; servers in ``failed`` are skipped, and those that fail now
+        are added to it."""
         last: Optional[BaseException] = None
         for uri in self.order():
+            if failed is not None and uri in failed:
+                continue
             # A new Server each time: ldap3 remembers a failed address and
             # skips it for a few seconds, which would delay recovery.
             server = Server(uri, get_info=NONE, connect_timeout=self._settings.connect_timeout,
@@ -182,16 +201,20 @@ class NetworkConnector(Connector):
             except CONNECTION_ERRORS as e:
                 last = e
                 self._mark(uri, e)
+                if failed is not None:
+                    failed.add(uri)
                 continue
             self._mark(uri, None)
             if isinstance(outcome, Connection):
                 outcome.mailserver_uri = uri  # for server_failed()
             return outcome
-        assert last is not None
+        if last is None:
+            raise DirectoryUnavailable("every LDAP server failed already")
         raise last
 
-    def open(self) -> Connection:
-        """A connection bound as the service account (or anonymous)."""
+    def open(self, failed: Optional[Set[str]] = None) -> Connection:
+        """A connection bound as the service account (or anonymous), to a
+        server not in ``failed`` (see :class:`Connector`)."""
         s = self._settings
 
         def attempt(server: Server) -> Connection:
@@ -207,7 +230,7 @@ class NetworkConnector(Connector):
                 raise
             return conn
 
-        return self._each_server(attempt)
+        return self._each_server(attempt, failed)
 
     def check_password(self, dn: str, password: str) -> bool:
         """Bind as ``dn`` on a connection of its own; True when accepted."""

@@ -15,9 +15,15 @@ Threads.  ldap3 blocks, so every call runs on a bounded
 Each pool thread owns one plain SYNC connection (kept in a
 ``threading.local``), which is simpler to reason about than one SAFE_SYNC
 connection shared by all threads: no request multiplexing, and a broken
-connection is replaced by the thread that noticed.  A search that fails on
-a connection-level error is retried once on a fresh connection; a second
-failure, or any other ldap3 error, becomes
+connection is replaced by the thread that noticed.
+
+Retries.  A kept connection that was dropped (a server restart, an idle
+connection closed by the server) is replaced once, silently.  A server that
+did not answer in time, or answered that it cannot serve, is given up on for
+the rest of the operation, which moves to the next server not yet given up
+on; with one URI, or once every URI failed, the operation fails at once, so
+a hung server costs one timeout, not a second one for the bind on a fresh
+connection to it.  Those failures, and any other ldap3 error, become
 :class:`~mailserver.errors.DirectoryUnavailable`.
 
 The ``*_sync`` methods are the blocking implementations; tools that run
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 from ldap3 import DEREF_NEVER, LEVEL, SUBTREE, Connection
 from ldap3.core.exceptions import LDAPException
@@ -41,6 +47,7 @@ from zope.interface import implementer
 from mailserver.directory import accounts
 from mailserver.directory.connect import (  # noqa: F401  (re-exported)
     CONNECTION_ERRORS,
+    SERVER_FAULTS,
     UNFIT_RESULTS,
     NetworkConnector,
     ServerUnfit,
@@ -242,24 +249,33 @@ class LDAPDirectory:
             raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
 
     def _call(self, operation):
-        """Run ``operation(conn)`` on this thread's connection.  When it fails
-        on a connection error or an unfit server, the connection is dropped
-        and the operation retried on fresh ones, at most one per server."""
-        fresh_left = self._connector.server_count
+        """Run ``operation(conn)`` on this thread's connection.
+
+        When it fails on a connection error or an unfit server, the
+        connection is dropped.  A kept connection that was merely dropped is
+        replaced, on any server.  A server that failed on a fresh connection,
+        or that timed out or was unfit (:data:`SERVER_FAULTS`), is given up
+        on for this operation, which is retried on a server not given up on
+        yet, or fails once every server was given up on: never a second
+        connection to a server that just failed.
+        """
+        failed: Set[object] = set()  # servers given up on in this operation
         while True:
             if self._closed:
                 raise DirectoryUnavailable("directory is closed")
             conn = getattr(self._local, "conn", None)
             fresh = conn is None
             if fresh:
-                conn = self._keep(self._guard(self._connector.open))
-                fresh_left -= 1
+                conn = self._keep(self._guard(lambda: self._connector.open(failed)))
             try:
                 return operation(conn)
             except CONNECTION_ERRORS + (ServerUnfit,) as e:
                 self._discard(conn)
                 self._connector.server_failed(conn, e)
-                if fresh and fresh_left <= 0:
+                if fresh or isinstance(e, SERVER_FAULTS):
+                    # A connector that does not name its servers: count connections.
+                    failed.add(getattr(conn, "mailserver_uri", None) or object())
+                if len(failed) >= self._connector.server_count:
                     log.warn("directory unavailable: {error}", error=e)
                     raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
             except LDAPException as e:

@@ -36,7 +36,7 @@ import base64
 import binascii
 import dataclasses
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from ldap3 import MOCK_SYNC, NONE, Connection, Server
 
@@ -260,7 +260,7 @@ class EmbeddedConnector(Connector):
                                    client_strategy=MOCK_SYNC, raise_exceptions=False,
                                    read_only=True, stored_dns=self._stored_dns)
 
-    def open(self) -> Connection:
+    def open(self, failed: Optional[Set[str]] = None) -> Connection:
         from mailserver.errors import DirectoryUnavailable
 
         s = self._settings

@@ -21,7 +21,7 @@ from tests.support.directory import (
     result_of,
     sync_directory_kwargs,
 )
-from tests.support.slapd import free_port, slapd_factory, slapd_server  # noqa: F401
+from tests.support.slapd import FaultyProxy, free_port, slapd_factory, slapd_server  # noqa: F401
 
 pytestmark = pytest.mark.ldap
 
@@ -131,6 +131,62 @@ def test_hung_server_times_out(slapd_factory):
         assert result_of(directory.resolve("alice@example.test")).found
     finally:
         directory.close()
+
+
+def test_hung_only_server_costs_one_timeout(slapd_server):
+    """With one URI, a lookup on a kept connection to a server that stopped
+    answering waits one operation timeout and gives up: it does not open a
+    second connection to the same hung server (that would wait a second
+    timeout, for the bind).  Once the server answers again, the next
+    lookup works on a fresh connection."""
+    timeout = 1.0
+    with FaultyProxy(slapd_server.port) as proxy:
+        directory = sync_directory(proxy.uri, connect_timeout=timeout, operation_timeout=timeout)
+        try:
+            assert result_of(directory.resolve("alice@example.test")).mailboxes == (ALICE,)
+            assert proxy.connections == 1
+            proxy.hang()
+            assert_unavailable_fast(lambda: directory.resolve("alice@example.test"), _inline,
+                                    2 * timeout)
+            assert proxy.connections == 1
+            proxy.resume()
+            assert result_of(directory.resolve("alice@example.test")).mailboxes == (ALICE,)
+            assert proxy.connections == 2
+        finally:
+            directory.close()
+
+
+def test_dropped_connection_is_reopened_once(slapd_server):
+    """A kept connection the server closed (restart, idle timeout) is
+    replaced within the lookup, on the same single server, without error."""
+    with FaultyProxy(slapd_server.port) as proxy:
+        directory = sync_directory(proxy.uri)
+        try:
+            assert result_of(directory.resolve("alice@example.test")).mailboxes == (ALICE,)
+            proxy.drop()
+            assert result_of(directory.resolve("bob@example.test")).mailboxes == (BOB,)
+            assert proxy.connections == 2
+        finally:
+            directory.close()
+
+
+def test_every_hung_server_is_waited_for_once(slapd_server):
+    """Two URIs, both hung: the kept connection to the first times out, the
+    lookup moves to the second, which times out too; then every server has
+    failed in this call and the first is not tried again."""
+    timeout = 1.0
+    with FaultyProxy(slapd_server.port) as first, FaultyProxy(slapd_server.port) as second:
+        directory = sync_directory(first.uri, second.uri, connect_timeout=timeout,
+                                   operation_timeout=timeout)
+        try:
+            assert result_of(directory.resolve("alice@example.test")).mailboxes == (ALICE,)
+            first.hang()
+            second.hang()
+            assert_unavailable_fast(lambda: directory.resolve("alice@example.test"), _inline,
+                                    3 * timeout)
+            assert (first.connections, second.connections) == (1, 1)
+        finally:
+            directory.close()
 
 
 def test_failover_to_next_uri(slapd_server):

@@ -24,6 +24,12 @@ port) with ``tls_client_ca`` (demand a client certificate signed by it),
 never on ``slapadd``; with ``memberof`` (or ``online=True``) the LDIF is
 therefore added over LDAP, as the root DN, right after the first start,
 in file order.
+
+:class:`FaultyProxy` sits between a client and a server and counts the
+connections it is asked for; it can hang (accept, read, never answer, as a
+stopped server does) or drop every connection (as a restarted server does),
+so tests can count connection attempts instead of timing them.
+
 When slapd is missing the fixtures skip, except under CI (``CI`` set in the
 environment), where they fail: CI must never silently skip the LDAP tests.
 """
@@ -37,6 +43,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence, Tuple
@@ -325,6 +332,96 @@ def release_shared(ldif: Iterable[os.PathLike] = (QUICKSTART_LDIF,), **options) 
     server = _shared.pop(_shared_key(list(ldif), options), None)
     if server is not None:
         server.cleanup()
+
+
+class FaultyProxy:
+    """A TCP proxy to ``127.0.0.1:port`` that counts connections and can
+    misbehave on demand.
+
+    ``connections`` is how many connections clients opened through it.
+    After :meth:`hang`, bytes from either side are read and thrown away, so
+    every request waits for its timeout; :meth:`resume` forwards again.
+    :meth:`drop` closes every open connection, as a server restart does.
+    Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = ("127.0.0.1", port)
+        self.connections = 0
+        self.hung = False
+        self._open: list = []
+        self._lock = threading.Lock()
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True, name="faulty-proxy").start()
+
+    @property
+    def uri(self) -> str:
+        return f"ldap://127.0.0.1:{self.port}"
+
+    def hang(self) -> None:
+        self.hung = True
+
+    def resume(self) -> None:
+        self.hung = False
+
+    def drop(self) -> None:
+        """Close every connection open now (both sides)."""
+        with self._lock:
+            sockets, self._open = self._open, []
+        for sock in sockets:
+            _close(sock)
+
+    def close(self) -> None:
+        _close(self._listener)
+        self.drop()
+
+    def __enter__(self) -> "FaultyProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self.connections += 1
+                self._open += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not self.hung:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        _close(src)
+        _close(dst)
+
+
+def _close(sock: socket.socket) -> None:
+    """Close ``sock`` so that a thread blocked reading it wakes up."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _release_all() -> None:

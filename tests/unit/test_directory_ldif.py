@@ -10,8 +10,11 @@ import textwrap
 import pytest
 from ldap3.core.exceptions import (
     LDAPInvalidFilterError,
+    LDAPResponseTimeoutError,
     LDAPSessionTerminatedByServerError,
     LDAPSocketOpenError,
+    LDAPSocketReceiveError,
+    communication_exception_factory,
 )
 from twisted.python.threadpool import ThreadPool
 
@@ -296,6 +299,10 @@ class FakeConnection:
 
 
 class FakeConnector(Connector):
+    """Hands out scripted connections, one script per connection.  With
+    ``server_count`` > 1, each connection goes to the first fake server
+    (``fake0``, ``fake1``...) that the caller has not given up on."""
+
     def __init__(self, *scripts, open_error=None, password_error=None):
         self.scripts = list(scripts)
         self.open_error = open_error
@@ -307,10 +314,12 @@ class FakeConnector(Connector):
     def server_failed(self, conn, error):
         self.failed.append(error)
 
-    def open(self):
+    def open(self, failed=None):
         if self.open_error:
             raise self.open_error
         conn = FakeConnection(self.scripts.pop(0) if self.scripts else [])
+        uris = [f"fake{n}" for n in range(self.server_count)]
+        conn.mailserver_uri = next((u for u in uris if u not in (failed or ())), uris[0])
         self.opened.append(conn)
         return conn
 
@@ -333,6 +342,49 @@ def test_dead_connection_is_retried_once():
     assert not result_of(directory.resolve("a@example.test")).found
     assert len(connector.opened) == 2
     assert connector.opened[0].unbound
+
+
+def receive_timeout():
+    """What ldap3 raises when SO_RCVTIMEO expires: its receive error merged
+    with the socket's TimeoutError."""
+    return communication_exception_factory(LDAPSocketReceiveError, TimeoutError("timed out"))(
+        "error receiving data: timed out")
+
+
+@pytest.mark.parametrize("make_error", [receive_timeout,
+                                        lambda: LDAPResponseTimeoutError("no answer"),
+                                        lambda: 51])
+def test_hung_only_server_is_not_asked_again(make_error):
+    """A kept connection to the only server times out (or the server says
+    busy): a fresh connection would go to the same server and wait again,
+    so the lookup fails at once, after one timeout; the next lookup opens
+    a fresh connection."""
+    connector = FakeConnector([0, make_error()], [0])
+    directory = scripted(connector)
+    result_of(directory.resolve("a@example.test"))
+    failure_of(directory.resolve("a@example.test"), DirectoryUnavailable)
+    assert len(connector.opened) == 1 and connector.opened[0].unbound
+    assert not result_of(directory.resolve("a@example.test")).found
+    assert len(connector.opened) == 2
+
+
+def test_hung_server_fails_over_once_to_each_other_server():
+    """With two servers, a timed-out operation moves to the other one; when
+    that one times out too, every server has failed in this call: no third
+    connection, to either."""
+    connector = FakeConnector([0, receive_timeout()], [receive_timeout()], [0])
+    connector.server_count = 2
+    directory = scripted(connector)
+    result_of(directory.resolve("a@example.test"))
+    failure_of(directory.resolve("a@example.test"), DirectoryUnavailable)
+    assert [c.mailserver_uri for c in connector.opened] == ["fake0", "fake1"]
+
+    connector = FakeConnector([0, receive_timeout()], [0])
+    connector.server_count = 2
+    directory = scripted(connector)
+    result_of(directory.resolve("a@example.test"))
+    assert not result_of(directory.resolve("a@example.test")).found
+    assert [c.mailserver_uri for c in connector.opened] == ["fake0", "fake1"]
 
 
 def test_fresh_connection_failure_is_not_retried():

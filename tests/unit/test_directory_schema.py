@@ -284,7 +284,7 @@ def test_walk_is_the_default():
 # -- is_local_domain without the directory --------------------------------------
 
 class DeadConnector(Connector):
-    def open(self):
+    def open(self, failed=None):
         raise DirectoryUnavailable("down")
 
     def check_password(self, dn, password):
