@@ -9,8 +9,10 @@ RFC 2034) and text.  Code and tests share the catalog below, so a test asserts
 Invariant: the class of the basic code equals the class of the enhanced code
 (2xx with 2.x.x, 4xx with 4.x.x, 5xx with 5.x.x).  Replies without an enhanced
 code are only the greeting (220), the HELO/EHLO/LHLO replies (RFC 5321
-4.1.1.1: their first word is the server's name) and the 354 intermediate
-reply, which RFC 2034 leaves without one.
+4.1.1.1: their first word is the server's name) and the intermediate replies
+354 and 334, which RFC 2034 leaves without one.  A 334 (an AUTH challenge,
+RFC 4954 §4) is never in the catalog: its text is the base64 challenge, built
+by the server core as ``Reply(334, None, text)``; empty text gives ``334 ``.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ READY_TLS = R(220, "2.0.0", "Ready to start TLS")
 BDAT_OK = R(250, "2.0.0", "Octets received")  # sent as "<n> octets received"
 ETRN_STARTED = R(250, "2.0.0", "Queuing for node {node} started")
 ETRN_NOTHING = R(251, "2.0.0", "No messages waiting for node {node}")
-HELP = R(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS")
+HELP = R(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH")
+AUTH_OK = R(235, "2.7.0", "Authentication successful")
 
 # --- temporary ------------------------------------------------------------
 SERVICE_UNAVAILABLE = R(421, "4.3.2", "Service not available, closing transmission channel")
@@ -120,6 +123,8 @@ ETRN_UNAVAILABLE = R(458, "4.3.0", "Unable to queue messages for node {node}")
 ETRN_DENIED = R(459, "4.7.1", "Node {node} not allowed: ETRN is for trusted networks only")
 TLS_UNAVAILABLE = R(454, "4.7.0", "TLS not available due to temporary reason")
 AUTH_TEMPORARY = R(454, "4.7.0", "Temporary authentication failure")
+RATE_LIMITED = R(450, "4.7.1", "Message rate limit exceeded, try again later")
+LOGIN_BLOCKED = R(421, "4.7.0", "Too many failed logins, closing connection")
 
 # --- permanent ------------------------------------------------------------
 SYNTAX_ERROR = R(500, "5.5.2", "Syntax error, command unrecognized")
@@ -158,6 +163,18 @@ BDAT_MIXED = R(503, "5.5.1", "BDAT and DATA cannot be mixed in one transaction")
 NO_VALID_RCPTS = R(554, "5.5.1", "No valid recipients")
 AUTH_REQUIRED = R(530, "5.7.0", "Authentication required")
 MUST_STARTTLS = R(530, "5.7.0", "Must issue a STARTTLS command first")
+SENDER_NOT_OWNED = R(553, "5.7.1", "Sender address not owned by the authenticated user")
+FROM_NOT_OWNED = R(553, "5.7.1", "From: header address not owned by the authenticated user")
+
+# --- SMTP AUTH (RFC 4954) ----------------------------------------------------------
+AUTH_FAILED = R(535, "5.7.8", "Authentication credentials invalid")
+AUTH_NOT_ENABLED = R(503, "5.5.1", "Authentication not enabled")
+AUTH_ALREADY = R(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = R(503, "5.5.1", "AUTH not permitted during a mail transaction")
+AUTH_UNKNOWN_MECHANISM = R(504, "5.5.4", "Unrecognized authentication type")
+AUTH_LINE_TOO_LONG = R(500, "5.5.6", "Authentication Exchange line is too long")
+AUTH_CANCELLED = R(501, "5.7.0", "Authentication cancelled")
+AUTH_MALFORMED = R(501, "5.5.2", "Invalid authentication data")
 
 
 # --- outbound routing (delivery.mx, delivery.remote, delivery.routing) -----

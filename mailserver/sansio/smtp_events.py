@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 
 from mailserver.address import Address
 from mailserver.reply import Reply
+from mailserver.sasl import Credentials
 
 
 class Sentinel:
@@ -120,6 +121,39 @@ class Etrn(Event):
 
     NEEDS_REPLY = True
     node: str
+
+
+@dataclass(frozen=True, repr=False)
+class Authenticate(Event):
+    """AUTH (RFC 4954): the client completed a SASL exchange with ``credentials``.
+
+    Check them and answer ``conn.send(AUTH_OK, identity=login)``, naming the
+    identity the session is now authenticated as (the directory's form of
+    the login, say), or ``AUTH_FAILED`` (535) or ``AUTH_TEMPORARY`` (454).
+    The repr never shows the password.
+    """
+
+    NEEDS_REPLY = True
+    credentials: Credentials
+
+    def __repr__(self) -> str:
+        c = self.credentials
+        return f"Authenticate(mechanism={c.mechanism!r}, login={c.login!r}, authzid={c.authzid!r})"
+
+
+AUTH_TOO_LONG = "too-long"
+"""``AuthFailed.reason`` for a response line over ``sasl.MAX_RESPONSE``."""
+
+
+@dataclass(frozen=True)
+class AuthFailed(Event):
+    """The core ended an AUTH exchange itself and already replied (for logging
+    and failed-login counting).  ``mechanism`` is the canonical name (one of
+    ``sasl.MECHANISMS``); ``reason`` is ``sasl.CANCELLED``, ``sasl.MALFORMED``,
+    ``sasl.AUTHZID`` or :data:`AUTH_TOO_LONG`.  No client data is carried."""
+
+    mechanism: str
+    reason: str
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ reads to :meth:`SMTPServerConnection.receive_data`, loops on
 :mod:`mailserver.sansio.smtp_events`.
 
 Ordering (PIPELINING, RFC 2920): commands are handled one at a time, in the
-order received.  While a decision (``StartTLS``, ``MailFrom``, ``RcptTo``,
-``DataEnd``) waits for its reply, ``next_event()`` returns ``PAUSED`` and no
-later command is looked at, so replies always come out in command order.  In
-LMTP mode ``DataEnd`` waits for one reply per accepted recipient, in RCPT order.
+order received.  While a decision (``StartTLS``, ``Authenticate``,
+``MailFrom``, ``RcptTo``, ``DataEnd``, ``Etrn``) waits for its reply,
+``next_event()`` returns ``PAUSED`` and no later command is looked at, so
+replies always come out in command order.  In LMTP mode ``DataEnd`` waits for
+one reply per accepted recipient, in RCPT order.
 
 Policy choices:
 
@@ -21,7 +22,11 @@ Policy choices:
   with ``LINE_TOO_LONG``; the session goes on.  The limit is
   ``max_command_line`` octets, plus, for MAIL and RCPT, what the extensions
   in the EHLO reply let them grow by (:data:`LINE_ALLOWANCES`): 564 and 512
-  by default, 664 and 1012 with DSN.  NUL in a command gives
+  by default, 664 and 1012 with DSN, MAIL 500 more with AUTH.  While AUTH
+  is advertised the AUTH command itself may carry an initial response as
+  long as a continuation line (512 + ``sasl.MAX_RESPONSE``): RFC 4954 §4
+  asks clients to keep to 512 octets, but some send PLAIN credentials in
+  the command whatever their length.  NUL in a command gives
   ``NUL_IN_COMMAND``.
 * **HELO/EHLO/LHLO is required** before MAIL and STARTTLS (``NEED_HELO`` /
   ``NEED_LHLO``), like Postfix's ``smtpd_helo_required``.  LMTP takes only
@@ -50,6 +55,30 @@ Policy choices:
   ignored until :meth:`~SMTPServerConnection.tls_started`, which forgets HELO,
   authentication and the transaction (RFC 3207 §4.2).  A negative answer
   continues in plaintext.
+* **AUTH** (RFC 4954) exists only when ``auth_mechanisms`` are configured
+  (else ``AUTH_NOT_ENABLED``, the port 25 default).  With
+  ``auth_requires_tls`` (the default) it is neither advertised nor accepted
+  before TLS (``MUST_STARTTLS``), so a password never crosses in clear.  It
+  needs a greeting first, is refused inside a transaction
+  (``AUTH_IN_TRANSACTION``) and once authenticated (``AUTH_ALREADY``), and
+  STARTTLS is refused after a successful AUTH (``BAD_SEQUENCE``: the client
+  should have secured the channel first).  The SASL exchange
+  (:mod:`mailserver.sasl`) runs in the core: each challenge is a ``334``
+  reply, each response line is read whole up to ``sasl.MAX_RESPONSE`` octets
+  plus CR LF (a longer one is discarded up to its LF and answered
+  ``AUTH_LINE_TOO_LONG``).  The core itself answers a cancel ``*``
+  (``AUTH_CANCELLED``), malformed data (``AUTH_MALFORMED``) and a PLAIN
+  authzid other than the login (``AUTH_FAILED``), and emits ``AuthFailed``
+  for the record.  Well-formed credentials become an ``Authenticate``
+  decision; only the application checks passwords.  A positive answer must
+  name the identity (``send(AUTH_OK, identity=login)``), which the core
+  keeps in ``auth_identity`` until
+  :meth:`~SMTPServerConnection.tls_started`; any other answer leaves the
+  session unauthenticated.  Authentication survives RSET and EHLO (RFC 5321
+  resets only the transaction).  While AUTH is advertised, MAIL takes
+  ``AUTH=`` (RFC 4954 §5): xtext decoding to ``<>`` or an addr-spec, passed
+  on decoded in ``MailFrom.params["AUTH"]`` (anything else:
+  ``BAD_ARGUMENTS``); whether to trust it is the application's call.
 * **Errors**: every negative reply counts, except ``TOO_MANY_RECIPIENTS`` and
   the replies to ``DataEnd`` (those are the server's trouble, not the
   client's).  When the count exceeds ``max_errors`` the core sends
@@ -75,6 +104,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 from mailserver import reply as R
+from mailserver import sasl
 from mailserver.address import (
     Address,
     check_dsn_mail_params,
@@ -94,8 +124,11 @@ from mailserver.sansio.lines import (
     DotReader,
 )
 from mailserver.sansio.smtp_events import (
+    AUTH_TOO_LONG,
     NEED_DATA,
     PAUSED,
+    AuthFailed,
+    Authenticate,
     Closing,
     ConnectionClosed,
     DataAborted,
@@ -125,7 +158,7 @@ LINE_ALLOWANCES: dict[str, dict[str, int]] = {
     "8BITMIME": {"MAIL": 16},  # RFC 6152: BODY=
     "SMTPUTF8": {"MAIL": 10},  # RFC 6531 3.1
     "DSN": {"MAIL": 100, "RCPT": 500},  # RFC 3461: RET, ENVID; NOTIFY, ORCPT
-    "AUTH": {"MAIL": 500},  # RFC 4954: AUTH= (should the core ever offer AUTH)
+    "AUTH": {"MAIL": 500, "AUTH": sasl.MAX_RESPONSE},  # RFC 4954: AUTH=; initial response
 }
 """Octets an advertised extension adds to a verb's command line limit."""
 
@@ -158,17 +191,21 @@ class State(enum.Enum):
     RCPT = "rcpt"  # at least one recipient accepted
     DATA = "data"  # DATA content arriving
     BDAT = "bdat"  # BDAT chunks arriving, LAST not seen yet
+    AUTH = "auth"  # a SASL exchange in progress, or its credentials being checked
     CLOSED = "closed"
 
 
 S = State
 TRANSITIONS: dict[State, dict[str, State]] = {
     S.INITIAL: {"HELLO": S.READY, "RSET": S.INITIAL},
-    S.READY: {"HELLO": S.READY, "RSET": S.READY, "MAIL": S.MAIL, "TLS": S.INITIAL},
+    S.READY: {
+        "HELLO": S.READY, "RSET": S.READY, "MAIL": S.MAIL, "TLS": S.INITIAL, "AUTH": S.AUTH,
+    },
     S.MAIL: {"HELLO": S.READY, "RSET": S.READY, "RCPT": S.RCPT},
     S.RCPT: {"HELLO": S.READY, "RSET": S.READY, "RCPT": S.RCPT, "DATA": S.DATA, "BDAT": S.BDAT},
     S.DATA: {"END": S.READY},
     S.BDAT: {"HELLO": S.READY, "RSET": S.READY, "BDAT": S.BDAT, "END": S.READY},
+    S.AUTH: {"END": S.READY},
     S.CLOSED: {},
 }
 """``TRANSITIONS[state][trigger] -> new state``.  A command whose trigger is
@@ -183,6 +220,7 @@ TRIGGERS = {
     "DATA": "DATA",
     "BDAT": "BDAT",
     "STARTTLS": "TLS",
+    "AUTH": "AUTH",
 }
 """The transition a command leads to; commands not listed fit every state."""
 
@@ -196,6 +234,9 @@ SEQUENCE_ERRORS: dict[tuple[State, str], Reply] = {
     (S.MAIL, "DATA"): R.NEED_RCPT,
     (S.MAIL, "BDAT"): R.NEED_RCPT,
     (S.BDAT, "DATA"): R.BDAT_MIXED,
+    (S.MAIL, "AUTH"): R.AUTH_IN_TRANSACTION,
+    (S.RCPT, "AUTH"): R.AUTH_IN_TRANSACTION,
+    (S.BDAT, "AUTH"): R.AUTH_IN_TRANSACTION,
 }
 """The 503 for an out-of-sequence command; ``BAD_SEQUENCE`` when not listed."""
 
@@ -203,10 +244,30 @@ _TLS_WAIT = Sentinel("TLS_WAIT")
 _BAD_TEXT = re.compile("[\x00-\x1f\x7f\udc80-\udcff]")
 _DIGITS = re.compile("[0-9]+")
 _TRANSACTION_STATES = frozenset({S.MAIL, S.RCPT, S.BDAT})
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")
+_HEXCHAR = re.compile(rb"\+([0-9A-F]{2})")
+
+AUTH_FAILURES: dict[str, Reply] = {
+    sasl.CANCELLED: R.AUTH_CANCELLED,
+    sasl.MALFORMED: R.AUTH_MALFORMED,
+    sasl.AUTHZID: R.AUTH_FAILED,
+    sasl.UNKNOWN_MECHANISM: R.AUTH_UNKNOWN_MECHANISM,
+    AUTH_TOO_LONG: R.AUTH_LINE_TOO_LONG,
+}
+"""The core's reply to an AUTH exchange that failed, by ``AuthFailed.reason``."""
 
 
 class UsageError(RuntimeError):
     """The application called the core at the wrong time (a bug in the caller)."""
+
+
+class _AuthReader:
+    """Reads the client's response lines during one AUTH exchange: at most
+    ``sasl.MAX_RESPONSE`` octets plus CR LF each (a bare LF also ends one)."""
+
+    def __init__(self, exchange: sasl.Exchange) -> None:
+        self.exchange = exchange
+        self.framer = CommandFramer(sasl.MAX_RESPONSE + 2)
 
 
 @dataclass
@@ -241,8 +302,14 @@ class SMTPServerConnection:
     ``hostname`` is announced in the greeting and EHLO reply; ``software``
     follows it in the greeting.  ``tls_available`` says STARTTLS may be
     offered; ``tls_active`` is true for implicit TLS (port 465).
-    ``auth_required`` (default: submission mode) refuses MAIL until the
-    adapter sets ``authenticated``.  ``mail_params``/``rcpt_params`` are the
+    ``auth_mechanisms`` (a subset of ``sasl.MECHANISMS``, in the order
+    advertised) turns AUTH on; empty, the default, means no AUTH (port 25).
+    ``auth_requires_tls`` (default True) keeps AUTH hidden and refused until
+    TLS is active.  ``auth_required`` (default: submission mode) refuses MAIL
+    until the session is ``authenticated``: by a successful AUTH, or set by
+    the adapter for other means (a client certificate).
+    ``auth_identity`` is who the application said the client is, after a
+    successful AUTH, else ``None``.  ``mail_params``/``rcpt_params`` are the
     ESMTP parameter names accepted; SIZE, BODY and SMTPUTF8 are checked here,
     others are passed through in the events.
     """
@@ -257,6 +324,8 @@ class SMTPServerConnection:
         tls_active: bool = False,
         software: str = "mailserver",
         auth_required: Optional[bool] = None,
+        auth_mechanisms: tuple[str, ...] = (),
+        auth_requires_tls: bool = True,
         mail_params: frozenset[str] = DEFAULT_MAIL_PARAMS,
         rcpt_params: frozenset[str] = DEFAULT_RCPT_PARAMS,
         etrn: bool = False,
@@ -270,6 +339,13 @@ class SMTPServerConnection:
         self.software = software
         self.auth_required = mode is Mode.SUBMISSION if auth_required is None else auth_required
         self.authenticated = False
+        self.auth_identity: Optional[str] = None
+        mechanisms = tuple(m.upper() if m.isascii() else m for m in auth_mechanisms)
+        unknown = [m for m in mechanisms if m not in sasl.MECHANISMS]
+        if unknown:
+            raise ValueError(f"unknown SASL mechanisms: {', '.join(unknown)}")
+        self.auth_mechanisms = tuple(dict.fromkeys(mechanisms))
+        self.auth_requires_tls = auth_requires_tls
         self.mail_params = frozenset(p.upper() for p in mail_params)
         self.rcpt_params = frozenset(p.upper() for p in rcpt_params)
         self.etrn = etrn and mode is Mode.MX
@@ -288,7 +364,7 @@ class SMTPServerConnection:
         self._events: collections.deque[Event] = collections.deque()
         self._eof = False
         self._framer = CommandFramer(limits.max_command_line, self._verb_limits())
-        self._reader: Union[None, DotReader, BdatReader, Sentinel] = None
+        self._reader: Union[None, DotReader, BdatReader, _AuthReader, Sentinel] = None
         self._checker: Optional[ContentChecker] = None
         self._bdat_last = False
         self._bdat_error: Optional[Reply] = None
@@ -307,6 +383,7 @@ class SMTPServerConnection:
             "VRFY": self._do_vrfy,
             "EXPN": self._do_expn,
             "STARTTLS": self._do_starttls,
+            "AUTH": self._do_auth,
         }
         if self.etrn:
             table["ETRN"] = self._do_etrn
@@ -327,9 +404,10 @@ class SMTPServerConnection:
         """Octets received and not yet handled.
 
         An unfinished command line never holds more than the highest command
-        line limit (RCPT's with DSN), but input that arrives while a decision
-        is pending is kept whole: the adapter should pause the transport on
-        ``PAUSED``.
+        line limit (AUTH's while AUTH is offered, else RCPT's with DSN), nor
+        an AUTH response line more than ``sasl.MAX_RESPONSE`` + 2, but input
+        that arrives while a decision is pending is kept whole: the adapter
+        should pause the transport on ``PAUSED``.
         """
         return len(self._buf)
 
@@ -367,13 +445,23 @@ class SMTPServerConnection:
                     return ConnectionClosed()
                 return NEED_DATA
 
-    def send(self, reply: Reply) -> None:
-        """Answer the pending decision with ``reply`` (queued for sending)."""
+    def send(self, reply: Reply, *, identity: Optional[str] = None) -> None:
+        """Answer the pending decision with ``reply`` (queued for sending).
+
+        ``identity`` goes with a 235 answer to ``Authenticate``, and only
+        there: the name the session is authenticated as from now on
+        (``auth_identity``), which the application chooses (the directory's
+        canonical login, say).
+        """
         event = self.pending
         if event is None:
             raise UsageError("no decision is pending")
         if not isinstance(reply, Reply):
             raise TypeError(f"send() takes a Reply, not {type(reply).__name__}")
+        if isinstance(event, Authenticate):
+            _check_auth_answer(reply, identity)
+        elif identity is not None:
+            raise UsageError("identity= only goes with a positive answer to Authenticate")
         self._replies_due -= 1
         if self._replies_due == 0 or reply.code == 421:
             self.pending = None
@@ -388,6 +476,11 @@ class SMTPServerConnection:
         if isinstance(event, StartTLS):
             if not reply.is_positive:
                 self._reader = None
+        elif isinstance(event, Authenticate):
+            self._goto("END")
+            if reply.is_positive:
+                self.authenticated = True
+                self.auth_identity = identity
         elif reply.is_positive and isinstance(event, MailFrom):
             self.transaction.mail = event
             self._goto("MAIL")
@@ -403,17 +496,23 @@ class SMTPServerConnection:
         return out
 
     def tls_started(self) -> None:
-        """The TLS handshake is done: start afresh (RFC 3207 §4.2)."""
+        """The TLS handshake is done: start afresh (RFC 3207 §4.2).
+
+        HELO, authentication and the transaction are forgotten.  The
+        extensions may change (AUTH appears when it needs TLS), and the
+        command line limits with them.
+        """
         if self._reader is not _TLS_WAIT or self.pending is not None:
             raise UsageError("tls_started() without an accepted STARTTLS")
         self.tls_active = True
         self.authenticated = False
+        self.auth_identity = None
         self.helo = None
         self.transaction = Transaction()
         self._goto("TLS")
         self._reader = None
         self._buf.clear()
-        self._framer.reset()
+        self._framer = CommandFramer(self.limits.max_command_line, self._verb_limits())
 
     # --- plumbing --------------------------------------------------------
     def _goto(self, trigger: str) -> None:
@@ -476,6 +575,8 @@ class SMTPServerConnection:
             return self._read_data(reader)
         if isinstance(reader, BdatReader):
             return self._read_bdat(reader)
+        if isinstance(reader, _AuthReader):
+            return self._read_auth(reader)
         return False  # waiting for the TLS handshake
 
     # --- commands --------------------------------------------------------
@@ -503,7 +604,7 @@ class SMTPServerConnection:
             return
         try:
             error = self._sequence_error(verb)
-            if error is not None and verb not in ("BDAT", "STARTTLS"):
+            if error is not None and verb not in ("BDAT", "STARTTLS", "AUTH"):
                 raise ProtocolError(error)
             handler(arg.strip(" "))
         except ProtocolError as exc:
@@ -529,6 +630,8 @@ class SMTPServerConnection:
             lines.append("DSN")
         if self.etrn:
             lines.append("ETRN")
+        if self._auth_offered():
+            lines.append(" ".join(["AUTH", *self.auth_mechanisms]))
         if self.tls_available and not self.tls_active:
             lines.append("STARTTLS")
         return lines
@@ -536,14 +639,20 @@ class SMTPServerConnection:
     def _capabilities(self) -> Reply:
         return Reply(250, None, "\n".join([self.hostname, *self._extensions()]))
 
+    def _auth_offered(self) -> bool:
+        """AUTH is advertised and accepted now."""
+        return bool(self.auth_mechanisms) and (self.tls_active or not self.auth_requires_tls)
+
     def _verb_limits(self) -> dict[bytes, int]:
-        """MAIL's and RCPT's command line limits, raised by what the advertised
-        extensions add (STARTTLS, the only keyword that comes and goes, adds
-        nothing)."""
-        limits = {b"MAIL": self.limits.max_command_line, b"RCPT": self.limits.max_command_line}
+        """The command line limits of MAIL, RCPT and (with AUTH) AUTH, raised by
+        what the advertised extensions add.  Only STARTTLS and AUTH come and
+        go, both with TLS, so :meth:`tls_started` computes them again."""
+        base = self.limits.max_command_line
+        limits = {b"MAIL": base, b"RCPT": base}
         for line in self._extensions():
             for verb, octets in LINE_ALLOWANCES.get(line.split()[0], {}).items():
-                limits[verb.encode("ascii")] += octets
+                key = verb.encode("ascii")
+                limits[key] = limits.get(key, base) + octets
         return limits
 
     def _do_helo(self, arg: str) -> None:
@@ -565,8 +674,11 @@ class SMTPServerConnection:
         params = parse_params(rest)
         smtputf8 = "SMTPUTF8" in params and "SMTPUTF8" in self.mail_params
         address = parse_path(path, smtputf8=smtputf8)
-        size, body = check_mail_params(params, self.mail_params, self.limits.max_message_size)
+        allowed = self.mail_params | {"AUTH"} if self._auth_offered() else self.mail_params
+        size, body = check_mail_params(params, allowed, self.limits.max_message_size)
         check_dsn_mail_params(params)
+        if "AUTH" in params:
+            params["AUTH"] = _auth_param(params["AUTH"], smtputf8)
         event = MailFrom(
             sender=str(address) if address else "",
             params=params,
@@ -665,11 +777,75 @@ class SMTPServerConnection:
             raise ProtocolError(error)
         if arg:
             raise ProtocolError(R.BAD_ARGUMENTS)
+        if self.auth_identity is not None:  # after AUTH: TLS should have come first
+            raise ProtocolError(R.BAD_SEQUENCE)
         # RFC 3207 §4.2: nothing the client pipelined after STARTTLS may run.
         self._buf.clear()
         self._framer.reset()
         self._reader = _TLS_WAIT
         self._decide(StartTLS())
+
+    # --- AUTH --------------------------------------------------------------
+    def _do_auth(self, arg: str) -> None:
+        """AUTH <mechanism> [initial-response] (RFC 4954 §4)."""
+        if not self.auth_mechanisms or (
+            self.auth_requires_tls and not (self.tls_active or self.tls_available)
+        ):
+            raise ProtocolError(R.AUTH_NOT_ENABLED)  # and never will be here
+        if not self._auth_offered():
+            raise ProtocolError(R.MUST_STARTTLS)
+        if self.authenticated:
+            raise ProtocolError(R.AUTH_ALREADY)
+        error = self._sequence_error("AUTH")
+        if error is not None:
+            raise ProtocolError(error)
+        words = [w for w in arg.split(" ") if w]
+        if len(words) not in (1, 2):
+            raise ProtocolError(R.BAD_ARGUMENTS)
+        name = words[0].upper() if words[0].isascii() else ""
+        if name not in self.auth_mechanisms:
+            raise ProtocolError(R.AUTH_UNKNOWN_MECHANISM)
+        reader = _AuthReader(sasl.Exchange(name))
+        self._goto("AUTH")
+        self._reader = reader
+        self._auth_step(reader.exchange, words[1] if len(words) == 2 else None, first=True)
+
+    def _read_auth(self, reader: _AuthReader) -> bool:
+        """Take one response line of the exchange, if a whole one is buffered."""
+        line = reader.framer.next_line(self._buf)
+        if line is None:
+            return False
+        # The text limit is the same whether the line ended in CR LF or a bare LF.
+        if not isinstance(line, bytes) or len(line) > sasl.MAX_RESPONSE:
+            self._auth_failed(reader.exchange.mechanism, AUTH_TOO_LONG)
+        else:
+            text = line.decode("utf-8", "surrogateescape")
+            self._auth_step(reader.exchange, text, first=False)
+        return True
+
+    def _auth_step(self, exchange: sasl.Exchange, text: Optional[str], *, first: bool) -> None:
+        """Give the exchange the client's next text (``None``: no initial
+        response); answer with a 334 challenge, or end in a decision or a failure."""
+        try:
+            if first:
+                result = exchange.start(text)
+            else:
+                assert text is not None
+                result = exchange.respond(text)
+        except sasl.SASLError as exc:
+            self._auth_failed(exchange.mechanism, exc.kind)
+            return
+        if isinstance(result, sasl.Credentials):
+            self._reader = None
+            self._decide(Authenticate(result))
+        else:
+            self._reply(Reply(334, None, sasl.encode_challenge(result)))
+
+    def _auth_failed(self, mechanism: str, reason: str) -> None:
+        self._reader = None
+        self._goto("END")
+        self._events.append(AuthFailed(mechanism, reason))
+        self._reply(AUTH_FAILURES.get(reason, R.AUTH_MALFORMED))
 
     # --- content ---------------------------------------------------------
     def _start_content(self, kind: str) -> None:
@@ -736,3 +912,35 @@ class SMTPServerConnection:
         self._reset("END")
         self._reply(reply)
 
+
+def _check_auth_answer(reply: Reply, identity: Optional[str]) -> None:
+    """An answer to ``Authenticate`` is a 235 with an identity, or negative without."""
+    if not reply.is_positive:
+        if identity is not None:
+            raise UsageError("identity= only goes with a positive answer to Authenticate")
+        return
+    if reply.code != 235:
+        raise UsageError(f"a positive answer to Authenticate is a 235, not {reply.code}")
+    if not isinstance(identity, str) or not identity:
+        raise UsageError("a positive answer to Authenticate needs identity=")
+
+
+def _auth_param(value: Optional[str], smtputf8: bool) -> str:
+    """Decode MAIL's ``AUTH=`` xtext (RFC 4954 §5, RFC 3461 §4) and check that
+    it is ``<>`` or an addr-spec; anything else is ``BAD_ARGUMENTS``."""
+    if value is None or not _XTEXT.fullmatch(value):
+        raise ProtocolError(R.BAD_ARGUMENTS)
+    raw = _HEXCHAR.sub(lambda m: bytes([int(m[1], 16)]), value.encode("ascii"))
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(R.BAD_ARGUMENTS) from None
+    if decoded == "<>":
+        return decoded
+    if decoded.startswith("@"):  # a source route is a path, not an addr-spec
+        raise ProtocolError(R.BAD_ARGUMENTS)
+    try:
+        parse_path(f"<{decoded}>", smtputf8=smtputf8)
+    except ProtocolError:
+        raise ProtocolError(R.BAD_ARGUMENTS) from None
+    return decoded
