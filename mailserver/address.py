@@ -15,9 +15,16 @@ What is accepted, and how it is normalised:
 * A source route (``<@a.example,@b.example:user@d.example>``) is checked for
   syntax and then dropped, as RFC 5321 §4.1.1.3 and appendix C tell servers to
   do.  It never takes part in routing, so it cannot open a relay.
-* The local part is a dot-string or a quoted string.  A quoted local part is
-  kept in its quoted form (``"a b"``); nothing here un-quotes it, so a quoted
-  ``@`` or ``%`` stays inside the local part, and policy sees it there.
+* The local part is a dot-string or a quoted string.  A quoted string is
+  written in its simplest equivalent form (RFC 5322 §3.2.4: the quotes are
+  not part of the value): when its content, quoted-pairs undone, is a
+  dot-string, the quotes go (``"alice"`` and ``"\\alice"`` are ``alice``), so
+  the directory sees one spelling of each address.  Content that needs the
+  quotes (a space, ``@``, ``,``, a leading dot...) stays quoted, with only
+  ``"`` and ``\\`` escaped (``"a\\ b"`` is ``"a b"``).  A quoted ``@`` thus
+  stays inside the quoted local part, where policy sees it, and the domain is
+  always what follows the last ``@`` outside the quotes.  The local part
+  keeps its case.
 * The domain is a dot-atom domain (letters, digits, hyphens; no leading,
   trailing or doubled dot, so ``user@example.com.`` is refused) or an address
   literal.  Domains are lower-cased; UTF-8 domains (SMTPUTF8 only) are kept as
@@ -63,7 +70,8 @@ BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 
 @dataclass(frozen=True)
 class Address:
-    """A mailbox: ``local`` part (quoted form kept) and lower-cased ``domain``.
+    """A mailbox: ``local`` part (quoted only when it must be, see the module
+    notes) and lower-cased ``domain``.
 
     ``domain`` is ``""`` only for the special RCPT recipient ``<postmaster>``.
     """
@@ -93,6 +101,7 @@ _DOT_STRING = re.compile(f"[{_ATEXT}]+(?:\\.[{_ATEXT}]+)*")
 _QUOTED_STRING = re.compile(
     f'"(?:[\\x20\\x21\\x23-\\x5b\\x5d-\\x7e{_UTF8}]|\\\\[\\x20-\\x7e])*"'
 )
+_QUOTED_PAIR = re.compile(r"\\(.)")
 _LETDIG = "A-Za-z0-9" + _UTF8
 _LABEL = re.compile(f"[{_LETDIG}](?:[{_LETDIG}\\-]*[{_LETDIG}])?")
 _CONTROLS = re.compile("[\x00-\x1f\x7f]")
@@ -168,7 +177,7 @@ def parse_path(
         raise AddressError(R.LOCAL_PART_TOO_LONG)
     if len(domain.encode("utf-8")) > max_domain:
         raise AddressError(R.DOMAIN_TOO_LONG)
-    return Address(local, domain)
+    return Address(_normalise_local_part(local), domain)
 
 
 def parse_params(text: str) -> dict[str, Optional[str]]:
@@ -262,6 +271,18 @@ def _drop_source_route(inner: str, syntax: Reply) -> str:
 
 def _is_local_part(local: str) -> bool:
     return bool(_DOT_STRING.fullmatch(local) or _QUOTED_STRING.fullmatch(local))
+
+
+def _normalise_local_part(local: str) -> str:
+    """A valid local part in its simplest equivalent form: a quoted string
+    whose content is a dot-string loses its quotes; any other keeps them,
+    with only the quoted-pairs it needs (``\\"`` and ``\\\\``)."""
+    if not local.startswith('"'):
+        return local
+    content = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    if _DOT_STRING.fullmatch(content):
+        return content
+    return '"' + content.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _normalise_domain(domain: str, syntax: Reply) -> str:

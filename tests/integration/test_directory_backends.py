@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from mailserver import reply as R
+from mailserver.address import parse_path
 from mailserver.directory.interfaces import Account, Mailbox
 from mailserver.policy import RecipientPolicy
 from tests.support.directory import (  # noqa: F401  (fixtures)
@@ -73,6 +74,34 @@ def test_filter_metacharacters_match_nothing(backend, address):
     """Filter metacharacters, NUL and non-ASCII in an address are data, not syntax."""
     result = resolve(backend, address)
     assert result.mailboxes == () and result.forwards == ()
+
+
+def rcpt(directory, path):
+    """The RCPT decision for ``path`` as a client sends it (``<...>``)."""
+    address = str(parse_path(path, smtputf8=False, for_rcpt=True))
+    policy = RecipientPolicy(directory, ["example.test"])
+    return result_of(defer.Deferred.fromCoroutine(policy.check_rcpt(address)))
+
+
+@pytest.mark.parametrize("path", ['<"alice"@example.test>', '<"ALICE"@Example.TEST>',
+                                  '<"\\a\\l\\i\\c\\e"@example.test>',
+                                  '<"alice.liddell"@example.test>'])
+def test_quoted_local_part_reaches_the_mailbox(backend, path):
+    """"alice"@example.test is alice@example.test: the quotes it does not
+    need are gone before the lookup, so alice gets the mail."""
+    decision = rcpt(backend, path)
+    assert decision.reply == R.RCPT_OK
+    assert decision.resolution.mailboxes == (ALICE,)
+
+
+@pytest.mark.parametrize("path", ['<"bob@evil.example"@example.test>',
+                                  '<"bob@example.test"@example.test>',
+                                  '<"a b"@example.test>'])
+def test_quoted_local_part_that_needs_quotes_is_looked_up_quoted(backend, path):
+    """A quoted "@" (or space) stays in the quoted local part of a local
+    address: an unknown user (550 5.1.1), never a relay to evil.example
+    nor a second way to spell bob's address."""
+    assert rcpt(backend, path).reply == R.RCPT_UNKNOWN
 
 
 @pytest.mark.parametrize("address", ["postmaster@example.test", "Abuse@example.test"])

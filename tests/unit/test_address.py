@@ -66,6 +66,7 @@ BAD_PATHS = [
     "<a@b@example.com>",
     '<"unterminated@example.com>',
     '<"a"b@example.com>',
+    '<"a@evil.example\\"@example.com>',  # the quoted-pair takes the closing quote
     "<a@" + "x" * 64 + ".com>",
     "<@a.example u@d.example>",
     "<@a.example,b.example:u@d.example>",
@@ -103,6 +104,69 @@ def test_bad_recipient_paths(text: str) -> None:
     with pytest.raises(AddressError) as info:
         parse_path(text, smtputf8=True, for_rcpt=True)
     assert info.value.reply == R.BAD_RCPT_SYNTAX
+
+
+# A quoted local part whose content needs no quotes is the same address as
+# the unquoted form (RFC 5322 3.2.4, RFC 5321 4.1.2): it becomes that form.
+# One that needs them stays quoted, with only '"' and '\\' escaped.
+QUOTED_LOCAL_PARTS = [
+    ('"alice"', "alice"),
+    ('"Alice"', "Alice"),  # the local part keeps its case
+    ('"first.last"', "first.last"),
+    ('"a+tag"', "a+tag"),
+    ('"\\a\\l\\i\\c\\e"', "alice"),  # "\a\l\i\c\e": needless quoted-pairs
+    ('"a%evil.example"', "a%evil.example"),  # as unquoted: looked up literally
+    ('"a b"', '"a b"'),
+    ('"a\\ b"', '"a b"'),  # "a\ b": a space needs quotes, not a backslash
+    ('"a\\"b"', '"a\\"b"'),  # "a\"b"
+    ('"a\\\\b"', '"a\\\\b"'),  # "a\\b": a backslash stays escaped
+    ('"a@evil.example"', '"a@evil.example"'),
+    ('"\\a@evil.example"', '"a@evil.example"'),
+    ('""', '""'),
+    ('".alice"', '".alice"'),  # not a dot-atom: a leading, trailing or doubled dot
+    ('"alice."', '"alice."'),
+    ('"a..b"', '"a..b"'),
+    ('"a,b"', '"a,b"'),
+    ('"a(b)"', '"a(b)"'),
+]
+
+
+@pytest.mark.parametrize("local, expected", QUOTED_LOCAL_PARTS)
+def test_quoted_local_part_is_normalised(local: str, expected: str) -> None:
+    """A quoted local part loses the quotes (and needless backslashes) it
+    does not need, for MAIL and RCPT alike."""
+    for for_rcpt in (False, True):
+        assert parse_path(f"<{local}@Example.TEST>", smtputf8=False, for_rcpt=for_rcpt) == \
+            Address(expected, "example.test")
+
+
+def test_quoted_utf8_local_part_is_normalised() -> None:
+    """With SMTPUTF8, a quoted UTF-8 local part that is a dot-atom is unquoted too."""
+    assert parse_path('<"jürgen"@example.test>', smtputf8=True) == Address("jürgen",
+                                                                           "example.test")
+
+
+@pytest.mark.parametrize("text", [
+    '<"bob@evil.example"@example.test>',
+    '<@relay.example:"bob@evil.example"@example.test>',
+    '<"bob@evil.example\\\\"@example.test>',  # ends in a quoted backslash
+    '<"bob\\@evil.example"@example.test>',
+])
+def test_quoted_at_sign_never_moves_the_domain(text: str) -> None:
+    """A quoted "@" stays inside the quoted local part: the address is a
+    (probably unknown) user of the local domain, never bob@evil.example."""
+    address = parse_path(text, smtputf8=False, for_rcpt=True)
+    assert address is not None
+    assert address.domain == "example.test"
+    assert address.local.startswith('"') and address.local.endswith('"')
+    assert str(address).rpartition("@")[2] == "example.test"
+
+
+def test_quoted_local_part_length_is_counted_as_sent() -> None:
+    """The 64-octet limit applies to the local part as the client sent it."""
+    with pytest.raises(AddressError) as info:
+        parse_path('<"' + "a" * 63 + '"@example.com>', smtputf8=False)
+    assert info.value.reply == R.LOCAL_PART_TOO_LONG
 
 
 def test_address_error_is_protocol_error() -> None:
