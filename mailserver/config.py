@@ -24,8 +24,8 @@ from typing import Any, Dict, Optional, Tuple
 
 from mailserver.errors import ConfigError
 
-PROTOCOLS = ("smtp", "lmtp")
-TLS_MODES = ("none", "starttls")
+PROTOCOLS = ("smtp", "submission", "lmtp")
+TLS_MODES = ("none", "starttls", "implicit")
 BACKENDS = ("ldif", "ldap")
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
 
@@ -59,6 +59,10 @@ class TLSConfig:
     self_signed: bool = field(
         default=False, metadata=_doc("Create a self-signed pair at those paths when missing.")
     )
+    sni: Dict[str, str] = field(
+        default_factory=dict,
+        metadata=_doc("More certificates chosen by the client's server name: host name "
+                      "(or *.domain) = PEM file holding key and chain.", path_values=True))
 
 
 @dataclass(frozen=True)
@@ -96,15 +100,55 @@ class SMTPConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    mechanisms: Tuple[str, ...] = field(
+        default=("PLAIN", "LOGIN"), metadata=_doc("SASL mechanisms offered, in this order."))
+    failure_delay: float = field(
+        default=2.0, metadata=_doc("Seconds before answering a failed login; doubles per failure.",
+                                   min=0))
+    max_failure_delay: float = field(
+        default=15.0, metadata=_doc("The longest delay after a failed login, seconds.", min=0))
+    max_failures: int = field(
+        default=10, metadata=_doc("Failed logins per client address or per account before "
+                                  "421 and disconnect.", min=1))
+    failure_window: float = field(
+        default=900.0, metadata=_doc("Seconds a failed login is remembered.", min=1))
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    check_from_header: bool = field(
+        default=True, metadata=_doc("The From: addresses must be owned by the login too."))
+    send_as_anyone: Tuple[str, ...] = field(
+        default=(), metadata=_doc("Logins that may use any envelope sender and From:."))
+    hide_client_address: bool = field(
+        default=False, metadata=_doc("Leave the client's address and HELO out of Received."))
+    messages_per_hour: int = field(default=200, metadata=_doc("Per login; 0 = no limit.", min=0))
+    messages_per_day: int = field(default=1000, metadata=_doc("Per login; 0 = no limit.", min=0))
+    recipients_per_hour: int = field(default=1000, metadata=_doc("Per login; 0 = no limit.",
+                                                                 min=0))
+    recipients_per_day: int = field(default=5000, metadata=_doc("Per login; 0 = no limit.",
+                                                                min=0))
+    rate_limit_exempt: Tuple[str, ...] = field(
+        default=(), metadata=_doc("Logins never rate limited (still counted)."))
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
-    protocol: str = field(default="smtp", metadata=_doc("smtp or lmtp.", choices=PROTOCOLS))
+    protocol: str = field(default="smtp", metadata=_doc("smtp, submission or lmtp.",
+                                                        choices=PROTOCOLS))
     address: str = field(
         default="", metadata=_doc("host:port, [v6]:port, :port (all addresses) or unix:/path.")
     )
     tls: str = field(
-        default="", metadata=_doc("starttls or none; default starttls for smtp when a certificate is set.",
-                                  choices=TLS_MODES + ("",))
+        default="", metadata=_doc("starttls, implicit (TLS from the first byte, port 465) or none; "
+                                  "default starttls for smtp and submission when a certificate "
+                                  "is set.", choices=TLS_MODES + ("",))
     )
+    auth: bool = field(
+        default=False, metadata=_doc("Offer SMTP AUTH on an smtp listener; submission always does."))
+    plaintext_auth: bool = field(
+        default=False, metadata=_doc("Allow AUTH without TLS (loopback or a trusted network only)."))
     name: str = field(default="", metadata=_doc("Name used in logs; default: protocol and address."))
     socket_mode: int = field(default=0o660, metadata=_doc("Permissions of a UNIX socket.", min=0))
 
@@ -214,6 +258,8 @@ class Config:
     store: StoreConfig
     queue: QueueConfig
     relay: RelayConfig
+    auth: AuthConfig
+    submission: SubmissionConfig
     listeners: Tuple[ListenerConfig, ...]
 
     @property
@@ -230,6 +276,8 @@ SECTIONS = {
     "store": StoreConfig,
     "queue": QueueConfig,
     "relay": RelayConfig,
+    "auth": AuthConfig,
+    "submission": SubmissionConfig,
 }
 
 
@@ -286,6 +334,9 @@ def _build(path: str, prefix: str, cls: type, table: Any, base_dir: str) -> Any:
         value = _check_value(path, full, f, value)
         if f.metadata.get("path") and value:
             value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+        if f.metadata.get("path_values"):
+            value = {k: os.path.normpath(os.path.join(base_dir, os.path.expanduser(v)))
+                     for k, v in value.items()}
         values[key] = value
     # Defaults that are paths resolve against base_dir too.
     for name, f in fields.items():
@@ -335,9 +386,16 @@ def _listeners(path: str, raw: Any, base_dir: str, has_cert: bool) -> Tuple[List
             kind, host, _port = parse_address(lc.address)
         except ValueError as e:
             raise ConfigError(path, f"{prefix}.address", f"{lc.address!r}: {e}") from None
-        tls = lc.tls or ("starttls" if has_cert and lc.protocol == "smtp" else "none")
-        if tls == "starttls" and not has_cert:
-            raise ConfigError(path, f"{prefix}.tls", "starttls needs tls.certificate")
+        tls = lc.tls or ("starttls" if has_cert and lc.protocol != "lmtp" else "none")
+        if tls != "none" and not has_cert:
+            raise ConfigError(path, f"{prefix}.tls", f"{tls} needs tls.certificate")
+        if lc.protocol == "lmtp" and lc.auth:
+            raise ConfigError(path, f"{prefix}.auth", "LMTP has no AUTH")
+        if lc.protocol == "submission" and tls == "none" and not lc.plaintext_auth:
+            raise ConfigError(path, f"{prefix}.tls", "submission without TLS cannot log anyone in; "
+                              "configure a certificate or set plaintext_auth = true")
+        if tls == "implicit" and kind == "unix":
+            raise ConfigError(path, f"{prefix}.tls", "implicit TLS needs a TCP address")
         address = lc.address
         if kind == "unix":
             address = "unix:" + os.path.normpath(os.path.join(base_dir, host))
@@ -446,6 +504,17 @@ def _check_semantics(config: Config) -> None:
             parse_smarthost(config.relay.smarthost)
         except ValueError as e:
             raise ConfigError(path, "relay.smarthost", str(e)) from None
+    from mailserver import sasl
+
+    for mech in config.auth.mechanisms:
+        if mech.upper() not in sasl.MECHANISMS:
+            raise ConfigError(path, "auth.mechanisms", f"{mech!r} is not one of "
+                              f"{', '.join(sasl.MECHANISMS)}")
+    if not config.auth.mechanisms and any(
+            lc.protocol == "submission" or lc.auth for lc in config.listeners):
+        raise ConfigError(path, "auth.mechanisms", "a listener offers AUTH: name a mechanism")
+    if config.tls.sni and not config.tls.certificate:
+        raise ConfigError(path, "tls.sni", "needs tls.certificate (the default)")
     seen = set()
     for i, lc in enumerate(config.listeners):
         if lc.address in seen:
@@ -499,6 +568,13 @@ def check_files_readable(config: Config) -> None:
             load_certificate(tls.certificate, tls.private_key)
         except ValueError as e:
             raise ConfigError(path, "tls.certificate", str(e)) from None
+    for name, bundle in tls.sni.items():
+        from mailserver.tls import load_pem_bundle
+
+        try:
+            load_pem_bundle(bundle)
+        except ValueError as e:
+            raise ConfigError(path, f"tls.sni.{name}", str(e)) from None
     d = config.directory
     if d.backend == "ldif":
         if not os.path.isfile(d.ldif_file) or not os.access(d.ldif_file, os.R_OK):

@@ -30,6 +30,7 @@ class SessionInfo:
     tls_cipher: Optional[str] = None
     authenticated: bool = False
     smtputf8: bool = False
+    hide_client: bool = False  # leave out the from clause (a submission client's address)
 
 
 def with_keyword(info: SessionInfo) -> str:
@@ -77,9 +78,12 @@ def _ip_literal(ip: str) -> str:
 def received_header(info: SessionInfo, queue_id: str, recipient: Optional[str] = None,
                     now: Optional[float] = None) -> bytes:
     """A complete, folded ``Received:`` field ending in CRLF."""
-    lines = [f"Received: from {_clean(info.helo)} (unknown [{_ip_literal(info.peer_ip)}])"]
-    by = f"\tby {info.hostname} (mailserver) with {with_keyword(info)} id {queue_id}"
-    lines.append(by)
+    by = f"by {info.hostname} (mailserver) with {with_keyword(info)} id {queue_id}"
+    if info.hide_client:
+        lines = [f"Received: {by}"]
+    else:
+        lines = [f"Received: from {_clean(info.helo)} (unknown [{_ip_literal(info.peer_ip)}])",
+                 f"\t{by}"]
     if info.tls_version:
         lines.append(f"\t(using {_clean(info.tls_version)} with cipher {_clean(info.tls_cipher or 'unknown')})")
     when = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.timezone.utc)
@@ -93,17 +97,30 @@ def received_header(info: SessionInfo, queue_id: str, recipient: Optional[str] =
 
 
 class HeaderScanner:
-    """Counts ``Received:`` fields in the header section of a streamed message.
+    """Watches the header section of a streamed message.
 
     Feed chunks with :meth:`feed`; it stops looking at the first empty line.
-    Memory is bounded: only a partial line (capped) is kept between chunks.
+    It counts ``Received:`` fields and keeps the unfolded values of the
+    fields named in ``keep`` (lower-case names), for checks at the end of the
+    data (a submission's From:, whether Message-ID and Date are there).
+    Memory is bounded: a partial line is capped between chunks, a kept value
+    at ``max_value`` octets and ``max_fields`` occurrences per name.
     """
 
-    def __init__(self, max_line: int = 1000) -> None:
+    def __init__(self, max_line: int = 1000, keep: tuple = (), max_value: int = 8192,
+                 max_fields: int = 10) -> None:
         self.received = 0
         self.done = False
+        self.fields: dict[str, list[str]] = {}
+        self._keep = frozenset(k.lower() for k in keep)
         self._partial = b""
         self._max_line = max_line
+        self._max_value = max_value
+        self._max_fields = max_fields
+        self._current: Optional[str] = None  # the kept field a continuation extends
+
+    def has(self, name: str) -> bool:
+        return bool(self.fields.get(name.lower()))
 
     def feed(self, data: bytes) -> None:
         if self.done:
@@ -116,5 +133,23 @@ class HeaderScanner:
             if not line:
                 self.done = True
                 return
-            if line[:9].lower() == b"received:":
-                self.received += 1
+            self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        if line[:1] in (b" ", b"\t"):  # a continuation of the field before
+            if self._current is not None:
+                values = self.fields[self._current]
+                values[-1] = (values[-1] + line.decode("utf-8", "replace"))[: self._max_value]
+            return
+        self._current = None
+        name, colon, value = line.partition(b":")
+        if not colon:
+            return
+        name_text = name.strip().decode("ascii", "replace").lower()
+        if name_text == "received":
+            self.received += 1
+        if name_text in self._keep:
+            values = self.fields.setdefault(name_text, [])
+            if len(values) < self._max_fields:
+                values.append(value.decode("utf-8", "replace")[: self._max_value])
+                self._current = name_text

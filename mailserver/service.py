@@ -24,10 +24,9 @@ from mailserver.config import Config, load_config, parse_address
 from mailserver.directory.reloadable import ReloadableDirectory
 from mailserver.errors import ConfigError
 from mailserver.delivery.local import LocalDelivery
-from mailserver.policy import Networks, RecipientPolicy
-from mailserver.sansio.smtp_server import Limits, Mode
-from mailserver.protocols.limits import ConnectionLimiter
-from mailserver.protocols.smtp import ListenerContext, SMTPFactory
+from mailserver.delivery.recipients import RecipientDelivery
+from mailserver.listeners import Parts, build_listener
+from mailserver.policy import Networks
 from mailserver.incoming import prepare_spool
 from mailserver.store.maildir import MaildirStore
 from mailserver.tls import ReloadableTLS, make_self_signed
@@ -289,7 +288,7 @@ def build_service(config: Config, reactor=None) -> MailService:
         if config.tls.self_signed and not os.path.exists(config.tls.certificate):
             make_self_signed(config.tls.certificate, config.tls.private_key, config.server.hostname)
             notes.append(f"created self-signed certificate {config.tls.certificate}")
-        tls = ReloadableTLS(config.tls.certificate, config.tls.private_key)
+        tls = ReloadableTLS(config.tls.certificate, config.tls.private_key, sni=config.tls.sni)
     top = MailService(config, tls)
     top.notes = notes
     removed = prepare_spool(config.server.spool_dir)
@@ -310,41 +309,40 @@ def build_service(config: Config, reactor=None) -> MailService:
         srs = SRS(config.relay.srs_secret, config.relay.srs_domain or config.domains.local[0],
                   max_age_days=config.relay.srs_max_age, clock=reactor.seconds)
     outbox = build_queue(config, reactor, top, directory, delivery, pool, srs)
-    trusted = Networks(config.relay.trusted_networks)
-    s = config.smtp
-    limits = Limits(
-        max_command_line=s.command_line_limit,
-        max_text_line=s.text_line_limit,
-        max_message_size=s.max_message_size,
-        max_recipients=s.max_recipients,
-        max_errors=s.max_errors,
-    )
+    parts = Parts(
+        config=config, reactor=reactor, directory=directory, local=delivery,
+        delivery=RecipientDelivery(delivery, outbox, srs, reactor), outbox=outbox, srs=srs,
+        trusted=Networks(config.relay.trusted_networks),
+        authenticator=build_authenticator(config, directory, reactor),
+        rate_limiter=build_rate_limiter(config, reactor), tls=tls)
     for lc in config.listeners:
-        lmtp = lc.protocol == "lmtp"
-        ctx = ListenerContext(
-            mode=Mode.LMTP if lmtp else Mode.MX,
-            hostname=config.server.hostname,
-            limits=limits,
-            policy=RecipientPolicy(directory, config.domains.local, lmtp=lmtp,
-                                   catch_all=config.domains.catch_all, trusted=trusted,
-                                   srs=srs),
-            delivery=delivery,
-            spool_dir=config.server.spool_dir,
-            clock=reactor,
-            limiter=ConnectionLimiter(config.server.max_connections,
-                                      config.server.max_connections_per_client),
-            name=lc.name,
-            tls=tls if lc.tls == "starttls" else None,
-            command_timeout=s.command_timeout,
-            data_timeout=s.data_timeout,
-            max_received=s.max_received_headers,
-            outbox=outbox,
-            etrn=config.relay.etrn,
-            srs=srs,
-        )
         endpoint = make_endpoint(reactor, lc.address, lc.socket_mode)
-        svc = StreamServerEndpointService(endpoint, SMTPFactory(ctx))
+        svc = StreamServerEndpointService(endpoint, build_listener(parts, lc))
         svc._raiseSynchronously = True
         svc.setName(lc.name)
         svc.setServiceParent(top)
     return top
+
+
+def build_authenticator(config: Config, directory, reactor):
+    """SMTP AUTH (and later POP3) through the directory's twisted.cred checker,
+    slowed by one failed-login throttle shared by every listener."""
+    from mailserver.directory.cred import DirectoryChecker
+    from mailserver.pipeline.auth import Authenticator
+    from mailserver.throttle import LoginThrottle
+
+    a = config.auth
+    throttle = LoginThrottle(reactor, base_delay=a.failure_delay,
+                             max_delay=a.max_failure_delay, max_failures=a.max_failures,
+                             window=a.failure_window)
+    return Authenticator(DirectoryChecker(directory), throttle, directory, reactor)
+
+
+def build_rate_limiter(config: Config, reactor):
+    from mailserver.throttle import RateLimiter, RateLimits
+
+    s = config.submission
+    return RateLimiter(reactor, RateLimits(
+        messages_per_hour=s.messages_per_hour, messages_per_day=s.messages_per_day,
+        recipients_per_hour=s.recipients_per_hour, recipients_per_day=s.recipients_per_day),
+        exempt=frozenset(x.lower() for x in s.rate_limit_exempt))

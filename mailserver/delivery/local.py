@@ -150,11 +150,10 @@ class LocalTarget:
 
     async def deliver(self, message):
         from mailserver.delivery.interfaces import DeliveryReport
-        from mailserver.directory.interfaces import Resolution
+        from mailserver.delivery.recipients import Message, RecipientDelivery, Target
 
         replies, remotes = {}, {}
-        forwarded = set()  # recipients whose forwards are now queued
-        resolved = []  # (rcpt, mailboxes, forwards)
+        targets = []
         for rcpt in message.recipients:
             try:
                 resolution = await self.directory.resolve(rcpt.address)
@@ -165,121 +164,26 @@ class LocalTarget:
                 replies[rcpt.address] = (R.MAILBOX_DISABLED if resolution.disabled
                                          else R.RCPT_UNKNOWN)
                 continue
-            forwards = resolution.forwards
-            if rcpt.mailbox_only and resolution.mailboxes:
-                forwards = ()
-            resolved.append((rcpt, resolution.mailboxes, forwards))
-
-        forwarding = [(rcpt, f) for rcpt, _m, f in resolved if f]
-        if forwarding:
-            reply = await self._forward(message, forwarding)
-            if not reply.is_positive:  # wait whole: no copy made, nothing to repeat
-                for rcpt, _f in forwarding:
-                    replies[rcpt.address] = reply
-                resolved = [(r, m, f) for r, m, f in resolved if not f]
-            else:
-                for rcpt, _f in forwarding:
-                    replies[rcpt.address] = reply
-                    remotes[rcpt.address] = "forward"
-                    forwarded.add(rcpt.address)
-
-        accepted = [(rcpt.address, Resolution(rcpt.address, mailboxes))
-                    for rcpt, mailboxes, _f in resolved if mailboxes]
-        by_mailbox = {}
-        if accepted:
-            by_mailbox = await self.delivery.copies(message.queue_id, message.sender,
-                                                    message.content_path, b"", accepted)
-        retry = []  # (rcpt, failed mailboxes) to queue alone
-        for rcpt, mailboxes, forwards in resolved:
-            if not mailboxes:
+            targets.append(Target(rcpt.address, resolution, orcpt=rcpt.orcpt or "",
+                                  notify=tuple(rcpt.notify), mailbox_only=rcpt.mailbox_only))
+        step = RecipientDelivery(self.delivery, self.outbox, self.srs, self.clock)
+        content = Message(message.queue_id, message.sender, message.content_path,
+                          eight_bit=message.eight_bit, smtputf8=message.smtputf8,
+                          envid=message.envid, ret=message.ret, arrival=message.arrival)
+        outcomes = await step.deliver(content, targets, requeue="partial")
+        forwarded = set()
+        for t, outcome in zip(targets, outcomes):
+            replies[t.address] = outcome.reply
+            if outcome.forwarded:
+                forwarded.add(t.address)
+            if not outcome.reply.is_positive:
                 continue
-            results = [by_mailbox[mb] for mb in mailboxes]
-            failed = [r for r in results if not r.is_positive]
-            if not failed:
-                if not forwards:
-                    replies[rcpt.address] = R.DELIVERED.with_text(R.DELIVERED.text.format(
-                        rcpt=rcpt.address, id=message.queue_id))
-                remotes[rcpt.address] = "local"  # as at DATA time: its mailbox copies arrived
-                continue
-            # Some copies made or forwards queued: the failed mailboxes go on
-            # alone (a permanent failure fails again there and bounces with
-            # its own address, as at DATA time).
-            missing = [mb for mb in mailboxes if not by_mailbox[mb].is_positive]
-            partly_done = bool(forwards) or len(missing) < len(mailboxes)
-            if partly_done:  # (for a mailbox_only one: some of its copies made)
-                retry.append((rcpt, missing))
-                continue
-            # Nothing else done for it: its own reply, retried or bounced whole.
-            replies[rcpt.address] = failed[0]
-            remotes.pop(rcpt.address, None)
-        if retry:
-            reply = await self._requeue(message, retry)
-            for rcpt, _mbs in retry:
-                if reply.is_positive:
-                    replies.setdefault(rcpt.address, reply)
-                    remotes[rcpt.address] = "queued"
-                else:
-                    replies[rcpt.address] = reply
-                    remotes.pop(rcpt.address, None)
+            if outcome.local:
+                remotes[t.address] = "local"  # as at DATA time: its mailbox copies arrived
+            elif outcome.queued and t.mailboxes() and not (outcome.forwarded
+                                                           and len(outcome.by_mailbox) == 0):
+                remotes[t.address] = "queued"
+            elif outcome.forwarded:
+                remotes[t.address] = "forward"
         return DeliveryReport(replies=replies, remote="local", remotes=remotes,
                               forwarded=frozenset(forwarded))
-
-    async def _requeue(self, message, retry) -> R.Reply:
-        """Queue the mailboxes whose copy failed, alone.  They keep the
-        message's arrival time: the same delivery, the same lifetime."""
-        recipients, notify, only = [], {}, set()
-        for rcpt, mailboxes in retry:
-            orcpt = rcpt.orcpt or f"rfc822;{rcpt.address}"
-            for mb in mailboxes:
-                if mb.address not in notify:
-                    recipients.append((mb.address, orcpt))
-                    notify[mb.address] = rcpt.notify
-                    only.add(mb.address)
-        return await self._enqueue(message, recipients, notify, message.sender, only,
-                                   "local copy queued again", arrival=message.arrival)
-
-    async def _forward(self, message, forwards) -> R.Reply:
-        """Queue one message for every forward address; its reply."""
-        if self.outbox is None:
-            log.warn("{id}: cannot forward to {to}: no queue to forward through",
-                     id=message.queue_id, to=", ".join(a for _, f in forwards for a in f))
-            return R.FORWARD_UNAVAILABLE
-        recipients, notify = [], {}
-        for rcpt, addresses in forwards:
-            orcpt = rcpt.orcpt or f"rfc822;{rcpt.address}"
-            for address in addresses:
-                if address not in notify:
-                    recipients.append((address, orcpt))
-                    notify[address] = rcpt.notify
-        sender = message.sender
-        if self.srs is not None:
-            sender = self.srs.forward(sender)
-        return await self._enqueue(message, recipients, notify, sender, (), "forwarded")
-
-    async def _enqueue(self, message, recipients, notify, sender, mailbox_only,
-                       status: str, arrival: Optional[float] = None) -> R.Reply:
-        if self.outbox is None:
-            return R.FORWARD_UNAVAILABLE
-        clock = self.clock
-        if clock is None:
-            from twisted.internet import reactor as clock
-        try:
-            new_id = await self.outbox.enqueue(
-                source_path=message.content_path, prefix=b"", sender=sender,
-                recipients=recipients, notify=notify, mailbox_only=mailbox_only,
-                arrival=clock.seconds() if arrival is None else arrival,
-                eight_bit=message.eight_bit,
-                smtputf8=message.smtputf8, envid=message.envid, ret=message.ret,
-            )
-        except Exception as e:
-            if not is_known(e) and not isinstance(e, OSError):
-                log.failure("{id}: could not queue a copy", id=message.queue_id)
-            else:
-                log.warn("{id}: could not queue a copy: {reason}",
-                         id=message.queue_id, reason=str(e))
-            return to_reply(e, message.queue_id)
-        for address, orcpt in recipients:
-            log.info("{id}: to=<{to}>, orig_to=<{orig}>, relay=local, status={status} as {new}",
-                     id=message.queue_id, to=address, orig=orcpt.partition(";")[2],
-                     status=status, new=new_id)
-        return R.QUEUED.with_text(R.QUEUED.text.format(id=new_id))

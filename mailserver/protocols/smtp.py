@@ -1,22 +1,21 @@
 # -*- test-case-name: tests.unit.test_protocol_smtp -*-
-"""The Twisted edge of the SMTP and LMTP listeners.
+"""The Twisted edge of the SMTP, submission and LMTP listeners.
 
-:class:`SMTPServerProtocol` owns the transport and nothing else of substance:
-it feeds bytes to the sans-IO :class:`~mailserver.sansio.smtp_server.SMTPServerConnection`,
-answers the decisions it returns (asking :mod:`mailserver.policy` and the
-directory, writing to the store), writes the core's output, runs the idle
-timeouts on an injected clock and starts TLS.  While a decision is pending the
-transport is paused, and pipelined commands wait in the core's buffer, so
-replies always leave in command order.
-
-The 250 after the data is sent only when :mod:`mailserver.delivery` reports
-every local copy durable (file and directory fsynced).
+:class:`SMTPServerProtocol` keeps bytes, TLS, timers and back-pressure and
+nothing else: it feeds what it reads to the sans-IO
+:class:`~mailserver.sansio.smtp_server.SMTPServerConnection`, hands every
+decision the core asks for (the greeting, HELO, AUTH, MAIL, RCPT, the end of
+the data, ETRN) to the listener's acceptance pipeline
+(:mod:`mailserver.pipeline.acceptance`), and writes the core's output.
+While a decision is pending the transport is paused and pipelined commands
+wait in the core's buffer, so replies always leave in command order.  Idle
+timeouts run on an injected clock.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -25,14 +24,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailserver import reply as R
-from mailserver.delivery.local import LocalDelivery
 from mailserver.errors import is_known, to_reply
-from mailserver.policy import RecipientPolicy
+from mailserver.pipeline.acceptance import Acceptance
+from mailserver.pipeline.session import Session, Transaction
+from mailserver.protocols.limits import ConnectionLimiter, client_key
 from mailserver.sansio import smtp_events as ev
 from mailserver.sansio.smtp_server import Limits, Mode, SMTPServerConnection
-from mailserver.protocols.limits import ConnectionLimiter, client_key
-from mailserver.received import HeaderScanner, SessionInfo, received_header
-from mailserver.incoming import IncomingMessage, new_queue_id
 
 log = Logger(namespace="mailserver.smtpd")
 
@@ -44,21 +41,19 @@ class ListenerContext:
     mode: Mode
     hostname: str
     limits: Limits
-    policy: RecipientPolicy
-    delivery: LocalDelivery
-    spool_dir: str
+    pipeline: Acceptance
     clock: IReactorTime
     limiter: ConnectionLimiter
+    kind: str = "smtp"  # smtp, submission or lmtp: the pipeline's listener kind
     name: str = "smtp"
-    tls: Any = None  # ReloadableTLS or None
+    tls: Any = None  # mailserver.tls.ReloadableTLS for STARTTLS, or None
+    implicit_tls: bool = False  # the transport is TLS from the first byte (port 465)
+    auth_mechanisms: tuple = ()  # SASL mechanisms offered; () = no AUTH
+    auth_requires_tls: bool = True
     command_timeout: float = 300.0
     data_timeout: float = 180.0
-    max_received: int = 50
-    queue_id: Callable[[], str] = field(default=new_queue_id)
-    outbox: Any = None  # mailserver.queue.outbox.Outbox, for relayed and forwarded mail
-    etrn: bool = False
-    srs: Any = None  # mailserver.srs.SRS when forwarded mail is rewritten
     close_grace: float = 10.0  # seconds a closing connection may take to drain
+    dsn: bool = False  # DSN parameters accepted (there is a queue to honour them)
 
 
 def _peer_ip(transport) -> str:
@@ -77,13 +72,14 @@ class SMTPServerProtocol(Protocol):
     memory: its own socket fills up instead.
     """
 
+    HOLD_INPUT = 65536  # unprocessed octets kept while the client reads no replies
+
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
         self.core: Optional[SMTPServerConnection] = None
+        self.session: Optional[Session] = None
+        self.txn = Transaction()
         self.client = "unknown"
-        self.helo = ""
-        self.esmtp = False
-        self.tls_active = False
         self.busy = False
         self.write_paused = False
         self.reading_paused = False
@@ -93,21 +89,11 @@ class SMTPServerProtocol(Protocol):
         self.timer = None
         self.abort_timer = None
         self.due = 1  # replies owed for the pending decision
-        self._reset_transaction()
+        self.deciding = False  # inside _decide: a synchronous answer must not re-enter _drive
 
-    # -- transaction state -----------------------------------------------
     def _reset_transaction(self) -> None:
-        self.sender: Optional[str] = None
-        self.smtputf8 = False
-        self.body_8bit = False
-        self.mail_params: dict = {}
-        self.rcpt_params: dict = {}  # recipient -> its RCPT parameters
-        self.accepted: List[tuple] = []  # (recipient, Resolution or None) in RCPT order
-        message = getattr(self, "message", None)
-        if message is not None:
-            message.discard()
-        self.message: Optional[IncomingMessage] = None
-        self.scanner: Optional[HeaderScanner] = None
+        self.txn.discard()
+        self.txn = Transaction()
 
     # -- Twisted callbacks -------------------------------------------------
     def connectionMade(self) -> None:
@@ -123,25 +109,35 @@ class SMTPServerProtocol(Protocol):
             return
         self.counted = True
         log.info("{listener}: connect from {client}", listener=self.ctx.name, client=self.client)
+        ctx = self.ctx
+        self.session = Session(listener=ctx.name, kind=ctx.kind, hostname=ctx.hostname,
+                               client_ip=self.client, client_key=self.key)
         self.core = SMTPServerConnection(
-            mode=self.ctx.mode,
-            hostname=self.ctx.hostname,
-            limits=self.ctx.limits,
-            tls_available=self.ctx.tls is not None,
-            tls_active=False,
-            etrn=self.ctx.outbox is not None and self.ctx.etrn,
-            dsn=self.ctx.outbox is not None,
+            mode=ctx.mode,
+            hostname=ctx.hostname,
+            limits=ctx.limits,
+            tls_available=ctx.tls is not None or ctx.implicit_tls,
+            tls_active=ctx.implicit_tls,
+            etrn=ctx.pipeline.etrn_enabled,
+            dsn=ctx.dsn,
+            auth_mechanisms=ctx.auth_mechanisms,
+            auth_requires_tls=ctx.auth_requires_tls,
         )
         self.transport.registerProducer(self, True)
         self.registered = True
-        self.core.greeting()
-        self._flush()
-        self._arm_timer()
+        self._decide(self._greet(), greeting=True)
+        if not self.busy:
+            self._drive()
+
+    async def _greet(self) -> list:
+        return [await self.ctx.pipeline.connect(self.session)]
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing or self.core is None:
             return
         self.core.receive_data(data)
+        if self.write_paused:
+            self._update_reading()
         self._drive()
 
     def connectionLost(self, reason=None) -> None:
@@ -192,7 +188,11 @@ class SMTPServerProtocol(Protocol):
         """Read from the socket only when nothing holds us back."""
         if self.closing:
             return
-        hold = self.busy or self.write_paused
+        # A full write buffer stops command processing at once, but reading
+        # only once the unprocessed input passes HOLD_INPUT: under TLS the
+        # write buffer may be waiting for the handshake, which needs reading.
+        hold = self.busy or (self.write_paused and self.core is not None
+                             and self.core.buffered >= self.HOLD_INPUT)
         if hold and not self.reading_paused:
             self.reading_paused = True
             self.transport.pauseProducing()
@@ -252,30 +252,51 @@ class SMTPServerProtocol(Protocol):
                  listener=self.ctx.name, client=self.client)
         self.transport.abortConnection()
 
-    def _decide(self, coro, due: int = 1) -> None:
-        """Run an async decision owing ``due`` replies; the core waits for them."""
+    def _decide(self, coro, due: int = 1, greeting: bool = False) -> None:
+        """Run an async decision owing ``due`` replies; the core waits for
+        them.  ``greeting``: the reply is the greeting (None: the usual 220)."""
         self.busy = True
         self.due = due
         self._cancel_timer()
         self._update_reading()
+        # A decision answered at once (no directory trip) returns here and
+        # the caller's loop goes on: no recursion per pipelined command.
+        self.deciding = True
         d = defer.ensureDeferred(coro)
         d.addErrback(self._decision_failed)
-        d.addCallback(self._decided)
+        d.addCallback(self._greeted if greeting else self._decided)
         d.addErrback(self._broken)
+        self.deciding = False
 
     def _decision_failed(self, failure) -> list:
         if not is_known(failure.value):
             log.failure("{listener}: decision failed", failure, listener=self.ctx.name)
         return [to_reply(failure.value)] * self.due
 
+    def _greeted(self, replies) -> None:
+        self.busy = False
+        if self.closing:
+            return
+        reply = replies[0]
+        if reply is not None and reply.is_positive:
+            reply = None  # a check without objection: the usual 220
+        self.core.greeting(reply)
+        self._update_reading()
+        if not self.deciding:
+            self._drive()
+
     def _decided(self, replies) -> None:
         self.busy = False
         if self.closing:
             return
         for reply in replies:
-            self.core.send(reply)
+            if reply is R.AUTH_OK and self.session.authenticated:
+                self.core.send(reply, identity=self.session.login)
+            else:
+                self.core.send(reply)
         self._update_reading()
-        self._drive()
+        if not self.deciding:
+            self._drive()
 
     def _broken(self, failure) -> None:
         """Last resort: a bug while answering.  Say 421 and hang up, never hang."""
@@ -289,7 +310,8 @@ class SMTPServerProtocol(Protocol):
         self._cancel_timer()
         if self.busy or self.closing:
             return
-        seconds = self.ctx.data_timeout if self.message is not None else self.ctx.command_timeout
+        seconds = (self.ctx.data_timeout if self.txn.message is not None
+                   else self.ctx.command_timeout)
         self.timer = self.ctx.clock.callLater(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
@@ -304,9 +326,17 @@ class SMTPServerProtocol(Protocol):
 
     # -- event handlers ----------------------------------------------------
     def on_hello(self, event: ev.Hello) -> None:
-        self.helo = event.domain
-        self.esmtp = event.verb.upper() != "HELO"
+        self.session.helo = event.domain
+        self.session.esmtp = event.verb.upper() != "HELO"
         self._reset_transaction()
+        self._decide(self._no_reply(self.ctx.pipeline.helo(self.session)), due=0)
+
+    async def _no_reply(self, coro) -> list:
+        """A check after a reply the core already sent: a refusal closes."""
+        reply = await coro
+        if reply is not None and not reply.is_positive:
+            self._close(reply if reply.code == 421 else R.SERVICE_UNAVAILABLE)
+        return []
 
     def on_starttls(self, event: ev.StartTLS) -> None:
         if self.ctx.tls is None:
@@ -315,48 +345,40 @@ class SMTPServerProtocol(Protocol):
         self.core.send(R.READY_TLS)
         self._flush()
         self.transport.startTLS(self.ctx.tls.options)
-        self.tls_active = True
-        self.helo = ""
+        self.session.forget_tls_state()
+        self.session.tls_version = "TLS"
         self._reset_transaction()
         self.core.tls_started()
 
+    def on_auth(self, event: ev.Authenticate) -> None:
+        self._decide(self._one(self.ctx.pipeline.authenticate(self.session, event.credentials)))
+
+    def on_auth_failed(self, event: ev.AuthFailed) -> None:
+        log.info("{listener}: {client}: authentication failed: sasl_method={mech} ({reason})",
+                 listener=self.ctx.name, client=self.client, mech=event.mechanism,
+                 reason=event.reason)
+
+    async def _one(self, coro) -> list:
+        return [await coro]
+
     def on_mail(self, event: ev.MailFrom) -> None:
         self._reset_transaction()
-        self.sender = event.sender
-        self.smtputf8 = event.smtputf8
-        self.body_8bit = (event.body or "").upper() == "8BITMIME"
-        self.mail_params = dict(event.params)
-        self.core.send(R.SENDER_OK)
+        txn = self.txn
+        txn.sender = event.sender
+        txn.smtputf8 = event.smtputf8
+        txn.body_8bit = (event.body or "").upper() == "8BITMIME"
+        txn.params = dict(event.params)
+        self._decide(self._one(self.ctx.pipeline.mail(self.session, txn)))
 
     def on_rcpt(self, event: ev.RcptTo) -> None:
-        self.rcpt_params[event.recipient] = dict(event.params)
-        self._decide(self._check_rcpt(event.recipient))
-
-    async def _check_rcpt(self, recipient: str) -> list:
-        decision = await self.ctx.policy.check_rcpt(recipient, self.sender or "",
-                                                    client_ip=self.client)
-        reply = decision.reply
-        if reply.is_positive and decision.resolution is not None:
-            reply = self.ctx.delivery.check(decision.resolution) or reply
-        if reply.is_positive:
-            self.accepted.append((decision.forward_to or recipient, decision.resolution))
-            if decision.forward_to:
-                self.rcpt_params[decision.forward_to] = self.rcpt_params.get(recipient, {})
-        if not reply.is_positive:  # accepted recipients are logged with the message
-            log.info("{listener}: NOQUEUE: reject: RCPT from {client}: {reply}; from=<{sender}> "
-                     "to=<{rcpt}>", listener=self.ctx.name, client=self.client, reply=str(reply),
-                     sender=self.sender, rcpt=recipient)
-        return [reply]
+        self._decide(self._one(self.ctx.pipeline.rcpt(self.session, self.txn, event.recipient,
+                                                      dict(event.params))))
 
     def on_data_start(self, event: ev.DataStart) -> None:
-        self.message = IncomingMessage(self.ctx.spool_dir, self.ctx.queue_id())
-        self.scanner = HeaderScanner()
+        self.ctx.pipeline.begin_data(self.txn)
 
     def on_data_chunk(self, event: ev.DataChunk) -> None:
-        if self.message is None:  # BDAT chunks of a refused transaction
-            return
-        self.message.write(event.data)
-        self.scanner.feed(event.data)
+        self.ctx.pipeline.data(self.txn, event.data)
 
     def on_data_aborted(self, event: ev.DataAborted) -> None:
         log.info("{listener}: message from {client} refused: {reply}",
@@ -364,208 +386,24 @@ class SMTPServerProtocol(Protocol):
         self._reset_transaction()
 
     def on_data_end(self, event: ev.DataEnd) -> None:
-        due = len(self.accepted) if self.ctx.mode is Mode.LMTP else 1
-        self._decide(self._finish_message(), due=max(due, 1))
+        due = len(self.txn.targets) if self.ctx.mode is Mode.LMTP else 1
+        self._tls_details()
+        txn, self.txn = self.txn, Transaction()  # the pipeline owns it now
+        self._decide(self.ctx.pipeline.end_data(self.session, txn), due=max(due, 1))
 
-    async def _finish_message(self) -> list:
-        message, accepted = self.message, self.accepted
-        count = len(accepted) if self.ctx.mode is Mode.LMTP else 1
-        if message is None:
-            return [R.NO_VALID_RCPTS] * count
-        queue_id = message.queue_id
-        try:
-            message.finish()
-            if self.scanner.received > self.ctx.max_received:
-                log.info("{id}: refused, {n} Received headers (loop)", id=queue_id,
-                         n=self.scanner.received)
-                return [R.MAIL_LOOP] * count
-            info = SessionInfo(
-                peer_ip=self.client, helo=self.helo or self.client, hostname=self.ctx.hostname,
-                protocol="LMTP" if self.ctx.mode is Mode.LMTP else "SMTP", esmtp=self.esmtp,
-                smtputf8=self.smtputf8, **self._tls_details(),
-            )
-            only = accepted[0][0] if len(accepted) == 1 else None
-            prefix = received_header(info, queue_id, only)
-            log.info("{id}: client={client}, from=<{sender}>, size={size}, nrcpt={n}",
-                     id=queue_id, client=self.client, sender=self.sender, size=message.size,
-                     n=len(accepted))
-            return await self._dispatch(queue_id, message, prefix, accepted)
-        finally:
-            self._reset_transaction()
-
-    async def _dispatch(self, queue_id: str, message, prefix: bytes, accepted) -> list:
-        """Deliver the local copies now; queue what must wait or leave.
-
-        The queue carries relayed recipients, forwards and, for SMTP, local
-        copies that failed now (so the client gets one 250 and nothing is
-        delivered twice by its retry).  Replies are sent only when every
-        local copy and the queued message are durable.
-        """
-        lmtp = self.ctx.mode is Mode.LMTP
-        sender = self.sender or ""
-        local = [(r, res) for r, res in accepted if res is not None and res.mailboxes]
-        by_mailbox = {}
-        if local:
-            by_mailbox = await self.ctx.delivery.copies(queue_id, sender, message.path, prefix,
-                                                        local)
-        queued, forwarded = [], []  # (address, orcpt, notify)
-        for rcpt, res in accepted:
-            orcpt, notify = self._dsn_params(rcpt)
-            if res is None:
-                queued.append((rcpt, orcpt, notify))
-            else:
-                forwarded.extend((f, orcpt, notify) for f in res.forwards)
-        srs_sender = self.ctx.srs.forward(sender) if self.ctx.srs and forwarded else None
-        if srs_sender is None or srs_sender == sender:
-            queued += forwarded  # one queued message, one sender
-            forwarded = []
-        retries = set()  # mailboxes whose copy failed: retried alone, forwards are queued
-        if not lmtp:
-            owner = {mb: rcpt for rcpt, res in local for mb in res.mailboxes}
-            for mb, reply in by_mailbox.items():
-                if not reply.is_positive:
-                    orcpt, notify = self._dsn_params(owner[mb])
-                    queued.append((mb.address, orcpt, notify))
-                    retries.add(mb.address)
-        queue_reply = None
-        if queued:
-            queue_reply = await self._enqueue(queue_id, message, prefix, queued, sender,
-                                              mailbox_only=retries)
-        if forwarded and queue_reply is None:  # forwarded copies leave with the SRS sender
-            queue_reply = await self._enqueue(self.ctx.queue_id(), message, prefix, forwarded,
-                                              srs_sender)
-        if lmtp:
-            replies = self.ctx.delivery.per_recipient(queue_id, local, by_mailbox)
-            by_rcpt = dict(zip([r for r, _ in local], replies))
-            out = []
-            for rcpt, res in accepted:
-                reply = by_rcpt.get(rcpt) or R.DELIVERED.with_text(
-                    R.DELIVERED.text.format(rcpt=rcpt, id=queue_id))
-                if reply.is_positive and res is not None and res.forwards and queue_reply:
-                    reply = queue_reply
-                out.append(reply)
-            await self._report_delivered(queue_id, message, [
-                (rcpt, res) for (rcpt, res), reply in zip(accepted, out)
-                if reply.is_positive and res is not None], by_mailbox)
-            return out
-        if queue_reply is not None:
-            return [queue_reply]
-        await self._report_delivered(queue_id, message, local, by_mailbox)
-        return [R.QUEUED.with_text(R.QUEUED.text.format(id=queue_id))]
-
-    async def _report_delivered(self, queue_id: str, message, accepted, by_mailbox) -> None:
-        """RFC 3461: queue a "delivered" DSN for the mailboxes of ``accepted``
-        that got their copy now, when their recipient's NOTIFY has SUCCESS.
-
-        Copies queued instead are reported by the queue manager once
-        delivered.  This runs before the 250, while the content is still on
-        disk; a failure is logged and the 250 stands.
-        """
-        from mailserver.queue import bounce
-        from mailserver.queue.envelope import DELIVERED, ClientInfo, Envelope, Recipient
-
-        if not self.sender or self.ctx.outbox is None:
-            return  # never report on a bounce
-        now = self.ctx.clock.seconds()
-        recipients, seen = [], set()
-        for rcpt, res in accepted:
-            orcpt, notify = self._dsn_params(rcpt)
-            for mb in res.mailboxes:
-                reply = by_mailbox.get(mb)
-                if reply is None or not reply.is_positive or (mb.address, orcpt) in seen:
-                    continue
-                seen.add((mb.address, orcpt))
-                recipients.append(Recipient(address=mb.address, orcpt=orcpt, notify=notify,
-                                            state=DELIVERED, attempts=1, last_reply=reply,
-                                            remote="local", last_attempt=now))
-        original = Envelope(
-            id=queue_id, sender=self.sender, recipients=recipients, arrival=now,
-            size=message.size, eight_bit=self.body_8bit, smtputf8=self.smtputf8,
-            envid=self.mail_params.get("ENVID"),
-            ret=(self.mail_params.get("RET") or "").upper() or None,
-            client=ClientInfo(address=self.client, helo=self.helo, protocol=(
-                "LMTP" if self.ctx.mode is Mode.LMTP else "ESMTP" if self.esmtp else "SMTP")),
-        )
-        wanted = [r for r in recipients if bounce.should_notify(original, r, "success")]
-        if not wanted:
+    def _tls_details(self) -> None:
+        """The negotiated TLS version and cipher, for the Received header."""
+        if self.session.tls_version is None and not self.ctx.implicit_tls:
             return
-        try:
-            dsn_id = await self.ctx.outbox.enqueue_dsn(
-                original=original, recipients=wanted, kind="success",
-                reporting_mta=self.ctx.hostname, original_path=message.path, now=now)
-        except Exception:
-            log.failure("{id}: could not queue the delivery report to <{sender}>", id=queue_id,
-                        sender=self.sender)
-            return
-        log.info("{id}: sender success notification: {dsn}", id=queue_id, dsn=dsn_id)
-
-    def _dsn_params(self, rcpt: str) -> tuple:
-        """(ORCPT, NOTIFY) for a recipient, from its RCPT parameters."""
-        params = self.rcpt_params.get(rcpt, {})
-        orcpt = params.get("ORCPT") or f"rfc822;{rcpt}"
-        notify = tuple(n.strip().upper() for n in (params.get("NOTIFY") or "").split(",")
-                       if n.strip())
-        return orcpt, notify
-
-    async def _enqueue(self, queue_id: str, message, prefix: bytes, queued,
-                       sender: str, mailbox_only=frozenset()) -> Optional[R.Reply]:
-        """Queue ``message`` from ``sender`` for ``queued``; None when durable,
-        else the reply for the client."""
-        if self.ctx.outbox is None:
-            return R.INTERNAL_ERROR.with_text(f"{R.INTERNAL_ERROR.text} ({queue_id})")
-        seen, recipients, notify = set(), [], {}
-        for address, orcpt, n in queued:
-            if address not in seen:
-                seen.add(address)
-                recipients.append((address, orcpt))
-                notify[address] = n
-        try:
-            await self.ctx.outbox.enqueue(
-                queue_id=queue_id, source_path=message.path, prefix=prefix,
-                sender=sender, recipients=recipients, notify=notify,
-                mailbox_only=mailbox_only,
-                arrival=self.ctx.clock.seconds(), eight_bit=self.body_8bit,
-                smtputf8=self.smtputf8, envid=self.mail_params.get("ENVID"),
-                ret=(self.mail_params.get("RET") or "").upper() or None,
-            )
-        except Exception as e:
-            if not is_known(e):
-                log.failure("{id}: could not queue the message", id=queue_id)
-            return to_reply(e, queue_id)
-        log.info("{id}: queued from=<{sender}> for {n} recipient(s)", id=queue_id, sender=sender,
-                 n=len(recipients))
-        return None
-
-    def _tls_details(self) -> dict:
-        if not self.tls_active:
-            return {}
         try:
             handle = self.transport.getHandle()
-            return {"tls_version": handle.get_protocol_version_name(),
-                    "tls_cipher": handle.get_cipher_name()}
+            self.session.tls_version = handle.get_protocol_version_name()
+            self.session.tls_cipher = handle.get_cipher_name()
         except Exception:
-            return {"tls_version": "TLS", "tls_cipher": None}
+            self.session.tls_version = self.session.tls_version or "TLS"
 
     def on_etrn(self, event: ev.Etrn) -> None:
-        self._decide(self._etrn(event.node))
-
-    async def _etrn(self, node: str) -> list:
-        """RFC 1985: run the deferred mail for ``node`` now (trusted clients only)."""
-        def say(template):
-            return template.with_text(template.text.format(node=node[:255]))
-
-        if self.ctx.outbox is None or not self.ctx.policy.may_relay(self.client, False):
-            return [say(R.ETRN_DENIED)]
-        if node.startswith("#"):  # named queues: we have none
-            return [say(R.ETRN_UNAVAILABLE)]
-        try:
-            moved = await self.ctx.outbox.flush(node.lstrip("@").lower())
-        except Exception:
-            log.failure("ETRN {node} failed", node=node)
-            return [say(R.ETRN_UNAVAILABLE)]
-        log.info("{listener}: ETRN {node} from {client}: {n} message(s)", listener=self.ctx.name,
-                 node=node, client=self.client, n=len(moved))
-        return [say(R.ETRN_STARTED if moved else R.ETRN_NOTHING)]
+        self._decide(self._one(self.ctx.pipeline.etrn(self.session, event.node)))
 
     def on_reset(self, event: ev.Reset) -> None:
         self._reset_transaction()
@@ -580,6 +418,8 @@ class SMTPServerProtocol(Protocol):
     HANDLERS = {
         ev.Hello: on_hello,
         ev.StartTLS: on_starttls,
+        ev.Authenticate: on_auth,
+        ev.AuthFailed: on_auth_failed,
         ev.MailFrom: on_mail,
         ev.RcptTo: on_rcpt,
         ev.DataStart: on_data_start,

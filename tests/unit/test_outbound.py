@@ -36,6 +36,8 @@ from mailserver.protocols.outbound import (
 from mailserver.protocols.outbound_pool import OutboundConnectionPool
 from mailserver.protocols.limits import ConnectionLimiter
 from mailserver.protocols.smtp import ListenerContext, SMTPFactory
+from mailserver.delivery.recipients import RecipientDelivery
+from mailserver.pipeline.acceptance import Acceptance
 from mailserver.incoming import prepare_spool
 from mailserver.store.maildir import MaildirStore
 from mailserver.testing import FakeDirectory, ImmediateReactor, SynchronousThreadPool
@@ -593,12 +595,16 @@ def test_delivery_to_our_server_protocol(tmp_path, content):
     spool = tmp_path / "spool"
     prepare_spool(str(spool))
     store = MaildirStore(str(tmp_path / "mail"), hostname="mx.example.test")
+    local = LocalDelivery(store, SynchronousThreadPool(), ImmediateReactor())
+    pipeline = Acceptance(
+        kind="smtp", hostname="mx.example.test",
+        recipients=RecipientPolicy(FakeDirectory({"bob@example.test": ("bob@example.test",)}),
+                                   ["example.test"]),
+        local=local, delivery=RecipientDelivery(local, clock=reactor), spool_dir=str(spool),
+        clock=reactor)
     ctx = ListenerContext(
-        mode=Mode.MX, hostname="mx.example.test", limits=Limits(),
-        policy=RecipientPolicy(FakeDirectory({"bob@example.test": ("bob@example.test",)}),
-                               ["example.test"]),
-        delivery=LocalDelivery(store, SynchronousThreadPool(), ImmediateReactor()),
-        spool_dir=str(spool), clock=reactor, limiter=ConnectionLimiter(10, 10))
+        mode=Mode.MX, hostname="mx.example.test", limits=Limits(), pipeline=pipeline,
+        clock=reactor, limiter=ConnectionLimiter(10, 10))
     reactor.listenTCP(25, SMTPFactory(ctx))
     msg = content(b"Subject: via iosim\r\n\r\n.leading dot\r\n")
     msg = OutboundMessage(queue_id="Q2", sender="alice@example.org",

@@ -7,6 +7,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from mailserver.delivery.local import LocalDelivery
+from mailserver.delivery.recipients import RecipientDelivery
+from mailserver.pipeline.acceptance import Acceptance
 from mailserver.policy import RecipientPolicy
 from mailserver.sansio.smtp_server import Limits, Mode
 from mailserver.protocols.limits import ConnectionLimiter
@@ -39,7 +41,8 @@ class BrokenStore:
 
 
 class Harness:
-    def __init__(self, tmp_path, mode=Mode.MX, limiter=None, store=None, **ctx):
+    def __init__(self, tmp_path, mode=Mode.MX, limiter=None, store=None, outbox=None,
+                 srs=None, etrn=False, checks=(), authenticator=None, **ctx):
         self.clock = Clock()
         self.directory = FakeDirectory(USERS)
         self.root = tmp_path / "mail"
@@ -48,10 +51,17 @@ class Harness:
         self.store = MaildirStore(str(self.root), hostname="mx.example.test")
         delivery = LocalDelivery(store(self.store) if store else self.store,
                                  SynchronousThreadPool(), ImmediateReactor())
+        self.outbox = outbox
+        self.policy = RecipientPolicy(self.directory, ["example.test"], lmtp=mode is Mode.LMTP)
+        kind = {Mode.MX: "smtp", Mode.LMTP: "lmtp", Mode.SUBMISSION: "submission"}[mode]
+        self.pipeline = Acceptance(
+            kind=kind, hostname="mx.example.test", recipients=self.policy, local=delivery,
+            delivery=RecipientDelivery(delivery, outbox, srs, self.clock),
+            spool_dir=str(spool), clock=self.clock, checks=checks, outbox=outbox, etrn=etrn,
+            authenticator=authenticator)
         self.ctx = ListenerContext(
-            mode=mode, hostname="mx.example.test", limits=Limits(max_recipients=5),
-            policy=RecipientPolicy(self.directory, ["example.test"], lmtp=mode is Mode.LMTP),
-            delivery=delivery, spool_dir=str(spool), clock=self.clock,
+            mode=mode, kind=kind, hostname="mx.example.test", limits=Limits(max_recipients=5),
+            pipeline=self.pipeline, clock=self.clock, dsn=outbox is not None,
             limiter=limiter or ConnectionLimiter(10, 10), **ctx,
         )
         self.factory = SMTPFactory(self.ctx)
@@ -231,17 +241,22 @@ def test_internal_error_hides_details(tmp_path):
 
 
 def test_full_write_buffer_stops_command_processing(h):
-    """While the transport's buffer is full, pipelined commands wait and nothing is read."""
+    """While the transport's buffer is full, pipelined commands wait, and reading
+    stops once the unprocessed input passes HOLD_INPUT (not before: under TLS
+    the buffer may wait for a handshake that needs reading)."""
     p, t = h.connect()
     assert t.producer is p  # registered as the transport's streaming producer
     t.clear()
     p.pauseProducing()  # what Twisted does when the client stops reading
-    assert t.producerState == "paused"
+    assert t.producerState == "producing"
     p.dataReceived(b"EHLO c\r\n" * 1000)
+    assert t.value() == b""
+    p.dataReceived(b"EHLO c\r\n" * (p.HOLD_INPUT // 8))
+    assert t.producerState == "paused"
     assert t.value() == b""
     p.resumeProducing()
     assert t.producerState == "producing"
-    assert t.value().count(b"250 CHUNKING\r\n") == 1000
+    assert t.value().count(b"250 CHUNKING\r\n") == 1000 + p.HOLD_INPUT // 8
 
 
 def test_byte_at_a_time_does_not_extend_the_timeout(h):
@@ -312,7 +327,7 @@ def queue_harness(tmp_path, **kw):
     from mailserver.testing import RecordingOutbox
 
     h = Harness(tmp_path, outbox=RecordingOutbox(), etrn=True, **kw)
-    h.ctx.policy.trusted = Networks(["192.0.2.0/24"])
+    h.policy.trusted = Networks(["192.0.2.0/24"])
     return h
 
 
@@ -324,7 +339,7 @@ def test_relay_from_trusted_network_is_queued(tmp_path):
                    b"RCPT TO:<r@example.org> NOTIFY=FAILURE\r\nRCPT TO:<alice@example.test>\r\n"
                    b"DATA\r\nSubject: out\r\n\r\nbody\r\n.\r\n")
     assert replies(t)[-1] == "250 2.0.0"
-    [q] = h.ctx.outbox.queued
+    [q] = h.outbox.queued
     assert q["recipients"] == [("r@example.org", "rfc822;r@example.org")]
     assert q["notify"] == {"r@example.org": ("FAILURE",)}
     assert (q["sender"], q["ret"], q["envid"]) == ("x@example.test", "HDRS", "E1")
@@ -348,7 +363,7 @@ def test_failed_local_copy_is_queued_not_refused(tmp_path):
     p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<team@example.test>\r\n"
                    b"DATA\r\nSubject: t\r\n\r\nbody\r\n.\r\n")
     assert replies(t)[-1] == "250 2.0.0"
-    [q] = h.ctx.outbox.queued
+    [q] = h.outbox.queued
     assert q["recipients"] == [("bob@example.test", "rfc822;team@example.test")]
     assert q["mailbox_only"] == {"bob@example.test"}  # the retry is bob's mailbox alone
     assert len(h.messages("alice")) == 1
@@ -357,7 +372,7 @@ def test_failed_local_copy_is_queued_not_refused(tmp_path):
 def test_queue_failure_is_temporary(tmp_path):
     """If the queue cannot take the message, the client gets a 4xx, never a 250."""
     h = queue_harness(tmp_path)
-    h.ctx.outbox.fail = OSError(28, "No space")
+    h.outbox.fail = OSError(28, "No space")
     p, t = h.connect("192.0.2.7")
     p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.test>\r\nRCPT TO:<r@example.org>\r\n"
                    b"DATA\r\nSubject: out\r\n\r\nbody\r\n.\r\n")
@@ -370,7 +385,7 @@ def test_etrn(tmp_path):
     p, t = h.connect("192.0.2.7")
     p.dataReceived(b"EHLO c\r\nETRN example.org\r\nETRN @other.example\r\nETRN #q\r\n")
     assert replies(t)[-3:] == ["250 2.0.0", "251 2.0.0", "458 4.3.0"]
-    assert h.ctx.outbox.flushed == ["example.org", "other.example"]
+    assert h.outbox.flushed == ["example.org", "other.example"]
     p2, t2 = h.connect("198.51.100.1")
     p2.dataReceived(b"EHLO c\r\nETRN example.org\r\n")
     assert replies(t2)[-1] == "459 4.7.1"
@@ -384,7 +399,7 @@ def test_forward_is_queued_with_its_original_recipient(tmp_path):
     p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<fwd@example.test>\r\n"
                    b"DATA\r\nSubject: f\r\n\r\nbody\r\n.\r\n")
     assert replies(t)[-1] == "250 2.0.0"
-    [q] = h.ctx.outbox.queued
+    [q] = h.outbox.queued
     assert q["recipients"] == [("far@example.org", "rfc822;fwd@example.test")]
     assert len(h.messages("alice")) == 1
 
@@ -395,21 +410,21 @@ def test_srs_forwarding_and_bounce(tmp_path):
 
     srs = SRS("secret", "example.test", clock=lambda: 1_800_000_000.0)
     h = queue_harness(tmp_path, srs=srs)
-    h.ctx.policy.srs = srs
+    h.policy.srs = srs
     h.directory.entries["fwd@example.test"] = ("far@example.org",)
     p, t = h.connect("198.51.100.1")
     p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.net>\r\nRCPT TO:<fwd@example.test>\r\n"
                    b"DATA\r\nSubject: f\r\n\r\nbody\r\n.\r\n")
     assert replies(t)[-1] == "250 2.0.0"
-    [q] = h.ctx.outbox.queued
+    [q] = h.outbox.queued
     assert q["sender"].startswith("SRS0=") and q["recipients"][0][0] == "far@example.org"
     bounce_to = q["sender"]
     p.dataReceived(b"MAIL FROM:<>\r\nRCPT TO:<" + bounce_to.encode() + b">\r\n"
                    b"RCPT TO:<SRS0=fake=AA=example.net=x@example.test>\r\n"
                    b"DATA\r\nSubject: bounce\r\n\r\nbody\r\n.\r\n")
     assert replies(t) == ["250 2.1.0", "250 2.1.5", "550 5.1.1", "354 End d", "250 2.0.0"]
-    assert h.ctx.outbox.queued[1]["recipients"][0][0] == "x@example.net"
-    assert h.ctx.outbox.queued[1]["sender"] == ""
+    assert h.outbox.queued[1]["recipients"][0][0] == "x@example.net"
+    assert h.outbox.queued[1]["sender"] == ""
 
 
 def aborted(t):
@@ -547,7 +562,7 @@ def test_failed_success_report_keeps_the_250(tmp_path, monkeypatch):
     def full(**kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(h.ctx.outbox, "enqueue_dsn", full)
+    monkeypatch.setattr(h.outbox, "enqueue_dsn", full)
     p, t = h.connect()
     p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<alice@example.test> "
                    b"NOTIFY=SUCCESS\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
