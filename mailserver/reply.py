@@ -164,7 +164,7 @@ NO_VALID_RCPTS = R(554, "5.5.1", "No valid recipients")
 AUTH_REQUIRED = R(530, "5.7.0", "Authentication required")
 MUST_STARTTLS = R(530, "5.7.0", "Must issue a STARTTLS command first")
 SENDER_NOT_OWNED = R(553, "5.7.1", "Sender address not owned by the authenticated user")
-FROM_NOT_OWNED = R(553, "5.7.1", "From: header address not owned by the authenticated user")
+FROM_NOT_OWNED = R(550, "5.7.1", "From: header address not owned by the authenticated user")  # after DATA: 550, not 553 (RFC 5321 4.3.2)
 
 # --- SMTP AUTH (RFC 4954) ----------------------------------------------------------
 AUTH_FAILED = R(535, "5.7.8", "Authentication credentials invalid")

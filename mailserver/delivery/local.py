@@ -5,9 +5,8 @@ Every copy is a maildir transaction (see :mod:`mailserver.store.maildir`) run on
 the I/O thread pool, so the reactor never waits for fsync.  Copies go out in
 parallel, one per distinct mailbox: two recipients that reach the same mailbox
 (an alias and its target, a group and one of its members) give one copy.
-The result is one reply per recipient, in RCPT order, each saying whether all
-of that recipient's copies are durable; LMTP sends them as they are and SMTP
-folds them into one.
+The result is one reply per mailbox; :mod:`mailserver.delivery.recipients`
+turns them into an outcome per recipient for every path that delivers.
 """
 
 from __future__ import annotations
@@ -86,33 +85,15 @@ class LocalDelivery:
         )
         return dict(zip(mailboxes, results))
 
-    @staticmethod
-    def per_recipient(queue_id: str, accepted: Sequence[tuple], by_mailbox: dict) -> list:
-        """One reply per ``(recipient, resolution)``: its first failure, or 250."""
-        replies = []
-        for rcpt, resolution in accepted:
-            failed = [by_mailbox[mb] for mb in resolution.mailboxes
-                      if not by_mailbox[mb].is_positive]
-            if failed:
-                replies.append(failed[0])
-            else:
-                replies.append(R.DELIVERED.with_text(
-                    R.DELIVERED.text.format(rcpt=rcpt, id=queue_id)))
-        return replies
-
-    async def deliver(self, queue_id: str, sender: str, source_path: str, prefix: bytes,
-                      accepted: Sequence[tuple]) -> list:
-        """One reply per ``(recipient, resolution)`` in ``accepted``."""
-        by_mailbox = await self.copies(queue_id, sender, source_path, prefix, accepted)
-        return self.per_recipient(queue_id, accepted, by_mailbox)
-
 
 class LocalTarget:
     """The queue's way into local mailboxes (an ``IDeliveryTarget``).
 
     Each recipient is resolved again (the directory may have changed since the
-    message was accepted).  As the SMTP session does at DATA time, in this
-    order:
+    message was accepted), then handed to the same per-recipient step the
+    listeners use at the end of the data
+    (:class:`~mailserver.delivery.recipients.RecipientDelivery`, answering per
+    recipient, ``requeue="partial"``), in this order:
 
     1. its forwards (an alias to outside addresses, a group's outside members,
        a mailbox's forwarding address) are queued through ``outbox`` as one new
