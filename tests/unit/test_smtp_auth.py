@@ -607,7 +607,7 @@ def test_catalog_auth_replies() -> None:
         "AUTH_CANCELLED": (501, (5, 7, 0)),
         "AUTH_MALFORMED": (501, (5, 5, 2)),
         "SENDER_NOT_OWNED": (553, (5, 7, 1)),
-        "FROM_NOT_OWNED": (553, (5, 7, 1)),
+        "FROM_NOT_OWNED": (550, (5, 7, 1)),
         "RATE_LIMITED": (450, (4, 7, 1)),
         "LOGIN_BLOCKED": (421, (4, 7, 0)),
     }
