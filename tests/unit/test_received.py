@@ -57,3 +57,35 @@ def test_scanner_counts_only_header_section():
         s.feed(chunk)
     assert s.received == 2
     assert s.done
+
+
+def test_hide_client_leaves_out_the_from_clause():
+    """With hide_client the header starts at "by": neither the client's HELO nor its address appears."""
+    h = received_header(info(hide_client=True, authenticated=True), "ID", "alice@example.test",
+                        now=0).decode()
+    assert h == ("Received: by mx.example.test (mailserver) with ESMTPA id ID\r\n"
+                 "\tfor <alice@example.test>; Thu, 01 Jan 1970 00:00:00 +0000\r\n")
+    h = received_header(info(hide_client=True), "ID", now=0).decode()
+    assert h == ("Received: by mx.example.test (mailserver) with ESMTP id ID;\r\n"
+                 "\tThu, 01 Jan 1970 00:00:00 +0000\r\n")
+    assert "192.0.2.1" not in h and "client.example" not in h
+
+
+def test_scanner_keeps_named_fields():
+    """Kept fields are stored under lower-case names with folded lines joined, across chunks, header section only."""
+    s = HeaderScanner(keep=("from", "message-id", "date"))
+    for chunk in (b"FROM: \"Smith, Alice\"\r\n\t<alice@exa", b"mple.test>\r\nSubject: x\r\n",
+                  b" continued\r\nMessage-Id: <1@x>\r\n\r\nFrom: body@example.test\r\n"):
+        s.feed(chunk)
+    assert s.fields == {"from": [' "Smith, Alice"\t<alice@example.test>'],
+                        "message-id": [" <1@x>"]}
+    assert s.has("Message-ID") and s.has("from") and not s.has("date")
+    assert not s.has("subject")  # not kept
+
+
+def test_scanner_kept_values_are_bounded():
+    """A kept value stops growing at max_value octets and a name keeps at most max_fields values."""
+    s = HeaderScanner(keep=("from",), max_value=20, max_fields=2)
+    s.feed(b"From: a@example.test\r\n" + b" more\r\n" * 10 + b"From: b@x\r\nFrom: c@x\r\n\r\n")
+    assert [len(v) for v in s.fields["from"]] == [20, 4]
+    assert s.fields["from"][1] == " b@x"
