@@ -219,8 +219,12 @@ class RecipientDelivery:
                 log.warn("{id}: could not queue a copy: {reason}", id=message.queue_id,
                          reason=str(e))
             return to_reply(e, message.queue_id)
+        if status == "queued":  # relayed: the queue logs each delivery
+            log.info("{id}: queued from=<{sender}> for {n} recipient(s) as {new}",
+                     id=message.queue_id, sender=sender, n=len(unique), new=new_id)
+            return R.QUEUED.with_text(R.QUEUED.text.format(id=new_id))
         for address, orcpt in unique:
-            log.info("{id}: to=<{to}>, orig_to=<{orig}>, status={status} as {new}",
+            log.info("{id}: to=<{to}>, orig_to=<{orig}>, relay=local, status={status} as {new}",
                      id=message.queue_id, to=address, orig=orcpt.partition(";")[2],
                      status=status, new=new_id)
         return R.QUEUED.with_text(R.QUEUED.text.format(id=new_id))
