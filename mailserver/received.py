@@ -112,6 +112,7 @@ class HeaderScanner:
         self.received = 0
         self.done = False
         self.fields: dict[str, list[str]] = {}
+        self.truncated: set[str] = set()  # kept names with a value cut or an occurrence dropped
         self._keep = frozenset(k.lower() for k in keep)
         self._partial = b""
         self._max_line = max_line
@@ -139,7 +140,10 @@ class HeaderScanner:
         if line[:1] in (b" ", b"\t"):  # a continuation of the field before
             if self._current is not None:
                 values = self.fields[self._current]
-                values[-1] = (values[-1] + line.decode("utf-8", "replace"))[: self._max_value]
+                value = values[-1] + line.decode("utf-8", "replace")
+                if len(value) > self._max_value:
+                    self.truncated.add(self._current)
+                values[-1] = value[: self._max_value]
             return
         self._current = None
         name, colon, value = line.partition(b":")
@@ -150,6 +154,9 @@ class HeaderScanner:
             self.received += 1
         if name_text in self._keep:
             values = self.fields.setdefault(name_text, [])
+            text = value.decode("utf-8", "replace")
+            if len(values) >= self._max_fields or len(text) > self._max_value:
+                self.truncated.add(name_text)
             if len(values) < self._max_fields:
-                values.append(value.decode("utf-8", "replace")[: self._max_value])
+                values.append(text[: self._max_value])
                 self._current = name_text

@@ -258,7 +258,10 @@ class RateLimiter:
         self._max_entries = max_entries
         self._entries: "OrderedDict[str, _Usage]" = OrderedDict()
 
-    async def check(self, login: str, recipients: int) -> Optional[RateVerdict]:
+    async def check(self, login: str, recipients: int,
+                    messages: int = 1) -> Optional[RateVerdict]:
+        """The first limit one more message (``messages=0``: only more
+        recipients, as at RCPT) with ``recipients`` would pass, or None."""
         login = _normal(login)
         if login in self._exempt:
             return None
@@ -266,8 +269,8 @@ class RateLimiter:
         usage = self._current(login, now) or _Usage()
         limits = self._limits
         rules = [
-            ("messages_per_hour", limits.messages_per_hour, usage.hour, _MESSAGES, 1),
-            ("messages_per_day", limits.messages_per_day, usage.day, _MESSAGES, 1),
+            ("messages_per_hour", limits.messages_per_hour, usage.hour, _MESSAGES, messages),
+            ("messages_per_day", limits.messages_per_day, usage.day, _MESSAGES, messages),
             ("recipients_per_hour", limits.recipients_per_hour, usage.hour,
              _RECIPIENTS, recipients),
             ("recipients_per_day", limits.recipients_per_day, usage.day,

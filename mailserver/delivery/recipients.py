@@ -148,7 +148,9 @@ class RecipientDelivery:
                 [(t.address, t.resolution) for _i, t in going])
 
         # 3. Failed copies: queued alone, or the recipient's own answer.
-        retry = []  # (i, target, failed mailboxes)
+        retry = []  # (i, target, failed mailboxes, results)
+        alone = []  # failed, nothing else of theirs done: their own answer, unless covered
+        requeued = set()  # mailboxes whose copy is queued again
         for i, t in going:
             results = {mb: by_mailbox[mb] for mb in t.mailboxes()}
             failed = [mb for mb, r in results.items() if not r.is_positive]
@@ -162,6 +164,12 @@ class RecipientDelivery:
                 continue
             partly_done = done_before is not None or len(failed) < len(results)
             if self.outbox is not None and (requeue == "always" or partly_done):
+                retry.append((i, t, failed, results))
+                requeued.update(failed)
+            else:
+                alone.append((i, t, failed, results))
+        for i, t, failed, results in alone:
+            if requeued.issuperset(failed):  # another recipient's retry carries them
                 retry.append((i, t, failed, results))
             else:
                 outcomes[i] = Outcome(results[failed[0]], by_mailbox=results)

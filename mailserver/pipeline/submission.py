@@ -59,6 +59,8 @@ class SenderOwnership(Check):
     async def on_data(self, session, txn) -> Optional[R.Reply]:
         if not self.check_from or self._exempt(session):
             return None
+        if "from" in txn.scanner.truncated:
+            return R.FROM_NOT_OWNED  # more From: than we kept: unchecked is refused
         values = txn.scanner.fields.get("from", [])
         if not values:
             return None  # no From: at all: nothing claimed
@@ -75,8 +77,10 @@ class RateLimit(Check):
         self.limiter = limiter  # mailserver.throttle.IRateLimiter
 
     async def _refuse(self, session, recipients: int, what: str) -> Optional[R.Reply]:
-        verdict = await self.limiter.check(session.login, recipients)
-        if verdict is None or (what == "RCPT" and verdict.limit.startswith("messages")):
+        # At RCPT only the recipient limits: the message passed them at MAIL.
+        verdict = await self.limiter.check(session.login, recipients,
+                                           messages=0 if what == "RCPT" else 1)
+        if verdict is None:
             return None
         log.warn("{listener}: rate limit: {what} refused for sasl_username={login} from "
                  "{client}: {limit} = {value}, already {current}, retry after {after:.0f} s",

@@ -430,10 +430,6 @@ def test_two_recipients_one_failed_mailbox_queued_once(tmp_path):
     assert [a for a, _o in q["recipients"]] == ["alice@example.test"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RecipientDelivery.deliver step 3, requeue='partial': the shared failed mailbox is "
-    "queued again for team@ (partly done) while alice@ gets its own 452, so the client's "
-    "retry of alice@ gives the mailbox a second copy"))
 def test_partial_shared_failed_mailbox_is_not_answered_twice(tmp_path):
     """With requeue="partial", a failed mailbox queued again for one recipient is not also left for another recipient's retry."""
     d = DeliverySetup(tmp_path, bad={"alice@example.test"})
