@@ -92,7 +92,8 @@ class MailServer:
                  smtp: Optional[dict] = None, server: Optional[dict] = None,
                  relay: Optional[dict] = None, queue: Optional[dict] = None,
                  domains: tuple = ("example.test",), lmtp_unix: bool = True,
-                 smtp_port: Optional[int] = None) -> None:
+                 smtp_port: Optional[int] = None, extra_tables: Optional[dict] = None,
+                 extra_listeners: tuple = ()) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.smtp_port = smtp_port or free_port()
@@ -115,6 +116,9 @@ class MailServer:
             tables["tls"] = tls
         if smtp:
             tables["smtp"] = smtp
+        # More tables ([auth], [submission]...) and listeners, as given; the
+        # extra listeners on "127.0.0.1:port" are waited for by start().
+        tables.update(extra_tables or {})
         listeners = [
             {"name": "smtp", "protocol": "smtp", "address": f"127.0.0.1:{self.smtp_port}"},
             {"name": "lmtp", "protocol": "lmtp", "address": f"127.0.0.1:{self.lmtp_port}"},
@@ -122,6 +126,9 @@ class MailServer:
         if lmtp_unix:
             listeners.append({"name": "lmtp-unix", "protocol": "lmtp",
                               "address": f"unix:{self.lmtp_socket}"})
+        listeners.extend(extra_listeners)
+        self.extra_ports = [int(lst["address"].rpartition(":")[2]) for lst in extra_listeners
+                            if lst.get("address", "").startswith("127.0.0.1:")]
         self.config_path = self.workdir / "mailserver.toml"
         self.config_path.write_text(render_toml(tables, listeners))
         self.proc: Optional[subprocess.Popen] = None
@@ -137,6 +144,8 @@ class MailServer:
         try:
             wait_for_port(self.smtp_port, deadline, self.proc)
             wait_for_port(self.lmtp_port, deadline, self.proc)
+            for port in self.extra_ports:
+                wait_for_port(port, deadline, self.proc)
         except Exception:
             self.stop()
             raise RuntimeError("server did not start:\n" + self.log())
