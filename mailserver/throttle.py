@@ -199,14 +199,14 @@ class _Window:
             self.messages -= messages
             self.recipients -= recipients
 
-    def add(self, now: float, recipients: int) -> None:
+    def add(self, now: float, recipients: int, messages: int = 1) -> None:
         index = int(now // self.bucket)
         if self.buckets and self.buckets[-1][0] == index:
-            self.buckets[-1][1] += 1
+            self.buckets[-1][1] += messages
             self.buckets[-1][2] += recipients
         else:
-            self.buckets.append([index, 1, recipients])
-        self.messages += 1
+            self.buckets.append([index, messages, recipients])
+        self.messages += messages
         self.recipients += recipients
 
     def retry_after(self, now: float, field: int, excess: int) -> float:
@@ -286,13 +286,14 @@ class RateLimiter:
                 )
         return None
 
-    async def record(self, login: str, recipients: int) -> None:
+    async def record(self, login: str, recipients: int, messages: int = 1) -> None:
+        """Count ``messages`` more messages and ``recipients`` more recipients."""
         login = _normal(login)
         now = self._clock.seconds()
         usage = self._entries.pop(login, None) or _Usage()
         usage.prune(now)
-        usage.hour.add(now, recipients)
-        usage.day.add(now, recipients)
+        usage.hour.add(now, recipients, messages)
+        usage.day.add(now, recipients, messages)
         self._entries[login] = usage  # most recently updated last
         while len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)

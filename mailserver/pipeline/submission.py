@@ -12,7 +12,10 @@
   reports), but its From: header is still checked.
 * :class:`RateLimit`: messages and recipients per login per hour and day
   (:class:`~mailserver.throttle.RateLimiter`); past a limit ``450 4.7.1``
-  at MAIL or RCPT, logged with the figures.
+  at MAIL or RCPT, logged with the figures.  Like Postfix's anvil it counts
+  requests: a message when its MAIL is accepted, a recipient when its RCPT
+  is, so parallel sessions of one login cannot all pass a check made before
+  any of them was counted.
 * :class:`SubmissionHeaders`: Message-ID and Date added when the client did
   not write them (RFC 6409 8.2, 8.3).
 """
@@ -92,16 +95,18 @@ class RateLimit(Check):
     async def on_mail(self, session, txn) -> Optional[R.Reply]:
         if not session.authenticated:
             return None
-        return await self._refuse(session, 0, "MAIL")
+        refusal = await self._refuse(session, 0, "MAIL")
+        if refusal is None:  # counted now, so parallel sessions cannot all slip in
+            await self.limiter.record(session.login, 0, messages=1)
+        return refusal
 
     async def on_rcpt(self, session, txn, target) -> Optional[R.Reply]:
         if not session.authenticated:
             return None
-        return await self._refuse(session, len(txn.targets) + 1, "RCPT")
-
-    async def accepted(self, session, txn) -> None:
-        if session.authenticated:
-            await self.limiter.record(session.login, len(txn.targets))
+        refusal = await self._refuse(session, 1, "RCPT")
+        if refusal is None:
+            await self.limiter.record(session.login, 1, messages=0)
+        return refusal
 
 
 class SubmissionHeaders(Check):

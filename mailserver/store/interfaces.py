@@ -85,3 +85,35 @@ class IMailStore(Interface):
         original ``errno`` when the disk fails (``ENOSPC``/``EDQUOT`` mean a
         temporary failure to the client), leaving no trace of the message.
         """
+
+
+class IMaildrop(Interface):
+    """One POP3 session's snapshot of one mailbox (RFC 1939).
+
+    Taken at login under an exclusive lock; mail delivered later is not part
+    of it.  Messages are addressed by their 0-based position in
+    :attr:`messages`.  Every call blocks on file I/O (worker thread).
+    """
+
+    messages = Attribute(
+        "The snapshot, oldest delivery first: a list of values with name, "
+        "subdir, uid (the UIDL) and size (octets with CRLF line ends)."
+    )
+    uidlist_problem = Attribute(
+        "Why a Dovecot UID list was ignored (for the log), or None."
+    )
+
+    def open_message(index: int):
+        """The message's content as a binary file, read-only.
+
+        Raises ``FileNotFoundError`` when the message was expunged by
+        someone else meanwhile.
+        """
+
+    def update(deleted, retrieved) -> None:
+        """The UPDATE state: remove ``deleted``, mark the rest as seen by a
+        client and ``retrieved`` as read.  Raises ``OSError`` (after doing
+        what it could) when some change failed."""
+
+    def close() -> None:
+        """Release the lock.  Safe to call more than once."""

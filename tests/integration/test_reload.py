@@ -70,3 +70,52 @@ def test_bad_config_on_sighup_keeps_running(tmp_path):
         assert rcpt(server, "alice@example.test") == 250
     finally:
         server.stop()
+
+
+def test_sighup_reloads_certificate_with_a_connection_open(tmp_path):
+    """An ACME-style renewal: after the files change and SIGHUP, new TLS
+    connections get the new certificate, and one opened before keeps working."""
+    import ssl
+
+    import trustme
+
+    from tests.support.server import free_port
+
+    ca = trustme.CA()
+    first = ca.issue_cert("mx.example.test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def install(issued):
+        issued.private_key_pem.write_to_path(str(key))
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+
+    install(first)
+    port = free_port()
+    server = MailServer(
+        tmp_path / "srv", directory={"backend": "ldif", "ldif_file": QUICKSTART_LDIF,
+                                     "base_dn": "dc=example,dc=test"},
+        tls={"certificate": str(cert), "private_key": str(key)},
+        extra_listeners=({"name": "submissions", "protocol": "submission",
+                          "address": f"127.0.0.1:{port}", "tls": "implicit"},)).start()
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    context.check_hostname = False  # connected by address; the chain is still verified
+
+    def served_certificate(connection):
+        return connection.sock.getpeercert(binary_form=True)
+
+    try:
+        before = smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=30)
+        before.ehlo("client.example")
+        old = served_certificate(before)
+        install(ca.issue_cert("mx.example.test"))
+        os.kill(server.proc.pid, signal.SIGHUP)
+        wait_for_log(server, "reloaded TLS certificate")
+        with smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=30) as after:
+            assert after.ehlo("client.example")[0] == 250
+            assert served_certificate(after) != old
+        assert before.noop()[0] == 250  # the connection from before the reload is still up
+        assert served_certificate(before) == old
+        before.quit()
+    finally:
+        server.stop()

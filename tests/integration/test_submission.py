@@ -662,11 +662,6 @@ def test_message_rate_limit(sub, client_tls):
         one_delivered(sub.server, "bob", f"rate-{i}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: pipeline/submission.RateLimit checks the count at MAIL but "
-    "throttle.RateLimiter.record() counts a message only in accepted(), after the data, so "
-    "transactions open at the same time all pass the check and a login exceeds "
-    "messages_per_hour by as many sessions as it opens (nothing is reserved at MAIL)"))
 def test_message_rate_limit_holds_for_concurrent_sessions(sub, client_tls):
     """Six sessions of one login at once, with a limit of five an hour, get at most five messages
     accepted; the rest 450 4.7.1."""

@@ -390,12 +390,11 @@ def accepted_txn(n):
 
 
 def test_rate_limit_messages_at_mail():
-    """The (N+1)th message of a login in the hour is 450 4.7.1 at MAIL."""
+    """The (N+1)th MAIL of a login in the hour is 450 4.7.1."""
     _clock, _limiter, check = rate_setup()
     sess = session(**ALICE)
     for _ in range(2):
         assert result(check.on_mail(sess, Transaction())) is None
-        result(check.accepted(sess, accepted_txn(1)))
     reply = result(check.on_mail(sess, Transaction()))
     assert reply is R.RATE_LIMITED
     assert code(reply) == "450 4.7.1"
@@ -406,41 +405,47 @@ def test_rate_limit_window_slides():
     clock, _limiter, check = rate_setup()
     sess = session(**ALICE)
     for _ in range(2):
-        result(check.accepted(sess, accepted_txn(1)))
+        result(check.on_mail(sess, Transaction()))
     assert result(check.on_mail(sess, Transaction())) is R.RATE_LIMITED
     clock.advance(3600 + 120)
     assert result(check.on_mail(sess, Transaction())) is None
 
 
 def test_rate_limit_recipients_at_rcpt():
-    """A recipient past the recipients limit is refused at RCPT, counting this transaction's."""
+    """A recipient past the recipients limit is refused at RCPT, counting earlier ones."""
     _clock, _limiter, check = rate_setup()
     sess = session(**ALICE)
-    result(check.accepted(sess, accepted_txn(1)))  # one recipient already this hour
-    txn = accepted_txn(0)
     target = Target("x@example.org")
+    assert result(check.on_rcpt(sess, accepted_txn(0), target)) is None  # one earlier
+    txn = accepted_txn(0)
     for _ in range(2):
         assert result(check.on_rcpt(sess, txn, target)) is None
         txn.targets.append(target)
     assert result(check.on_rcpt(sess, txn, target)) is R.RATE_LIMITED
 
 
-def test_rate_limit_recipients_checked_when_message_limit_reached_meanwhile():
-    """A second session that passed MAIL before the first finished still has its recipients limited."""
+def test_rate_limit_counts_parallel_sessions_at_once():
+    """Two sessions of one login cannot both pass MAIL on the last message of
+    the hour, nor share out more recipients than the limit: both are counted
+    when accepted, not after the data."""
     _clock, _limiter, check = rate_setup(messages_per_hour=1, recipients_per_hour=2)
     first, second = session(**ALICE), session(**ALICE)
     assert result(check.on_mail(first, Transaction())) is None
-    assert result(check.on_mail(second, Transaction())) is None
-    result(check.accepted(first, accepted_txn(2)))  # the hour's recipients are used up
-    txn = accepted_txn(0)
-    assert result(check.on_rcpt(second, txn, Target("x@example.org"))) is R.RATE_LIMITED
+    assert result(check.on_mail(second, Transaction())) is R.RATE_LIMITED
+    target = Target("x@example.org")
+    assert result(check.on_rcpt(first, accepted_txn(0), target)) is None
+    assert result(check.on_rcpt(second, accepted_txn(0), target)) is None
+    assert result(check.on_rcpt(first, accepted_txn(1), target)) is R.RATE_LIMITED
 
 
-def test_rate_limit_accepted_records():
-    """accepted() counts one message and its recipients for the login."""
-    _clock, limiter, check = rate_setup()
+def test_rate_limit_counts_requests_as_accepted():
+    """An accepted MAIL counts one message and each accepted RCPT one
+    recipient; a refused one counts nothing."""
+    _clock, limiter, check = rate_setup(recipients_per_hour=3)
     sess = session(**ALICE)
-    result(check.accepted(sess, accepted_txn(3)))
+    result(check.on_mail(sess, Transaction()))
+    for _ in range(4):
+        result(check.on_rcpt(sess, accepted_txn(0), Target("x@example.org")))
     usage = result(limiter.usage("alice"))
     assert (usage["messages_hour"], usage["recipients_hour"]) == (1, 3)
 

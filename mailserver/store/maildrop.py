@@ -1,0 +1,743 @@
+# -*- test-case-name: tests.unit.test_maildrop -*-
+"""The POP3 maildrop: one session's snapshot of one user's maildir.
+
+:meth:`Maildrop.open` locks the maildir, then lists ``new/`` and ``cur/``
+once; that listing is the session's drop (RFC 1939 numbers messages for the
+session, so mail delivered afterwards waits for the next login).  DELE only
+marks; :meth:`Maildrop.update` applies the marks at QUIT.  Everything here
+blocks on file I/O, so the Twisted side calls it from a worker thread; no
+Twisted code is imported.  Dovecot is the reference for maildir behaviour,
+so that a mailbox can be served by both, or moved from one to the other.
+
+Decisions:
+
+* **Message indexes are 0-based** positions in :attr:`Maildrop.messages`;
+  the protocol layer turns them into POP3's 1-based numbers.
+* **Listing.**  ``os.scandir`` on directory descriptors opened with
+  ``O_NOFOLLOW``; only regular files count (``follow_symlinks=False``: a
+  symbolic link is skipped, never followed), and names starting with ``.``
+  are ignored.  ``new/`` is read before ``cur/``, and a message is known by
+  its *base name* (the name up to the first ``:``, as in Dovecot's
+  ``maildir_filename_base_cmp``); when a base turns up in both, because
+  another reader moved it between the two reads, the ``cur/`` entry wins.
+  A ``new/`` or ``cur/`` that is a symbolic link is refused with
+  ``PermissionError``; a missing one is empty.  A missing maildir is an
+  empty drop: nothing is created, nothing is locked.
+* **Order** is by delivery time, the leading seconds and the microseconds
+  after ``M`` in the first dot-separated part (Dovecot's
+  ``maildir_filename_sort_cmp``), then by base name.  Names that do not
+  start with digits come last.
+* **Sizes** are what RETR sends: CRLF line ends.  The ``,W=<n>`` field of
+  the name is trusted when present (our store and Dovecot write it), so a
+  large mailbox opens without reading a single message; otherwise the file
+  is read in chunks and its length plus the number of bare LFs is used.
+* **UIDLs** stay the same across sessions and across renames (new/ to
+  cur/, flag changes), since they come from the unique part of the name:
+  the text up to the first ``,`` or ``:`` (our ``,S=``/``,W=`` fields are
+  fixed at delivery, but other writers may add them later).  RFC 1939
+  allows 1 to 70 characters in 0x21-0x7E; anything else (a long host name,
+  a space) is replaced by the first 32 hex digits of the SHA-256 of the
+  unique part.  UIDLs must be unique within a listing: when two messages
+  would share one, the later one gets a hash of its base name instead.
+* **dovecot-uidlist.**  Users moving from Dovecot must not download their
+  whole mailbox again, so when the maildir holds Dovecot's ``dovecot-uidlist``
+  (version 3: header ``3 V<uidvalidity> N<nextuid> ...``, records
+  ``<uid> [<key><value> ...] :<filename>``; version 1: ``1 <uidvalidity>
+  <nextuid>`` then ``<uid> <filename>``) a listed message gets the UIDL
+  Dovecot gave it: the saved ``P`` field, else Dovecot's default
+  ``pop3_uidl_format`` ``%08Xu%08Xv`` (UID, then UIDVALIDITY, each as 8
+  upper-case hex digits).  Records are matched by base name.  The file is
+  read once, with Dovecot's own validity rules (ordered UIDs, non-zero
+  UIDVALIDITY and next UID, no ``/`` in names), and never written; a file
+  that breaks them is ignored as a whole and the reason is left in
+  :attr:`Maildrop.uidlist_problem` for the caller to log.
+* **Lock.**  ``flock(LOCK_EX|LOCK_NB)`` on ``<maildir>/.mailserver-pop3.lock``
+  (created 0600, ``O_NOFOLLOW``, ``O_CLOEXEC``).  The kernel drops it when
+  the process dies, so a crash leaves no stale lock; it works across
+  processes and, being per open file description, between two sessions of
+  one process.  The file is never removed: unlinking a lock file lets two
+  holders lock two different inodes.  Deliveries do not take it; maildir
+  needs no lock for them.
+* **Renames by others.**  Another reader (Dovecot IMAP) may move a message
+  to ``cur/`` or change its flags during the session.  When a file is not
+  where the snapshot saw it, both directories are listed again and every
+  message is looked up by its base name (then by its unique part); a
+  message found nowhere has been expunged: ``FileNotFoundError``.
+* **UPDATE** unlinks the deleted messages (already gone is fine), moves
+  every other message still in ``new/`` to ``cur/<base>:2,`` (Dovecot's
+  mark for "a client has seen it"), and gives the retrieved ones the ``S``
+  flag, merged into the existing flags in ASCII order (``:2,F`` becomes
+  ``:2,FS``; a second flag set after ``,`` is kept as Dovecot keeps it).
+  The base name, hence the UIDL, never changes.  Each touched directory is
+  fsynced once, at the end.  A failure on one file does not stop the
+  others; the failures are raised together as :class:`MaildropUpdateError`
+  afterwards.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import io
+import os
+import re
+import stat
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import BinaryIO, Collection, Dict, Iterable, List, Optional, Tuple
+
+from zope.interface import implementer
+
+from mailserver.durable import O_CLOEXEC, O_DIRECTORY
+from mailserver.store.interfaces import IMaildrop
+
+__all__ = [
+    "LOCK_NAME",
+    "UIDLIST_NAME",
+    "DropMessage",
+    "Maildrop",
+    "MaildropInUse",
+    "MaildropUpdateError",
+]
+
+#: The lock file in the maildir's top directory.
+LOCK_NAME = ".mailserver-pop3.lock"
+#: Dovecot's UID list in the maildir's top directory.
+UIDLIST_NAME = "dovecot-uidlist"
+
+_SUBDIRS = ("new", "cur")
+_CHUNK_SIZE = 64 * 1024
+_LOCK_POLL = 0.05
+# Longest dovecot-uidlist line we read; real ones are a few hundred bytes.
+_MAX_UIDLIST_LINE = 64 * 1024
+_UINT32_MAX = 0xFFFFFFFF
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+_TIME_RE = re.compile(r"([0-9]+)\.([^.:]*)")
+_VSIZE_RE = re.compile(r",W=([0-9]{1,19})(?:,|$)")
+_UNIQUE_RE = re.compile(r"[^,:]*")
+_UIDL_RE = re.compile(r"[\x21-\x7e]{1,70}")
+_DIGITS_RE = re.compile(r"[0-9]{1,10}")
+
+# One message's place: (subdir, file name).
+_Location = Tuple[str, str]
+
+
+class MaildropInUse(Exception):
+    """Another session holds this maildir's POP3 lock."""
+
+
+class MaildropUpdateError(OSError):
+    """Some changes of :meth:`Maildrop.update` failed.
+
+    ``failures`` lists ``(path, error)`` pairs, path relative to the
+    maildir; the other changes were made.  The caller answers
+    ``-ERR [SYS/TEMP]``.
+    """
+
+    def __init__(self, failures: List[Tuple[str, OSError]]) -> None:
+        self.failures = tuple(failures)
+        first_path, first = self.failures[0]
+        super().__init__(
+            first.errno,
+            f"{len(self.failures)} maildrop change(s) failed, first: "
+            f"{first_path}: {first.strerror or first}",
+        )
+
+
+@dataclass(frozen=True)
+class DropMessage:
+    """One message of a session's snapshot."""
+
+    #: The file name at snapshot time.
+    name: str
+    #: ``"new"`` or ``"cur"``, at snapshot time.
+    subdir: str
+    #: The UIDL: 1-70 characters in 0x21-0x7E, unique in the drop.
+    uid: str
+    #: Octets RETR sends, with CRLF line ends.
+    size: int
+
+
+# --- names ------------------------------------------------------------
+
+
+def _base(name: str) -> str:
+    """The name up to the first ``:`` (Dovecot's base name)."""
+    return name.partition(":")[0]
+
+
+def _unique(name: str) -> str:
+    """The name up to the first ``,`` or ``:``."""
+    return _UNIQUE_RE.match(name).group()
+
+
+def _hashed(text: str) -> str:
+    return hashlib.sha256(os.fsencode(text)).hexdigest()[:32]
+
+
+def _valid_uidl(text: str) -> bool:
+    return _UIDL_RE.fullmatch(text) is not None
+
+
+def _order_key(base: str) -> tuple:
+    match = _TIME_RE.match(base)
+    if match is None:
+        return (1, 0, 0, base)
+    uniq = match.group(2)
+    m = uniq.find("M")
+    usecs = 0
+    if m >= 0:
+        digits = re.match(r"[0-9]*", uniq[m + 1 :]).group()
+        usecs = int(digits) if digits else 0
+    return (0, int(match.group(1)), usecs, base)
+
+
+def _vsize(base: str) -> Optional[int]:
+    match = _VSIZE_RE.search(base)
+    return int(match.group(1)) if match else None
+
+
+def _with_flags(name: str, seen: bool) -> str:
+    """``name`` with a ``:2,`` info part, plus the S flag when ``seen``.
+
+    Like Dovecot's ``maildir_filename_flags_set``: old flags are kept when
+    the info part is ``2,...``, flags stay in ASCII order, and a further
+    flag set after ``,`` is kept as it is.  Other info parts are dropped.
+    """
+    base, sep, info = name.partition(":")
+    flags, rest = "", ""
+    if sep and info.startswith("2,"):
+        flags, comma, tail = info[2:].partition(",")
+        rest = comma + tail
+    if seen:
+        flags = "".join(sorted(set(flags) | {"S"}))
+    return f"{base}:2,{flags}{rest}"
+
+
+def _wire_size(fileobj: BinaryIO) -> int:
+    """Length with every bare LF counted as CRLF, read in chunks."""
+    size = 0
+    after_cr = False
+    while True:
+        chunk = fileobj.read(_CHUNK_SIZE)
+        if not chunk:
+            return size
+        bare = chunk.count(b"\n") - chunk.count(b"\r\n")
+        if after_cr and chunk.startswith(b"\n"):
+            bare -= 1
+        size += len(chunk) + bare
+        after_cr = chunk.endswith(b"\r")
+
+
+# --- file system helpers -------------------------------------------------
+
+
+class _NotRegular(PermissionError):
+    """A symbolic link, directory or special file where a file should be."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(
+            errno.EPERM, f"{what} is a symbolic link or not a regular file; refusing it", path
+        )
+
+
+def _open_subdir(maildir_fd: int, maildir: str, sub: str) -> Optional[int]:
+    """Open ``new/`` or ``cur/`` without following a link; None if missing."""
+    path = os.path.join(maildir, sub)
+    try:
+        return os.open(
+            sub, os.O_RDONLY | O_DIRECTORY | _O_NOFOLLOW | O_CLOEXEC, dir_fd=maildir_fd
+        )
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        # O_NOFOLLOW|O_DIRECTORY on a link fails with ELOOP or (Linux) ENOTDIR.
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            try:
+                is_link = stat.S_ISLNK(os.stat(sub, dir_fd=maildir_fd, follow_symlinks=False).st_mode)
+            except OSError:
+                is_link = False
+            if is_link:
+                raise PermissionError(
+                    errno.EPERM, f"maildir {sub}/ is a symbolic link; refusing to follow it", path
+                ) from None
+        raise
+
+
+def _open_regular(name: str, dir_fd: int, path: str) -> BinaryIO:
+    """Open a file read-only, never through a link, never a FIFO or device."""
+    try:
+        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _NotRegular(path, "message file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegular(path, "message file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _scan(dir_fds: Dict[str, int]) -> Dict[str, _Location]:
+    """Map base name -> (subdir, name) for the regular files in new/, cur/.
+
+    ``new/`` first, so that a message moved to ``cur/`` while we read is
+    found there; within ``cur/``, of two names with one base the greater
+    is kept (a deterministic choice; Dovecot would rename one).
+    """
+    found: Dict[str, _Location] = {}
+    for sub in _SUBDIRS:
+        fd = dir_fds.get(sub)
+        if fd is None:
+            continue
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                    continue
+                base = _base(name)
+                old = found.get(base)
+                if old is None or old[0] != sub or name > old[1]:
+                    found[base] = (sub, name)
+    return found
+
+
+def _close_fds(fds: List[int]) -> None:
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass
+
+
+# --- dovecot-uidlist -----------------------------------------------------
+
+
+class _UidlistError(Exception):
+    pass
+
+
+def _uint(text: str, what: str) -> int:
+    if _DIGITS_RE.fullmatch(text) is None or int(text) > _UINT32_MAX:
+        raise _UidlistError(f"invalid {what}: {text[:40]!r}")
+    return int(text)
+
+
+def _parse_uidlist(lines: Iterable[str]) -> Dict[str, str]:
+    """Map base name -> Dovecot's POP3 UIDL; raises _UidlistError."""
+    lines = iter(lines)
+    header = next(lines, None)
+    if header is None:
+        raise _UidlistError("empty file")
+    if len(header) < 2 or not header[0].isdigit() or header[1] != " ":
+        raise _UidlistError("invalid version number")
+    version = header[0]
+    if version == "1":
+        fields = header[2:].split()
+        if len(fields) != 2:
+            raise _UidlistError("corrupted version 1 header")
+        validity, next_uid = _uint(fields[0], "uidvalidity"), _uint(fields[1], "next uid")
+    elif version == "3":
+        values = {}
+        for field in header[2:].split(" "):
+            if field:
+                values[field[0]] = field[1:]
+        validity = _uint(values.get("V", ""), "uidvalidity")
+        next_uid = _uint(values.get("N", ""), "next uid")
+    else:
+        raise _UidlistError(f"unsupported version {version}")
+    if validity == 0 or next_uid == 0:
+        raise _UidlistError(f"broken header (uidvalidity={validity}, next uid={next_uid})")
+
+    uidls: Dict[str, str] = {}
+    previous = 0
+    for number, line in enumerate(lines, start=2):
+        uid_text, space, rest = line.partition(" ")
+        if not space or _DIGITS_RE.fullmatch(uid_text) is None:
+            raise _UidlistError(f"line {number}: invalid data")
+        uid = int(uid_text)
+        if uid == 0 or uid >= _UINT32_MAX:
+            raise _UidlistError(f"line {number}: invalid uid {uid}")
+        if uid <= previous:
+            raise _UidlistError(f"line {number}: uids not ordered ({uid} <= {previous})")
+        if version == "1" and uid >= next_uid:
+            raise _UidlistError(f"line {number}: uid {uid} not below next uid {next_uid}")
+        previous = uid
+        rest = rest.lstrip(" ")
+        pop3_uidl = None
+        if version == "3":
+            # Extension fields "<key><value>" up to " :<filename>".
+            while rest and not rest.startswith(":"):
+                field, _, rest = rest.partition(" ")
+                rest = rest.lstrip(" ")
+                if field.startswith("P") and len(field) > 1:
+                    pop3_uidl = field[1:]
+            if not rest.startswith(":"):
+                raise _UidlistError(f"line {number}: no file name")
+            rest = rest[1:]
+        filename = rest
+        if not filename or "/" in filename:
+            raise _UidlistError(f"line {number}: broken file name")
+        # A later record for the same file replaces an earlier one (Dovecot).
+        uidls[_base(filename)] = pop3_uidl or f"{uid:08X}{validity:08X}"
+    return uidls
+
+
+def _read_uidlist(maildir_fd: int) -> Tuple[Dict[str, str], Optional[str]]:
+    """Dovecot's UIDLs by base name, and the reason the file was ignored."""
+    try:
+        fd = os.open(
+            UIDLIST_NAME, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | O_CLOEXEC, dir_fd=maildir_fd
+        )
+    except FileNotFoundError:
+        return {}, None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return {}, f"{UIDLIST_NAME} is a symbolic link; ignored"
+        return {}, f"{UIDLIST_NAME}: cannot open: {exc.strerror or exc}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return {}, f"{UIDLIST_NAME} is not a regular file; ignored"
+        with io.open(fd, "rb") as stream:
+
+            def lines():
+                while True:
+                    raw = stream.readline(_MAX_UIDLIST_LINE + 1)
+                    if not raw:
+                        return
+                    if len(raw) > _MAX_UIDLIST_LINE:
+                        raise _UidlistError("line too long")
+                    yield os.fsdecode(raw.rstrip(b"\n"))
+
+            return _parse_uidlist(lines()), None
+    except _UidlistError as exc:
+        return {}, f"{UIDLIST_NAME} is malformed, ignored: {exc}"
+    except OSError as exc:
+        return {}, f"{UIDLIST_NAME}: cannot read: {exc.strerror or exc}"
+
+
+# --- the lock --------------------------------------------------------------
+
+
+def _lock(maildir_fd: int, maildir: str, timeout: float) -> int:
+    path = os.path.join(maildir, LOCK_NAME)
+    try:
+        fd = os.open(
+            LOCK_NAME,
+            os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_NONBLOCK | O_CLOEXEC,
+            0o600,
+            dir_fd=maildir_fd,
+        )
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _NotRegular(path, "POP3 lock file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegular(path, "POP3 lock file")
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MaildropInUse(f"{maildir} is in use by another POP3 session") from None
+                time.sleep(min(_LOCK_POLL, remaining))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# --- the maildrop ---------------------------------------------------------
+
+
+@implementer(IMaildrop)
+class Maildrop:
+    """A snapshot of one maildir for one POP3 session.
+
+    Made by :meth:`open`; close it (or use it as a context manager) to
+    release the lock.  Not meant to be shared between sessions; calls are
+    serialised by an internal lock so that worker threads may take turns.
+    """
+
+    def __init__(
+        self,
+        maildir: str,
+        *,
+        lock_fd: Optional[int] = None,
+        dir_fds: Optional[Dict[str, int]] = None,
+        uidlist: Optional[Dict[str, str]] = None,
+        uidlist_problem: Optional[str] = None,
+    ) -> None:
+        self.maildir = maildir
+        self.uidlist_problem = uidlist_problem
+        self.messages: List[DropMessage] = []
+        self._dir_fds: Dict[str, int] = dict(dir_fds or {})
+        self._uidlist = uidlist or {}
+        self._bases: List[str] = []
+        self._where: List[Optional[_Location]] = []
+        self._mutex = threading.Lock()
+        self._closed = False
+        fds = list(self._dir_fds.values())
+        if lock_fd is not None:
+            fds.append(lock_fd)
+        # Releases the lock even if a caller forgets close().
+        self._finalizer = weakref.finalize(self, _close_fds, fds)
+
+    # --- opening ---------------------------------------------------------
+
+    @classmethod
+    def open(cls, maildir: str, *, lock_timeout: float = 0.0) -> "Maildrop":
+        """Lock ``maildir`` and take the snapshot.
+
+        Raises :class:`MaildropInUse` when another session holds the lock
+        after ``lock_timeout`` seconds (0: at once), ``PermissionError``
+        when ``new/``, ``cur/`` or the lock file is a symbolic link, and
+        ``OSError`` for other file-system failures.  A missing maildir
+        gives an empty drop, and nothing is created.
+        """
+        try:
+            maildir_fd = os.open(maildir, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        except FileNotFoundError:
+            return cls(maildir)
+        try:
+            lock_fd = _lock(maildir_fd, maildir, lock_timeout)
+            dir_fds: Dict[str, int] = {}
+            try:
+                for sub in _SUBDIRS:
+                    fd = _open_subdir(maildir_fd, maildir, sub)
+                    if fd is not None:
+                        dir_fds[sub] = fd
+                uidlist, problem = _read_uidlist(maildir_fd)
+            except BaseException:
+                _close_fds([lock_fd, *dir_fds.values()])
+                raise
+        finally:
+            os.close(maildir_fd)
+        drop = cls(
+            maildir, lock_fd=lock_fd, dir_fds=dir_fds, uidlist=uidlist, uidlist_problem=problem
+        )
+        try:
+            drop._snapshot()
+        except BaseException:
+            drop.close()
+            raise
+        return drop
+
+    def _snapshot(self) -> None:
+        found = _scan(self._dir_fds)
+        entries = []
+        for base in sorted(found, key=_order_key):
+            sub, name = found[base]
+            size = _vsize(base)
+            if size is None:
+                size = self._computed_size(sub, name)
+                if size is None:
+                    continue  # gone or replaced since the listing
+            entries.append((base, sub, name, size))
+        taken = set()
+        for base, sub, name, size in entries:
+            uid = self._uidl(base, taken)
+            taken.add(uid)
+            self.messages.append(DropMessage(name=name, subdir=sub, uid=uid, size=size))
+            self._bases.append(base)
+            self._where.append((sub, name))
+
+    def _computed_size(self, sub: str, name: str) -> Optional[int]:
+        try:
+            fileobj = _open_regular(name, self._dir_fds[sub], self._path(sub, name))
+        except (FileNotFoundError, _NotRegular):
+            return None
+        with fileobj:
+            return _wire_size(fileobj)
+
+    def _uidl(self, base: str, taken: set) -> str:
+        uid = self._uidlist.get(base)
+        if uid is None:
+            uid = _unique(base)
+        if not _valid_uidl(uid):
+            uid = _hashed(uid)
+        counter = 0
+        while uid in taken:
+            counter += 1
+            uid = _hashed(f"{base}\0{counter}")
+        return uid
+
+    def _path(self, sub: str, name: str) -> str:
+        return os.path.join(self.maildir, sub, name)
+
+    # --- finding messages again ------------------------------------------
+
+    def _check(self, index: int) -> None:
+        if self._closed:
+            raise ValueError("maildrop is closed")
+        if not 0 <= index < len(self.messages):
+            raise IndexError(f"no message {index} in this maildrop")
+
+    def _rescan(self) -> None:
+        """Find every message again by its base name, then its unique part;
+        a message found nowhere is marked gone (None)."""
+        found = _scan(self._dir_fds)
+        ours = set(self._bases)
+        by_unique: Dict[str, List[str]] = {}
+        for base in found:
+            if base not in ours:
+                by_unique.setdefault(_unique(base), []).append(base)
+        for i, base in enumerate(self._bases):
+            if self._where[i] is None:
+                continue
+            location = found.get(base)
+            if location is None:
+                candidates = sorted(by_unique.get(_unique(base), ()))
+                if candidates:
+                    new_base = candidates[0]
+                    by_unique[_unique(base)].remove(new_base)
+                    self._bases[i] = new_base
+                    location = found[new_base]
+            self._where[i] = location
+
+    def open_message(self, index: int) -> BinaryIO:
+        """The message file, opened read-only (``O_NOFOLLOW``).
+
+        Follows the message when another reader has moved it to ``cur/`` or
+        changed its flags; raises ``FileNotFoundError`` when it has been
+        expunged, ``PermissionError`` when a link or special file took its
+        place, ``IndexError`` for a bad index.
+        """
+        with self._mutex:
+            self._check(index)
+            for attempt in range(3):
+                location = self._where[index]
+                if location is None:
+                    break
+                sub, name = location
+                try:
+                    return _open_regular(name, self._dir_fds[sub], self._path(sub, name))
+                except FileNotFoundError:
+                    if attempt < 2:
+                        self._rescan()
+            message = self.messages[index]
+            raise FileNotFoundError(
+                errno.ENOENT, "message expunged by another session",
+                self._path(message.subdir, message.name),
+            )
+
+    # --- UPDATE ---------------------------------------------------------
+
+    def update(self, deleted: Collection[int], retrieved: Collection[int]) -> None:
+        """Apply the session's changes (the POP3 UPDATE state).
+
+        Deleted messages are unlinked (already gone is fine).  Every other
+        message still in ``new/`` moves to ``cur/<base>:2,``; retrieved
+        ones get the ``S`` flag, in ``new/`` or ``cur/``.  ``new/`` and
+        ``cur/`` are fsynced once each at the end if they changed.  Failures
+        do not stop the other changes; they are raised together as
+        :class:`MaildropUpdateError`.
+        """
+        with self._mutex:
+            if self._closed:
+                raise ValueError("maildrop is closed")
+            deleted = set(deleted)
+            seen = set(retrieved)
+            for index in deleted | seen:
+                self._check(index)
+            failures: List[Tuple[str, OSError]] = []
+            touched: set = set()
+            missing = []
+            for index in range(len(self.messages)):
+                if not self._apply(index, index in deleted, index in seen, touched, failures):
+                    missing.append(index)
+            if missing:
+                self._rescan()
+                for index in missing:
+                    if not self._apply(index, index in deleted, index in seen, touched, failures):
+                        self._where[index] = None  # expunged meanwhile: nothing to do
+            for sub in _SUBDIRS:
+                if sub in touched:
+                    try:
+                        os.fsync(self._dir_fds[sub])
+                    except OSError as exc:
+                        failures.append((sub, exc))
+            if failures:
+                raise MaildropUpdateError(failures)
+
+    def _apply(
+        self,
+        index: int,
+        delete: bool,
+        seen: bool,
+        touched: set,
+        failures: List[Tuple[str, OSError]],
+    ) -> bool:
+        """Change one message; False when its file was not where expected."""
+        location = self._where[index]
+        if location is None:
+            return True
+        sub, name = location
+        if delete:
+            try:
+                os.unlink(name, dir_fd=self._dir_fds[sub])
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                failures.append((f"{sub}/{name}", exc))
+                return True
+            touched.add(sub)
+            self._where[index] = None
+            return True
+        if sub == "cur" and not seen:
+            return True
+        target = _with_flags(name, seen)
+        if sub == "cur" and target == name:
+            return True
+        cur_fd = self._dir_fds.get("cur")
+        if cur_fd is None:
+            failures.append(
+                ("cur", FileNotFoundError(errno.ENOENT, "maildir has no cur/ directory"))
+            )
+            return True
+        try:
+            os.rename(name, target, src_dir_fd=self._dir_fds[sub], dst_dir_fd=cur_fd)
+        except FileNotFoundError as exc:
+            if self._exists(sub, name):
+                failures.append((f"{sub}/{name}", exc))  # cur/ itself went away
+                return True
+            return False
+        except OSError as exc:
+            failures.append((f"{sub}/{name}", exc))
+            return True
+        touched.update((sub, "cur"))
+        self._where[index] = ("cur", target)
+        return True
+
+    def _exists(self, sub: str, name: str) -> bool:
+        try:
+            os.stat(name, dir_fd=self._dir_fds[sub], follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    # --- closing ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the lock and the directories; safe to call again."""
+        with self._mutex:
+            self._closed = True
+            self._finalizer()
+
+    def __enter__(self) -> "Maildrop":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
