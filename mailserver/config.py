@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from mailserver.errors import ConfigError
 
-PROTOCOLS = ("smtp", "submission", "lmtp")
+PROTOCOLS = ("smtp", "submission", "lmtp", "pop3")
 TLS_MODES = ("none", "starttls", "implicit")
 BACKENDS = ("ldif", "ldap")
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
@@ -134,8 +134,15 @@ class SubmissionConfig:
 
 
 @dataclass(frozen=True)
+class POP3Config:
+    idle_timeout: float = field(
+        default=600.0, metadata=_doc("Seconds a POP3 session may stay idle (RFC 1939: at least "
+                                     "600).", min=1))
+
+
+@dataclass(frozen=True)
 class ListenerConfig:
-    protocol: str = field(default="smtp", metadata=_doc("smtp, submission or lmtp.",
+    protocol: str = field(default="smtp", metadata=_doc("smtp, submission, lmtp or pop3.",
                                                         choices=PROTOCOLS))
     address: str = field(
         default="", metadata=_doc("host:port, [v6]:port, :port (all addresses) or unix:/path.")
@@ -260,6 +267,7 @@ class Config:
     relay: RelayConfig
     auth: AuthConfig
     submission: SubmissionConfig
+    pop3: POP3Config
     listeners: Tuple[ListenerConfig, ...]
 
     @property
@@ -278,6 +286,7 @@ SECTIONS = {
     "relay": RelayConfig,
     "auth": AuthConfig,
     "submission": SubmissionConfig,
+    "pop3": POP3Config,
 }
 
 
@@ -391,9 +400,11 @@ def _listeners(path: str, raw: Any, base_dir: str, has_cert: bool) -> Tuple[List
             raise ConfigError(path, f"{prefix}.tls", f"{tls} needs tls.certificate")
         if lc.protocol == "lmtp" and lc.auth:
             raise ConfigError(path, f"{prefix}.auth", "LMTP has no AUTH")
-        if lc.protocol == "submission" and tls == "none" and not lc.plaintext_auth:
-            raise ConfigError(path, f"{prefix}.tls", "submission without TLS cannot log anyone in; "
-                              "configure a certificate or set plaintext_auth = true")
+        if lc.protocol in ("submission", "pop3") and tls == "none" and not lc.plaintext_auth:
+            raise ConfigError(path, f"{prefix}.tls", f"{lc.protocol} without TLS cannot log anyone "
+                              "in; configure a certificate or set plaintext_auth = true")
+        if lc.protocol == "pop3" and lc.auth:
+            raise ConfigError(path, f"{prefix}.auth", "POP3 always logs users in; leave it out")
         if tls == "implicit" and kind == "unix":
             raise ConfigError(path, f"{prefix}.tls", "implicit TLS needs a TCP address")
         address = lc.address
@@ -511,7 +522,7 @@ def _check_semantics(config: Config) -> None:
             raise ConfigError(path, "auth.mechanisms", f"{mech!r} is not one of "
                               f"{', '.join(sasl.MECHANISMS)}")
     if not config.auth.mechanisms and any(
-            lc.protocol == "submission" or lc.auth for lc in config.listeners):
+            lc.protocol in ("submission", "pop3") or lc.auth for lc in config.listeners):
         raise ConfigError(path, "auth.mechanisms", "a listener offers AUTH: name a mechanism")
     if config.tls.sni and not config.tls.certificate:
         raise ConfigError(path, "tls.sni", "needs tls.certificate (the default)")

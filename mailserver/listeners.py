@@ -1,11 +1,11 @@
 # -*- test-case-name: tests.unit.test_service -*-
 """Listener kinds: what a ``[[listeners]]`` table's ``protocol`` builds.
 
-One table, :data:`KINDS`, says for each kind which protocol mode its core
-speaks, whether it offers AUTH, and which checks its acceptance pipeline
-runs; :func:`build_listener` turns a listener's config into the Twisted
-factory for it (wrapped in TLS from the first byte for ``tls = "implicit"``).
-POP3 joins this table in its own issue.
+One table, :data:`KINDS`, says for each kind how its factory is built and,
+for the SMTP family, which mode its core speaks, whether it offers AUTH and
+which checks its acceptance pipeline runs; :func:`build_listener` turns a
+listener's config into the Twisted factory for it (wrapped in TLS from the
+first byte for ``tls = "implicit"``: ports 465 and 995).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ class Parts:
     authenticator: Any  # pipeline.auth.Authenticator
     rate_limiter: Any  # throttle.RateLimiter
     tls: Any  # tls.ReloadableTLS or None
+    store: Any = None  # store.maildir.MaildirStore (POP3 reads the maildirs it names)
+    io: Any = None  # io(f, *args) -> Deferred on the I/O thread pool
 
 
 def _sender_checks(parts: Parts) -> list:
@@ -55,22 +57,24 @@ def _submission_checks(parts: Parts, lc) -> list:
 
 @dataclass(frozen=True)
 class ListenerKind:
-    mode: Mode
-    checks: Callable[[Parts, Any], list]
-    auth: Callable[[Any], bool]  # does a listener of this kind offer AUTH?
+    build: Callable[[Parts, Any, "ListenerKind"], Any]  # -> the protocol factory
+    mode: Any = None  # the SMTP core's mode, for the SMTP family
+    checks: Callable[[Parts, Any], list] = lambda parts, lc: []
+    auth: Callable[[Any], bool] = lambda lc: False  # does a listener of this kind offer AUTH?
 
 
-KINDS = {
-    "smtp": ListenerKind(Mode.MX, _smtp_checks, lambda lc: lc.auth),
-    "submission": ListenerKind(Mode.SUBMISSION, _submission_checks, lambda lc: True),
-    "lmtp": ListenerKind(Mode.LMTP, lambda parts, lc: [], lambda lc: False),
-}
+def _tls_wrapped(parts: Parts, lc, factory):
+    """TLS from the first byte (465, 995) around ``factory``, or ``factory``."""
+    if lc.tls == "implicit":
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        return TLSMemoryBIOFactory(parts.tls, False, factory)
+    return factory
 
 
-def build_listener(parts: Parts, lc):
-    """The protocol factory for listener ``lc``."""
+def _smtp_family(parts: Parts, lc, kind: ListenerKind):
+    """SMTP, submission and LMTP: the SMTP core and the acceptance pipeline."""
     config = parts.config
-    kind = KINDS[lc.protocol]
     auth = kind.auth(lc)
     s = config.smtp
     pipeline = Acceptance(
@@ -90,19 +94,48 @@ def build_listener(parts: Parts, lc):
         limits=Limits(max_command_line=s.command_line_limit, max_text_line=s.text_line_limit,
                       max_message_size=s.max_message_size, max_recipients=s.max_recipients,
                       max_errors=s.max_errors),
-        pipeline=pipeline, clock=parts.reactor,
-        limiter=ConnectionLimiter(config.server.max_connections,
-                                  config.server.max_connections_per_client),
-        name=lc.name,
+        pipeline=pipeline, clock=parts.reactor, limiter=_limiter(config), name=lc.name,
         tls=parts.tls if lc.tls == "starttls" else None,
         implicit_tls=lc.tls == "implicit",
         auth_mechanisms=tuple(m.upper() for m in config.auth.mechanisms) if auth else (),
         auth_requires_tls=not lc.plaintext_auth,
         command_timeout=s.command_timeout, data_timeout=s.data_timeout,
         dsn=parts.outbox is not None)
-    factory = SMTPFactory(ctx)
-    if lc.tls == "implicit":
-        from twisted.protocols.tls import TLSMemoryBIOFactory
+    return _tls_wrapped(parts, lc, SMTPFactory(ctx))
 
-        return TLSMemoryBIOFactory(parts.tls, False, factory)
-    return factory
+
+def _pop3(parts: Parts, lc, kind: ListenerKind):
+    """POP3 and POP3S: the POP3 core over the maildir store."""
+    from mailserver.protocols.pop3 import POP3Context, POP3Factory
+    from mailserver.store.maildrop import Maildrop
+
+    config = parts.config
+    ctx = POP3Context(
+        name=lc.name, hostname=config.server.hostname, clock=parts.reactor,
+        limiter=_limiter(config), authenticator=parts.authenticator, store=parts.store,
+        io=parts.io, open_maildrop=Maildrop.open,
+        tls=parts.tls if lc.tls == "starttls" else None, implicit_tls=lc.tls == "implicit",
+        plaintext_auth=lc.plaintext_auth,
+        mechanisms=tuple(m.upper() for m in config.auth.mechanisms),
+        idle_timeout=config.pop3.idle_timeout)
+    return _tls_wrapped(parts, lc, POP3Factory(ctx))
+
+
+def _limiter(config) -> ConnectionLimiter:
+    return ConnectionLimiter(config.server.max_connections,
+                             config.server.max_connections_per_client)
+
+
+KINDS = {
+    "smtp": ListenerKind(_smtp_family, Mode.MX, _smtp_checks, lambda lc: lc.auth),
+    "submission": ListenerKind(_smtp_family, Mode.SUBMISSION, _submission_checks,
+                               lambda lc: True),
+    "lmtp": ListenerKind(_smtp_family, Mode.LMTP),
+    "pop3": ListenerKind(_pop3, auth=lambda lc: True),
+}
+
+
+def build_listener(parts: Parts, lc):
+    """The protocol factory for listener ``lc``."""
+    kind = KINDS[lc.protocol]
+    return kind.build(parts, lc, kind)

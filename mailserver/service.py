@@ -314,7 +314,8 @@ def build_service(config: Config, reactor=None) -> MailService:
         delivery=RecipientDelivery(delivery, outbox, srs, reactor), outbox=outbox, srs=srs,
         trusted=Networks(config.relay.trusted_networks),
         authenticator=build_authenticator(config, directory, reactor),
-        rate_limiter=build_rate_limiter(config, reactor), tls=tls)
+        rate_limiter=build_rate_limiter(config, reactor), tls=tls, store=store,
+        io=lambda f, *args: threads.deferToThreadPool(reactor, pool, f, *args))
     for lc in config.listeners:
         endpoint = make_endpoint(reactor, lc.address, lc.socket_mode)
         svc = StreamServerEndpointService(endpoint, build_listener(parts, lc))

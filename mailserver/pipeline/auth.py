@@ -44,7 +44,9 @@ class Authenticator:
         self.directory = directory
         self.clock = clock
 
-    async def authenticate(self, session, credentials) -> R.Reply:
+    async def authenticate(self, session, credentials, *, senders: bool = True) -> R.Reply:
+        """Log ``session`` in with ``credentials``; ``senders``: also read the
+        envelope senders the login may use (submission needs them, POP3 not)."""
         typed = credentials.login
         started = self.clock.seconds()
         verdict = await self.throttle.check(session.client_key, typed)
@@ -57,7 +59,7 @@ class Authenticator:
         creds = UsernamePassword(typed.encode("utf-8"), credentials.password.encode("utf-8"))
         try:
             avatar = await self.checker.requestAvatarId(creds)
-            senders = await self.directory.senders_for(avatar.account.login)
+            owned = (await self.directory.senders_for(avatar.account.login)) if senders else ()
         except UnauthorizedLogin:
             verdict = await self.throttle.failed(session.client_key, typed)
             wait = verdict.delay - (self.clock.seconds() - started)
@@ -74,7 +76,8 @@ class Authenticator:
             return R.AUTH_TEMPORARY
         await self.throttle.succeeded(session.client_key, typed)
         session.login = avatar.account.login
-        session.senders = frozenset(s.lower() for s in senders)
+        session.address = avatar.account.address
+        session.senders = frozenset(s.lower() for s in owned)
         log.info("{listener}: {client}: authenticated: sasl_method={mech}, "
                  "sasl_username={login}", listener=session.listener, client=session.client_ip,
                  mech=credentials.mechanism, login=session.login)

@@ -28,6 +28,7 @@ class Session:
     tls_version: Optional[str] = None
     tls_cipher: Optional[str] = None
     login: Optional[str] = None  # the directory's login after a successful AUTH
+    address: Optional[str] = None  # that account's primary address
     senders: frozenset = frozenset()  # envelope senders the login may use
 
     @property
@@ -46,6 +47,7 @@ class Session:
         self.helo = ""
         self.esmtp = False
         self.login = None
+        self.address = None
         self.senders = frozenset()
 
 

@@ -140,7 +140,8 @@ def test_quickstart_config_is_valid(monkeypatch):
     monkeypatch.chdir(REPO)
     c = load_config("etc/quickstart.toml", check_files=False)
     assert [lc.address for lc in c.listeners] == ["127.0.0.1:2525", "127.0.0.1:2424",
-                                                    "127.0.0.1:2587", "127.0.0.1:2465"]
+                                                    "127.0.0.1:2587", "127.0.0.1:2465",
+                                                    "127.0.0.1:2110", "127.0.0.1:2995"]
     assert c.tls.self_signed
     assert os.path.isabs(c.directory.ldif_file)
 

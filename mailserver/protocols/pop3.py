@@ -1,0 +1,420 @@
+# -*- test-case-name: tests.unit.test_protocol_pop3 -*-
+"""The Twisted edge of the POP3 and POP3S listeners.
+
+:class:`POP3ServerProtocol` keeps bytes, TLS, timers and back-pressure: it
+feeds what it reads to the sans-IO
+:class:`~mailserver.sansio.pop3.POP3ServerConnection` and answers its
+decisions:
+
+* ``Authenticate``: the shared :class:`~mailserver.pipeline.auth.Authenticator`
+  (the directory's twisted.cred checker and the failed-login throttle that
+  submission uses), then the user's maildrop is opened and locked
+  (:class:`~mailserver.store.maildrop.Maildrop`) in a worker thread;
+* ``Retrieve``: the message file is streamed through a pull producer, each
+  chunk byte-stuffed by the core, never the whole message in memory;
+* ``Update``: deletions and the seen flags are applied in a worker thread,
+  then the lock is released.  A dropped connection applies nothing.
+
+The idle timer (10 minutes by default, RFC 1939's minimum) restarts on every
+command; a client that stops reading a RETR stops the file being read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailserver import reply as R
+from mailserver.directory.interfaces import Mailbox
+from mailserver.pipeline.session import Session
+from mailserver.protocols.limits import ConnectionLimiter, client_key
+from mailserver.sansio import pop3_events as ev
+from mailserver.sansio.pop3 import POP3ServerConnection
+
+log = Logger(namespace="mailserver.pop3d")
+
+CHUNK = 65536
+
+
+@dataclass
+class POP3Context:
+    """Everything the connections of one POP3 listener share."""
+
+    name: str
+    hostname: str
+    clock: Any
+    limiter: ConnectionLimiter
+    authenticator: Any  # mailserver.pipeline.auth.Authenticator
+    store: Any  # mailserver.store.maildir.MaildirStore (maildir_for)
+    io: Any  # io(f, *args) -> Deferred: run blocking file work in the I/O pool
+    open_maildrop: Any  # maildir path -> Maildrop (blocking)
+    tls: Any = None  # mailserver.tls.ReloadableTLS for STLS, or None
+    implicit_tls: bool = False
+    plaintext_auth: bool = False
+    mechanisms: tuple = ("PLAIN",)
+    idle_timeout: float = 600.0
+    close_grace: float = 10.0
+
+
+def _peer_ip(transport) -> str:
+    peer = transport.getPeer()
+    return getattr(peer, "host", None) or "unix"
+
+
+@implementer(IPullProducer)
+class _MessageSender:
+    """Streams one message file through the core's stuffer, a chunk per pull."""
+
+    def __init__(self, proto: "POP3ServerProtocol", f) -> None:
+        self.proto = proto
+        self.file = f
+
+    def resumeProducing(self) -> None:
+        core = self.proto.core
+        chunk = self.file.read(CHUNK)
+        if chunk:
+            out = core.stuff(chunk)
+            if out:
+                self.proto.transport.write(out)
+        if not chunk or core.retrieve_done:
+            self.proto._retrieved(self)
+
+    def stopProducing(self) -> None:
+        self.file.close()
+
+
+class POP3ServerProtocol(Protocol):
+    """One POP3 session."""
+
+    def __init__(self, ctx: POP3Context) -> None:
+        self.ctx = ctx
+        self.core: Optional[POP3ServerConnection] = None
+        self.session: Optional[Session] = None
+        self.maildrop = None
+        self.client = "unknown"
+        self.busy = False
+        self.reading_paused = False
+        self.closing = False
+        self.counted = False
+        self.timer = None
+        self.abort_timer = None
+        self.deciding = False
+        self.sender: Optional[_MessageSender] = None
+        self.retrieval: Optional[defer.Deferred] = None  # fires when a RETR/TOP is sent
+
+    # -- Twisted callbacks -------------------------------------------------
+    def connectionMade(self) -> None:
+        self.client = _peer_ip(self.transport)
+        self.key = client_key(self.client)
+        refusal = self.ctx.limiter.acquire(self.key)
+        if refusal is not None:
+            log.info("{listener}: refused connection from {client}: too many connections",
+                     listener=self.ctx.name, client=self.client)
+            self.transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")
+            self.closing = True
+            self._hang_up()
+            return
+        self.counted = True
+        if hasattr(self.transport, "setTcpNoDelay"):
+            try:
+                self.transport.setTcpNoDelay(True)  # no 40 ms stall after each response
+            except Exception:  # a UNIX socket, or a TLS wrapper without it
+                pass
+        log.info("{listener}: connect from {client}", listener=self.ctx.name, client=self.client)
+        ctx = self.ctx
+        self.session = Session(listener=ctx.name, kind="pop3", hostname=ctx.hostname,
+                               client_ip=self.client, client_key=self.key)
+        self.core = POP3ServerConnection(
+            hostname=ctx.hostname, tls_available=ctx.tls is not None or ctx.implicit_tls,
+            tls_active=ctx.implicit_tls, plaintext_auth=ctx.plaintext_auth,
+            auth_mechanisms=ctx.mechanisms)
+        self.core.greeting()
+        self._drive()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing or self.core is None:
+            return
+        self.core.receive_data(data)
+        self._drive()
+
+    def connectionLost(self, reason=None) -> None:
+        self._cancel_timer()
+        if self.abort_timer is not None and self.abort_timer.active():
+            self.abort_timer.cancel()
+        self.abort_timer = None
+        self.closing = True
+        if self.sender is not None:
+            self.sender.stopProducing()
+            self.sender = None
+        if self.retrieval is not None:  # let the pending decision end
+            d, self.retrieval = self.retrieval, None
+            d.callback(None)
+        self._release()
+        if self.counted:
+            self.counted = False
+            self.ctx.limiter.release(self.key)
+            log.info("{listener}: disconnect from {client}", listener=self.ctx.name,
+                     client=self.client)
+
+    # -- the event loop ----------------------------------------------------
+    def _drive(self) -> None:
+        progressed = False
+        try:
+            while not self.busy and not self.closing:
+                event = self.core.next_event()
+                if event is ev.NEED_DATA or event is ev.PAUSED:
+                    break
+                progressed = True
+                handler = self.HANDLERS.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+        except Exception:
+            log.failure("{listener}: internal error, closing session with {client}",
+                        listener=self.ctx.name, client=self.client)
+            self._close(b"-ERR [SYS/TEMP] Internal error\r\n")
+            return
+        if self._flush() or progressed:
+            self._arm_timer()
+
+    def _flush(self) -> bool:
+        if self.core is None or self.closing:
+            return False
+        out = self.core.data_to_send()
+        if out:
+            self.transport.write(out)
+        return bool(out)
+
+    def _update_reading(self) -> None:
+        if self.closing:
+            return
+        if self.busy and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pauseProducing()
+        elif not self.busy and self.reading_paused:
+            self.reading_paused = False
+            self.transport.resumeProducing()
+
+    def _decide(self, coro) -> None:
+        """Run an async decision; the core holds later commands meanwhile."""
+        self.busy = True
+        self._cancel_timer()
+        self._update_reading()
+        self.deciding = True
+        d = defer.ensureDeferred(coro)
+        d.addCallback(self._decided)
+        d.addErrback(self._broken)
+        self.deciding = False
+
+    def _decided(self, _ignored=None) -> None:
+        self.busy = False
+        if self.closing:
+            return
+        self._update_reading()
+        if not self.deciding:
+            self._drive()
+
+    def _broken(self, failure) -> None:
+        log.failure("{listener}: internal error, closing session with {client}", failure,
+                    listener=self.ctx.name, client=self.client)
+        if not self.closing:
+            self._close(b"-ERR [SYS/TEMP] Internal error\r\n")
+
+    def _close(self, last: bytes = b"") -> None:
+        try:
+            self._flush()
+        except Exception:
+            log.failure("{listener}: could not flush responses to {client}",
+                        listener=self.ctx.name, client=self.client)
+        if last:
+            self.transport.write(last)
+        self.closing = True
+        self._cancel_timer()
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        self.transport.loseConnection()
+        if self.abort_timer is None:
+            self.abort_timer = self.ctx.clock.callLater(self.ctx.close_grace,
+                                                        self.transport.abortConnection)
+
+    # -- timeouts ----------------------------------------------------------
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        if self.busy or self.closing:
+            return
+        self.timer = self.ctx.clock.callLater(self.ctx.idle_timeout, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        log.info("{listener}: timeout from {client}", listener=self.ctx.name, client=self.client)
+        # RFC 1939 3: an autologout closes without entering UPDATE.
+        self._close(b"-ERR [SYS/TEMP] Idle too long, closing connection\r\n")
+
+    # -- handlers ------------------------------------------------------------
+    def on_starttls(self, event: ev.StartTLS) -> None:
+        if self.ctx.tls is None:
+            self.core.send_err("TLS not available", code="SYS/TEMP")
+            return
+        self.core.send_ok("Begin TLS negotiation")
+        self._flush()
+        self.transport.startTLS(self.ctx.tls.options)
+        self.session.forget_tls_state()
+        self.core.tls_started()
+
+    def on_authenticate(self, event: ev.Authenticate) -> None:
+        self._decide(self._login(event.credentials))
+
+    async def _login(self, credentials) -> None:
+        reply = await self.ctx.authenticator.authenticate(self.session, credentials,
+                                                          senders=False)
+        if reply is R.LOGIN_BLOCKED:
+            self.core.send_err("Too many failed logins, try again later", code="SYS/TEMP",
+                               close=True)
+            return
+        if reply is R.AUTH_TEMPORARY:
+            self.core.send_err("Temporary authentication failure, try again later",
+                               code="SYS/TEMP")
+            return
+        if reply is not R.AUTH_OK:
+            self.core.send_err("Authentication failed", code="AUTH")
+            return
+        session = self.session
+        mailbox = Mailbox(address=(session.address or "").lower(), login=session.login)
+        try:
+            path = self.ctx.store.maildir_for(mailbox)
+            self.maildrop = await self.ctx.io(self.ctx.open_maildrop, path)
+        except Exception as e:
+            self._refuse_maildrop(e)
+            session.forget_tls_state()  # not logged in after all
+            return
+        infos = [ev.MessageInfo(size=m.size, uid=m.uid) for m in self.maildrop.messages]
+        if getattr(self.maildrop, "uidlist_problem", None):
+            log.warn("{listener}: {login}: dovecot-uidlist ignored: {why}",
+                     listener=self.ctx.name, login=session.login,
+                     why=self.maildrop.uidlist_problem)
+        log.info("{listener}: {client}: login: user={login}, {n} message(s)",
+                 listener=self.ctx.name, client=self.client, login=session.login, n=len(infos))
+        self.core.logged_in(infos, identity=session.login)
+
+    def _refuse_maildrop(self, e: Exception) -> None:
+        from mailserver.store.maildrop import MaildropInUse
+
+        if isinstance(e, MaildropInUse):
+            log.info("{listener}: {client}: {login}: maildrop in use", listener=self.ctx.name,
+                     client=self.client, login=self.session.login)
+            self.core.send_err("Mailbox is locked by another session", code="IN-USE")
+        elif isinstance(e, PermissionError) or getattr(e, "reply", None) is not None:
+            log.warn("{listener}: {login}: cannot open the maildrop: {e}",
+                     listener=self.ctx.name, login=self.session.login, e=str(e))
+            self.core.send_err("Cannot open the mailbox", code="SYS/PERM")
+        else:
+            log.failure("{listener}: {login}: cannot open the maildrop",
+                        listener=self.ctx.name, login=self.session.login)
+            self.core.send_err("Cannot open the mailbox now, try again later",
+                               code="SYS/TEMP")
+
+    def on_login_failed(self, event: ev.LoginFailed) -> None:
+        log.info("{listener}: {client}: authentication failed: sasl_method={mech} ({reason})",
+                 listener=self.ctx.name, client=self.client, mech=event.mechanism,
+                 reason=event.reason)
+
+    def on_retrieve(self, event: ev.Retrieve) -> None:
+        self._decide(self._retrieve(event))
+
+    async def _retrieve(self, event: ev.Retrieve) -> None:
+        try:
+            f = await self.ctx.io(self.maildrop.open_message, event.index)
+        except FileNotFoundError:
+            self.core.send_err(f"message {event.number} was removed by another client")
+            return
+        except OSError:
+            log.failure("{listener}: {login}: cannot read message {n}",
+                        listener=self.ctx.name, login=self.session.login, n=event.number)
+            self.core.send_err("Cannot read the message now", code="SYS/TEMP")
+            return
+        if self.closing:
+            f.close()
+            return
+        self.core.send_ok(f"{event.info.size} octets" if event.lines is None else "")
+        self._flush()
+        self.sender = _MessageSender(self, f)
+        self.transport.registerProducer(self.sender, False)
+        await self._wait_retrieved()
+
+    def _wait_retrieved(self) -> defer.Deferred:
+        self.retrieval = defer.Deferred()
+        return self.retrieval
+
+    def _retrieved(self, sender: _MessageSender) -> None:
+        if self.sender is not sender:
+            return
+        self.sender = None
+        self.transport.unregisterProducer()
+        sender.stopProducing()
+        self.core.finish_retrieve()
+        self._flush()
+        d, self.retrieval = self.retrieval, None
+        d.callback(None)
+
+    def on_update(self, event: ev.Update) -> None:
+        self._decide(self._update(event))
+
+    async def _update(self, event: ev.Update) -> None:
+        drop = self.maildrop
+        try:
+            await self.ctx.io(drop.update, event.deleted, event.retrieved)
+        except Exception:
+            log.failure("{listener}: {login}: UPDATE failed", listener=self.ctx.name,
+                        login=self.session.login)
+            self.core.send_err("Some deleted messages could not be removed", code="SYS/TEMP")
+        else:
+            log.info("{listener}: {client}: logout: user={login}, {n} deleted",
+                     listener=self.ctx.name, client=self.client, login=self.session.login,
+                     n=len(event.deleted))
+            self.core.send_ok("Bye")
+        self._release()
+
+    def _release(self) -> None:
+        """Give up the maildrop's lock (no changes applied)."""
+        if self.maildrop is not None:
+            drop, self.maildrop = self.maildrop, None
+            drop.close()
+
+    def on_quit(self, event) -> None:
+        self._close()
+
+    def on_closed(self, event) -> None:
+        self.closing = True
+        self._cancel_timer()
+
+    HANDLERS = {
+        ev.StartTLS: on_starttls,
+        ev.Authenticate: on_authenticate,
+        ev.LoginFailed: on_login_failed,
+        ev.Retrieve: on_retrieve,
+        ev.Update: on_update,
+        ev.Quit: on_quit,
+        ev.Closing: on_quit,
+        ev.ConnectionClosed: on_closed,
+    }
+
+
+class POP3Factory(Factory):
+    def __init__(self, ctx: POP3Context) -> None:
+        self.ctx = ctx
+
+    def buildProtocol(self, addr) -> POP3ServerProtocol:
+        p = POP3ServerProtocol(self.ctx)
+        p.factory = self
+        return p
