@@ -31,6 +31,9 @@ Decisions:
   the name is trusted when present (our store and Dovecot write it), so a
   large mailbox opens without reading a single message; otherwise the file
   is read in chunks and its length plus the number of bare LFs is used.
+  A file that vanishes or turns into a link meanwhile is left out; any
+  other read error fails :meth:`Maildrop.open` (the caller answers
+  ``-ERR [SYS/TEMP]``) rather than hiding mail.
 * **UIDLs** stay the same across sessions and across renames (new/ to
   cur/, flag changes), since they come from the unique part of the name:
   the text up to the first ``,`` or ``:`` (our ``,S=``/``,W=`` fields are
@@ -38,7 +41,8 @@ Decisions:
   allows 1 to 70 characters in 0x21-0x7E; anything else (a long host name,
   a space) is replaced by the first 32 hex digits of the SHA-256 of the
   unique part.  UIDLs must be unique within a listing: when two messages
-  would share one, the later one gets a hash of its base name instead.
+  would share one (a broken maildir), the later one gets a hash of its base
+  name and a counter instead, which may change once the other one is gone.
 * **dovecot-uidlist.**  Users moving from Dovecot must not download their
   whole mailbox again, so when the maildir holds Dovecot's ``dovecot-uidlist``
   (version 3: header ``3 V<uidvalidity> N<nextuid> ...``, records
@@ -56,13 +60,15 @@ Decisions:
   the process dies, so a crash leaves no stale lock; it works across
   processes and, being per open file description, between two sessions of
   one process.  The file is never removed: unlinking a lock file lets two
-  holders lock two different inodes.  Deliveries do not take it; maildir
+  holders lock two different inodes.  A drop collected without
+  :meth:`Maildrop.close` releases its lock too (``weakref.finalize``).  Deliveries do not take it; maildir
   needs no lock for them.
 * **Renames by others.**  Another reader (Dovecot IMAP) may move a message
   to ``cur/`` or change its flags during the session.  When a file is not
   where the snapshot saw it, both directories are listed again and every
   message is looked up by its base name (then by its unique part); a
-  message found nowhere has been expunged: ``FileNotFoundError``.
+  message found nowhere has been expunged: ``FileNotFoundError``, for the
+  rest of the session (a client asking again costs no new listing).
 * **UPDATE** unlinks the deleted messages (already gone is fine), moves
   every other message still in ``new/`` to ``cur/<base>:2,`` (Dovecot's
   mark for "a client has seen it"), and gives the retrieved ones the ``S``
@@ -117,9 +123,9 @@ _UINT32_MAX = 0xFFFFFFFF
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
-_TIME_RE = re.compile(r"([0-9]+)\.([^.:]*)")
+# Leading seconds, then the digits after the first "M" of the next part.
+_TIME_RE = re.compile(r"([0-9]+)(?:\.[^.:M]*M([0-9]*))?")
 _VSIZE_RE = re.compile(r",W=([0-9]{1,19})(?:,|$)")
-_UNIQUE_RE = re.compile(r"[^,:]*")
 _UIDL_RE = re.compile(r"[\x21-\x7e]{1,70}")
 _DIGITS_RE = re.compile(r"[0-9]{1,10}")
 
@@ -173,7 +179,7 @@ def _base(name: str) -> str:
 
 def _unique(name: str) -> str:
     """The name up to the first ``,`` or ``:``."""
-    return _UNIQUE_RE.match(name).group()
+    return name.partition(":")[0].partition(",")[0]
 
 
 def _hashed(text: str) -> str:
@@ -188,16 +194,13 @@ def _order_key(base: str) -> tuple:
     match = _TIME_RE.match(base)
     if match is None:
         return (1, 0, 0, base)
-    uniq = match.group(2)
-    m = uniq.find("M")
-    usecs = 0
-    if m >= 0:
-        digits = re.match(r"[0-9]*", uniq[m + 1 :]).group()
-        usecs = int(digits) if digits else 0
-    return (0, int(match.group(1)), usecs, base)
+    secs, usecs = match.groups()
+    return (0, int(secs), int(usecs) if usecs else 0, base)
 
 
 def _vsize(base: str) -> Optional[int]:
+    if ",W=" not in base:
+        return None
     match = _VSIZE_RE.search(base)
     return int(match.group(1)) if match else None
 
@@ -259,7 +262,8 @@ def _open_subdir(maildir_fd: int, maildir: str, sub: str) -> Optional[int]:
         # O_NOFOLLOW|O_DIRECTORY on a link fails with ELOOP or (Linux) ENOTDIR.
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             try:
-                is_link = stat.S_ISLNK(os.stat(sub, dir_fd=maildir_fd, follow_symlinks=False).st_mode)
+                st = os.stat(sub, dir_fd=maildir_fd, follow_symlinks=False)
+                is_link = stat.S_ISLNK(st.st_mode)
             except OSError:
                 is_link = False
             if is_link:
@@ -403,11 +407,11 @@ def _read_uidlist(maildir_fd: int) -> Tuple[Dict[str, str], Optional[str]]:
         if exc.errno == errno.ELOOP:
             return {}, f"{UIDLIST_NAME} is a symbolic link; ignored"
         return {}, f"{UIDLIST_NAME}: cannot open: {exc.strerror or exc}"
+    stream = io.open(fd, "rb")
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return {}, f"{UIDLIST_NAME} is not a regular file; ignored"
-        with io.open(fd, "rb") as stream:
+        with stream:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return {}, f"{UIDLIST_NAME} is not a regular file; ignored"
 
             def lines():
                 while True:
