@@ -105,7 +105,7 @@ class AuthConfig:
         default=("PLAIN", "LOGIN"), metadata=_doc("SASL mechanisms offered, in this order."))
     failure_delay: float = field(
         default=2.0, metadata=_doc("Seconds before answering a failed login; doubles per failure.",
-                                   min=0))
+                                   min=0.1))
     max_failure_delay: float = field(
         default=15.0, metadata=_doc("The longest delay after a failed login, seconds.", min=0))
     max_failures: int = field(

@@ -88,7 +88,7 @@ def _smtp_family(parts: Parts, lc, kind: ListenerKind):
         max_received=s.max_received_headers,
         hide_client=lc.protocol == "submission" and config.submission.hide_client_address,
         etrn=config.relay.etrn and kind.mode is Mode.MX,
-        authenticator=parts.authenticator if auth else None)
+        authenticator=parts.authenticator if auth else None, max_line=s.text_line_limit)
     ctx = ListenerContext(
         mode=kind.mode, kind=lc.protocol, hostname=config.server.hostname,
         limits=Limits(max_command_line=s.command_line_limit, max_text_line=s.text_line_limit,

@@ -128,13 +128,24 @@ class HeaderScanner:
             return
         data = self._partial + data
         lines = data.split(b"\n")
-        self._partial = lines.pop()[: self._max_line]
+        self._partial = lines.pop()
+        if len(self._partial) > self._max_line:  # never kept whole: what it says is unknown
+            self._partial = self._partial[: self._max_line]
+            self.truncated.update(self._keep)
         for line in lines:
             line = line.rstrip(b"\r")
             if not line:
                 self.done = True
                 return
             self._line(line)
+
+    def finish(self) -> None:
+        """The content ended: a last header line without a line end (BDAT
+        allows that) counts like any other."""
+        if not self.done and self._partial:
+            self._line(self._partial.rstrip(b"\r"))
+        self._partial = b""
+        self.done = True
 
     def _line(self, line: bytes) -> None:
         if line[:1] in (b" ", b"\t"):  # a continuation of the field before

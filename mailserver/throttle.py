@@ -5,17 +5,23 @@ Both guards read time only from an injected clock (anything with
 ``.seconds()``) and keep their state in memory.
 
 :class:`LoginThrottle` slows down, then stops, password guessing (like
-Dovecot's ``auth_failure_delay`` and Postfix's ``anvil``).  Failures are
+Dovecot's ``auth_failure_delay`` and Postfix's ``anvil``).  Attempts are
 counted per client key (an IP or IPv6 /64, computed by the caller) and per
-account (lower-cased and stripped here, so ``Alice`` is ``alice``; an empty
-login counts per client only), each failure forgotten ``window`` seconds
-later.  After a failure the answer waits ``min(base_delay * 2 ** (n - 1),
-max_delay)`` seconds, ``n`` being the larger count; when either count reaches
-``max_failures`` the verdict is *blocked* and :meth:`LoginThrottle.check`
-refuses that client or account until old failures age out.  A success clears
-both counters.  The throttle only hears "this login failed": callers report a
-wrong password and an unknown account alike, so neither delay nor block tells
-an attacker which accounts exist.
+account, each forgotten ``window`` seconds later.  The account key is the
+login as the directory compares it (NFKC, case folded, characters LDAP
+ignores dropped), so spelling one account many ways does not give many
+counters.  Every attempt counts as a failure from :meth:`LoginThrottle.check`
+on, and :meth:`LoginThrottle.succeeded` takes it back: parallel attempts
+cannot all pass the check before the first of them fails.  A success takes
+back only its own attempt: earlier failures stay until they age out, so
+logging in with one account does not wipe the guesses made from the same
+address at others.  After a failure the answer waits ``min(base_delay * 2 **
+(n - 1), max_delay)`` seconds, ``n`` being the larger count; when either
+count reaches ``max_failures`` the verdict is *blocked* and
+:meth:`LoginThrottle.check` refuses that client or account until old
+failures age out.  The throttle only hears "this login failed": callers
+report a wrong password and an unknown account alike, so neither delay nor
+block tells an attacker which accounts exist.
 
 :class:`RateLimiter` caps messages and recipients per authenticated login per
 hour and per day (sliding windows; 0 disables a limit).  Exempt logins are
@@ -36,6 +42,7 @@ the supervisor holding the one shared copy (DESIGN.md 9); these never wait.
 
 from __future__ import annotations
 
+import unicodedata
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional
@@ -47,13 +54,16 @@ class ILoginThrottle(Interface):
     """Decides how long to delay, or whether to refuse, login attempts."""
 
     def check(client: str, account: str):
-        """Before a login: awaitable LoginVerdict, blocked when over the limit."""
+        """Before a login: awaitable LoginVerdict, blocked when over the
+        limit; otherwise the attempt is counted as a failure for now."""
 
     def failed(client: str, account: str):
-        """After a failed login: awaitable LoginVerdict with the delay to apply."""
+        """After a failed login (counted at check): awaitable LoginVerdict
+        with the delay to apply."""
 
     def succeeded(client: str, account: str):
-        """After a successful login: awaitable None; clears both counters."""
+        """After a successful login, or one that could not be checked (the
+        directory was down): awaitable None; takes back the attempt."""
 
 
 class IRateLimiter(Interface):
@@ -132,6 +142,14 @@ class _Counters:
     def clear(self, key: str) -> None:
         self._entries.pop(key, None)
 
+    def remove_latest(self, key: str) -> None:
+        """Take back the newest entry (an attempt that turned out fine)."""
+        times = self._entries.get(key)
+        if times:
+            times.pop()
+            if not times:
+                del self._entries[key]
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -153,30 +171,58 @@ class LoginThrottle:
         self.accounts = _Counters(window, max_failures, max_entries)
 
     async def check(self, client: str, account: str) -> LoginVerdict:
+        """Before an attempt: refused when the client or the account is at
+        the limit; otherwise the attempt is counted now as a failure, until
+        :meth:`succeeded` takes it back, so that parallel attempts cannot
+        all pass before the first of them fails."""
         now = self._clock.seconds()
-        account = _normal(account)
+        account = _account_key(account)
         n = self.clients.count(client, now)
         if account:
             n = max(n, self.accounts.count(account, now))
         if n >= self._max_failures:
             return LoginVerdict(delay=0.0, blocked=True)
+        self.clients.add(client, now)
+        if account:
+            self.accounts.add(account, now)
         return _ALLOWED
 
     async def failed(self, client: str, account: str) -> LoginVerdict:
+        """After a failed attempt (already counted by :meth:`check`): the
+        delay before answering, and whether to hang up."""
         now = self._clock.seconds()
-        account = _normal(account)
-        n = self.clients.add(client, now)
+        account = _account_key(account)
+        n = max(self.clients.count(client, now), 1)
         if account:
-            n = max(n, self.accounts.add(account, now))
+            n = max(n, self.accounts.count(account, now))
         # Cap the exponent: the delay saturates long before it could overflow.
         delay = min(self._base_delay * 2.0 ** min(n - 1, 64), self._max_delay)
         return LoginVerdict(delay=delay, blocked=n >= self._max_failures)
 
     async def succeeded(self, client: str, account: str) -> None:
-        self.clients.clear(client)
-        account = _normal(account)
+        """Take back the attempt :meth:`check` counted.  Earlier failures
+        stay until they age out: a login with one account must not wipe the
+        record of guesses made from the same address at other accounts, nor
+        the account owner's login the guesses made at their account."""
+        self.clients.remove_latest(client)
+        account = _account_key(account)
         if account:
-            self.accounts.clear(account)
+            self.accounts.remove_latest(account)
+
+
+# Characters LDAP's string preparation (RFC 4518 2.2, after RFC 3454 B.1)
+# maps to nothing: "ali\u00adce" is alice to the directory.
+_MAPPED_TO_NOTHING = dict.fromkeys(
+    [0x00AD, 0x034F, 0x1806, 0x180B, 0x180C, 0x180D, 0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF]
+    + list(range(0xFE00, 0xFE10)))
+
+
+def _account_key(login: str) -> str:
+    """The account a typed login counts against: compared as the directory
+    compares it (NFKC, case folded, ignorable characters dropped), so that
+    "ＡＬＩＣＥ" or "ali\u00adce" are not fresh counters for alice."""
+    text = unicodedata.normalize("NFKC", login.translate(_MAPPED_TO_NOTHING))
+    return unicodedata.normalize("NFKC", text.casefold()).strip()
 
 
 def _normal(login: str) -> str:

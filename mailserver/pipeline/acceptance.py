@@ -76,7 +76,7 @@ class Acceptance:
                  RecipientDelivery, spool_dir: str, clock, checks: Sequence[Check] = (),
                  outbox=None, max_received: int = 50, hide_client: bool = False,
                  queue_id: Callable[[], str] = new_queue_id, etrn: bool = False,
-                 authenticator=None) -> None:
+                 authenticator=None, max_line: int = 1000) -> None:
         self.kind = kind
         self.lmtp = kind == "lmtp"
         self.hostname = hostname
@@ -92,6 +92,7 @@ class Acceptance:
         self.queue_id = queue_id
         self.etrn_enabled = etrn and outbox is not None
         self.authenticator = authenticator  # mailserver.pipeline.auth.Authenticator
+        self.max_line = max_line  # the listener's text line limit
 
     async def _run(self, hook: str, *args) -> Optional[R.Reply]:
         for check in self.checks:
@@ -146,7 +147,7 @@ class Acceptance:
     # -- content ------------------------------------------------------------
     def begin_data(self, txn: Transaction) -> None:
         txn.message = IncomingMessage(self.spool_dir, self.queue_id())
-        txn.scanner = HeaderScanner(keep=KEPT_HEADERS)
+        txn.scanner = HeaderScanner(self.max_line, keep=KEPT_HEADERS)
 
     @staticmethod
     def data(txn: Transaction, chunk: bytes) -> None:
@@ -154,6 +155,7 @@ class Acceptance:
             return
         txn.message.write(chunk)
         txn.scanner.feed(chunk)
+        txn.line_open = not chunk.endswith(b"\n")
 
     async def end_data(self, session: Session, txn: Transaction) -> list:
         """The replies to the end of the data: one, or one per accepted
@@ -169,7 +171,10 @@ class Acceptance:
         if message is None or not txn.targets:
             return [R.NO_VALID_RCPTS] * count
         queue_id = message.queue_id
+        if txn.line_open:  # BDAT content may stop mid-line: end it, as Postfix does
+            message.write(b"\r\n")
         message.finish()
+        txn.scanner.finish()
         if txn.scanner.received > self.max_received:
             log.info("{id}: refused, {n} Received headers (loop)", id=queue_id,
                      n=txn.scanner.received)

@@ -71,6 +71,7 @@ class Authenticator:
                      login=_printable(typed))
             return R.LOGIN_BLOCKED if verdict.blocked else R.AUTH_FAILED
         except ReplyError as e:  # the directory is down: try again later
+            await self.throttle.succeeded(session.client_key, typed)  # no guess was judged
             log.warn("{listener}: {client}: authentication unavailable: {reason}",
                      listener=session.listener, client=session.client_ip, reason=e.reason)
             return R.AUTH_TEMPORARY

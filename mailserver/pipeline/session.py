@@ -64,6 +64,7 @@ class Transaction:
     message: Any = None  # incoming.IncomingMessage while the content arrives
     scanner: Any = None  # received.HeaderScanner over the content's header
     headers: List[bytes] = field(default_factory=list)  # lines to add on top, in order
+    line_open: bool = False  # the content so far does not end with a line end
 
     def add_header(self, name: str, value: str) -> None:
         """Add ``Name: value`` (already folded, no CR LF) above the content."""

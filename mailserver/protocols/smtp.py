@@ -294,6 +294,8 @@ class SMTPServerProtocol(Protocol):
                 self.core.send(reply, identity=self.session.login)
             else:
                 self.core.send(reply)
+            if reply.code == 421:  # the core closed the session: no more replies
+                break
         self._update_reading()
         if not self.deciding:
             self._drive()
@@ -334,7 +336,7 @@ class SMTPServerProtocol(Protocol):
     async def _no_reply(self, coro) -> list:
         """A check after a reply the core already sent: a refusal closes."""
         reply = await coro
-        if reply is not None and not reply.is_positive:
+        if reply is not None and not reply.is_positive and not self.closing:
             self._close(reply if reply.code == 421 else R.SERVICE_UNAVAILABLE)
         return []
 

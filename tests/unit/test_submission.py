@@ -211,13 +211,15 @@ def test_auth_blocked_account_from_another_client(a):
     assert not other.authenticated
 
 
-def test_auth_success_clears_the_counters(a):
-    """A successful login clears the client's and the account's failures: the next failure waits the base delay again."""
+def test_auth_success_takes_back_only_its_own_attempt():
+    """A successful login is not counted, but earlier failures stay (a valid
+    account must not wipe the guesses made from its address): the next
+    failure waits as the third."""
+    a = AuthSetup(max_failures=10)
     a.failed_after(a.attempt("alice@example.test", "x1"), 2.0)
     a.failed_after(a.attempt("alice@example.test", "x2"), 4.0)
     assert result(a.attempt("alice@example.test", "secret")) is R.AUTH_OK
-    assert len(a.throttle.clients) == 0 and len(a.throttle.accounts) == 0
-    assert a.failed_after(a.attempt("alice@example.test", "x3"), 2.0) is R.AUTH_FAILED
+    assert a.failed_after(a.attempt("alice@example.test", "x3"), 8.0) is R.AUTH_FAILED
 
 
 def test_auth_empty_password_fails_without_asking_the_directory(a):
@@ -605,3 +607,32 @@ def test_hide_client_only_for_authenticated_sessions(tmp_path):
     [msg] = h.messages("alice")
     assert msg["Received"].startswith("from c (unknown [192.0.2.7])")
     assert "with ESMTP id" in msg["Received"]
+
+
+def test_unterminated_from_in_last_bdat_chunk_is_checked(tmp_path):
+    """BDAT content may end without a line end: a forged From: as its last,
+    unterminated line is still checked (550 5.7.1), and nothing is stored."""
+    h = submission_harness(tmp_path)
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nAUTH PLAIN " + plain(b"alice@example.test", b"secret") + b"\r\n"
+                   b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\n")
+    content = b"Subject: pay this invoice\r\nFrom: Boss <boss@example.test>"
+    p.dataReceived(b"BDAT %d LAST\r\n" % len(content) + content)
+    assert replies(t)[-1] == "550 5.7.1"
+    assert h.messages("bob") == []
+
+
+def test_content_without_final_line_end_is_stored_with_one(tmp_path):
+    """A BDAT message whose content stops mid-line is stored with the line
+    ended, and its unterminated Message-ID is seen (none is added)."""
+    h = submission_harness(tmp_path)
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nAUTH PLAIN " + plain(b"alice@example.test", b"secret") + b"\r\n"
+                   b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\n")
+    content = b"From: alice@example.test\r\nMessage-ID: <own@example.test>"
+    p.dataReceived(b"BDAT %d LAST\r\n" % len(content) + content)
+    assert replies(t)[-1] == "250 2.0.0"
+    [msg] = h.messages("bob")
+    assert msg.get_all("Message-ID") == ["<own@example.test>"]
+    path = next((tmp_path / "mail" / "example.test" / "bob" / "new").iterdir())
+    assert path.read_bytes().endswith(b"Message-ID: <own@example.test>\n")

@@ -33,9 +33,12 @@ def throttle(clock):
 
 
 def fail(throttle, client, account, times=1):
-    """Report several failures and return the last verdict."""
+    """Make several failed attempts (check, then failed, as a protocol does)
+    and return the last verdict."""
     for _ in range(times):
-        verdict = run(throttle.failed(client, account))
+        verdict = run(throttle.check(client, account))
+        if not verdict.blocked:
+            verdict = run(throttle.failed(client, account))
     return verdict
 
 
@@ -85,7 +88,6 @@ def test_window_expiry_restores(clock, throttle):
     clock.advance(899)
     assert run(throttle.check("192.0.2.1", "alice")).blocked
     clock.advance(1)
-    assert not run(throttle.check("192.0.2.1", "alice")).blocked
     assert fail(throttle, "192.0.2.1", "alice").delay == 2.0
 
 
@@ -98,12 +100,29 @@ def test_window_slides_per_failure(clock, throttle):
     assert fail(throttle, "192.0.2.1", "alice").delay == 4.0
 
 
-def test_success_clears(throttle):
-    """A successful login clears the client's and the account's counters."""
+def test_success_takes_back_only_its_own_attempt(throttle):
+    """A successful login is not counted, but earlier failures stay: logging
+    in with a valid account does not wipe the guesses made before."""
     fail(throttle, "192.0.2.1", "alice", times=5)
-    run(throttle.succeeded("192.0.2.1", "alice"))
-    assert fail(throttle, "192.0.2.1", "alice").delay == 2.0
-    assert len(throttle.clients) == len(throttle.accounts) == 1
+    assert not run(throttle.check("192.0.2.1", "bob")).blocked
+    run(throttle.succeeded("192.0.2.1", "bob"))
+    assert len(throttle.accounts) == 1  # bob's attempt taken back, alice's failures kept
+    assert fail(throttle, "192.0.2.1", "carol").delay == 15.0  # the client's sixth
+
+
+def test_parallel_attempts_count_before_they_fail(throttle):
+    """Attempts count from check() on, so a burst of parallel tries cannot
+    all pass the check before the first failure is recorded."""
+    passed = [not run(throttle.check("192.0.2.1", "alice")).blocked for _ in range(25)]
+    assert passed.count(True) == 10
+
+
+@pytest.mark.parametrize("spelling", ["ＡＬＩＣＥ", "ali\u00adce", "Alice\u200b", "aLiCe"])
+def test_account_spellings_share_a_counter(throttle, spelling):
+    """Spellings the directory treats as the same login (width, case,
+    ignorable characters) count against one account."""
+    fail(throttle, "192.0.2.1", "alice")
+    assert fail(throttle, "192.0.2.2", spelling).delay == 4.0
 
 
 def test_account_case_insensitive(throttle):
