@@ -1,0 +1,194 @@
+"""The POP3 Twisted adapter, over an in-memory transport with a fake clock,
+a real maildir and the real maildrop."""
+
+import os
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from mailserver.directory.cred import DirectoryChecker
+from mailserver.directory.interfaces import Mailbox
+from mailserver.pipeline.auth import Authenticator
+from mailserver.protocols.limits import ConnectionLimiter
+from mailserver.protocols.pop3 import POP3Context, POP3Factory
+from mailserver.store.maildir import MaildirStore
+from mailserver.store.maildrop import Maildrop
+from mailserver.testing import FakeDirectory
+from mailserver.throttle import LoginThrottle
+
+ALICE = Mailbox(address="alice@example.test", login="alice@example.test")
+
+
+class Harness:
+    def __init__(self, tmp_path, **ctx):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = MaildirStore(str(tmp_path / "mail"), hostname="mx.example.test")
+        self.directory = FakeDirectory(passwords={"alice@example.test": "secret"})
+        self.opened = []
+        self.updates = []
+
+        def open_maildrop(path):
+            drop = Maildrop.open(path)
+            self.opened.append(drop)
+            real_update = drop.update
+
+            def update(deleted, retrieved):
+                self.updates.append((tuple(deleted), tuple(retrieved)))
+                return real_update(deleted, retrieved)
+
+            drop.update = update
+            return drop
+
+        self.ctx = POP3Context(
+            name="pop3", hostname="mx.example.test", clock=self.clock,
+            limiter=ConnectionLimiter(10, 10),
+            authenticator=Authenticator(DirectoryChecker(self.directory),
+                                        LoginThrottle(self.clock), self.directory, self.clock),
+            store=self.store, io=lambda f, *a: defer.maybeDeferred(f, *a),
+            open_maildrop=open_maildrop, plaintext_auth=True, **ctx)
+        self.factory = POP3Factory(self.ctx)
+
+    def deliver(self, body: bytes) -> str:
+        src = self.store.root + ".src"
+        with open(src, "wb") as f:
+            f.write(body)
+        return self.store.deliver(ALICE, sender="x@example.org", source_path=src)
+
+    def connect(self):
+        proto = self.factory.buildProtocol(None)
+        t = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 4321))
+        proto.makeConnection(t)
+        return proto, t
+
+    def maildir(self):
+        return self.store.maildir_for(ALICE)
+
+
+def lines(t):
+    """Responses so far (a pull producer registered for RETR is run dry first), then clear."""
+    while t.producer is not None:
+        t.producer.resumeProducing()
+    out = t.value().decode().split("\r\n")
+    t.clear()
+    return out
+
+
+@pytest.fixture
+def h(tmp_path):
+    return Harness(tmp_path)
+
+
+def login(p, t):
+    p.dataReceived(b"USER alice@example.test\r\nPASS secret\r\n")
+    out = lines(t)
+    assert out[-2].startswith("+OK"), out
+    return out
+
+
+def test_login_retr_and_quit_apply_deletions(h):
+    """RETR streams the stored message dot-stuffed with CRLF; DELE then QUIT removes it."""
+    h.deliver(b"Subject: one\r\n\r\n.starts with a dot\r\nend\r\n")
+    h.deliver(b"Subject: two\r\n\r\nbody\r\n")
+    p, t = h.connect()
+    assert lines(t)[0].startswith("+OK")
+    login(p, t)
+    p.dataReceived(b"RETR 1\r\n")
+    out = lines(t)
+    assert out[0].startswith("+OK")
+    assert "..starts with a dot" in out and out[-2:] == [".", ""]
+    p.dataReceived(b"DELE 2\r\nQUIT\r\n")
+    out = lines(t)
+    assert out[0].startswith("+OK") and out[1].startswith("+OK")
+    assert t.disconnecting
+    assert h.updates == [((1,), (0,))]
+    assert len(os.listdir(os.path.join(h.maildir(), "cur"))) == 1
+    assert os.listdir(os.path.join(h.maildir(), "cur"))[0].endswith(":2,S")
+
+
+def test_dropped_connection_deletes_nothing_and_unlocks(h):
+    """A connection lost after DELE applies nothing and releases the lock."""
+    h.deliver(b"Subject: one\r\n\r\nbody\r\n")
+    p, t = h.connect()
+    login(p, t)
+    p.dataReceived(b"DELE 1\r\n")
+    p.connectionLost(None)
+    assert h.updates == []
+    assert len(os.listdir(os.path.join(h.maildir(), "new"))) == 1
+    p2, t2 = h.connect()
+    login(p2, t2)  # the lock was released
+
+
+def test_second_session_is_refused_in_use(h):
+    """While one session holds the maildrop, another login gets -ERR [IN-USE]."""
+    h.deliver(b"Subject: one\r\n\r\nbody\r\n")
+    p, t = h.connect()
+    login(p, t)
+    p2, t2 = h.connect()
+    p2.dataReceived(b"USER alice@example.test\r\nPASS secret\r\n")
+    assert lines(t2)[-2].startswith("-ERR [IN-USE]")
+    p.dataReceived(b"QUIT\r\n")
+    p2.dataReceived(b"USER alice@example.test\r\nPASS secret\r\n")
+    assert lines(t2)[-2].startswith("+OK")
+
+
+def test_wrong_password_waits_then_auth_error(h):
+    """A wrong password is -ERR [AUTH] after the throttle's delay, and the session goes on."""
+    p, t = h.connect()
+    lines(t)
+    p.dataReceived(b"USER alice@example.test\r\nPASS wrong\r\n")
+    assert not any(line.startswith("-ERR") for line in lines(t))  # not before the delay
+    h.clock.advance(2.0)
+    out = lines(t)
+    assert out[-2].startswith("-ERR [AUTH]")
+    p.dataReceived(b"USER nobody@example.test\r\nPASS wrong\r\n")
+    h.clock.advance(4.0)
+    assert lines(t)[-2] == out[-2]  # unknown user: the same line
+
+
+def test_directory_outage_is_sys_temp(h):
+    """A directory that cannot answer gives -ERR [SYS/TEMP], never [AUTH]."""
+    h.directory.down = True
+    p, t = h.connect()
+    lines(t)
+    p.dataReceived(b"USER alice@example.test\r\nPASS secret\r\n")
+    assert lines(t)[-2].startswith("-ERR [SYS/TEMP]")
+
+
+def test_idle_timeout_closes_without_update(h):
+    """After the idle timeout the session closes and marked deletions are not applied."""
+    h.deliver(b"Subject: one\r\n\r\nbody\r\n")
+    p, t = h.connect()
+    login(p, t)
+    p.dataReceived(b"DELE 1\r\n")
+    h.clock.advance(h.ctx.idle_timeout + 1)
+    assert t.disconnecting
+    p.connectionLost(None)
+    assert h.updates == []
+    assert len(os.listdir(os.path.join(h.maildir(), "new"))) == 1
+
+
+def test_top_sends_headers_and_lines(h):
+    """TOP n sends the header, the blank line and n body lines only."""
+    h.deliver(b"Subject: one\r\n\r\nl1\r\nl2\r\nl3\r\n")
+    p, t = h.connect()
+    login(p, t)
+    p.dataReceived(b"TOP 1 1\r\n")
+    out = lines(t)
+    assert out[0].startswith("+OK")
+    assert "l1" in out and "l2" not in out
+    assert out[-2:] == [".", ""]
+
+
+def test_pipelined_commands_keep_order_around_retr(h):
+    """Commands pipelined behind a RETR are answered after the whole message."""
+    h.deliver(b"Subject: one\r\n\r\nbody\r\n")
+    p, t = h.connect()
+    login(p, t)
+    p.dataReceived(b"RETR 1\r\nNOOP\r\nSTAT\r\n")
+    out = lines(t)
+    dot = out.index(".")
+    assert out[dot + 1].startswith("+OK") and out[dot + 2].startswith("+OK 1 ")
