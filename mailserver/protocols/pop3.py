@@ -82,7 +82,9 @@ class _MessageSender:
             out = core.stuff(chunk)
             if out:
                 self.proto.transport.write(out)
-        if not chunk or core.retrieve_done:
+        # A short read of a regular file is its end: the terminator goes out
+        # with the last chunk, not one pull later.
+        if len(chunk) < CHUNK or core.retrieve_done:
             self.proto._retrieved(self)
 
     def stopProducing(self) -> None:
@@ -348,13 +350,12 @@ class POP3ServerProtocol(Protocol):
             return
         self.core.send_ok(f"{event.info.size} octets" if event.lines is None else "")
         self._flush()
+        # Made before registering: the transport may pull the whole (small)
+        # message at once, inside registerProducer.
+        done = self.retrieval = defer.Deferred()
         self.sender = _MessageSender(self, f)
         self.transport.registerProducer(self.sender, False)
-        await self._wait_retrieved()
-
-    def _wait_retrieved(self) -> defer.Deferred:
-        self.retrieval = defer.Deferred()
-        return self.retrieval
+        await done
 
     def _retrieved(self, sender: _MessageSender) -> None:
         if self.sender is not sender:

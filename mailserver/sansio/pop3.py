@@ -181,6 +181,8 @@ class _Stuffer:
         self._cr = data.endswith(b"\r")
         if self._cr:
             data = data[:-1]
+        if self.limit is None:  # RETR: whole-chunk replaces, no walk line by line
+            return self._feed_all(data)
         out = bytearray()
         pieces = data.split(b"\n")
         for piece in pieces[:-1]:
@@ -188,6 +190,17 @@ class _Stuffer:
             self._end_line(out)
         self._text(out, pieces[-1])
         return bytes(out)
+
+    def _feed_all(self, data: bytes) -> bytes:
+        """The same conversion as the line walk, for RETR, in a few passes
+        over the chunk (a bare CR inside a line stays as it is)."""
+        if not data:
+            return b""
+        text = data.replace(b"\r\n", b"\n").replace(b"\n.", b"\n..")
+        if self._start and text[:1] == b".":
+            text = b"." + text
+        self._start = text.endswith(b"\n")
+        return text.replace(b"\n", CRLF)
 
     def finish(self) -> bytes:
         out = bytearray()

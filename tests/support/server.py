@@ -146,6 +146,11 @@ class MailServer:
             wait_for_port(self.lmtp_port, deadline, self.proc)
             for port in self.extra_ports:
                 wait_for_port(port, deadline, self.proc)
+            # Ports open before startService has run (signal handlers included).
+            while "mailserver started" not in self.log():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("no start line")
+                time.sleep(0.02)
         except Exception:
             self.stop()
             raise RuntimeError("server did not start:\n" + self.log())

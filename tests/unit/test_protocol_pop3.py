@@ -192,3 +192,29 @@ def test_pipelined_commands_keep_order_around_retr(h):
     out = lines(t)
     dot = out.index(".")
     assert out[dot + 1].startswith("+OK") and out[dot + 2].startswith("+OK 1 ")
+
+
+class PullingTransport(StringTransport):
+    """Pulls a registered pull producer at once, as a real TCP transport may
+    (inside registerProducer)."""
+
+    def registerProducer(self, producer, streaming):
+        super().registerProducer(producer, streaming)
+        while not streaming and self.producer is producer:
+            producer.resumeProducing()
+
+
+@pytest.mark.parametrize("command", [b"TOP 1 0", b"RETR 1"])
+def test_message_sent_inside_register_producer(h, command):
+    """A message the transport pulls whole inside registerProducer (TOP n 0,
+    a small RETR) is answered and the session goes on."""
+    h.deliver(b"Subject: one\r\n\r\nbody\r\n")
+    proto = h.factory.buildProtocol(None)
+    t = PullingTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 4321))
+    proto.makeConnection(t)
+    login(proto, t)
+    proto.dataReceived(command + b"\r\nNOOP\r\n")
+    out = lines(t)
+    assert out[0].startswith("+OK") and "." in out
+    assert out[out.index(".") + 1].startswith("+OK")
+    assert not t.disconnecting
