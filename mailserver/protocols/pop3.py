@@ -10,8 +10,10 @@ decisions:
   (the directory's twisted.cred checker and the failed-login throttle that
   submission uses), then the user's maildrop is opened and locked
   (:class:`~mailserver.store.maildrop.Maildrop`) in a worker thread;
-* ``Retrieve``: the message file is streamed through a pull producer, each
-  chunk byte-stuffed by the core, never the whole message in memory;
+* ``Retrieve``: the message file is opened and its first 64 KiB read in a
+  worker thread; a message that fits is sent in one write, a longer one is
+  streamed through a pull producer, each chunk byte-stuffed by the core,
+  never the whole message in memory;
 * ``Update``: deletions and the seen flags are applied in a worker thread,
   then the lock is released.  A dropped connection applies nothing.
 
@@ -60,6 +62,16 @@ class POP3Context:
     mechanisms: tuple = ("PLAIN",)
     idle_timeout: float = 600.0
     close_grace: float = 10.0
+
+
+def _open_and_read(maildrop, index: int) -> tuple:
+    """In a worker thread: the message's file and its first chunk."""
+    f = maildrop.open_message(index)
+    try:
+        return f, f.read(CHUNK)
+    except BaseException:
+        f.close()
+        raise
 
 
 def _peer_ip(transport) -> str:
@@ -336,7 +348,7 @@ class POP3ServerProtocol(Protocol):
 
     async def _retrieve(self, event: ev.Retrieve) -> None:
         try:
-            f = await self.ctx.io(self.maildrop.open_message, event.index)
+            f, first = await self.ctx.io(_open_and_read, self.maildrop, event.index)
         except FileNotFoundError:
             self.core.send_err(f"message {event.number} was removed by another client")
             return
@@ -350,8 +362,15 @@ class POP3ServerProtocol(Protocol):
             return
         self.core.send_ok(f"{event.info.size} octets" if event.lines is None else "")
         self._flush()
-        # Made before registering: the transport may pull the whole (small)
-        # message at once, inside registerProducer.
+        out = self.core.stuff(first)
+        if len(first) < CHUNK or self.core.retrieve_done:  # most messages: one write
+            f.close()
+            self.core.finish_retrieve()
+            self.transport.write(out + self.core.data_to_send())
+            return
+        self.transport.write(out)
+        # Made before registering: the transport may pull the rest at once,
+        # inside registerProducer.
         done = self.retrieval = defer.Deferred()
         self.sender = _MessageSender(self, f)
         self.transport.registerProducer(self.sender, False)

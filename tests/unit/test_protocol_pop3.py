@@ -218,3 +218,19 @@ def test_message_sent_inside_register_producer(h, command):
     assert out[0].startswith("+OK") and "." in out
     assert out[out.index(".") + 1].startswith("+OK")
     assert not t.disconnecting
+
+
+@pytest.mark.parametrize("transport", [StringTransport, PullingTransport])
+def test_large_message_is_streamed_whole(h, transport):
+    """A message over one read (200 KiB) is streamed chunk by chunk, dot-stuffed, complete."""
+    body = b"".join(b".line %06d " % i + b"x" * 60 + b"\r\n" for i in range(3000))
+    h.deliver(b"Subject: big\r\n\r\n" + body)
+    proto = h.factory.buildProtocol(None)
+    t = transport(peerAddress=IPv4Address("TCP", "192.0.2.9", 4321))
+    proto.makeConnection(t)
+    login(proto, t)
+    proto.dataReceived(b"RETR 1\r\nNOOP\r\n")
+    out = lines(t)
+    assert out.count("..line 002999 " + "x" * 60) == 1
+    assert sum(1 for line in out if line.startswith("..line ")) == 3000
+    assert out[out.index(".") + 1].startswith("+OK")
