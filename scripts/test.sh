@@ -4,5 +4,5 @@
 MAILSERVER_EXTRA=test
 . "$(dirname "$0")/_setup.sh"
 dpkg -s postfix >/dev/null 2>&1 || echo "postfix postfix/main_mailer_type select No configuration" | as_root debconf-set-selections
-apt_install slapd ldap-utils swaks dovecot-core postfix msmtp
+apt_install slapd ldap-utils swaks dovecot-core postfix msmtp fetchmail getmail6
 exec .venv/bin/python -m pytest "$@"
