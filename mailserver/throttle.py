@@ -86,7 +86,7 @@ class IRateLimiter(Interface):
 @dataclass(frozen=True)
 class LoginVerdict:
     delay: float  # seconds to wait before answering the failure (0 when none)
-    blocked: bool  # refuse and disconnect (SMTP 421 4.7.0, POP3 [LOGIN-DELAY])
+    blocked: bool  # refuse and disconnect (SMTP 421 4.7.0, POP3 -ERR [SYS/TEMP])
 
 
 @dataclass(frozen=True)
