@@ -41,7 +41,9 @@ def check_config(args) -> int:
         print(f"mailserverctl: {e}", file=sys.stderr)
         return 1
     print(f"{args.file}: ok ({len(config.listeners)} listener(s), "
-          f"local domains: {', '.join(config.domains.local)})")
+          f"local domains: {', '.join(config.domains.local)}"
+          + (f"; relay domains: {', '.join(config.domains.relay)}" if config.domains.relay
+             else "") + ")")
     return 0
 
 
@@ -56,7 +58,8 @@ def open_directory(config_path: str):
 
     config = load_config(config_path, check_files=False)
     try:
-        return directory_from_config(config.directory, config.domains.local, None, None)
+        return directory_from_config(config.directory, config.domains.local, None, None,
+                                     relay_domains=config.domains.relay)
     except (OSError, ValueError) as e:  # unreadable or malformed LDIF, bad settings
         raise ConfigError(config_path, "directory", str(e)) from None
 
