@@ -84,7 +84,7 @@ def _with_directory(args, action) -> int:
 
 
 #: Resolution fields printed by name; any other (newer) field is shown as is.
-_SHOWN = {"address", "mailboxes", "forwards", "trace", "disabled", "restriction"}
+_SHOWN = {"address", "mailboxes", "forwards", "trace", "disabled", "restriction", "relayed"}
 
 
 def describe_restriction(r) -> str:
@@ -124,6 +124,11 @@ def print_resolution(resolution, out=None) -> None:
     print(f"forwards: {len(resolution.forwards)}", file=out)
     for address in resolution.forwards:
         print(f"  {address}", file=out)
+    relayed = getattr(resolution, "relayed", ())
+    if relayed:  # mailboxes of corporate relay domains: to their internal host
+        print(f"relayed (to the relay domain's internal host): {len(relayed)}", file=out)
+        for address in relayed:
+            print(f"  {address}", file=out)
     if getattr(resolution, "restriction", None) is not None:
         print(f"senders allowed: {describe_restriction(resolution.restriction)}", file=out)
     for f in dataclasses.fields(resolution):

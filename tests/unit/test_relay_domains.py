@@ -270,3 +270,16 @@ def test_relay_domains_route_to_their_internal_host_first():
     assert route(r, "x@lmtp.example.test").nexthop == "unix:/run/internal.sock"
     assert route(r, "a@sub.corp.example.test").nexthop == "[transport.example.net]:25"
     assert route(r, "alice@example.test").kind == "local"
+
+
+def test_lookup_prints_relayed_addresses(directory):
+    """``mailserverctl lookup`` lists a relay-domain user under relayed."""
+    import io
+
+    from mailserver.ctl import print_resolution
+
+    out = io.StringIO()
+    print_resolution(resolve(directory, "ann.archer@corp.example.test"), out)
+    text = out.getvalue()
+    assert "mailboxes: 0" in text
+    assert "relayed (to the relay domain's internal host): 1\n  ann@corp.example.test" in text
