@@ -144,7 +144,10 @@ def lookup(args) -> int:
         is_local = getattr(directory, "is_local_domain_sync", None)
         local = is_local(domain) if domain and is_local is not None else None
         print_resolution(resolution)  # only once every question is answered
-        if local is not None:
+        relay = getattr(getattr(directory, "settings", None), "relay_domains", ())
+        if domain and domain in relay:
+            print(f"domain {domain}: relay (mail goes to its internal host)")
+        elif local is not None:
             print(f"domain {domain}: {'local' if local else 'not local'}")
         return EX_OK if resolution.found else EX_NOTFOUND
 

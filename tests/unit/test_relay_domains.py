@@ -283,3 +283,28 @@ def test_lookup_prints_relayed_addresses(directory):
     text = out.getvalue()
     assert "mailboxes: 0" in text
     assert "relayed (to the relay domain's internal host): 1\n  ann@corp.example.test" in text
+
+
+def test_mailserverctl_lookup_names_a_relay_domain(tmp_path, capsys):
+    """``mailserverctl lookup`` says a relay domain's mail goes to its internal host."""
+    from mailserver.ctl import main
+
+    (tmp_path / "users.ldif").write_text(LDIF)
+    config = tmp_path / "c.toml"
+    config.write_text(f"""
+[server]
+base_dir = "{tmp_path}"
+[domains]
+local = ["example.test"]
+relay = ["corp.example.test"]
+[relay]
+internal_host = "[10.0.0.25]:25"
+[directory]
+ldif_file = "users.ldif"
+[[listeners]]
+address = "127.0.0.1:2525"
+""")
+    assert main(["lookup", "Ann@corp.example.test", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "in relay domain corp.example.test: relayed to its internal host" in out
+    assert out.endswith("domain corp.example.test: relay (mail goes to its internal host)\n")
