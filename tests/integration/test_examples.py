@@ -6,13 +6,15 @@ real ``twistd``, and a message is passed through it the way the example is
 meant to be used.  Directories: the quick-start slapd for the small
 organisation, the Active-Directory-shaped slapd for the corporate relay, and
 the quick-start LDIF for LMTP behind Postfix.  Postfix's smtp-sink stands in
-for the internet and for the internal mail host.
+for the internet and for the internal mail host.  Each server is then
+reloaded (SIGHUP) and stopped (SIGTERM), which must shut it down cleanly.
 """
 
 from __future__ import annotations
 
 import mailbox
 import poplib
+import signal
 import smtplib
 import ssl
 
@@ -47,6 +49,13 @@ def no_verify() -> ssl.SSLContext:
     return ctx
 
 
+def stopped_cleanly(server) -> bool:
+    """The reactor shut down after SIGTERM.  twistd reports the signal as its
+    exit status (-15) unless the server itself exits 0."""
+    return (server.returncode in (0, -signal.SIGTERM)
+            and "Server Shut Down." in server.log() and "Traceback" not in server.log())
+
+
 def at_sink(sink, subject):
     """The recipients the sink got for ``subject`` (waits for the message)."""
     def found():
@@ -70,7 +79,7 @@ def test_small_organisation(tmp_path, slapd_server, sink):  # noqa: F811
                    "bind_dn": "cn=mailserver,dc=example,dc=test",
                    "bind_password": "mailserver-password"},
         overrides={"relay": {"transports": {"outside.example": f"smtp:[{HOST}]:{sink.port}"}}})
-    with ExampleServer(example):
+    with ExampleServer(example) as server:
         with smtplib.SMTP(HOST, example.ports["mx"], timeout=30) as s:
             s.sendmail("someone@far.example", ["alice@example.test"],
                        MESSAGE.format(subject="small-mx"))
@@ -88,6 +97,8 @@ def test_small_organisation(tmp_path, slapd_server, sink):  # noqa: F811
             assert pop.stat()[0] == 1
         finally:
             pop.quit()
+        server.reload()
+    assert stopped_cleanly(server)
 
 
 def test_corporate_relay(tmp_path, ad_slapd, sink):  # noqa: F811
@@ -101,7 +112,7 @@ def test_corporate_relay(tmp_path, ad_slapd, sink):  # noqa: F811
         next_hop=f"smtp:[{HOST}]:{sink.port}",
         overrides={"relay": {"trusted_networks": [],
                              "transports": {"outside.example": f"smtp:[{HOST}]:{sink.port}"}}})
-    with ExampleServer(example):
+    with ExampleServer(example) as server:
         with smtplib.SMTP(HOST, example.ports["mx"], timeout=30) as s:
             s.sendmail("someone@far.example", ["ann.archer@corp.example.test"],
                        MESSAGE.format(subject="corp-in"))
@@ -116,6 +127,8 @@ def test_corporate_relay(tmp_path, ad_slapd, sink):  # noqa: F811
                        MESSAGE.format(subject="corp-out"))
         assert at_sink(sink, "corp-out") == ["partner@outside.example"]
         assert [p for p in example.maildir_root.rglob("*") if p.is_file()] == []
+        server.reload()
+    assert stopped_cleanly(server)
 
 
 def test_lmtp_behind_postfix(tmp_path, sink):
@@ -136,7 +149,7 @@ rfc822MailMember: far@outside.example
         "lmtp-behind-postfix.toml", tmp_path / "run", domains={"example.org": "example.test"},
         directory={"ldif_file": str(users), "base_dn": "dc=example,dc=test"},
         next_hop=f"[{HOST}]:{sink.port}")
-    with ExampleServer(example):
+    with ExampleServer(example) as server:
         with smtplib.LMTP(example.sockets["lmtp"], timeout=30) as s:
             refused = s.sendmail("someone@far.example", ["bob@example.test", "away@example.test"],
                                  MESSAGE.format(subject="lmtp-in"))
@@ -149,3 +162,5 @@ rfc822MailMember: far@outside.example
         assert maildir_subjects(example.maildir_root, "example.test", "bob") == ["lmtp-in"]
         assert maildir_subjects(example.maildir_root, "example.test", "alice") == ["lmtp-in"]
         assert at_sink(sink, "lmtp-in") == ["far@outside.example"]
+        server.reload()
+    assert stopped_cleanly(server)

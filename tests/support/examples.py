@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import subprocess
 import time
 import tomllib
@@ -33,7 +34,7 @@ from typing import Dict, Optional
 
 from mailserver.config import SECTIONS
 from tests.support.server import (REPO, TWISTD, free_port, render_toml, twistd_env,
-                                  wait_for_port)
+                                  wait_for, wait_for_port)
 
 EXAMPLES = REPO / "etc" / "examples"
 
@@ -128,6 +129,7 @@ class ExampleServer:
         self.example = example
         self.log_path = example.workdir / "server.log"
         self.proc: Optional[subprocess.Popen] = None
+        self.returncode: Optional[int] = None  # once stopped
 
     def start(self, timeout: float = 30.0) -> "ExampleServer":
         log = open(self.log_path, "ab")
@@ -163,7 +165,15 @@ class ExampleServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.returncode = proc.returncode
         return proc.returncode
+
+    def reload(self) -> None:
+        """SIGHUP, then wait until the server says it re-read its settings."""
+        before = self.log().count("reloaded directory settings")
+        self.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: self.log().count("reloaded directory settings") > before,
+                 f"{self.example.name} to reload")
 
     def log(self) -> str:
         try:
