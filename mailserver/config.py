@@ -73,6 +73,12 @@ class DomainsConfig:
     catch_all: bool = field(
         default=False, metadata=_doc("Unknown users of a domain go to the entry owning @domain.")
     )
+    # -- corporate relay domains (see mailserver/delivery/relaydomains.py) --
+    relay: Tuple[str, ...] = field(
+        default=(), metadata=_doc("Domains whose recipients are checked in the directory and "
+                                  "whose mail goes to an internal host ([relay] internal), "
+                                  "never to a maildir.")
+    )
 
 
 @dataclass(frozen=True)
@@ -252,6 +258,11 @@ class RelayConfig:
     srs_secret: str = field(default="", metadata=_doc("SRS for forwarded mail; \"\" = off."))
     srs_domain: str = field(default="", metadata=_doc("Domain of SRS addresses; first local."))
     srs_max_age: int = field(default=21, metadata=_doc("Days an SRS address stays valid.", min=1))
+    # -- next hops of the corporate relay domains ([domains] relay) --
+    internal_host: str = field(
+        default="", metadata=_doc("Next hop for relay domains without their own entry."))
+    internal: Dict[str, str] = field(
+        default_factory=dict, metadata=_doc("Next hop per relay domain (smtp: or lmtp:)."))
 
 
 @dataclass(frozen=True)
@@ -444,7 +455,8 @@ def load_config(path: str, *, check_files: bool = True) -> Config:
                           "certificate and private_key go together")
     domains = sections["domains"]
     sections["domains"] = dataclasses.replace(
-        domains, local=tuple(d.lower().rstrip(".") for d in domains.local)
+        domains, local=tuple(d.lower().rstrip(".") for d in domains.local),
+        relay=tuple(d.lower().rstrip(".") for d in domains.relay),
     )
     listeners = _listeners(path, raw.get("listeners"), base_dir, bool(tls.certificate))
     config = Config(path=path, listeners=listeners, **sections)
@@ -470,15 +482,16 @@ def _check_semantics(config: Config) -> None:
     from mailserver.directory.factory import settings_from_config
 
     try:
-        settings_from_config(d, config.domains.local)
+        settings_from_config(d, config.domains.local, config.domains.relay)
     except ValueError as e:
         problem = str(e)
         key = problem.split(" ", 1)[0]
         if key not in {f.name for f in dataclasses.fields(DirectoryConfig)}:
             key = "schema"
         raise ConfigError(path, f"directory.{key}", problem) from None
-    if not config.domains.local:
-        raise ConfigError(path, "domains.local", "name at least one local domain")
+    if not config.domains.local and not config.domains.relay:
+        raise ConfigError(path, "domains.local", "name at least one local (or relay) domain")
+    _check_relay_domains(config)
     from mailserver.store.maildir import MaildirStore
 
     try:  # the store's own check, so config and store never disagree
@@ -532,6 +545,18 @@ def _check_semantics(config: Config) -> None:
             raise ConfigError(path, f"listeners[{i}].address", f"{lc.address} is used twice")
         seen.add(lc.address)
     _check_directories(config)
+
+
+def _check_relay_domains(config: Config) -> None:
+    """``[domains] relay``: never also local, each with a next hop."""
+    from mailserver.delivery.relaydomains import relay_next_hops
+
+    try:
+        relay_next_hops(config.domains.local, config.domains.relay, config.relay.internal,
+                        config.relay.internal_host, config.relay.transports)
+    except ValueError as e:
+        key, _, problem = str(e).partition(": ")
+        raise ConfigError(config.path, key, problem) from None
 
 
 def _check_directories(config: Config) -> None:

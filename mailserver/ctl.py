@@ -41,7 +41,9 @@ def check_config(args) -> int:
         print(f"mailserverctl: {e}", file=sys.stderr)
         return 1
     print(f"{args.file}: ok ({len(config.listeners)} listener(s), "
-          f"local domains: {', '.join(config.domains.local)})")
+          f"local domains: {', '.join(config.domains.local)}"
+          + (f"; relay domains: {', '.join(config.domains.relay)}" if config.domains.relay
+             else "") + ")")
     return 0
 
 
@@ -56,7 +58,8 @@ def open_directory(config_path: str):
 
     config = load_config(config_path, check_files=False)
     try:
-        return directory_from_config(config.directory, config.domains.local, None, None)
+        return directory_from_config(config.directory, config.domains.local, None, None,
+                                     relay_domains=config.domains.relay)
     except (OSError, ValueError) as e:  # unreadable or malformed LDIF, bad settings
         raise ConfigError(config_path, "directory", str(e)) from None
 
@@ -81,7 +84,7 @@ def _with_directory(args, action) -> int:
 
 
 #: Resolution fields printed by name; any other (newer) field is shown as is.
-_SHOWN = {"address", "mailboxes", "forwards", "trace", "disabled", "restriction"}
+_SHOWN = {"address", "mailboxes", "forwards", "trace", "disabled", "restriction", "relayed"}
 
 
 def describe_restriction(r) -> str:
@@ -121,6 +124,11 @@ def print_resolution(resolution, out=None) -> None:
     print(f"forwards: {len(resolution.forwards)}", file=out)
     for address in resolution.forwards:
         print(f"  {address}", file=out)
+    relayed = getattr(resolution, "relayed", ())
+    if relayed:  # mailboxes of corporate relay domains: to their internal host
+        print(f"relayed (to the relay domain's internal host): {len(relayed)}", file=out)
+        for address in relayed:
+            print(f"  {address}", file=out)
     if getattr(resolution, "restriction", None) is not None:
         print(f"senders allowed: {describe_restriction(resolution.restriction)}", file=out)
     for f in dataclasses.fields(resolution):
@@ -136,7 +144,10 @@ def lookup(args) -> int:
         is_local = getattr(directory, "is_local_domain_sync", None)
         local = is_local(domain) if domain and is_local is not None else None
         print_resolution(resolution)  # only once every question is answered
-        if local is not None:
+        relay = getattr(getattr(directory, "settings", None), "relay_domains", ())
+        if domain and domain in relay:
+            print(f"domain {domain}: relay (mail goes to its internal host)")
+        elif local is not None:
             print(f"domain {domain}: {'local' if local else 'not local'}")
         return EX_OK if resolution.found else EX_NOTFOUND
 

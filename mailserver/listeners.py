@@ -82,7 +82,7 @@ def _smtp_family(parts: Parts, lc, kind: ListenerKind):
         recipients=RecipientPolicy(parts.directory, config.domains.local,
                                    lmtp=kind.mode is Mode.LMTP,
                                    catch_all=config.domains.catch_all, trusted=parts.trusted,
-                                   srs=parts.srs),
+                                   srs=parts.srs, relay_domains=config.domains.relay),
         local=parts.local, delivery=parts.delivery, spool_dir=config.server.spool_dir,
         clock=parts.reactor, checks=kind.checks(parts, lc), outbox=parts.outbox,
         max_received=s.max_received_headers,

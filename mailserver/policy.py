@@ -20,6 +20,11 @@ The rules for the MX and LMTP roles:
   on a list, so bounces to such a group are refused too.
 * ``postmaster`` without a domain (RFC 5321 4.5.1) means the postmaster of the
   first local domain.
+* A corporate relay domain (``[domains] relay``) is checked exactly like a
+  local one, from anyone; its mailboxes come back from the directory as
+  *relayed* addresses, which the queue hands to the domain's internal host
+  (:mod:`mailserver.delivery.relaydomains`).  LMTP, final delivery only,
+  refuses them (``550 5.1.1``).
 * Every other domain is a relay request, allowed only to clients in
   ``relay.trusted_networks`` (and, on submission, to authenticated users);
   everyone else gets ``554 5.7.1``.  LMTP only ever delivers locally, so it
@@ -82,9 +87,11 @@ class RecipientPolicy:
 
     def __init__(self, directory, local_domains: Sequence[str], *, lmtp: bool = False,
                  catch_all: bool = False, trusted: Optional[Networks] = None,
-                 srs=None) -> None:
+                 srs=None, relay_domains: Sequence[str] = ()) -> None:
         self.directory = directory
-        self.primary_domain = local_domains[0].lower() if local_domains else ""
+        self.relay_domains = frozenset(d.lower().rstrip(".") for d in relay_domains)
+        ours = list(local_domains) or list(relay_domains)
+        self.primary_domain = ours[0].lower() if ours else ""
         self.lmtp = lmtp
         self.catch_all = catch_all
         self.trusted = trusted if trusted is not None else Networks()
@@ -104,8 +111,10 @@ class RecipientPolicy:
         """The decision for ``recipient`` in a transaction from ``sender``."""
         address = self.normalise(recipient)
         local, domain = split_address(address)
+        relay_domain = domain in self.relay_domains and not self.lmtp
         try:
-            if not domain or not await self.directory.is_local_domain(domain):
+            if not relay_domain and (not domain
+                                     or not await self.directory.is_local_domain(domain)):
                 if domain and self.may_relay(client_ip, authenticated):
                     return RcptDecision(R.RCPT_OK)
                 return RcptDecision(R.RCPT_UNKNOWN if self.lmtp else R.RELAY_DENIED)

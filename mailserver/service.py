@@ -76,7 +76,8 @@ class DirectoryService(service.Service):
         from mailserver.directory.factory import directory_from_config
 
         d = config.directory
-        backend = directory_from_config(d, config.domains.local, self.reactor, self.pool)
+        backend = directory_from_config(d, config.domains.local, self.reactor, self.pool,
+                                        relay_domains=config.domains.relay)
         # Always behind the cache: with cache_size = 0 nothing is kept, but
         # simultaneous lookups of one address still share a single query.
         return CachingDirectory(backend, clock=self.reactor, positive_ttl=d.cache_ttl,
@@ -137,7 +138,8 @@ class MailService(service.MultiService):
 
             signal.signal(signal.SIGHUP, lambda *a: reactor.callFromThread(self.reload))
         log.info("mailserver started: {n} listener(s) for {domains}",
-                 n=len(self.config.listeners), domains=", ".join(self.config.domains.local))
+                 n=len(self.config.listeners),
+                 domains=", ".join(self.config.domains.local + self.config.domains.relay))
 
     def stopService(self):
         """Stop listeners, the queue and the directory first, and the thread
@@ -263,7 +265,8 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     local = LocalTarget(directory, delivery, srs=srs, clock=reactor)
     router = Router(directory.is_local_domain, local, remote,
                     relay.transports, relay.smarthost or None, connect=deliver_to_host,
-                    helo=helo, reactor=reactor, tls_policy=tls_policy, smarthost_auth=auth)
+                    helo=helo, reactor=reactor, tls_policy=tls_policy, smarthost_auth=auth,
+                    relay_domains=_relay_next_hops(config))
     spool = QueueSpool(q.directory, clock=reactor.seconds, fsync=config.store.fsync)
     def io(f, *args):  # spool work (fsync included) never on the reactor thread
         return threads.deferToThreadPool(reactor, pool, f, *args)
@@ -277,6 +280,13 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     manager.setServiceParent(parent)
     local.outbox = Outbox(spool, pool, reactor, wake=manager.wake)
     return local.outbox
+
+
+def _relay_next_hops(config: Config) -> dict:
+    """The corporate relay domains' next hops (checked when the file loaded)."""
+    from mailserver.delivery.relaydomains import config_next_hops
+
+    return config_next_hops(config)
 
 
 def build_service(config: Config, reactor=None) -> MailService:
@@ -306,7 +316,8 @@ def build_service(config: Config, reactor=None) -> MailService:
     if config.relay.srs_secret:
         from mailserver.srs import SRS
 
-        srs = SRS(config.relay.srs_secret, config.relay.srs_domain or config.domains.local[0],
+        srs = SRS(config.relay.srs_secret,
+                  config.relay.srs_domain or (config.domains.local + config.domains.relay)[0],
                   max_age_days=config.relay.srs_max_age, clock=reactor.seconds)
     outbox = build_queue(config, reactor, top, directory, delivery, pool, srs)
     parts = Parts(

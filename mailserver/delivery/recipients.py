@@ -57,9 +57,20 @@ class Target:
 
     def outside(self) -> tuple:
         """Addresses that leave through the queue."""
+        return self.relayed() + self.forwards()
+
+    def relayed(self) -> tuple:
+        """Addresses queued with the original sender: the recipient itself
+        when the queue routes it, or the relay-domain mailboxes it reaches."""
         if self.resolution is None:
             return (self.address,)
         if self.mailbox_only and self.resolution.mailboxes:
+            return ()
+        return tuple(getattr(self.resolution, "relayed", ()))
+
+    def forwards(self) -> tuple:
+        """Forwards to outside addresses (SRS applies to these)."""
+        if self.resolution is None or (self.mailbox_only and self.resolution.mailboxes):
             return ()
         return tuple(self.resolution.forwards)
 
@@ -114,25 +125,31 @@ class RecipientDelivery:
         outcomes: list = [None] * len(targets)
         ids = iter([message.queue_id] if message.reuse_id else [])
 
-        # 1. Outside addresses first.
-        relayed = [(i, t) for i, t in enumerate(targets) if t.resolution is None]
-        forwarding = [(i, t) for i, t in enumerate(targets)
-                      if t.resolution is not None and t.outside()]
+        # 1. Outside addresses first: relayed ones (the recipient itself, or
+        # relay-domain mailboxes) with the sender, forwards with SRS's.
+        relayed = [(i, t, t.relayed()) for i, t in enumerate(targets) if t.relayed()]
+        forwarding = [(i, t, t.forwards()) for i, t in enumerate(targets) if t.forwards()]
         srs_sender = None
         if forwarding and self.srs is not None:
             srs_sender = self.srs.forward(message.sender)
-        groups = []  # (sender, [(i, target)], status)
+        groups = []  # (sender, [(i, target, addresses)], status)
         if srs_sender is not None and srs_sender != message.sender:
             groups = [(message.sender, relayed, "queued"), (srs_sender, forwarding, "forwarded")]
         else:
-            groups = [(message.sender, relayed + forwarding, "queued")]
+            both = {}
+            for i, t, addresses in relayed + forwarding:
+                both[i] = (i, t, both[i][2] + addresses if i in both else addresses)
+            groups = [(message.sender, list(both.values()), "queued")]
         for sender, members, status in groups:
             if not members:
                 continue
-            recipients = [(a, t.orig, t.notify) for _i, t in members for a in t.outside()]
+            recipients = [(a, t.orig, t.notify) for _i, t, addresses in members
+                          for a in addresses]
             reply = await self._enqueue(message, recipients, sender, (), status,
                                         queue_id=next(ids, None))
-            for i, t in members:
+            for i, t, _a in members:
+                if outcomes[i] is not None and not outcomes[i].reply.is_positive:
+                    continue  # its other outside part failed: that is its answer
                 outcomes[i] = Outcome(reply, queued=reply.is_positive,
                                       forwarded=reply.is_positive and t.resolution is not None)
             if not reply.is_positive and requeue == "always":

@@ -338,7 +338,8 @@ class Router:
                  smarthost: Optional[str] = None, *, connect=None, helo: str = "localhost",
                  reactor=None, tls_policy: TLSPolicySpec = None, smarthost_auth: Any = None,
                  smarthost_tls: Union[None, str, TLSPolicy] = None,
-                 max_addresses: int = 5) -> None:
+                 max_addresses: int = 5,
+                 relay_domains: Optional[Mapping[str, Union[str, Transport]]] = None) -> None:
         if callable(local_domains):
             self._is_local = local_domains
         else:
@@ -364,6 +365,13 @@ class Router:
             self._entries["*"] = self._build(relay, auth=smarthost_auth, tls=tls)
         for key, transport in self.transports.items():
             self._entries[key] = self._build(transport)
+        self._relay: Dict[str, Tuple[str, Any, Optional[str]]] = {}
+        for domain, hop in (relay_domains or {}).items():
+            if isinstance(hop, str):
+                from mailserver.delivery.relaydomains import parse_internal_host
+
+                hop = parse_internal_host(hop, domain)
+            self._relay[domain.lower().rstrip(".")] = self._build(hop)
 
     def _build(self, t: Transport, auth: Any = None, tls=None) -> Tuple[str, Any, Optional[str]]:
         """(kind, target, fixed nexthop or None for per-domain) for ``t``."""
@@ -406,6 +414,8 @@ class Router:
         domain = domain_of(address)
         if not domain:  # <postmaster> and other domainless recipients are ours
             return Route("local", self.local_target, "local")
+        if domain in self._relay:  # a corporate relay domain: its internal host, always
+            return self._route(self._relay[domain], domain)
         for key in lookup_keys(domain):
             if key in self._entries:
                 return self._route(self._entries[key], domain)

@@ -14,17 +14,20 @@ from typing import Sequence
 from mailserver.directory.ldap import LDAPDirectory, LDAPSettings
 
 
-def settings_from_config(dconfig, local_domains: Sequence[str]) -> LDAPSettings:
+def settings_from_config(dconfig, local_domains: Sequence[str],
+                         relay_domains: Sequence[str] = ()) -> LDAPSettings:
     """``LDAPSettings`` from a ``DirectoryConfig``: same-named fields map 1:1."""
     names = {f.name for f in dataclasses.fields(LDAPSettings)}
     values = {f.name: getattr(dconfig, f.name) for f in dataclasses.fields(dconfig)
               if f.name in names}
-    return LDAPSettings(local_domains=tuple(local_domains), **values)
+    return LDAPSettings(local_domains=tuple(local_domains),
+                        relay_domains=tuple(relay_domains), **values)
 
 
-def directory_from_config(dconfig, local_domains: Sequence[str], reactor, threadpool):
+def directory_from_config(dconfig, local_domains: Sequence[str], reactor, threadpool,
+                          relay_domains: Sequence[str] = ()):
     """The directory the config names, running its LDAP calls on ``threadpool``."""
-    settings = settings_from_config(dconfig, local_domains)
+    settings = settings_from_config(dconfig, local_domains, relay_domains)
     if dconfig.backend == "ldif":
         from mailserver.directory.ldif import embedded_directory
 

@@ -83,6 +83,9 @@ class Resolution:
 
     ``mailboxes``: local mailboxes, de-duplicated, in a stable order.
     ``forwards``: external addresses mail must be relayed to.
+    ``relayed``: mailboxes of corporate relay domains (``[domains] relay``),
+    by their primary address: the queue hands them to the domain's internal
+    host with the original sender; they never reach a maildir.
     ``disabled``: nothing was found because every account the address led
     to is disabled (the policy answers ``550 5.2.1``, not ``5.1.1``).
     ``restriction``: who may send to the address, when its entry says so;
@@ -97,10 +100,11 @@ class Resolution:
     disabled: bool = False
     restriction: Optional[SenderRestriction] = None
     trace: Tuple[str, ...] = field(default=(), compare=False)
+    relayed: Tuple[str, ...] = ()
 
     @property
     def found(self) -> bool:
-        return bool(self.mailboxes or self.forwards)
+        return bool(self.mailboxes or self.forwards or self.relayed)
 
     def allows(self, sender: str, *, authenticated: bool = False) -> bool:
         """``restriction.allows(...)``, or True when there is no restriction."""

@@ -16,7 +16,11 @@
   becomes a forward, and a target equal to one of the entry's own addresses
   keeps a copy in the entry's own mailbox;
 * any other entry with a login is a mailbox; one without a login but with an
-  external address (a contact) is a forward.
+  external address (a contact) is a forward.  A mailbox whose primary
+  address is in a corporate relay domain (``relay_domains``) is *relayed*:
+  its address goes to the domain's internal host, never to a maildir.
+  Relay domains count as known domains, so targets in them are resolved,
+  not forwarded.
 
 A target address or member DN that has no entry (the account was deleted,
 the alias was not updated) is left out, with a warning naming the alias or
@@ -74,6 +78,7 @@ class Expansion(Reader):
         self.address = address
         self.mailboxes: Dict[str, Mailbox] = {}
         self.forwards: Dict[str, None] = {}
+        self.relayed: Dict[str, None] = {}
         self.member_addresses: Dict[str, None] = {}
         self.seen_addresses: set = set()
         self.seen_dns: set = set()
@@ -90,20 +95,23 @@ class Expansion(Reader):
             found = read_restriction(self, entry)
             if found is not None:
                 restriction = found if restriction is None else restriction.merge(found)
-        found_anything = bool(self.mailboxes or self.forwards)
+        found_anything = bool(self.mailboxes or self.forwards or self.relayed)
         return Resolution(address=self.address, mailboxes=tuple(self.mailboxes.values()),
-                          forwards=tuple(self.forwards),
+                          forwards=tuple(self.forwards), relayed=tuple(self.relayed),
                           disabled=self.disabled_seen and not found_anything,
                           restriction=restriction, trace=tuple(self.trace))
 
     def is_local(self, address: str) -> bool:
         domain = address.rpartition("@")[2].rstrip(".").lower()
         if domain not in self._domains:
-            if self._domain_check is not None:
+            relay = getattr(self.settings, "relay_domains", ())
+            if domain in relay:
+                self._domains[domain] = True
+            elif self._domain_check is not None:
                 self._domains[domain] = bool(self._domain_check(domain))
             else:
                 local = self.settings.local_domains
-                self._domains[domain] = not local or domain in local
+                self._domains[domain] = not (local or relay) or domain in local
         return self._domains[domain]
 
     def resolve_address(self, address: str, depth: int) -> bool:
@@ -185,9 +193,15 @@ class Expansion(Reader):
         if not owned:
             self.trace.append(f"{entry.dn}: user {login} has no address, skipped")
             return
-        self.trace.append(f"{entry.dn}: mailbox {owned[0]} (login {login})")
-        self.mailboxes.setdefault(dn_key(entry.dn),
-                                  Mailbox(address=owned[0], login=login, dn=entry.dn))
+        domain = owned[0].rpartition("@")[2]
+        if domain in getattr(self.settings, "relay_domains", ()):
+            self.trace.append(f"{entry.dn}: mailbox {owned[0]} (login {login}) in relay domain "
+                              f"{domain}: relayed to its internal host")
+            self.relayed.setdefault(owned[0])
+        else:
+            self.trace.append(f"{entry.dn}: mailbox {owned[0]} (login {login})")
+            self.mailboxes.setdefault(dn_key(entry.dn),
+                                      Mailbox(address=owned[0], login=login, dn=entry.dn))
         for address in owned:
             self.member_addresses.setdefault(address)
 

@@ -99,6 +99,10 @@ class LDAPSettings:
     #: Not part of ``[directory]``: the service copies ``[domains] local``.
     #: Empty (with no ``domain_filter``) means every domain counts as local.
     local_domains: Tuple[str, ...] = ()
+    #: Corporate relay domains (``[domains] relay``): their addresses are
+    #: resolved like local ones, but their mailboxes come back as
+    #: ``Resolution.relayed``, never as maildirs.  Copied by the service too.
+    relay_domains: Tuple[str, ...] = ()
     #: Seconds to open a TCP connection to one server.
     connect_timeout: float = 5.0
     #: Seconds to wait for one answer (socket receive and server time limit).
@@ -115,6 +119,8 @@ class LDAPSettings:
             object.__setattr__(self, name, _as_tuple(getattr(self, name)))
         domains = tuple(d.lower().rstrip(".") for d in _as_tuple(self.local_domains))
         object.__setattr__(self, "local_domains", domains)
+        relay = tuple(d.lower().rstrip(".") for d in _as_tuple(self.relay_domains))
+        object.__setattr__(self, "relay_domains", relay)
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {self.scope!r}")
         if self.nested_groups not in NESTED_GROUPS:
