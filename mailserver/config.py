@@ -254,6 +254,27 @@ class RelayConfig:
     srs_max_age: int = field(default=21, metadata=_doc("Days an SRS address stays valid.", min=1))
 
 
+# -- observation: [metrics] and [log] ------------------------------------------
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    address: str = field(
+        default="", metadata=_doc("host:port of the Prometheus endpoint; \"\" = off."))
+    allow_remote: bool = field(
+        default=False, metadata=_doc("Allow a non-loopback metrics address."))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = field(default="text", metadata=_doc("text or json lines.",
+                                                      choices=LOG_FORMATS))
+    file: str = field(default="", metadata=_doc("Log file; \"\" = twistd's output.", path=True))
+    syslog: bool = field(default=False, metadata=_doc("Send lines to the local syslog (mail)."))
+    syslog_socket: str = field(default="/dev/log", metadata=_doc("The syslog socket."))
+
+
 @dataclass(frozen=True)
 class Config:
     path: str
@@ -269,6 +290,8 @@ class Config:
     submission: SubmissionConfig
     pop3: POP3Config
     listeners: Tuple[ListenerConfig, ...]
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def has_tls(self) -> bool:
@@ -288,6 +311,8 @@ SECTIONS = {
     "submission": SubmissionConfig,
     "pop3": POP3Config,
 }
+SECTIONS["metrics"] = MetricsConfig
+SECTIONS["log"] = LogConfig
 
 
 def _check_value(path: str, key: str, f: dataclasses.Field, value: Any) -> Any:
@@ -532,6 +557,23 @@ def _check_semantics(config: Config) -> None:
             raise ConfigError(path, f"listeners[{i}].address", f"{lc.address} is used twice")
         seen.add(lc.address)
     _check_directories(config)
+    _check_metrics(config)
+
+
+def _check_metrics(config: Config) -> None:
+    """The metrics endpoint: host:port, on loopback unless allow_remote."""
+    m = config.metrics
+    if not m.address:
+        return
+    try:
+        kind, host, _port = parse_address(m.address)
+    except ValueError as e:
+        raise ConfigError(config.path, "metrics.address", f"{m.address!r}: {e}") from None
+    if kind == "unix":
+        raise ConfigError(config.path, "metrics.address", "needs host:port, not a UNIX socket")
+    if not m.allow_remote and (not host or not ipaddress.ip_address(host).is_loopback):
+        raise ConfigError(config.path, "metrics.address", f"{m.address} is not a loopback "
+                          "address; set metrics.allow_remote = true to expose it")
 
 
 def _check_directories(config: Config) -> None:
