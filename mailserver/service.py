@@ -114,6 +114,7 @@ class MailService(service.MultiService):
         self.config = config
         self.tls = tls
         self.notes: list[str] = []  # said at start, once logging is running
+        self.log_observer = None  # mailserver.logs.MailLogObserver when [log] asks for one
 
     def privilegedStartService(self) -> None:
         try:
@@ -130,8 +131,22 @@ class MailService(service.MultiService):
             sys.__stderr__.write(f"mailserver: {self.config.path}: cannot listen: {e}\n")
             sys.exit(1)
 
+    def setServiceParent(self, parent) -> None:
+        super().setServiceParent(parent)
+        # twistd's AppLogger uses the application's ILogObserver component,
+        # when there is one, instead of building its own observer.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+
     def startService(self) -> None:
         super().startService()
+        if self.log_observer is not None and hasattr(signal, "SIGUSR1"):
+            from twisted.internet import reactor
+
+            signal.signal(signal.SIGUSR1, lambda *a: reactor.callFromThread(
+                self.log_observer.reopen))
         for note in self.notes:
             log.info("{note}", note=note)
         if hasattr(signal, "SIGHUP"):
@@ -283,7 +298,7 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     return local.outbox
 
 
-def build_service(config: Config, reactor=None) -> MailService:
+def build_service(config: Config, reactor=None, twistd_options=None) -> MailService:
     if reactor is None:
         from twisted.internet import reactor
     notes = []
@@ -295,6 +310,9 @@ def build_service(config: Config, reactor=None) -> MailService:
         tls = ReloadableTLS(config.tls.certificate, config.tls.private_key, sni=config.tls.sni)
     top = MailService(config, tls)
     top.notes = notes
+    from mailserver.logs import build_observer
+
+    top.log_observer = build_observer(config.log, twistd_options)
     removed = prepare_spool(config.server.spool_dir)
     if removed:
         notes.append(f"removed {removed} incomplete message(s) left in the spool")
