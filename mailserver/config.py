@@ -365,7 +365,14 @@ def _build(path: str, prefix: str, cls: type, table: Any, base_dir: str) -> Any:
         if key not in fields:
             raise ConfigError(path, full, "unknown key")
         f = fields[key]
-        value = _check_value(path, full, f, value)
+        try:
+            value = _check_value(path, full, f, value)
+        except ConfigError as e:
+            if not _secret_key(key):
+                raise
+            # The error goes to stderr and, on SIGHUP, to the log: never the value.
+            raise ConfigError(path, full, e.problem.replace(repr(value), "(value hidden)")) \
+                from None
         if f.metadata.get("path") and value:
             value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
         if f.metadata.get("path_values"):
@@ -377,6 +384,11 @@ def _build(path: str, prefix: str, cls: type, table: Any, base_dir: str) -> Any:
         if name not in values and f.metadata.get("path") and f.default:
             values[name] = os.path.normpath(os.path.join(base_dir, f.default))
     return cls(**values)
+
+
+def _secret_key(key: str) -> bool:
+    """A key whose value must not appear in an error (a password, a secret)."""
+    return any(word in key for word in ("password", "secret"))
 
 
 def parse_address(address: str) -> Tuple[str, str, Optional[int]]:

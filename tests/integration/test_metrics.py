@@ -41,7 +41,8 @@ def metered(tmp_path_factory):
     srv = MailServer(
         tmp_path_factory.mktemp("metrics"), directory=embedded_directory(), lmtp_unix=False,
         extra_tables={"metrics": {"address": f"127.0.0.1:{port}"},
-                      "auth": {"failure_delay": 0.1, "max_failure_delay": 0.1}},
+                      "auth": {"failure_delay": 0.1, "max_failure_delay": 0.1},
+                      "submission": {"messages_per_hour": 1}},
         extra_listeners=({"name": "submission", "protocol": "submission",
                           "address": f"127.0.0.1:{sub}", "tls": "none",
                           "plaintext_auth": True},))
@@ -106,3 +107,16 @@ def test_queue_depth_counts_the_spool(metered):
         import os
 
         os.unlink(held)
+
+
+def test_counts_rate_limit_hits(metered):
+    """A login over its hourly message limit counts one rate-limit hit."""
+    with smtplib.SMTP("127.0.0.1", metered.submission_port) as s:
+        s.ehlo("client.example")
+        s.login("bob", "bob-password")
+        s.sendmail("bob@example.test", ["alice@example.test"], b"Subject: 1\r\n\r\none\r\n")
+        assert s.mail("bob@example.test")[0] == 450
+    samples = scrape(metered.metrics_port)
+    assert value(samples, "mailserver_rate_limit_hits_total", listener="submission") == 1
+    assert value(samples, "mailserver_messages_received_total", listener="submission",
+                 result="accepted") == 1

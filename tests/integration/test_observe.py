@@ -162,3 +162,20 @@ def test_status_of_a_stopped_server(tmp_path):
     assert all(c["state"] == "critical" for c in listeners)
     logins = next(c for c in report["checks"] if c["check"] == "logins")
     assert logins["state"] == "unknown"
+
+
+def test_sigusr1_reopens_the_log_file(observed):
+    """After the file is moved away, SIGUSR1 makes the server write a new one."""
+    import signal
+
+    old = observed.log_path.with_name("server.log.1")
+    observed.log_path.rename(old)
+    observed.proc.send_signal(signal.SIGUSR1)
+
+    def reopened():
+        with smtplib.SMTP("127.0.0.1", observed.smtp_port) as s:
+            s.noop()
+        return observed.log_path.exists() and "connect from" in observed.log_path.read_text()
+
+    wait_for(reopened, "a new log file")
+    assert json.loads(observed.log_path.read_text().splitlines()[0])["namespace"]

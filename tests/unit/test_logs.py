@@ -120,3 +120,21 @@ def test_unwritable_destination_does_not_raise():
             raise OSError(28, "No space left on device")
 
     MailLogObserver(text_line, [Broken()])(event())
+
+
+def test_config_errors_hide_secret_values(tmp_path, monkeypatch):
+    """A password of the wrong type is refused without its value in the message."""
+    import pytest
+
+    from mailserver.config import load_config
+    from mailserver.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "users.ldif").write_text("")
+    path = tmp_path / "c.toml"
+    path.write_text('[domains]\nlocal = ["example.test"]\n[directory]\nldif_file = "users.ldif"\n'
+                    'bind_password = 918273645\n[[listeners]]\naddress = "127.0.0.1:2525"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert "directory.bind_password: expected a string" in str(e.value)
+    assert "918273645" not in str(e.value)

@@ -133,3 +133,34 @@ def test_remote_metrics_address_allowed_when_asked(tmp_path, monkeypatch):
     path = tmp_path / "c.toml"
     path.write_text(MINIMAL + '[metrics]\naddress = "0.0.0.0:9154"\nallow_remote = true\n')
     assert load_config(str(path)).metrics.address == "0.0.0.0:9154"
+
+
+def test_directory_cache_reports_requests_errors_and_latency():
+    """Cache misses and logins are timed; an outage counts as an error, a hit not at all."""
+    from twisted.internet import defer, task
+
+    from mailserver.directory.cache import CachingDirectory
+    from mailserver.errors import DirectoryUnavailable
+
+    class Backend:
+        def resolve(self, address):
+            if address.startswith("down"):
+                return defer.fail(DirectoryUnavailable("timeout"))
+            return defer.succeed(type("Res", (), {"found": True})())
+
+        def authenticate(self, login, password):
+            return defer.succeed(None)
+
+    m = Metrics()
+    cache = CachingDirectory(Backend(), clock=task.Clock(), metrics=m)
+    cache.resolve("a@example.test")
+    cache.resolve("a@example.test")  # a hit: the backend is not asked
+    cache.resolve("down@example.test").addErrback(lambda f: None)
+    cache.authenticate("alice", "pw")
+    s = samples(m)
+    assert s[("mailserver_directory_lookups_total", (("kind", "resolve"), ("result", "ok")))] == 1
+    assert s[("mailserver_directory_lookups_total",
+              (("kind", "resolve"), ("result", "error")))] == 1
+    assert s[("mailserver_directory_lookups_total",
+              (("kind", "authenticate"), ("result", "ok")))] == 1
+    assert s[("mailserver_directory_lookup_seconds_count", (("kind", "resolve"),))] == 2
