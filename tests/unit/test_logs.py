@@ -138,3 +138,13 @@ def test_config_errors_hide_secret_values(tmp_path, monkeypatch):
         load_config(str(path))
     assert "directory.bind_password: expected a string" in str(e.value)
     assert "918273645" not in str(e.value)
+
+
+def test_json_follows_twistds_logfile_option(tmp_path):
+    """With no [log] file, JSON goes to twistd's --logfile when one is given."""
+    path = tmp_path / "twistd.log"
+    observer = build_observer(LogConfig(format="json"),
+                              {"nodaemon": True, "logfile": str(path)})
+    observer(event())
+    observer.destinations[0].stream.close()
+    assert json.loads(path.read_text())["id"] == "ABCDEFGH23456789"
