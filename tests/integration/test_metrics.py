@@ -37,16 +37,24 @@ def value(samples: dict, name: str, **labels) -> float:
 
 @pytest.fixture(scope="module")
 def metered(tmp_path_factory):
-    port, sub = free_port(), free_port()
+    port, sub, pop, lmtp = free_port(), free_port(), free_port(), free_port()
     srv = MailServer(
         tmp_path_factory.mktemp("metrics"), directory=embedded_directory(), lmtp_unix=False,
+        # Mail for other.test is relayed over LMTP to our own second LMTP
+        # listener, which refuses it: a queue delivery with a known result.
+        relay={"trusted_networks": ["127.0.0.1/32"],
+               "transports": {"other.test": f"lmtp:127.0.0.1:{lmtp}"}},
         extra_tables={"metrics": {"address": f"127.0.0.1:{port}"},
                       "auth": {"failure_delay": 0.1, "max_failure_delay": 0.1},
                       "submission": {"messages_per_hour": 1}},
         extra_listeners=({"name": "submission", "protocol": "submission",
                           "address": f"127.0.0.1:{sub}", "tls": "none",
-                          "plaintext_auth": True},))
-    srv.metrics_port, srv.submission_port = port, sub
+                          "plaintext_auth": True},
+                         {"name": "pop3", "protocol": "pop3", "address": f"127.0.0.1:{pop}",
+                          "tls": "none", "plaintext_auth": True},
+                         {"name": "lmtp-relay", "protocol": "lmtp",
+                          "address": f"127.0.0.1:{lmtp}"}))
+    srv.metrics_port, srv.submission_port, srv.pop3_port = port, sub, pop
     srv.start()
     yield srv
     srv.stop()
@@ -120,3 +128,32 @@ def test_counts_rate_limit_hits(metered):
     assert value(samples, "mailserver_rate_limit_hits_total", listener="submission") == 1
     assert value(samples, "mailserver_messages_received_total", listener="submission",
                  result="accepted") == 1
+
+
+def test_counts_pop3_connections_and_failed_logins(metered):
+    """A POP3 session opens and closes a connection and counts its failed login."""
+    import poplib
+
+    before = scrape(metered.metrics_port)
+    client = poplib.POP3("127.0.0.1", metered.pop3_port, timeout=10)
+    client.user("alice")
+    with pytest.raises(poplib.error_proto):
+        client.pass_("not-her-password")
+    client.quit()
+    samples = wait_for(lambda: (lambda m: m if value(
+        m, "mailserver_connections_open", listener="pop3") == 0 else None)(
+        scrape(metered.metrics_port)), "the POP3 connection to close")
+    assert value(samples, "mailserver_auth_failures_total", listener="pop3") == 1
+    assert (value(samples, "mailserver_connections_total", listener="pop3")
+            - value(before, "mailserver_connections_total", listener="pop3")) == 1
+
+
+def test_counts_queue_deliveries_by_target_and_result(metered):
+    """A relayed message refused by its LMTP next hop counts as an lmtp bounce."""
+    with smtplib.SMTP("127.0.0.1", metered.smtp_port) as s:
+        s.sendmail("", ["someone@other.test"], b"Subject: relay\r\n\r\nhi\r\n")
+    samples = wait_for(lambda: (lambda m: m if value(
+        m, "mailserver_deliveries_total", target="lmtp", result="bounced") else None)(
+        scrape(metered.metrics_port)), "the LMTP attempt")
+    assert value(samples, "mailserver_deliveries_total", target="lmtp", result="bounced") == 1
+    assert value(samples, "mailserver_deliveries_total", target="lmtp", result="sent") == 0
