@@ -135,7 +135,9 @@ class SyslogDestination:
     """RFC 3164-style datagrams to the local syslog socket, facility mail.
 
     A socket that is missing or refuses loses the line (logging must never
-    stop the server); the next line tries to connect again."""
+    stop the server); the next line tries to connect again.  Sends never
+    block: when syslog falls behind, lines are dropped rather than the
+    reactor held up."""
 
     def __init__(self, path: str = "/dev/log", ident: str = "mailserver") -> None:
         self.path = path
@@ -149,7 +151,10 @@ class SyslogDestination:
             if self.sock is None:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 self.sock.connect(self.path)
+                self.sock.setblocking(False)  # a stalled syslog must not stall the reactor
             self.sock.send(data[:65000])
+        except BlockingIOError:
+            pass  # its queue is full: this line is lost, the socket stays
         except OSError:
             if self.sock is not None:
                 self.sock.close()
