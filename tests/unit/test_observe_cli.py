@@ -73,3 +73,40 @@ def test_probe_reports_refusal_and_success(tmp_path):
         s.listen()
         assert probe(f"unix:{path}")[0] is True
     assert probe(f"unix:{tmp_path / 'none.sock'}")[0] is False
+
+
+def _config(tmp_path, extra: str = "") -> str:
+    (tmp_path / "users.ldif").write_text("")
+    path = tmp_path / "c.toml"
+    path.write_text(f'[server]\nbase_dir = "{tmp_path}"\n[domains]\nlocal = ["example.test"]\n'
+                    '[directory]\nldif_file = "users.ldif"\n' + extra +
+                    '[[listeners]]\naddress = "127.0.0.1:1"\n')
+    return str(path)
+
+
+def test_log_without_a_file_says_how_to_name_one(tmp_path, capsys):
+    """With no [log] file and no --file, the command explains and exits 78."""
+    from mailserver.ctl import main
+
+    assert main(["log", "AAAAAAAAAAAAAAAA", "-c", _config(tmp_path)]) == 78
+    assert "--file" in capsys.readouterr().err
+
+
+def test_log_reads_the_configured_file(tmp_path, capsys):
+    """Without --file, [log] file is read."""
+    from mailserver.ctl import main
+
+    (tmp_path / "mail.log").write_text(TEXT_LOG)
+    path = _config(tmp_path, '[log]\nfile = "mail.log"\n')
+    assert main(["log", "CCCCCCCCCCCCCCCC", "-c", path]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_status_with_a_broken_config_is_critical(tmp_path, capsys):
+    """A configuration that does not load is critical (exit 2)."""
+    from mailserver.ctl import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[smtp]\nmax_recipients = 'ten'\n")
+    assert main(["status", "-c", str(bad)]) == 2
+    assert "bad.toml" in capsys.readouterr().err
