@@ -265,6 +265,27 @@ class RelayConfig:
         default_factory=dict, metadata=_doc("Next hop per relay domain (smtp: or lmtp:)."))
 
 
+# -- observation: [metrics] and [log] ------------------------------------------
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    address: str = field(
+        default="", metadata=_doc("host:port of the Prometheus endpoint; \"\" = off."))
+    allow_remote: bool = field(
+        default=False, metadata=_doc("Allow a non-loopback metrics address."))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = field(default="text", metadata=_doc("text or json lines.",
+                                                      choices=LOG_FORMATS))
+    file: str = field(default="", metadata=_doc("Log file; \"\" = twistd's output.", path=True))
+    syslog: bool = field(default=False, metadata=_doc("Send lines to the local syslog (mail)."))
+    syslog_socket: str = field(default="/dev/log", metadata=_doc("The syslog socket."))
+
+
 @dataclass(frozen=True)
 class Config:
     path: str
@@ -280,6 +301,8 @@ class Config:
     submission: SubmissionConfig
     pop3: POP3Config
     listeners: Tuple[ListenerConfig, ...]
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def has_tls(self) -> bool:
@@ -299,6 +322,8 @@ SECTIONS = {
     "submission": SubmissionConfig,
     "pop3": POP3Config,
 }
+SECTIONS["metrics"] = MetricsConfig
+SECTIONS["log"] = LogConfig
 
 
 def _check_value(path: str, key: str, f: dataclasses.Field, value: Any) -> Any:
@@ -351,7 +376,14 @@ def _build(path: str, prefix: str, cls: type, table: Any, base_dir: str) -> Any:
         if key not in fields:
             raise ConfigError(path, full, "unknown key")
         f = fields[key]
-        value = _check_value(path, full, f, value)
+        try:
+            value = _check_value(path, full, f, value)
+        except ConfigError as e:
+            if not _secret_key(key):
+                raise
+            # The error goes to stderr and, on SIGHUP, to the log: never the value.
+            raise ConfigError(path, full, e.problem.replace(repr(value), "(value hidden)")) \
+                from None
         if f.metadata.get("path") and value:
             value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
         if f.metadata.get("path_values"):
@@ -363,6 +395,11 @@ def _build(path: str, prefix: str, cls: type, table: Any, base_dir: str) -> Any:
         if name not in values and f.metadata.get("path") and f.default:
             values[name] = os.path.normpath(os.path.join(base_dir, f.default))
     return cls(**values)
+
+
+def _secret_key(key: str) -> bool:
+    """A key whose value must not appear in an error (a password, a secret)."""
+    return any(word in key for word in ("password", "secret"))
 
 
 def parse_address(address: str) -> Tuple[str, str, Optional[int]]:
@@ -545,6 +582,23 @@ def _check_semantics(config: Config) -> None:
             raise ConfigError(path, f"listeners[{i}].address", f"{lc.address} is used twice")
         seen.add(lc.address)
     _check_directories(config)
+    _check_metrics(config)
+
+
+def _check_metrics(config: Config) -> None:
+    """The metrics endpoint: host:port, on loopback unless allow_remote."""
+    m = config.metrics
+    if not m.address:
+        return
+    try:
+        kind, host, _port = parse_address(m.address)
+    except ValueError as e:
+        raise ConfigError(config.path, "metrics.address", f"{m.address!r}: {e}") from None
+    if kind == "unix":
+        raise ConfigError(config.path, "metrics.address", "needs host:port, not a UNIX socket")
+    if not m.allow_remote and (not host or not ipaddress.ip_address(host).is_loopback):
+        raise ConfigError(config.path, "metrics.address", f"{m.address} is not a loopback "
+                          "address; set metrics.allow_remote = true to expose it")
 
 
 def _check_relay_domains(config: Config) -> None:

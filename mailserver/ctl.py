@@ -14,6 +14,10 @@ calls directly: no reactor runs.
 steer the outbound queue, safely while the server runs (see
 :mod:`mailserver.queue.cli`).
 
+``mailserverctl status`` checks a running server for monitoring (exit 0 ok,
+1 warning, 2 critical) and ``mailserverctl log QUEUE_ID`` follows one
+message through the log (see :mod:`mailserver.observe_cli`).
+
 Exit status of ``lookup`` and ``auth-test``: 0 found / authenticated,
 1 unknown address / refused login, 75 (EX_TEMPFAIL) the directory could not
 answer, 78 (EX_CONFIG) the configuration or the directory settings are
@@ -204,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mailserver.queue.cli import add_queue_commands
 
     add_queue_commands(sub)
+    from mailserver.observe_cli import add_observe_commands
+
+    add_observe_commands(sub, _config_option)
     return parser
 
 

@@ -38,6 +38,7 @@ class Parts:
     tls: Any  # tls.ReloadableTLS or None
     store: Any = None  # store.maildir.MaildirStore (POP3 reads the maildirs it names)
     io: Any = None  # io(f, *args) -> Deferred on the I/O thread pool
+    metrics: Any = None  # metrics.Metrics when [metrics] is on, else None
 
 
 def _sender_checks(parts: Parts) -> list:
@@ -88,7 +89,8 @@ def _smtp_family(parts: Parts, lc, kind: ListenerKind):
         max_received=s.max_received_headers,
         hide_client=lc.protocol == "submission" and config.submission.hide_client_address,
         etrn=config.relay.etrn and kind.mode is Mode.MX,
-        authenticator=parts.authenticator if auth else None, max_line=s.text_line_limit)
+        authenticator=parts.authenticator if auth else None, max_line=s.text_line_limit,
+        metrics=parts.metrics)
     ctx = ListenerContext(
         mode=kind.mode, kind=lc.protocol, hostname=config.server.hostname,
         limits=Limits(max_command_line=s.command_line_limit, max_text_line=s.text_line_limit,
@@ -100,7 +102,7 @@ def _smtp_family(parts: Parts, lc, kind: ListenerKind):
         auth_mechanisms=tuple(m.upper() for m in config.auth.mechanisms) if auth else (),
         auth_requires_tls=not lc.plaintext_auth,
         command_timeout=s.command_timeout, data_timeout=s.data_timeout,
-        dsn=parts.outbox is not None)
+        dsn=parts.outbox is not None, metrics=parts.metrics)
     return _tls_wrapped(parts, lc, SMTPFactory(ctx))
 
 
@@ -117,7 +119,7 @@ def _pop3(parts: Parts, lc, kind: ListenerKind):
         tls=parts.tls if lc.tls == "starttls" else None, implicit_tls=lc.tls == "implicit",
         plaintext_auth=lc.plaintext_auth,
         mechanisms=tuple(m.upper() for m in config.auth.mechanisms),
-        idle_timeout=config.pop3.idle_timeout)
+        idle_timeout=config.pop3.idle_timeout, metrics=parts.metrics)
     return _tls_wrapped(parts, lc, POP3Factory(ctx))
 
 

@@ -65,9 +65,10 @@ class DirectoryService(service.Service):
     """Owns the directory: builds backends (at start and on reload) on one
     bounded LDAP thread pool, and closes them at shutdown."""
 
-    def __init__(self, config: Config, reactor, pool: ThreadPool) -> None:
+    def __init__(self, config: Config, reactor, pool: ThreadPool, metrics=None) -> None:
         self.reactor = reactor
         self.pool = pool
+        self.metrics = metrics
         self.directory = ReloadableDirectory(self.backend(config))
 
     def backend(self, config: Config):
@@ -81,7 +82,8 @@ class DirectoryService(service.Service):
         # Always behind the cache: with cache_size = 0 nothing is kept, but
         # simultaneous lookups of one address still share a single query.
         return CachingDirectory(backend, clock=self.reactor, positive_ttl=d.cache_ttl,
-                                negative_ttl=d.negative_cache_ttl, max_entries=d.cache_size)
+                                negative_ttl=d.negative_cache_ttl, max_entries=d.cache_size,
+                                metrics=self.metrics)
 
     def reload(self, config: Config) -> None:
         """Swap in a backend built from ``config``; close the old one after."""
@@ -113,6 +115,7 @@ class MailService(service.MultiService):
         self.config = config
         self.tls = tls
         self.notes: list[str] = []  # said at start, once logging is running
+        self.log_observer = None  # mailserver.logs.MailLogObserver when [log] asks for one
 
     def privilegedStartService(self) -> None:
         try:
@@ -129,8 +132,22 @@ class MailService(service.MultiService):
             sys.__stderr__.write(f"mailserver: {self.config.path}: cannot listen: {e}\n")
             sys.exit(1)
 
+    def setServiceParent(self, parent) -> None:
+        super().setServiceParent(parent)
+        # twistd's AppLogger uses the application's ILogObserver component,
+        # when there is one, instead of building its own observer.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+
     def startService(self) -> None:
         super().startService()
+        if self.log_observer is not None and hasattr(signal, "SIGUSR1"):
+            from twisted.internet import reactor
+
+            signal.signal(signal.SIGUSR1, lambda *a: reactor.callFromThread(
+                self.log_observer.reopen))
         for note in self.notes:
             log.info("{note}", note=note)
         if hasattr(signal, "SIGHUP"):
@@ -181,12 +198,13 @@ class MailService(service.MultiService):
                  backend=config.directory.backend)
 
 
-def build_directory(config: Config, reactor, parent: MailService) -> ReloadableDirectory:
+def build_directory(config: Config, reactor, parent: MailService,
+                    metrics=None) -> ReloadableDirectory:
     """The directory named by ``[directory]``, on its own bounded thread pool
     (so a slow LDAP server never starves disk writes)."""
     pool = ThreadPool(minthreads=0, maxthreads=config.directory.pool_size, name="mailserver-ldap")
     ThreadPoolService(pool).setServiceParent(parent)
-    parent.directory_service = DirectoryService(config, reactor, pool)
+    parent.directory_service = DirectoryService(config, reactor, pool, metrics)
     parent.directory_service.setServiceParent(parent)
     return parent.directory_service.directory
 
@@ -224,7 +242,7 @@ def _pem_blocks(data: bytes) -> list:
 
 
 def build_queue(config: Config, reactor, parent: MailService, directory, delivery, pool,
-                srs=None):
+                srs=None, metrics=None):
     """The outbound queue: spool, routing, remote delivery and the manager.
     Returns the :class:`~mailserver.queue.outbox.Outbox` listeners queue into."""
     from mailserver.delivery.local import LocalTarget
@@ -276,7 +294,8 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
                                min_backoff=q.min_backoff, max_backoff=q.max_backoff,
                                lifetime=q.lifetime, delay_warning=q.delay_warning,
                                scan_interval=q.scan_interval, max_active=q.max_active,
-                               destination_concurrency=q.destination_concurrency))
+                               destination_concurrency=q.destination_concurrency),
+                           metrics=metrics)
     manager.setServiceParent(parent)
     local.outbox = Outbox(spool, pool, reactor, wake=manager.wake)
     return local.outbox
@@ -289,7 +308,7 @@ def _relay_next_hops(config: Config) -> dict:
     return config_next_hops(config)
 
 
-def build_service(config: Config, reactor=None) -> MailService:
+def build_service(config: Config, reactor=None, twistd_options=None) -> MailService:
     if reactor is None:
         from twisted.internet import reactor
     notes = []
@@ -301,6 +320,9 @@ def build_service(config: Config, reactor=None) -> MailService:
         tls = ReloadableTLS(config.tls.certificate, config.tls.private_key, sni=config.tls.sni)
     top = MailService(config, tls)
     top.notes = notes
+    from mailserver.logs import build_observer
+
+    top.log_observer = build_observer(config.log, twistd_options)
     removed = prepare_spool(config.server.spool_dir)
     if removed:
         notes.append(f"removed {removed} incomplete message(s) left in the spool")
@@ -308,7 +330,8 @@ def build_service(config: Config, reactor=None) -> MailService:
 
     pool = ThreadPool(minthreads=1, maxthreads=config.server.io_threads, name="mailserver-io")
     ThreadPoolService(pool).setServiceParent(top)
-    directory = build_directory(config, reactor, top)
+    metrics = build_metrics(config, reactor, top)
+    directory = build_directory(config, reactor, top, metrics)
     store = MaildirStore(config.store.maildir_root, template=config.store.template,
                          hostname=config.server.hostname, fsync=config.store.fsync)
     delivery = LocalDelivery(store, pool, reactor)
@@ -319,14 +342,15 @@ def build_service(config: Config, reactor=None) -> MailService:
         srs = SRS(config.relay.srs_secret,
                   config.relay.srs_domain or (config.domains.local + config.domains.relay)[0],
                   max_age_days=config.relay.srs_max_age, clock=reactor.seconds)
-    outbox = build_queue(config, reactor, top, directory, delivery, pool, srs)
+    outbox = build_queue(config, reactor, top, directory, delivery, pool, srs, metrics)
     parts = Parts(
         config=config, reactor=reactor, directory=directory, local=delivery,
         delivery=RecipientDelivery(delivery, outbox, srs, reactor), outbox=outbox, srs=srs,
         trusted=Networks(config.relay.trusted_networks),
-        authenticator=build_authenticator(config, directory, reactor),
+        authenticator=build_authenticator(config, directory, reactor, metrics),
         rate_limiter=build_rate_limiter(config, reactor), tls=tls, store=store,
-        io=lambda f, *args: threads.deferToThreadPool(reactor, pool, f, *args))
+        io=lambda f, *args: threads.deferToThreadPool(reactor, pool, f, *args),
+        metrics=metrics)
     for lc in config.listeners:
         endpoint = make_endpoint(reactor, lc.address, lc.socket_mode)
         svc = StreamServerEndpointService(endpoint, build_listener(parts, lc))
@@ -336,7 +360,7 @@ def build_service(config: Config, reactor=None) -> MailService:
     return top
 
 
-def build_authenticator(config: Config, directory, reactor):
+def build_authenticator(config: Config, directory, reactor, metrics=None):
     """SMTP AUTH (and later POP3) through the directory's twisted.cred checker,
     slowed by one failed-login throttle shared by every listener."""
     from mailserver.directory.cred import DirectoryChecker
@@ -347,7 +371,7 @@ def build_authenticator(config: Config, directory, reactor):
     throttle = LoginThrottle(reactor, base_delay=a.failure_delay,
                              max_delay=a.max_failure_delay, max_failures=a.max_failures,
                              window=a.failure_window)
-    return Authenticator(DirectoryChecker(directory), throttle, directory, reactor)
+    return Authenticator(DirectoryChecker(directory), throttle, directory, reactor, metrics)
 
 
 def build_rate_limiter(config: Config, reactor):
@@ -358,3 +382,22 @@ def build_rate_limiter(config: Config, reactor):
         messages_per_hour=s.messages_per_hour, messages_per_day=s.messages_per_day,
         recipients_per_hour=s.recipients_per_hour, recipients_per_day=s.recipients_per_day),
         exempt=frozenset(x.lower() for x in s.rate_limit_exempt))
+
+
+# -- metrics ([metrics]) --------------------------------------------------------
+def build_metrics(config: Config, reactor, parent: MailService):
+    """The Prometheus endpoint when ``[metrics] address`` is set (a twisted.web
+    site on its own listening service), and the Metrics object the parts count
+    into; None when metrics are off."""
+    if not config.metrics.address:
+        return None
+    from mailserver.metrics import Metrics, build_metrics_site
+
+    metrics = Metrics(queue_dir=config.queue.directory)
+    endpoint = make_endpoint(reactor, config.metrics.address)
+    svc = StreamServerEndpointService(endpoint, build_metrics_site(metrics))
+    svc._raiseSynchronously = True
+    svc.setName("metrics")
+    svc.setServiceParent(parent)
+    parent.notes.append(f"metrics on http://{config.metrics.address}/metrics")
+    return metrics

@@ -32,4 +32,5 @@ class Options(usage.Options):
 def makeService(options: Options):
     from mailserver.service import build_service
 
-    return build_service(options.config)
+    # twistd's own options (its --logfile, -n) say where [log] lines go by default.
+    return build_service(options.config, twistd_options=getattr(options, "parent", None))

@@ -129,7 +129,8 @@ class CachingDirectory:
     """
 
     def __init__(self, directory, *, clock=None, positive_ttl: float = 60.0,
-                 negative_ttl: float = 10.0, max_entries: int = 10000) -> None:
+                 negative_ttl: float = 10.0, max_entries: int = 10000,
+                 metrics=None) -> None:
         if positive_ttl < 0 or negative_ttl < 0:
             raise ValueError("cache TTLs must not be negative")
         self.directory = directory
@@ -142,6 +143,10 @@ class CachingDirectory:
         self.hits = 0
         self.misses = 0
         self.joined = 0
+        from mailserver.metrics import NO_METRICS
+
+        # Requests that reach the wrapped directory: count, errors, latency.
+        self.metrics = metrics or NO_METRICS
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -183,7 +188,24 @@ class CachingDirectory:
 
     def authenticate(self, login: str, password: str) -> defer.Deferred:
         """A password check; never cached, never shared."""
-        return defer.maybeDeferred(self.directory.authenticate, login, password)
+        return self._timed("authenticate", defer.maybeDeferred(self.directory.authenticate,
+                                                              login, password))
+
+    def _timed(self, kind: str, d: defer.Deferred) -> defer.Deferred:
+        """Report how long the wrapped directory took with ``d``, and whether
+        it failed (a wrong password is an answer, not an error)."""
+        if not self.metrics.enabled:
+            return d
+        started = self._now()
+
+        def done(result):
+            from twisted.cred.error import UnauthorizedLogin
+
+            error = isinstance(result, Failure) and not result.check(UnauthorizedLogin)
+            self.metrics.directory_lookup(kind, self._now() - started, error)
+            return result
+
+        return d.addBoth(done)
 
     def close(self) -> None:
         self.clear()
@@ -210,7 +232,7 @@ class CachingDirectory:
         self.misses += 1
         flight = self._flights[key] = _Flight(self._generation)
         waiter = flight.join()  # before asking: the answer may come at once
-        d = defer.maybeDeferred(ask)
+        d = self._timed(key[0], defer.maybeDeferred(ask))
         d.addBoth(self._landed, key, flight, positive)
         return waiter
 

@@ -76,7 +76,7 @@ class Acceptance:
                  RecipientDelivery, spool_dir: str, clock, checks: Sequence[Check] = (),
                  outbox=None, max_received: int = 50, hide_client: bool = False,
                  queue_id: Callable[[], str] = new_queue_id, etrn: bool = False,
-                 authenticator=None, max_line: int = 1000) -> None:
+                 authenticator=None, max_line: int = 1000, metrics=None) -> None:
         self.kind = kind
         self.lmtp = kind == "lmtp"
         self.hostname = hostname
@@ -93,6 +93,9 @@ class Acceptance:
         self.etrn_enabled = etrn and outbox is not None
         self.authenticator = authenticator  # mailserver.pipeline.auth.Authenticator
         self.max_line = max_line  # the listener's text line limit
+        from mailserver.metrics import NO_METRICS
+
+        self.metrics = metrics or NO_METRICS  # mailserver.metrics.Metrics when on
 
     async def _run(self, hook: str, *args) -> Optional[R.Reply]:
         for check in self.checks:
@@ -115,6 +118,8 @@ class Acceptance:
 
     async def mail(self, session: Session, txn: Transaction) -> R.Reply:
         reply = await self._run("on_mail", session, txn)
+        if reply is R.RATE_LIMITED:
+            self.metrics.rate_limited(session.listener)
         if reply is not None and not reply.is_positive:
             log.info("{listener}: NOQUEUE: reject: MAIL from {client}: {reply}; from=<{sender}>"
                      "{login}", listener=session.listener, client=session.client_ip,
@@ -136,6 +141,9 @@ class Acceptance:
             target = Target(decision.forward_to or recipient, decision.resolution,
                             orcpt=orcpt, notify=notify)
             reply = await self._run("on_rcpt", session, txn, target) or reply
+        self.metrics.recipient(session.listener, reply)
+        if reply is R.RATE_LIMITED:
+            self.metrics.rate_limited(session.listener)
         if reply.is_positive:
             txn.targets.append(target)
         else:  # accepted recipients are logged with the message
@@ -147,6 +155,8 @@ class Acceptance:
     # -- content ------------------------------------------------------------
     def begin_data(self, txn: Transaction) -> None:
         txn.message = IncomingMessage(self.spool_dir, self.queue_id())
+        if self.metrics.enabled:
+            txn.message.started = self.clock.seconds()
         txn.scanner = HeaderScanner(self.max_line, keep=KEPT_HEADERS)
 
     @staticmethod
@@ -162,9 +172,12 @@ class Acceptance:
         recipient in LMTP.  The transaction's content is discarded after."""
         count = len(txn.targets) if self.lmtp else 1
         try:
-            return await self._finish(session, txn, max(count, 1))
+            replies = await self._finish(session, txn, max(count, 1))
         finally:
             txn.discard()
+        accepted = any(r.is_positive for r in replies)
+        self.metrics.message(session.listener, "accepted" if accepted else "refused")
+        return replies
 
     async def _finish(self, session: Session, txn: Transaction, count: int) -> list:
         message = txn.message
@@ -201,6 +214,7 @@ class Acceptance:
                           envid=txn.params.get("ENVID"), ret=_ret(txn.params), reuse_id=True)
         outcomes = await self.delivery.deliver(content, txn.targets,
                                                requeue="partial" if self.lmtp else "always")
+        self._count_deliveries(outcomes, txn)
         if self.lmtp:
             replies = [o.reply if not o.reply.is_positive else R.DELIVERED.with_text(
                 R.DELIVERED.text.format(rcpt=t.address, id=queue_id))
@@ -213,6 +227,21 @@ class Acceptance:
             for check in self.checks:
                 await check.accepted(session, txn)
         return replies
+
+    def _count_deliveries(self, outcomes, txn: Transaction) -> None:
+        """Local copies made now count as deliveries; their delay runs from
+        the start of the data."""
+        if not self.metrics.enabled:
+            return
+        started = getattr(txn.message, "started", None)
+        latency = None if started is None else self.clock.seconds() - started
+        copies = {}  # one copy per mailbox, however many recipients lead to it
+        for outcome in outcomes:
+            copies.update(getattr(outcome, "by_mailbox", None) or {})
+        for reply in copies.values():
+            # A copy that failed now is queued, counted here as "deferred"
+            # and again by the queue when it is delivered.
+            self.metrics.delivery("local", reply, latency)
 
     async def _report_delivered(self, session: Session, txn: Transaction, queue_id: str,
                                 message, outcomes) -> None:

@@ -38,11 +38,14 @@ class Authenticator:
     directory's), slowed and stopped by ``throttle`` (an ``ILoginThrottle``);
     ``directory.senders_for`` gives the envelope senders of a login."""
 
-    def __init__(self, checker, throttle, directory, clock) -> None:
+    def __init__(self, checker, throttle, directory, clock, metrics=None) -> None:
+        from mailserver.metrics import NO_METRICS
+
         self.checker = checker
         self.throttle = throttle
         self.directory = directory
         self.clock = clock
+        self.metrics = metrics or NO_METRICS  # failed and blocked logins, per listener
 
     async def authenticate(self, session, credentials, *, senders: bool = True) -> R.Reply:
         """Log ``session`` in with ``credentials``; ``senders``: also read the
@@ -55,6 +58,7 @@ class Authenticator:
                      "sasl_method={mech}, sasl_username={login}", listener=session.listener,
                      client=session.client_ip, mech=credentials.mechanism,
                      login=_printable(typed))
+            self.metrics.login_blocked(session.listener)
             return R.LOGIN_BLOCKED
         creds = UsernamePassword(typed.encode("utf-8"), credentials.password.encode("utf-8"))
         try:
@@ -69,6 +73,9 @@ class Authenticator:
                      "sasl_username={login}", listener=session.listener,
                      client=session.client_ip, mech=credentials.mechanism,
                      login=_printable(typed))
+            self.metrics.auth_failed(session.listener)
+            if verdict.blocked:
+                self.metrics.login_blocked(session.listener)
             return R.LOGIN_BLOCKED if verdict.blocked else R.AUTH_FAILED
         except ReplyError as e:  # the directory is down: try again later
             await self.throttle.succeeded(session.client_key, typed)  # no guess was judged

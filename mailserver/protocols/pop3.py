@@ -62,6 +62,7 @@ class POP3Context:
     mechanisms: tuple = ("PLAIN",)
     idle_timeout: float = 600.0
     close_grace: float = 10.0
+    metrics: Any = None  # mailserver.metrics.Metrics, or None when metrics are off
 
 
 def _open_and_read(maildrop, index: int) -> tuple:
@@ -130,11 +131,15 @@ class POP3ServerProtocol(Protocol):
         if refusal is not None:
             log.info("{listener}: refused connection from {client}: too many connections",
                      listener=self.ctx.name, client=self.client)
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.connection_refused(self.ctx.name)
             self.transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")
             self.closing = True
             self._hang_up()
             return
         self.counted = True
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.connection_opened(self.ctx.name)
         if hasattr(self.transport, "setTcpNoDelay"):
             try:
                 self.transport.setTcpNoDelay(True)  # no 40 ms stall after each response
@@ -173,6 +178,8 @@ class POP3ServerProtocol(Protocol):
         if self.counted:
             self.counted = False
             self.ctx.limiter.release(self.key)
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.connection_closed(self.ctx.name)
             log.info("{listener}: disconnect from {client}", listener=self.ctx.name,
                      client=self.client)
 

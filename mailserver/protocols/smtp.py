@@ -54,6 +54,7 @@ class ListenerContext:
     data_timeout: float = 180.0
     close_grace: float = 10.0  # seconds a closing connection may take to drain
     dsn: bool = False  # DSN parameters accepted (there is a queue to honour them)
+    metrics: Any = None  # mailserver.metrics.Metrics, or None when metrics are off
 
 
 def _peer_ip(transport) -> str:
@@ -103,11 +104,15 @@ class SMTPServerProtocol(Protocol):
         if refusal is not None:
             log.info("{listener}: refused connection from {client}: {reply}",
                      listener=self.ctx.name, client=self.client, reply=str(refusal))
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.connection_refused(self.ctx.name)
             self.transport.write(refusal.to_bytes())
             self.closing = True
             self._hang_up()
             return
         self.counted = True
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.connection_opened(self.ctx.name)
         log.info("{listener}: connect from {client}", listener=self.ctx.name, client=self.client)
         ctx = self.ctx
         self.session = Session(listener=ctx.name, kind=ctx.kind, hostname=ctx.hostname,
@@ -150,6 +155,8 @@ class SMTPServerProtocol(Protocol):
         if self.counted:
             self.counted = False
             self.ctx.limiter.release(self.key)
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.connection_closed(self.ctx.name)
             log.info("{listener}: disconnect from {client}", listener=self.ctx.name,
                      client=self.client)
 

@@ -66,8 +66,11 @@ class QueueManager(service.Service):
     """Runs deliveries from ``spool`` through ``router`` on ``clock``."""
 
     def __init__(self, spool, router, clock, *, hostname: str, schedule: Schedule = Schedule(),
-                 bounces=None, io=None) -> None:
+                 bounces=None, io=None, metrics=None) -> None:
+        from mailserver.metrics import NO_METRICS
         from mailserver.queue import bounce
+
+        self.metrics = metrics or NO_METRICS  # deliveries by target and result, delays
 
         self.spool = spool
         self.router = router
@@ -425,7 +428,20 @@ class QueueManager(service.Service):
             reply = report.replies.get(r.address) or R.INTERNAL_ERROR
             out[r.address] = (reply, report.remotes.get(r.address, report.remote),
                               r.address in report.forwarded)
+        self._count(target, message, out)
         return out
+
+    def _count(self, target, message: OutboundMessage, results: Dict[str, tuple]) -> None:
+        """Deliveries by target (local, lmtp, remote) and result, and the
+        delay since arrival of those sent."""
+        if not self.metrics.enabled:
+            return
+        now = self.clock.seconds()
+        latency = None if message.arrival is None else now - message.arrival
+        for reply, remote, _forwarded in results.values():
+            kind = ("local" if remote == "local" else
+                    "lmtp" if getattr(target, "lmtp", False) else "remote")
+            self.metrics.delivery(kind, reply, latency)
 
     def _record(self, env, results: Dict[str, tuple], now: float) -> tuple:
         """Apply results to the envelope; return the recipients that failed now
