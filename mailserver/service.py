@@ -20,6 +20,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from mailserver import sdnotify
 from mailserver.config import Config, load_config, parse_address
 from mailserver.directory.reloadable import ReloadableDirectory
 from mailserver.errors import ConfigError
@@ -27,7 +28,7 @@ from mailserver.delivery.local import LocalDelivery
 from mailserver.delivery.recipients import RecipientDelivery
 from mailserver.listeners import Parts, build_listener
 from mailserver.policy import Networks
-from mailserver.incoming import prepare_spool
+from mailserver.incoming import prepare_spool, sweep_incoming
 from mailserver.store.maildir import MaildirStore
 from mailserver.tls import ReloadableTLS, make_self_signed
 
@@ -104,6 +105,26 @@ class PoolService(service.Service):
         return defer.ensureDeferred(self.pool.close())
 
 
+class ListenerService(StreamServerEndpointService):
+    """One listener that stops gracefully: it stops listening at once, then
+    drains its sessions (see :mod:`mailserver.protocols.sessions`); the
+    Deferred from ``stopService`` fires when the last one has gone or the
+    grace period has ended."""
+
+    def __init__(self, endpoint, factory, grace: float, clock) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        inner = getattr(factory, "wrappedFactory", factory)  # under implicit TLS
+        self.sessions = inner.ctx.sessions
+        self.grace = grace
+        self.clock = clock
+
+    def stopService(self):
+        stopped = super().stopService()
+        drained = self.sessions.drain(self.grace, self.clock)
+        return defer.DeferredList([stopped, drained], consumeErrors=True)
+
+
 class MailService(service.MultiService):
     """The whole server.  Binding failures end the process with one line."""
 
@@ -138,27 +159,50 @@ class MailService(service.MultiService):
             signal.signal(signal.SIGHUP, lambda *a: reactor.callFromThread(self.reload))
         log.info("mailserver started: {n} listener(s) for {domains}",
                  n=len(self.config.listeners), domains=", ".join(self.config.domains.local))
+        # Every listener was bound in privilegedStartService: ready.
+        sdnotify.notify("READY=1\nSTATUS=accepting mail")
 
     def stopService(self):
-        """Stop listeners, the queue and the directory first, and the thread
-        pools only once they have finished: work still in flight at shutdown
-        (a delivery writing its outcome to the spool) needs a worker thread."""
+        """SIGTERM.  The listeners first: they stop accepting at once and drain
+        their sessions (at most ``server.shutdown_grace`` seconds), which
+        still use the directory, the queue and the pools.  Then the queue and
+        the directory, and the thread pools only once those have finished:
+        work still in flight (a delivery writing its outcome to the spool)
+        needs a worker thread."""
         service.Service.stopService(self)
+        sdnotify.notify("STOPPING=1")
+        listeners = [s for s in self if isinstance(s, ListenerService)]
         pools = [s for s in self if isinstance(s, ThreadPoolService)]
-        others = [s for s in reversed(list(self)) if s not in pools]
-        first = defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others])
+        others = [s for s in reversed(list(self)) if s not in pools and s not in listeners]
+        # Sessions still draining need the directory, the queue and the pools.
+        if listeners:
+            log.info("mailserver stopping: no new connections; transactions in flight get "
+                     "{grace} s", grace=listeners[0].grace)
 
-        def then(_):
+        async def stop():
+            await defer.DeferredList([defer.maybeDeferred(s.stopService) for s in listeners])
+            await defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others])
             for p in pools:
                 p.stopService()
+            # Pools joined: nothing writes scratch files any more.  What is
+            # left was never answered 250; remove it now, not at next start.
+            if self.config is not None:
+                sweep_incoming(self.config.server.spool_dir)
 
-        return first.addBoth(then)
+        return defer.ensureDeferred(stop())
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file, the TLS certificate and the
         directory settings (emptying its cache); connections stay up.  A bad
         file is logged and changes nothing.  Listeners, limits and thread
         pools keep the values they started with."""
+        sdnotify.notify(sdnotify.reloading())
+        try:
+            self._reload()
+        finally:
+            sdnotify.notify("READY=1")
+
+    def _reload(self) -> None:
         try:
             config = load_config(self.config.path)
         except ConfigError as e:
@@ -318,8 +362,8 @@ def build_service(config: Config, reactor=None) -> MailService:
         io=lambda f, *args: threads.deferToThreadPool(reactor, pool, f, *args))
     for lc in config.listeners:
         endpoint = make_endpoint(reactor, lc.address, lc.socket_mode)
-        svc = StreamServerEndpointService(endpoint, build_listener(parts, lc))
-        svc._raiseSynchronously = True
+        svc = ListenerService(endpoint, build_listener(parts, lc),
+                              config.server.shutdown_grace, reactor)
         svc.setName(lc.name)
         svc.setServiceParent(top)
     return top
