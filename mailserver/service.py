@@ -28,7 +28,7 @@ from mailserver.delivery.local import LocalDelivery
 from mailserver.delivery.recipients import RecipientDelivery
 from mailserver.listeners import Parts, build_listener
 from mailserver.policy import Networks
-from mailserver.incoming import prepare_spool, sweep_incoming
+from mailserver.incoming import sweep_incoming
 from mailserver.store.maildir import MaildirStore
 from mailserver.tls import ReloadableTLS, make_self_signed
 
@@ -133,6 +133,7 @@ class MailService(service.MultiService):
         self.config = config
         self.tls = tls
         self.notes: list[str] = []  # said at start, once logging is running
+        self.identity = None  # privileges.Identity twistd switches to, or None
 
     def privilegedStartService(self) -> None:
         try:
@@ -148,8 +149,17 @@ class MailService(service.MultiService):
         except OSError as e:
             sys.__stderr__.write(f"mailserver: {self.config.path}: cannot listen: {e}\n")
             sys.exit(1)
+        if self.identity is not None:  # bound as root: the sockets go to the service user
+            for lc in self.config.listeners:
+                kind, path, _port = parse_address(lc.address)
+                if kind == "unix":
+                    os.chown(path, self.identity.uid, self.identity.gid)
 
     def startService(self) -> None:
+        # Now running as the service user (twistd switched after binding).
+        removed = sweep_incoming(self.config.server.spool_dir)
+        if removed:
+            self.notes.append(f"removed {removed} incomplete message(s) left in the spool")
         super().startService()
         for note in self.notes:
             log.info("{note}", note=note)
@@ -157,6 +167,13 @@ class MailService(service.MultiService):
             from twisted.internet import reactor
 
             signal.signal(signal.SIGHUP, lambda *a: reactor.callFromThread(self.reload))
+            # SIGTERM is the normal way to stop (systemd, kill): after the
+            # graceful stop, exit 0 rather than dying of the signal again as
+            # twistd's own handler has it.  Installed once the reactor runs,
+            # after its handlers.
+            reactor.callWhenRunning(
+                signal.signal, signal.SIGTERM,
+                lambda *a: reactor.callFromThread(reactor.stop))
         log.info("mailserver started: {n} listener(s) for {domains}",
                  n=len(self.config.listeners), domains=", ".join(self.config.domains.local))
         # Every listener was bound in privilegedStartService: ready.
@@ -323,22 +340,29 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     return local.outbox
 
 
-def build_service(config: Config, reactor=None) -> MailService:
+def build_service(config: Config, reactor=None, identity=None) -> MailService:
+    """The server for ``config``.  ``identity``
+    (:class:`~mailserver.privileges.Identity`): the user twistd switches to
+    after binding, who gets every directory and file made here."""
     if reactor is None:
         from twisted.internet import reactor
+    from mailserver.privileges import prepare
+
     notes = []
     tls = None
+    # Directories before anything opens them, owned by the service user.
+    # Reading the spool (leftover scratch files, queue recovery) waits for
+    # startService, which runs as that user.
+    files = prepare(config, identity)
     if config.tls.certificate:
         if config.tls.self_signed and not os.path.exists(config.tls.certificate):
             make_self_signed(config.tls.certificate, config.tls.private_key, config.server.hostname)
+            files.give((config.tls.certificate, config.tls.private_key))
             notes.append(f"created self-signed certificate {config.tls.certificate}")
         tls = ReloadableTLS(config.tls.certificate, config.tls.private_key, sni=config.tls.sni)
     top = MailService(config, tls)
     top.notes = notes
-    removed = prepare_spool(config.server.spool_dir)
-    if removed:
-        notes.append(f"removed {removed} incomplete message(s) left in the spool")
-    os.makedirs(config.store.maildir_root, mode=0o700, exist_ok=True)
+    top.identity = identity
 
     pool = ThreadPool(minthreads=1, maxthreads=config.server.io_threads, name="mailserver-io")
     ThreadPoolService(pool).setServiceParent(top)

@@ -30,6 +30,20 @@ class Options(usage.Options):
 
 
 def makeService(options: Options):
+    """Build the server.  Started as root, decide the user to run as (twistd's
+    ``--uid``/``--gid``, else ``[server] user``/``group``, which twistd is
+    then told to switch to) and hand it the server's files; refuse, with one
+    line, before anything binds."""
+    from mailserver import privileges
     from mailserver.service import build_service
 
-    return build_service(options.config)
+    twistd = getattr(options, "parent", None)  # twistd's own options
+    uid = twistd.get("uid") if twistd is not None else None
+    gid = twistd.get("gid") if twistd is not None else None
+    try:
+        who = privileges.identity(options.config, uid, gid)
+        if who is not None and twistd is not None and uid is None:
+            twistd["uid"], twistd["gid"] = who.uid, who.gid  # [server] user: twistd switches
+        return build_service(options.config, identity=who)
+    except ConfigError as e:
+        raise SystemExit(f"mailserver: {e}") from None

@@ -119,3 +119,21 @@ def test_sighup_reloads_certificate_with_a_connection_open(tmp_path):
         before.quit()
     finally:
         server.stop()
+
+
+def test_session_open_across_sighup_completes_its_transaction(tmp_path):
+    """A session opened before SIGHUP sends a whole message after the reload on the same connection."""
+    server = MailServer(tmp_path / "srv", directory={
+        "backend": "ldif", "ldif_file": QUICKSTART_LDIF, "base_dn": "dc=example,dc=test"}).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
+            s.ehlo("client.example")
+            assert s.mail("x@example.org")[0] == 250
+            os.kill(server.proc.pid, signal.SIGHUP)
+            wait_for_log(server, "reloaded directory settings")
+            assert s.rcpt("alice@example.test")[0] == 250
+            assert s.data(b"Subject: across a reload\r\n\r\nhello\r\n")[0] == 250
+            assert s.noop()[0] == 250
+        assert len(server.messages("alice")) == 1
+    finally:
+        assert server.stop() == 0

@@ -17,6 +17,8 @@ from tests.support.server import REPO, TWISTD, free_port, twistd_env, wait_for_p
 pytestmark = pytest.mark.slow
 
 GOOD = """
+[server]
+allow_root = true
 [domains]
 local = ["example.test"]
 [directory]
