@@ -16,7 +16,7 @@ import sys
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints, threads
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -105,6 +105,14 @@ class PoolService(service.Service):
         return defer.ensureDeferred(self.pool.close())
 
 
+def _stop_reactor(reactor) -> None:
+    """Stop once: a second SIGTERM during the graceful stop changes nothing."""
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
 class ListenerService(StreamServerEndpointService):
     """One listener that stops gracefully: it stops listening at once, then
     drains its sessions (see :mod:`mailserver.protocols.sessions`); the
@@ -173,7 +181,7 @@ class MailService(service.MultiService):
             # after its handlers.
             reactor.callWhenRunning(
                 signal.signal, signal.SIGTERM,
-                lambda *a: reactor.callFromThread(reactor.stop))
+                lambda *a: reactor.callFromThread(_stop_reactor, reactor))
         log.info("mailserver started: {n} listener(s) for {domains}",
                  n=len(self.config.listeners), domains=", ".join(self.config.domains.local))
         # Every listener was bound in privilegedStartService: ready.

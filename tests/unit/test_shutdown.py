@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from twisted.application import service
 from twisted.internet import defer
 
 from mailserver.protocols import sessions as S
+from mailserver.service import ListenerService, MailService
 from tests.unit import test_protocol_pop3 as pop3
 from tests.unit import test_protocol_smtp as smtp
 
@@ -185,3 +187,64 @@ def test_pop3_retr_in_flight_finishes_then_err(hp):
     out = pop3.lines(t)
     assert out[-3:] == [".", "-ERR [SYS/TEMP] server shutting down", ""]
     assert t.disconnecting
+
+
+class _Listener(ListenerService):
+    """A listener whose drain the test ends by hand."""
+
+    def __init__(self, events):
+        self.events = events
+        self.drained = defer.Deferred()
+        self.grace = GRACE
+
+    def startService(self):
+        service.Service.startService(self)  # no port
+
+    def stopService(self):
+        service.Service.stopService(self)
+        self.events.append("listener stopping")
+        return self.drained
+
+
+class _Other(service.Service):
+    def __init__(self, events):
+        self.events = events
+
+    def stopService(self):
+        service.Service.stopService(self)
+        self.events.append("other stopped")
+
+
+def test_listeners_drain_before_the_rest_stops():
+    """The directory, queue and pools stop only once every listener has drained."""
+    events = []
+    top = MailService(config=None, tls=None)
+    _Other(events).setServiceParent(top)
+    listener = _Listener(events)
+    listener.setServiceParent(top)
+    service.MultiService.startService(top)
+    done = top.stopService()
+    assert events == ["listener stopping"]
+    listener.drained.callback(None)
+    assert events == ["listener stopping", "other stopped"]
+    assert done.called
+
+
+def test_a_second_sigterm_is_harmless():
+    """Stopping a reactor that is already stopping raises nothing."""
+    from twisted.internet.error import ReactorNotRunning
+
+    from mailserver.service import _stop_reactor
+
+    class Reactor:
+        calls = 0
+
+        def stop(self):
+            self.calls += 1
+            if self.calls > 1:
+                raise ReactorNotRunning()
+
+    r = Reactor()
+    _stop_reactor(r)
+    _stop_reactor(r)
+    assert r.calls == 2
