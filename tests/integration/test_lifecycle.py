@@ -75,20 +75,27 @@ def _directory(where: Path) -> dict:
     return {**embedded_directory(), "ldif_file": _ldif_copy(where)}
 
 
-def test_drops_privileges_from_a_fresh_install(open_dir):
-    """Started as root with --uid/--gid on empty directories, the server hands
-    them to the user, runs as it, and delivers mail into private files."""
+TWISTD_OPTIONS = ("--uid", SERVICE_USER[0], "--gid", SERVICE_USER[1])
+USER_KEYS = {"user": SERVICE_USER[0], "group": SERVICE_USER[1]}
+
+
+@pytest.mark.parametrize("options, keys", [(TWISTD_OPTIONS, {}), ((), USER_KEYS)],
+                         ids=["twistd-options", "server-user"])
+def test_drops_privileges_from_a_fresh_install(open_dir, options, keys):
+    """Started as root with --uid/--gid (or [server] user/group) on empty
+    directories, the server hands them to the user, runs as it, and delivers
+    mail into private files."""
     _needs_root_and_a_reachable_python()
     nobody = pwd.getpwnam(SERVICE_USER[0])
     work = open_dir / "srv"
     sock = work / "run" / "lmtp.sock"
     server = MailServer(
         work, directory=_directory(open_dir), lmtp_unix=False,
-        server={"allow_root": False},
+        server={"allow_root": False, **keys},
         tls={"certificate": str(work / "tls" / "cert.pem"),
              "private_key": str(work / "tls" / "key.pem"), "self_signed": True},
         extra_listeners=({"name": "lmtp-unix", "protocol": "lmtp", "address": f"unix:{sock}"},),
-        twistd_options=("--uid", SERVICE_USER[0], "--gid", SERVICE_USER[1])).start()
+        twistd_options=options).start()
     try:
         assert _uid_of(server.proc.pid) == nobody.pw_uid
         with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
@@ -152,7 +159,7 @@ def test_directory_the_user_cannot_write_is_refused(open_dir):
     spool = work / "spool"
     spool.mkdir(mode=0o700)
     server = MailServer(work, directory=_directory(open_dir), lmtp_unix=False,
-                        twistd_options=("--uid", SERVICE_USER[0], "--gid", SERVICE_USER[1]))
+                        twistd_options=TWISTD_OPTIONS)
     line = _one_line(_run(server))
     assert line == (f"mailserver: {server.config_path}: server.spool_dir: {spool}: not "
                     f"writable by user {SERVICE_USER[0]}; run: chown -R "
