@@ -122,7 +122,7 @@ def test_sighup_reloads_certificate_with_a_connection_open(tmp_path):
 
 
 def test_session_open_across_sighup_completes_its_transaction(tmp_path):
-    """A session opened before SIGHUP sends a whole message after the reload on the same connection."""
+    """A session opened before SIGHUP sends a whole message on the same connection after it."""
     server = MailServer(tmp_path / "srv", directory={
         "backend": "ldif", "ldif_file": QUICKSTART_LDIF, "base_dn": "dc=example,dc=test"}).start()
     try:
