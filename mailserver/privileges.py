@@ -74,10 +74,10 @@ def identity(config, uid: Optional[int] = None, gid: Optional[int] = None,
     if euid != 0:
         return None
     name = None
-    if uid is None and gid is None and config.server.user:
+    if uid is None and config.server.user:
         uid, name = _uid(config, config.server.user)
-        if config.server.group:
-            gid = _gid(config, config.server.group)
+    if gid is None and config.server.group and name is not None:
+        gid = _gid(config, config.server.group)
     if uid is None or uid == 0:
         if not config.server.allow_root:
             raise ConfigError(config.path, "server.user",

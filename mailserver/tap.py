@@ -42,8 +42,11 @@ def makeService(options: Options):
     gid = twistd.get("gid") if twistd is not None else None
     try:
         who = privileges.identity(options.config, uid, gid)
-        if who is not None and twistd is not None and uid is None:
-            twistd["uid"], twistd["gid"] = who.uid, who.gid  # [server] user: twistd switches
+        if who is not None and twistd is not None:  # [server] user: twistd switches
+            if uid is None:
+                twistd["uid"] = who.uid
+            if gid is None:
+                twistd["gid"] = who.gid
         return build_service(options.config, identity=who)
     except ConfigError as e:
         raise SystemExit(f"mailserver: {e}") from None

@@ -189,3 +189,10 @@ def test_refusal_is_one_line_at_make_service(tmp_path):
         tap.makeService(options)
     assert str(e.value).startswith("mailserver: ") and "\n" not in str(e.value)
 
+
+
+def test_twistd_gid_with_the_user_key(tmp_path):
+    """twistd's --gid alone combines with [server] user; the group key then counts for nothing."""
+    c = config(tmp_path, 'user = "nobody"\ngroup = "root"')
+    who = identity(c, gid=4242, euid=0)
+    assert (who.uid, who.gid) == (NOBODY.pw_uid, 4242)
