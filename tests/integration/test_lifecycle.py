@@ -224,10 +224,7 @@ def test_readiness_is_notified_once_the_ports_accept(tmp_path):
                                               "address": f"127.0.0.1:{free_port()}",
                                               "plaintext_auth": True},),
                             env={"NOTIFY_SOCKET": path})
-        server._log = open(server.log_path, "ab")
-        server.proc = subprocess.Popen(server.command(), cwd=server.workdir,
-                                       env={**twistd_env(), **server.env},
-                                       stdout=server._log, stderr=subprocess.STDOUT)
+        server.launch()  # no waiting: the datagram must say when to connect
         try:
             message = notify.recv(4096).decode()
             assert message.split("\n")[0] == "READY=1", message

@@ -142,11 +142,16 @@ class MailServer:
         return [TWISTD, "-n", "--pidfile=", *self.twistd_options, "mailserver",
                 "--config", str(self.config_path)]
 
-    def start(self, timeout: float = 30.0) -> "MailServer":
+    def launch(self) -> subprocess.Popen:
+        """Start the process without waiting for anything."""
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), cwd=self.workdir,
                                      env={**twistd_env(), **self.env},
                                      stdout=self._log, stderr=subprocess.STDOUT)
+        return self.proc
+
+    def start(self, timeout: float = 30.0) -> "MailServer":
+        self.launch()
         deadline = time.monotonic() + timeout
         try:
             wait_for_port(self.smtp_port, deadline, self.proc)
