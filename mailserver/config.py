@@ -50,6 +50,18 @@ class ServerConfig:
     spool_dir: str = field(
         default="var/spool", metadata=_doc("Where message data waits until it is delivered.", path=True)
     )
+    # -- lifecycle: privileges and shutdown ---------------------------------
+    user: str = field(
+        default="", metadata=_doc("Run as this user once ports are bound (only when started "
+                                  "as root; twistd --uid wins)."))
+    group: str = field(
+        default="", metadata=_doc("Run as this group; default: the user's primary group "
+                                  "(twistd --gid wins)."))
+    allow_root: bool = field(
+        default=False, metadata=_doc("Allow running as root without dropping privileges."))
+    shutdown_grace: float = field(
+        default=30.0, metadata=_doc("Seconds SIGTERM leaves transactions in flight to finish.",
+                                    min=0))
 
 
 @dataclass(frozen=True)

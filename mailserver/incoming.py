@@ -58,8 +58,19 @@ def prepare_spool(spool_dir: str) -> int:
     number of leftover files removed."""
     incoming = os.path.join(spool_dir, "incoming")
     os.makedirs(incoming, mode=0o700, exist_ok=True)
+    return sweep_incoming(spool_dir)
+
+
+def sweep_incoming(spool_dir: str) -> int:
+    """Remove every scratch file under ``incoming/`` (none of them was ever
+    answered 250); the number removed."""
+    incoming = os.path.join(spool_dir, "incoming")
     removed = 0
-    for name in os.listdir(incoming):
+    try:
+        names = os.listdir(incoming)
+    except OSError:
+        return 0
+    for name in names:
         try:
             os.unlink(os.path.join(incoming, name))
             removed += 1

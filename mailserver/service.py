@@ -16,10 +16,11 @@ import sys
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints, threads
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from mailserver import sdnotify
 from mailserver.config import Config, load_config, parse_address
 from mailserver.directory.reloadable import ReloadableDirectory
 from mailserver.errors import ConfigError
@@ -27,7 +28,7 @@ from mailserver.delivery.local import LocalDelivery
 from mailserver.delivery.recipients import RecipientDelivery
 from mailserver.listeners import Parts, build_listener
 from mailserver.policy import Networks
-from mailserver.incoming import prepare_spool
+from mailserver.incoming import sweep_incoming
 from mailserver.store.maildir import MaildirStore
 from mailserver.tls import ReloadableTLS, make_self_signed
 
@@ -107,6 +108,34 @@ class PoolService(service.Service):
         return defer.ensureDeferred(self.pool.close())
 
 
+def _stop_reactor(reactor) -> None:
+    """Stop once: a second SIGTERM during the graceful stop changes nothing."""
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
+class ListenerService(StreamServerEndpointService):
+    """One listener that stops gracefully: it stops listening at once, then
+    drains its sessions (see :mod:`mailserver.protocols.sessions`); the
+    Deferred from ``stopService`` fires when the last one has gone or the
+    grace period has ended."""
+
+    def __init__(self, endpoint, factory, grace: float, clock) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        inner = getattr(factory, "wrappedFactory", factory)  # under implicit TLS
+        self.sessions = inner.ctx.sessions
+        self.grace = grace
+        self.clock = clock
+
+    def stopService(self):
+        stopped = super().stopService()
+        drained = self.sessions.drain(self.grace, self.clock)
+        return defer.DeferredList([stopped, drained], consumeErrors=True)
+
+
 class MailService(service.MultiService):
     """The whole server.  Binding failures end the process with one line."""
 
@@ -116,6 +145,7 @@ class MailService(service.MultiService):
         self.tls = tls
         self.notes: list[str] = []  # said at start, once logging is running
         self.log_observer = None  # mailserver.logs.MailLogObserver when [log] asks for one
+        self.identity = None  # privileges.Identity twistd switches to, or None
 
     def privilegedStartService(self) -> None:
         try:
@@ -131,6 +161,11 @@ class MailService(service.MultiService):
         except OSError as e:
             sys.__stderr__.write(f"mailserver: {self.config.path}: cannot listen: {e}\n")
             sys.exit(1)
+        if self.identity is not None:  # bound as root: the sockets go to the service user
+            for lc in self.config.listeners:
+                kind, path, _port = parse_address(lc.address)
+                if kind == "unix":
+                    os.chown(path, self.identity.uid, self.identity.gid)
 
     def setServiceParent(self, parent) -> None:
         super().setServiceParent(parent)
@@ -142,42 +177,74 @@ class MailService(service.MultiService):
             parent.setComponent(ILogObserver, self.log_observer)
 
     def startService(self) -> None:
+        # Now running as the service user (twistd switched after binding).
+        removed = sweep_incoming(self.config.server.spool_dir)
+        if removed:
+            self.notes.append(f"removed {removed} incomplete message(s) left in the spool")
         super().startService()
-        if self.log_observer is not None and hasattr(signal, "SIGUSR1"):
-            from twisted.internet import reactor
+        from twisted.internet import reactor
 
+        if self.log_observer is not None and hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, lambda *a: reactor.callFromThread(
                 self.log_observer.reopen))
         for note in self.notes:
             log.info("{note}", note=note)
         if hasattr(signal, "SIGHUP"):
-            from twisted.internet import reactor
-
             signal.signal(signal.SIGHUP, lambda *a: reactor.callFromThread(self.reload))
+            # SIGTERM is the normal way to stop (systemd, kill): after the
+            # graceful stop, exit 0 rather than dying of the signal again as
+            # twistd's own handler has it.  Installed once the reactor runs,
+            # after its handlers.
+            reactor.callWhenRunning(
+                signal.signal, signal.SIGTERM,
+                lambda *a: reactor.callFromThread(_stop_reactor, reactor))
         log.info("mailserver started: {n} listener(s) for {domains}",
                  n=len(self.config.listeners),
                  domains=", ".join(self.config.domains.local + self.config.domains.relay))
+        # Every listener was bound in privilegedStartService: ready.
+        sdnotify.notify("READY=1\nSTATUS=accepting mail")
 
     def stopService(self):
-        """Stop listeners, the queue and the directory first, and the thread
-        pools only once they have finished: work still in flight at shutdown
-        (a delivery writing its outcome to the spool) needs a worker thread."""
+        """SIGTERM.  The listeners first: they stop accepting at once and drain
+        their sessions (at most ``server.shutdown_grace`` seconds), which
+        still use the directory, the queue and the pools.  Then the queue and
+        the directory, and the thread pools only once those have finished:
+        work still in flight (a delivery writing its outcome to the spool)
+        needs a worker thread."""
         service.Service.stopService(self)
+        sdnotify.notify("STOPPING=1")
+        listeners = [s for s in self if isinstance(s, ListenerService)]
         pools = [s for s in self if isinstance(s, ThreadPoolService)]
-        others = [s for s in reversed(list(self)) if s not in pools]
-        first = defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others])
+        others = [s for s in reversed(list(self)) if s not in pools and s not in listeners]
+        # Sessions still draining need the directory, the queue and the pools.
+        if listeners:
+            log.info("mailserver stopping: no new connections; transactions in flight get "
+                     "{grace} s", grace=listeners[0].grace)
 
-        def then(_):
+        async def stop():
+            await defer.DeferredList([defer.maybeDeferred(s.stopService) for s in listeners])
+            await defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others])
             for p in pools:
                 p.stopService()
+            # Pools joined: nothing writes scratch files any more.  What is
+            # left was never answered 250; remove it now, not at next start.
+            if self.config is not None:
+                sweep_incoming(self.config.server.spool_dir)
 
-        return first.addBoth(then)
+        return defer.ensureDeferred(stop())
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file, the TLS certificate and the
         directory settings (emptying its cache); connections stay up.  A bad
         file is logged and changes nothing.  Listeners, limits and thread
         pools keep the values they started with."""
+        sdnotify.notify(sdnotify.reloading())
+        try:
+            self._reload()
+        finally:
+            sdnotify.notify("READY=1")
+
+    def _reload(self) -> None:
         try:
             config = load_config(self.config.path)
         except ConfigError as e:
@@ -308,14 +375,26 @@ def _relay_next_hops(config: Config) -> dict:
     return config_next_hops(config)
 
 
-def build_service(config: Config, reactor=None, twistd_options=None) -> MailService:
+def build_service(config: Config, reactor=None, identity=None,
+                  twistd_options=None) -> MailService:
+    """The server for ``config``.  ``identity``
+    (:class:`~mailserver.privileges.Identity`): the user twistd switches to
+    after binding, who gets every directory and file made here;
+    ``twistd_options`` (its --logfile, -n) say where [log] lines go by default."""
     if reactor is None:
         from twisted.internet import reactor
+    from mailserver.privileges import prepare
+
     notes = []
     tls = None
+    # Directories before anything opens them, owned by the service user.
+    # Reading the spool (leftover scratch files, queue recovery) waits for
+    # startService, which runs as that user.
+    files = prepare(config, identity)
     if config.tls.certificate:
         if config.tls.self_signed and not os.path.exists(config.tls.certificate):
             make_self_signed(config.tls.certificate, config.tls.private_key, config.server.hostname)
+            files.give((config.tls.certificate, config.tls.private_key))
             notes.append(f"created self-signed certificate {config.tls.certificate}")
         tls = ReloadableTLS(config.tls.certificate, config.tls.private_key, sni=config.tls.sni)
     top = MailService(config, tls)
@@ -323,10 +402,7 @@ def build_service(config: Config, reactor=None, twistd_options=None) -> MailServ
     from mailserver.logs import build_observer
 
     top.log_observer = build_observer(config.log, twistd_options)
-    removed = prepare_spool(config.server.spool_dir)
-    if removed:
-        notes.append(f"removed {removed} incomplete message(s) left in the spool")
-    os.makedirs(config.store.maildir_root, mode=0o700, exist_ok=True)
+    top.identity = identity
 
     pool = ThreadPool(minthreads=1, maxthreads=config.server.io_threads, name="mailserver-io")
     ThreadPoolService(pool).setServiceParent(top)
@@ -353,8 +429,8 @@ def build_service(config: Config, reactor=None, twistd_options=None) -> MailServ
         metrics=metrics)
     for lc in config.listeners:
         endpoint = make_endpoint(reactor, lc.address, lc.socket_mode)
-        svc = StreamServerEndpointService(endpoint, build_listener(parts, lc))
-        svc._raiseSynchronously = True
+        svc = ListenerService(endpoint, build_listener(parts, lc),
+                              config.server.shutdown_grace, reactor)
         svc.setName(lc.name)
         svc.setServiceParent(top)
     return top

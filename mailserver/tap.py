@@ -30,7 +30,23 @@ class Options(usage.Options):
 
 
 def makeService(options: Options):
+    """Build the server.  Started as root, decide the user to run as (twistd's
+    ``--uid``/``--gid``, else ``[server] user``/``group``, which twistd is
+    then told to switch to) and hand it the server's files; refuse, with one
+    line, before anything binds."""
+    from mailserver import privileges
     from mailserver.service import build_service
 
-    # twistd's own options (its --logfile, -n) say where [log] lines go by default.
-    return build_service(options.config, twistd_options=getattr(options, "parent", None))
+    twistd = getattr(options, "parent", None)  # twistd's own options (--uid, --logfile, -n)
+    uid = twistd.get("uid") if twistd is not None else None
+    gid = twistd.get("gid") if twistd is not None else None
+    try:
+        who = privileges.identity(options.config, uid, gid)
+        if who is not None and twistd is not None:  # [server] user: twistd switches
+            if uid is None:
+                twistd["uid"] = who.uid
+            if gid is None:
+                twistd["gid"] = who.gid
+        return build_service(options.config, identity=who, twistd_options=twistd)
+    except ConfigError as e:
+        raise SystemExit(f"mailserver: {e}") from None

@@ -23,7 +23,7 @@ command; a client that stops reading a RETR stops the file being read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -36,12 +36,14 @@ from mailserver import reply as R
 from mailserver.directory.interfaces import Mailbox
 from mailserver.pipeline.session import Session
 from mailserver.protocols.limits import ConnectionLimiter, client_key
+from mailserver.protocols.sessions import Sessions
 from mailserver.sansio import pop3_events as ev
-from mailserver.sansio.pop3 import POP3ServerConnection
+from mailserver.sansio.pop3 import POP3ServerConnection, State
 
 log = Logger(namespace="mailserver.pop3d")
 
 CHUNK = 65536
+SHUTTING_DOWN = b"-ERR [SYS/TEMP] server shutting down\r\n"
 
 
 @dataclass
@@ -63,6 +65,7 @@ class POP3Context:
     idle_timeout: float = 600.0
     close_grace: float = 10.0
     metrics: Any = None  # mailserver.metrics.Metrics, or None when metrics are off
+    sessions: Sessions = field(default_factory=Sessions)  # live sessions, for a graceful stop
 
 
 def _open_and_read(maildrop, index: int) -> tuple:
@@ -122,11 +125,18 @@ class POP3ServerProtocol(Protocol):
         self.deciding = False
         self.sender: Optional[_MessageSender] = None
         self.retrieval: Optional[defer.Deferred] = None  # fires when a RETR/TOP is sent
+        self.draining = False  # the server is stopping: close at the next command
 
     # -- Twisted callbacks -------------------------------------------------
     def connectionMade(self) -> None:
         self.client = _peer_ip(self.transport)
         self.key = client_key(self.client)
+        self.ctx.sessions.add(self)
+        if self.ctx.sessions.draining:  # accepted just before the listener stopped
+            self.transport.write(SHUTTING_DOWN)
+            self.closing = True
+            self._hang_up()
+            return
         refusal = self.ctx.limiter.acquire(self.key)
         if refusal is not None:
             log.info("{listener}: refused connection from {client}: too many connections",
@@ -163,6 +173,7 @@ class POP3ServerProtocol(Protocol):
         self._drive()
 
     def connectionLost(self, reason=None) -> None:
+        self.ctx.sessions.discard(self)
         self._cancel_timer()
         if self.abort_timer is not None and self.abort_timer.active():
             self.abort_timer.cancel()
@@ -188,6 +199,9 @@ class POP3ServerProtocol(Protocol):
         progressed = False
         try:
             while not self.busy and not self.closing:
+                if self.draining and self._idle():
+                    self._close(SHUTTING_DOWN)
+                    return
                 event = self.core.next_event()
                 if event is ev.NEED_DATA or event is ev.PAUSED:
                     break
@@ -202,6 +216,36 @@ class POP3ServerProtocol(Protocol):
             return
         if self._flush() or progressed:
             self._arm_timer()
+
+    # -- graceful stop (see protocols/sessions.py) ---------------------------
+    def _idle(self) -> bool:
+        """Waiting for a command (not in RETR, UPDATE or a login): safe to
+        close, and RFC 1939 says a close outside QUIT applies no deletion."""
+        return (not self.busy and self.core is not None
+                and self.core.state in (State.AUTHORIZATION, State.TRANSACTION))
+
+    def drain(self) -> None:
+        """The server is stopping: close now if idle, else at the next command."""
+        self.draining = True
+        if not self.closing and self._idle():
+            log.info("{listener}: shutting down, closing idle session with {client}",
+                     listener=self.ctx.name, client=self.client)
+            self._close(SHUTTING_DOWN)
+
+    def shut_down(self) -> None:
+        """The grace period is over: close now, a message being sent included."""
+        self.draining = True
+        if self.closing:
+            return
+        log.info("{listener}: shutdown grace over, closing session with {client}",
+                 listener=self.ctx.name, client=self.client)
+        if self.sender is not None:
+            sender, self.sender = self.sender, None
+            self.transport.unregisterProducer()
+            sender.stopProducing()
+            self._close()  # mid-message: another line would corrupt it
+            return
+        self._close(SHUTTING_DOWN)
 
     def _flush(self) -> bool:
         if self.core is None or self.closing:

@@ -14,7 +14,7 @@ timeouts run on an injected clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -28,6 +28,7 @@ from mailserver.errors import is_known, to_reply
 from mailserver.pipeline.acceptance import Acceptance
 from mailserver.pipeline.session import Session, Transaction
 from mailserver.protocols.limits import ConnectionLimiter, client_key
+from mailserver.protocols.sessions import Sessions
 from mailserver.sansio import smtp_events as ev
 from mailserver.sansio.smtp_server import Limits, Mode, SMTPServerConnection
 
@@ -55,6 +56,7 @@ class ListenerContext:
     close_grace: float = 10.0  # seconds a closing connection may take to drain
     dsn: bool = False  # DSN parameters accepted (there is a queue to honour them)
     metrics: Any = None  # mailserver.metrics.Metrics, or None when metrics are off
+    sessions: Sessions = field(default_factory=Sessions)  # live sessions, for a graceful stop
 
 
 def _peer_ip(transport) -> str:
@@ -91,6 +93,7 @@ class SMTPServerProtocol(Protocol):
         self.abort_timer = None
         self.due = 1  # replies owed for the pending decision
         self.deciding = False  # inside _decide: a synchronous answer must not re-enter _drive
+        self.draining = False  # the server is stopping: close once between transactions
 
     def _reset_transaction(self) -> None:
         self.txn.discard()
@@ -100,7 +103,11 @@ class SMTPServerProtocol(Protocol):
     def connectionMade(self) -> None:
         self.client = _peer_ip(self.transport)
         self.key = client_key(self.client)
+        self.ctx.sessions.add(self)
         refusal = self.ctx.limiter.acquire(self.key)
+        if refusal is None and self.ctx.sessions.draining:
+            refusal = R.SHUTTING_DOWN  # accepted just before the listener stopped
+            self.ctx.limiter.release(self.key)
         if refusal is not None:
             log.info("{listener}: refused connection from {client}: {reply}",
                      listener=self.ctx.name, client=self.client, reply=str(refusal))
@@ -146,6 +153,7 @@ class SMTPServerProtocol(Protocol):
         self._drive()
 
     def connectionLost(self, reason=None) -> None:
+        self.ctx.sessions.discard(self)
         self._cancel_timer()
         if self.abort_timer is not None and self.abort_timer.active():
             self.abort_timer.cancel()
@@ -165,6 +173,9 @@ class SMTPServerProtocol(Protocol):
         progressed = False
         try:
             while not self.busy and not self.closing and not self.write_paused:
+                if self.draining and self._between_transactions():
+                    self._close(R.SHUTTING_DOWN)
+                    return
                 event = self.core.next_event()
                 if event is ev.NEED_DATA or event is ev.PAUSED:
                     break
@@ -181,6 +192,29 @@ class SMTPServerProtocol(Protocol):
             # Only progress (a command, a reply, a block of data) restarts the
             # idle timer; a byte at a time of an unfinished line does not.
             self._arm_timer()
+
+    # -- graceful stop (see protocols/sessions.py) ---------------------------
+    def _between_transactions(self) -> bool:
+        """No decision pending and no transaction open: safe to close."""
+        return not self.busy and not self.core.closed and not self.core.in_transaction
+
+    def drain(self) -> None:
+        """The server is stopping: close now if idle, else after the
+        transaction in flight, at the next command."""
+        self.draining = True
+        if not self.closing and self.core is not None and self._between_transactions():
+            log.info("{listener}: shutting down, closing idle session with {client}",
+                     listener=self.ctx.name, client=self.client)
+            self._close(R.SHUTTING_DOWN)
+
+    def shut_down(self) -> None:
+        """The grace period is over: close whatever is going on (an open
+        message's scratch file is removed in connectionLost)."""
+        self.draining = True
+        if not self.closing:
+            log.info("{listener}: shutdown grace over, closing session with {client}",
+                     listener=self.ctx.name, client=self.client)
+            self._close(R.SHUTTING_DOWN)
 
     def _flush(self) -> bool:
         """Write what the core has queued; True when there was something."""

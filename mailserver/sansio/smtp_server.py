@@ -400,6 +400,12 @@ class SMTPServerConnection:
         return self.state is State.CLOSED
 
     @property
+    def in_transaction(self) -> bool:
+        """True from an accepted MAIL until the transaction ends (its data
+        included): what a draining server lets finish."""
+        return self.state in _TRANSACTION_STATES or self.state is State.DATA
+
+    @property
     def buffered(self) -> int:
         """Octets received and not yet handled.
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.conftest import QUICKSTART_LDIF
-from tests.support.server import MailServer
+from tests.support.server import MailServer, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +119,62 @@ def test_sighup_reloads_certificate_with_a_connection_open(tmp_path):
         before.quit()
     finally:
         server.stop()
+
+
+def test_session_open_across_sighup_completes_its_transaction(tmp_path):
+    """A session opened before SIGHUP sends a whole message on the same connection after it."""
+    server = MailServer(tmp_path / "srv", directory={
+        "backend": "ldif", "ldif_file": QUICKSTART_LDIF, "base_dn": "dc=example,dc=test"}).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
+            s.ehlo("client.example")
+            assert s.mail("x@example.org")[0] == 250
+            os.kill(server.proc.pid, signal.SIGHUP)
+            wait_for_log(server, "reloaded directory settings")
+            assert s.rcpt("alice@example.test")[0] == 250
+            assert s.data(b"Subject: across a reload\r\n\r\nhello\r\n")[0] == 250
+            assert s.noop()[0] == 250
+        assert len(server.messages("alice")) == 1
+    finally:
+        assert server.stop() == 0
+
+
+def test_sighup_under_load_refuses_and_cuts_nothing(tmp_path):
+    """Clients sending mail on fresh connections while SIGHUP arrives three
+    times see no refused connection, no cut session and no error reply."""
+    import threading
+
+    server = MailServer(tmp_path / "srv", directory={
+        "backend": "ldif", "ldif_file": QUICKSTART_LDIF, "base_dn": "dc=example,dc=test"}).start()
+    stop = threading.Event()
+    sent, failures = [], []
+
+    def client(n):
+        while not stop.is_set():
+            try:
+                with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
+                    s.sendmail("x@example.org", ["bob@example.test"],
+                               f"Subject: load {n}\r\n\r\nhello\r\n".encode())
+                sent.append(n)
+            except Exception as e:  # any refusal, cut or error reply fails the test
+                failures.append(repr(e))
+                return
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for i in range(1, 4):
+            wait_for(lambda: len(sent) >= 10 * i or failures, "mail to flow")
+            os.kill(server.proc.pid, signal.SIGHUP)
+            wait_for(lambda: server.log().count("reloaded directory settings") == i,
+                     f"reload {i}")
+        wait_for(lambda: len(sent) >= 40 or failures, "mail after the reloads")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        code = server.stop()
+    assert failures == []
+    assert len(server.messages("bob")) == len(sent)
+    assert code == 0

@@ -17,6 +17,8 @@ from tests.support.server import REPO, TWISTD, free_port, twistd_env, wait_for_p
 pytestmark = pytest.mark.slow
 
 GOOD = """
+[server]
+allow_root = true
 [domains]
 local = ["example.test"]
 [directory]
@@ -124,7 +126,7 @@ def test_quickstart_config_runs(tmp_path, client_tls):
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0].decode()
-    assert proc.returncode in (0, -15), out  # twistd re-raises SIGTERM after a clean stop
+    assert proc.returncode == 0, out  # SIGTERM is a graceful stop: exit 0
     assert "Server Shut Down." in out
     assert "created self-signed certificate" in out
 
