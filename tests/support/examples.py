@@ -79,6 +79,10 @@ def rewrite_example(name: str, workdir: Path, *, directory: Optional[dict] = Non
     if tables.get("tls", {}).get("certificate"):
         tables["tls"]["self_signed"] = True
     tables.setdefault("server", {})["base_dir"] = str(workdir)
+    # The tests run as root and there is no "mailserver" user here: stay root.
+    tables["server"].pop("user", None)
+    tables["server"].pop("group", None)
+    tables["server"]["allow_root"] = True
     for key, value in (directory or {}).items():
         if value is None:
             tables["directory"].pop(key, None)
