@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import mailbox
 import smtplib
 
 import pytest
 
 from tests.conftest import embedded_directory
-from tests.support.server import MailServer, wait_for
+from tests.support.server import MailServer, wait_for, maildir_messages
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +21,7 @@ def server(tmp_path_factory):
 
 
 def reports_to(server, local, subject):
-    path = server.maildir(local)
-    if not path.exists():
-        return []
-    return [m for m in mailbox.Maildir(str(path), factory=None, create=False)
+    return [m for m in maildir_messages(server.maildir(local))
             if m.get_content_type() == "multipart/report" and subject in m.as_string()]
 
 

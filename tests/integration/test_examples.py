@@ -12,7 +12,6 @@ reloaded (SIGHUP) and stopped (SIGTERM), which must shut it down cleanly.
 
 from __future__ import annotations
 
-import mailbox
 import poplib
 import signal
 import smtplib
@@ -23,7 +22,7 @@ import pytest
 from tests.conftest import QUICKSTART_LDIF
 from tests.support.directory import AD_SUFFIX, ad_dn, ad_slapd  # noqa: F401  (fixture)
 from tests.support.examples import ExampleServer, rewrite_example
-from tests.support.server import wait_for
+from tests.support.server import wait_for, maildir_messages
 from tests.support.sink import SmtpSink, require_smtp_sink
 from tests.support.slapd import slapd_server  # noqa: F401  (fixture)
 
@@ -65,10 +64,7 @@ def at_sink(sink, subject):
 
 
 def maildir_subjects(root, domain, user):
-    path = root / domain / user
-    if not path.exists():
-        return []
-    return [m["Subject"] for m in mailbox.Maildir(str(path), factory=None, create=False)]
+    return [m["Subject"] for m in maildir_messages(root / domain / user)]
 
 
 def test_small_organisation(tmp_path, slapd_server, sink):  # noqa: F811

@@ -15,7 +15,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import mailbox
 import os
 import re
 import smtplib
@@ -27,7 +26,7 @@ import pytest
 
 from tests.conftest import embedded_directory
 from tests.support.dns import DNSServer
-from tests.support.server import MailServer, free_port, twistd_env, wait_for
+from tests.support.server import MailServer, free_port, twistd_env, wait_for, maildir_messages as read_maildir
 from tests.support.sink import SmtpSink, require_smtp_sink
 
 pytestmark = pytest.mark.slow
@@ -145,11 +144,8 @@ def message_ids(sink: SmtpSink) -> dict:
 
 
 def maildir_messages(server: MailServer, local: str) -> list:
-    path = server.maildir(local)
-    if not path.exists():
-        return []
     return [email.message_from_bytes(m.as_bytes(), policy=email.policy.compat32)
-            for m in mailbox.Maildir(str(path), factory=None, create=False)]
+            for m in read_maildir(server.maildir(local))]
 
 
 # --- delivery ------------------------------------------------------------------------

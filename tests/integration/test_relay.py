@@ -3,7 +3,6 @@ server, and delivers to a second instance of itself; bounces come back as DSNs."
 
 from __future__ import annotations
 
-import mailbox
 import smtplib
 import subprocess
 import sys
@@ -12,17 +11,14 @@ import pytest
 
 from tests.conftest import embedded_directory
 from tests.support.dns import DNSServer
-from tests.support.server import MailServer, free_port, twistd_env, wait_for
+from tests.support.server import MailServer, free_port, twistd_env, wait_for, maildir_messages
 
 pytestmark = pytest.mark.slow
 
 
 
 def messages(server, local):
-    path = server.maildir(local)
-    if not path.exists():
-        return []
-    return list(mailbox.Maildir(str(path), factory=None, create=False))
+    return maildir_messages(server.maildir(local))
 
 
 def with_subject(server, local, subject):

@@ -35,6 +35,20 @@ def free_port() -> int:
             return port
 
 
+def maildir_messages(path) -> list:
+    """The messages of the maildir at ``path``; none while it (or its new/ or
+    cur/, which the server creates one after the other) does not exist yet."""
+    import mailbox
+
+    path = Path(path)
+    if not ((path / "new").is_dir() and (path / "cur").is_dir()):
+        return []
+    try:
+        return list(mailbox.Maildir(str(path), factory=None, create=False))
+    except FileNotFoundError:  # a message moved to cur/ while we listed
+        return []
+
+
 def wait_for(predicate, what: str, deadline: float = 30.0, interval: float = 0.05):
     """Poll ``predicate`` until it returns something true, and return that.
 
