@@ -22,6 +22,11 @@ apt_install() {
     fi
 }
 
+# Debian's own Python when it is new enough: unlike one under /root (pyenv),
+# the service user the server drops to can run it.
+if [ -z "${PYTHON:-}" ] && /usr/bin/python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+    PYTHON=/usr/bin/python3
+fi
 PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
     apt_install python3
