@@ -12,16 +12,21 @@ reloaded (SIGHUP) and stopped (SIGTERM), which must shut it down cleanly.
 
 from __future__ import annotations
 
+import os
 import poplib
+import pwd
+import shutil
 import signal
 import smtplib
 import ssl
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import QUICKSTART_LDIF
 from tests.support.directory import AD_SUFFIX, ad_dn, ad_slapd  # noqa: F401  (fixture)
-from tests.support.examples import ExampleServer, rewrite_example
+from tests.support.examples import ExampleServer, rewrite_example, service_user
 from tests.support.server import wait_for, maildir_messages
 from tests.support.sink import SmtpSink, require_smtp_sink
 from tests.support.slapd import slapd_server  # noqa: F401  (fixture)
@@ -38,6 +43,27 @@ def sink(tmp_path_factory):
     s = SmtpSink(dump_dir=tmp_path_factory.mktemp("examples-sink") / "dumps").start()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def open_dir():
+    """A work directory the service user can traverse (pytest's own tmp is
+    root-only), so the examples can drop privileges as in production."""
+    d = tempfile.mkdtemp(prefix="mailserver-example-", dir="/tmp")
+    os.chmod(d, 0o711)
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def dropped(server) -> bool:
+    """The server runs as the service user when the tests can drop to one."""
+    user = service_user()
+    if user is None:
+        return True
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1]) == pwd.getpwnam(user[0]).pw_uid
+    return False
 
 
 def no_verify() -> ssl.SSLContext:
@@ -67,15 +93,17 @@ def maildir_subjects(root, domain, user):
     return [m["Subject"] for m in maildir_messages(root / domain / user)]
 
 
-def test_small_organisation(tmp_path, slapd_server, sink):  # noqa: F811
-    """MX into a maildir, submission out to the internet, POP3 over TLS reads it back."""
+def test_small_organisation(open_dir, slapd_server, sink):  # noqa: F811
+    """MX into a maildir, submission out to the internet, POP3 over TLS reads it
+    back, with privileges dropped."""
     example = rewrite_example(
-        "small-organisation.toml", tmp_path, domains={"example.org": "example.test"},
+        "small-organisation.toml", open_dir, user=service_user(), domains={"example.org": "example.test"},
         directory={"uris": [slapd_server.uri], "base_dn": "dc=example,dc=test",
                    "bind_dn": "cn=mailserver,dc=example,dc=test",
                    "bind_password": "mailserver-password"},
         overrides={"relay": {"transports": {"outside.example": f"smtp:[{HOST}]:{sink.port}"}}})
     with ExampleServer(example) as server:
+        assert dropped(server)
         with smtplib.SMTP(HOST, example.ports["mx"], timeout=30) as s:
             s.sendmail("someone@far.example", ["alice@example.test"],
                        MESSAGE.format(subject="small-mx"))
@@ -97,11 +125,11 @@ def test_small_organisation(tmp_path, slapd_server, sink):  # noqa: F811
     assert stopped_cleanly(server)
 
 
-def test_corporate_relay(tmp_path, ad_slapd, sink):  # noqa: F811
+def test_corporate_relay(open_dir, ad_slapd, sink):  # noqa: F811
     """MX mail for the relay domain reaches the internal host (the sink) and no
     maildir; a roaming user sends out through submission on implicit TLS."""
     example = rewrite_example(
-        "corporate-relay.toml", tmp_path, domains={"corp.example.org": "corp.example.test"},
+        "corporate-relay.toml", open_dir, user=service_user(), domains={"corp.example.org": "corp.example.test"},
         directory={"uris": [ad_slapd.uri], "base_dn": AD_SUFFIX,
                    "bind_dn": ad_dn("Mail Service"), "bind_password": "service-password",
                    "tls_ca_file": None},
@@ -109,6 +137,7 @@ def test_corporate_relay(tmp_path, ad_slapd, sink):  # noqa: F811
         overrides={"relay": {"trusted_networks": [],
                              "transports": {"outside.example": f"smtp:[{HOST}]:{sink.port}"}}})
     with ExampleServer(example) as server:
+        assert dropped(server)
         with smtplib.SMTP(HOST, example.ports["mx"], timeout=30) as s:
             s.sendmail("someone@far.example", ["ann.archer@corp.example.test"],
                        MESSAGE.format(subject="corp-in"))
@@ -127,10 +156,10 @@ def test_corporate_relay(tmp_path, ad_slapd, sink):  # noqa: F811
     assert stopped_cleanly(server)
 
 
-def test_lmtp_behind_postfix(tmp_path, sink):
+def test_lmtp_behind_postfix(open_dir, sink):
     """LMTP over the UNIX socket delivers into the maildir; an outside forward
     leaves through the smarthost (Postfix's place, the sink here)."""
-    users = tmp_path / "users.ldif"
+    users = open_dir / "users.ldif"
     users.write_text(open(QUICKSTART_LDIF).read() + """
 dn: cn=away,ou=groups,dc=example,dc=test
 objectClass: top
@@ -141,11 +170,13 @@ mailLocalAddress: away@example.test
 rfc822MailMember: alice@example.test
 rfc822MailMember: far@outside.example
 """)
+    users.chmod(0o644)
     example = rewrite_example(
-        "lmtp-behind-postfix.toml", tmp_path / "run", domains={"example.org": "example.test"},
+        "lmtp-behind-postfix.toml", open_dir / "run", user=service_user(), domains={"example.org": "example.test"},
         directory={"ldif_file": str(users), "base_dn": "dc=example,dc=test"},
         next_hop=f"[{HOST}]:{sink.port}")
     with ExampleServer(example) as server:
+        assert dropped(server)
         with smtplib.LMTP(example.sockets["lmtp"], timeout=30) as s:
             refused = s.sendmail("someone@far.example", ["bob@example.test", "away@example.test"],
                                  MESSAGE.format(subject="lmtp-in"))

@@ -30,7 +30,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from mailserver.config import SECTIONS
 from tests.support.server import (REPO, TWISTD, free_port, render_toml, twistd_env,
@@ -59,9 +59,35 @@ def _rename(domain: str, domains: Dict[str, str]) -> str:
     return domains.get(domain.lower(), domain)
 
 
+def service_user() -> Optional[Tuple[str, str]]:
+    """("nobody", "nogroup") when this process is root and that user can run
+    this Python and read these sources (so the examples can drop privileges
+    as in production), else None: then they stay root with allow_root."""
+    import os
+    import pwd
+    import sys
+
+    from mailserver.privileges import Identity, _reachable
+
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        return None
+    who = Identity(entry.pw_uid, entry.pw_gid, "nobody",
+                   tuple(os.getgrouplist("nobody", entry.pw_gid)))
+    for path in (os.path.realpath(sys.executable), sys.prefix, str(EXAMPLES.parent.parent),
+                 os.path.dirname(os.__file__)):
+        if _reachable(os.path.join(os.path.realpath(path), "x"), who):
+            return None
+    return ("nobody", "nogroup")
+
+
 def rewrite_example(name: str, workdir: Path, *, directory: Optional[dict] = None,
                     domains: Optional[Dict[str, str]] = None, next_hop: str = "",
-                    overrides: Optional[dict] = None) -> Example:
+                    overrides: Optional[dict] = None,
+                    user: Optional[Tuple[str, str]] = None) -> Example:
     """Write ``workdir/<name>`` rewritten for this machine; see the module
     docstring."""
     workdir = Path(workdir)
@@ -79,10 +105,21 @@ def rewrite_example(name: str, workdir: Path, *, directory: Optional[dict] = Non
     if tables.get("tls", {}).get("certificate"):
         tables["tls"]["self_signed"] = True
     tables.setdefault("server", {})["base_dir"] = str(workdir)
-    # The tests run as root and there is no "mailserver" user here: stay root.
+    # There is no "mailserver" user here: drop to ``user`` as production
+    # drops to its own, or (not root, or nobody cannot run this Python) stay.
     tables["server"].pop("user", None)
     tables["server"].pop("group", None)
-    tables["server"]["allow_root"] = True
+    if user is not None:
+        tables["server"]["user"], tables["server"]["group"] = user
+        import grp
+        import os
+        import pwd
+
+        # The administrator's part: the service's own directory (the UNIX
+        # socket lives there) belongs to the service user.
+        os.chown(workdir, pwd.getpwnam(user[0]).pw_uid, grp.getgrnam(user[1]).gr_gid)
+    else:
+        tables["server"]["allow_root"] = True
     for key, value in (directory or {}).items():
         if value is None:
             tables["directory"].pop(key, None)
