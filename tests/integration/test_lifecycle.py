@@ -239,3 +239,30 @@ def test_readiness_is_notified_once_the_ports_accept(tmp_path):
             assert server.proc.wait(30) == 0
         finally:
             server.stop()
+
+
+def test_sigterm_ends_an_idle_pop3_session_without_update(tmp_path):
+    """SIGTERM while a POP3 session idles after DELE: the client gets
+    -ERR [SYS/TEMP], nothing is deleted (no UPDATE), and the exit is 0."""
+    port = free_port()
+    server = MailServer(tmp_path / "srv", directory=embedded_directory(),
+                        extra_listeners=({"name": "pop3", "protocol": "pop3",
+                                          "address": f"127.0.0.1:{port}",
+                                          "plaintext_auth": True},)).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
+            s.sendmail("x@example.org", ["alice@example.test"], b"Subject: keep me\r\n\r\nhi\r\n")
+        conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+        f = conn.makefile("rb")
+        assert _readline(f).startswith("+OK")
+        conn.sendall(b"USER alice\r\nPASS alice-password\r\nDELE 1\r\n")
+        replies = [_readline(f) for _ in range(3)]
+        assert all(r.startswith("+OK") for r in replies), replies
+        os.kill(server.proc.pid, signal.SIGTERM)
+        assert _readline(f).startswith("-ERR [SYS/TEMP]")
+        assert f.read() == b""
+        conn.close()
+        assert server.proc.wait(30) == 0
+        assert len(server.messages("alice")) == 1
+    finally:
+        server.stop()
