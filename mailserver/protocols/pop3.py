@@ -170,6 +170,8 @@ class POP3ServerProtocol(Protocol):
         if self.closing or self.core is None:
             return
         self.core.receive_data(data)
+        if self.busy:
+            self._update_reading()
         self._drive()
 
     def connectionLost(self, reason=None) -> None:
@@ -255,13 +257,19 @@ class POP3ServerProtocol(Protocol):
             self.transport.write(out)
         return bool(out)
 
+    HOLD_INPUT = 65536  # unprocessed octets kept while a decision runs
+
     def _update_reading(self) -> None:
+        """Stop reading only when pipelined input piles up behind a pending
+        decision: pausing and resuming the socket for every RETR costs two
+        system calls each, and the core holds the commands in order anyway."""
         if self.closing:
             return
-        if self.busy and not self.reading_paused:
+        hold = self.busy and self.core is not None and self.core.buffered >= self.HOLD_INPUT
+        if hold and not self.reading_paused:
             self.reading_paused = True
             self.transport.pauseProducing()
-        elif not self.busy and self.reading_paused:
+        elif not hold and self.reading_paused:
             self.reading_paused = False
             self.transport.resumeProducing()
 
