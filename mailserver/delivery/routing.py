@@ -351,8 +351,13 @@ class Router:
     ``transports``: the transport map as written (see the module
     docstring).  ``smarthost``: the ``*`` next hop, with ``smarthost_auth``
     and ``smarthost_tls``.  ``connect``, ``helo``, ``reactor`` and
-    ``tls_policy`` (keyed by next-hop host name) serve the fixed-host
-    targets built here.
+    ``tls_policy`` serve the fixed-host targets built here.  ``tls_policy``
+    is looked up by next-hop host name and by recipient domain: a domain's
+    own entry holds on every route (transport map, relay domain, smarthost),
+    the stricter of the two winning (see :func:`~mailserver.delivery.remote.stricter`).
+    Every configured SMTP/LMTP next hop is checked against our own names and
+    listeners (the MX resolver's ``is_self``): one that is us defers its mail
+    with ``451 4.4.6``.
     """
 
     def __init__(self, local_domains: LocalDomains, local_target, remote_target,
