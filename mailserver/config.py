@@ -248,6 +248,10 @@ class QueueConfig:
     scan_interval: float = field(default=60.0, metadata=_doc("Seconds between queue scans.", min=1))
     destination_concurrency: int = field(
         default=20, metadata=_doc("Parallel deliveries to one destination.", min=1))
+    # -- issue 13 item 9: undeliverable bounces --
+    notify_postmaster: bool = field(
+        default=True, metadata=_doc("Tell postmaster@<first local domain> of undeliverable "
+                                    "bounces."))
 
 
 @dataclass(frozen=True)

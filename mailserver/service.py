@@ -362,10 +362,18 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
                                lifetime=q.lifetime, delay_warning=q.delay_warning,
                                scan_interval=q.scan_interval, max_active=q.max_active,
                                destination_concurrency=q.destination_concurrency),
-                           metrics=metrics)
+                           metrics=metrics, postmaster=_postmaster(config))
     manager.setServiceParent(parent)
     local.outbox = Outbox(spool, pool, reactor, wake=manager.wake)
     return local.outbox
+
+
+def _postmaster(config: Config):
+    """Where notices of undeliverable bounces go: postmaster@<first local
+    domain>, or None (logged only) when turned off or there is no local domain."""
+    if not config.queue.notify_postmaster or not config.domains.local:
+        return None
+    return f"postmaster@{config.domains.local[0]}"
 
 
 def _relay_next_hops(config: Config) -> dict:

@@ -243,6 +243,10 @@ class MXResolver:
         return tuple(ordered), any(r[1] for r in results), "; ".join(problems) or None
 
     # -- the rules -----------------------------------------------------------
+    def is_self(self, host: str, addresses: Iterable[str], port: Optional[int]) -> bool:
+        """Is ``host`` (at ``addresses``, reached on ``port``) this server?"""
+        return self._is_self(_name(host), [canonical_ip(a) or a for a in addresses], port)
+
     def _is_self(self, host: str, addresses: Iterable[str], port: Optional[int]) -> bool:
         if host in self.own_hosts:
             return True

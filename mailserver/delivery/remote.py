@@ -88,6 +88,28 @@ def tls_policy_for(spec: TLSPolicySpec, name: str) -> TLSPolicy:
     return found if isinstance(found, TLSPolicy) else TLSPolicy(found)
 
 
+def domain_tls_policy(spec: TLSPolicySpec, domain: str) -> Optional[TLSPolicy]:
+    """The policy ``spec`` gives recipient ``domain`` itself, or None.
+
+    Like :func:`tls_policy_for`, but a mapping's ``*`` entry (the default for
+    every next hop) does not count: only ``domain`` and ``.parent`` keys."""
+    if isinstance(spec, Mapping):
+        key = next((k for k in lookup_keys(domain.lower()) if k in spec), None)
+        if key is None:
+            return None
+        found = spec[key]
+        return found if isinstance(found, TLSPolicy) else TLSPolicy(found)
+    return None if spec is None else tls_policy_for(spec, domain)
+
+
+def stricter(hop: TLSPolicy, domain: Optional[TLSPolicy]) -> TLSPolicy:
+    """The stricter of a next hop's policy and the recipient domain's
+    (``none < may < encrypt < verify``); the next hop's when they tie."""
+    if domain is None or TLS_MODES.index(domain.mode) <= TLS_MODES.index(hop.mode):
+        return hop
+    return domain
+
+
 def lookup_keys(domain: str) -> List[str]:
     """Map keys tried for ``domain``: itself, then ``.parent`` keys, closest first."""
     labels = domain.split(".")
@@ -259,10 +281,12 @@ class RemoteDelivery:
         self.port = port
         self.max_addresses = max_addresses
 
-    def via(self, nexthop: str, port: Optional[int] = None) -> "NexthopDelivery":
+    def via(self, nexthop: str, port: Optional[int] = None,
+            tls: Optional[TLSPolicy] = None) -> "NexthopDelivery":
         """A target that delivers through the MX hosts of ``nexthop`` instead
-        of the recipient domain's (transport ``smtp:host:port``)."""
-        return NexthopDelivery(self, nexthop.lower().rstrip("."), port or self.port)
+        of the recipient domain's (transport ``smtp:host:port``), with TLS
+        policy ``tls`` (default: the one for ``nexthop``)."""
+        return NexthopDelivery(self, nexthop.lower().rstrip("."), port or self.port, tls)
 
     async def deliver(self, message: OutboundMessage) -> DeliveryReport:
         """Deliver to the recipients' domain; recipients of several domains
@@ -280,20 +304,25 @@ class RemoteDelivery:
                               details={k: v for r in reports for k, v in r.details.items()})
 
     async def deliver_to(self, message: OutboundMessage, domain: str, port: int, *,
-                         configured: bool) -> DeliveryReport:
+                         configured: bool, tls: Optional[TLSPolicy] = None) -> DeliveryReport:
         """Deliver ``message`` through the mail exchangers of ``domain``.
 
         ``configured``: ``domain`` is an administrator's next hop, so DNS
-        verdicts about it are temporary."""
+        verdicts about it are temporary.  ``tls``: the policy (default: the
+        one for ``domain``)."""
         try:
             destinations = await self.mx.destinations(domain, port)
         except ReplyError as e:
             reply = soften(e.reply) if configured else e.reply
+            if configured and e.reply.enhanced == R.MAIL_LOOPS.enhanced:
+                log.error("{id}: configured next hop {hop}:{port} is this server (mail loop); "
+                          "fix the transport map, smarthost or relay.internal",
+                          id=message.queue_id, hop=domain, port=port)
             report = same_reply(message, reply)
         else:
             report = await attempt_delivery(
                 self.connect, self.reactor, message, hops_for(destinations, port),
-                helo=self.helo, tls=tls_policy_for(self.tls_policy, domain),
+                helo=self.helo, tls=tls or tls_policy_for(self.tls_policy, domain),
                 max_addresses=self.max_addresses)
         return report
 
@@ -302,14 +331,16 @@ class RemoteDelivery:
 class NexthopDelivery:
     """:meth:`RemoteDelivery.via`: MX delivery to a configured domain."""
 
-    def __init__(self, remote: RemoteDelivery, nexthop: str, port: int) -> None:
+    def __init__(self, remote: RemoteDelivery, nexthop: str, port: int,
+                 tls: Optional[TLSPolicy] = None) -> None:
         self.remote = remote
         self.nexthop = nexthop
         self.port = port
+        self.tls = tls or tls_policy_for(remote.tls_policy, nexthop)
 
     async def deliver(self, message: OutboundMessage) -> DeliveryReport:
         return await self.remote.deliver_to(message, self.nexthop, self.port,
-                                            configured=True)
+                                            configured=True, tls=self.tls)
 
     def __repr__(self) -> str:
         return f"<NexthopDelivery {self.nexthop}:{self.port}>"

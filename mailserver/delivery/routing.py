@@ -60,10 +60,10 @@ from zope.interface import implementer
 
 from mailserver import reply as R
 from mailserver.delivery.interfaces import DeliveryReport, IDeliveryTarget, OutboundMessage
-from mailserver.delivery.mx import ip_literal
+from mailserver.delivery.mx import fill_template, ip_literal
 from mailserver.delivery.remote import (
-    Hop, TLSPolicy, TLSPolicySpec, attempt_delivery, domain_of, lookup_keys, same_reply,
-    tls_policy_for,
+    Hop, NexthopDelivery, TLSPolicy, TLSPolicySpec, attempt_delivery, domain_of,
+    domain_tls_policy, lookup_keys, same_reply, soften, stricter, tls_policy_for,
 )
 from mailserver.errors import ReplyError, TempFailure
 from mailserver.reply import Reply
@@ -267,7 +267,29 @@ class FixedHostTarget:
         self.resolver = resolver
         self.max_addresses = max_addresses
 
+    def with_tls(self, tls: TLSPolicy) -> "FixedHostTarget":
+        """The same next hop under another TLS policy."""
+        return FixedHostTarget(
+            self.connect, self.host, self.port, helo=self.helo, reactor=self.reactor,
+            lmtp=self.lmtp, unix_path=self.unix_path, tls=tls, auth=self.auth,
+            resolver=self.resolver, max_addresses=self.max_addresses)
+
     async def _hops(self) -> List[Hop]:
+        hops = await self._find_hops()
+        is_self = getattr(self.resolver, "is_self", None)
+        if is_self is not None and not self.unix_path:
+            for hop in hops:
+                addresses = [hop.address]
+                if hop.address == "localhost":
+                    addresses = ["127.0.0.1", "::1"]
+                if is_self(hop.host, addresses, hop.port):
+                    log.error("configured next hop {host}:{port} is this server (mail loop); "
+                              "fix the transport map, smarthost or relay.internal",
+                              host=self.host, port=self.port)
+                    raise TempFailure(soften(fill_template(R.MAIL_LOOPS, domain=self.host)))
+        return hops
+
+    async def _find_hops(self) -> List[Hop]:
         if self.unix_path:
             return [Hop(self.unix_path, None, None, unix_path=self.unix_path)]
         literal = ip_literal(f"[{self.host}]")
@@ -329,8 +351,13 @@ class Router:
     ``transports``: the transport map as written (see the module
     docstring).  ``smarthost``: the ``*`` next hop, with ``smarthost_auth``
     and ``smarthost_tls``.  ``connect``, ``helo``, ``reactor`` and
-    ``tls_policy`` (keyed by next-hop host name) serve the fixed-host
-    targets built here.
+    ``tls_policy`` serve the fixed-host targets built here.  ``tls_policy``
+    is looked up by next-hop host name and by recipient domain: a domain's
+    own entry holds on every route (transport map, relay domain, smarthost),
+    the stricter of the two winning (see :func:`~mailserver.delivery.remote.stricter`).
+    Every configured SMTP/LMTP next hop is checked against our own names and
+    listeners (the MX resolver's ``is_self``): one that is us defers its mail
+    with ``451 4.4.6``.
     """
 
     def __init__(self, local_domains: LocalDomains, local_target, remote_target,
@@ -386,9 +413,12 @@ class Router:
             if via is None:
                 raise ValueError(f"transport {t.text!r}: MX delivery to a next hop needs "
                                  "a RemoteDelivery")
-            key = ("via", t.host, t.port)
+            if isinstance(tls, str):
+                tls = TLSPolicy(tls)
+            key = ("via", t.host, t.port, tls)
             if key not in self._targets:
-                self._targets[key] = via(t.host, t.port)
+                self._targets[key] = via(t.host, t.port, tls) if tls is not None else via(
+                    t.host, t.port)
             return "smtp", self._targets[key], t.nexthop
         if self._connect is None:
             raise ValueError(f"transport {t.text!r}: no connect callable to deliver with")
@@ -425,10 +455,37 @@ class Router:
             return self._route(self._entries["*"], domain)
         return Route("smtp", self.remote_target, domain)
 
-    @staticmethod
-    def _route(entry: Tuple[str, Any, Optional[str]], domain: str) -> Route:
+    def _route(self, entry: Tuple[str, Any, Optional[str]], domain: str) -> Route:
         kind, target, nexthop = entry
-        return Route(kind, target, nexthop if nexthop is not None else domain)
+        return Route(kind, self._secured(target, domain),
+                     nexthop if nexthop is not None else domain)
+
+    def _secured(self, target: Any, domain: str) -> Any:
+        """``target``, or a copy of it under the recipient domain's TLS policy
+        when that is stricter than the next hop's: a policy for a domain
+        holds whichever route its mail takes.  UNIX sockets, local delivery
+        and refusals have no network to protect."""
+        wanted = domain_tls_policy(self._tls_policy, domain)
+        if wanted is None:
+            return target
+        if isinstance(target, FixedHostTarget) and not target.unix_path:
+            tls = stricter(target.tls, wanted)
+            if tls == target.tls:
+                return target
+            key = ("tls", id(target), tls)
+            if key not in self._targets:
+                self._targets[key] = target.with_tls(tls)
+            return self._targets[key]
+        if isinstance(target, NexthopDelivery):
+            tls = stricter(target.tls, wanted)
+            if tls == target.tls:
+                return target
+            key = ("tls", id(target), tls)
+            if key not in self._targets:
+                self._targets[key] = NexthopDelivery(target.remote, target.nexthop, target.port,
+                                                     tls)
+            return self._targets[key]
+        return target
 
     async def group(self, message: OutboundMessage) -> List[Tuple[Any, str, OutboundMessage]]:
         """``(target, nexthop, part)`` per next hop, in the order recipients

@@ -61,6 +61,9 @@ __all__ = [
     "bounce_envelope",
     "is_8bit",
     "make_dsn",
+    "make_postmaster_notice",
+    "is_postmaster_notice",
+    "notice_envelope",
     "should_notify",
 ]
 
@@ -444,3 +447,83 @@ def _original_part(envelope: Envelope, data: bytes, what: str) -> MIMEPart:
 def _base64_lines(data: bytes) -> str:
     # CRLF: the generator writes a message/* payload given as text verbatim.
     return base64.encodebytes(data).decode("ascii").replace("\n", "\r\n")
+
+
+# --- undeliverable bounces: a notice to the postmaster ------------------------------
+
+#: Marks a postmaster notice: the envelope's client protocol and a header of
+#: its own, so that neither it nor a forwarded copy of it ever brings another.
+NOTICE_PROTOCOL = "postmaster-notice"
+NOTICE_HEADER = "X-Mailserver-Notice"
+NOTICE_VALUE = "undeliverable-bounce"
+
+
+def is_postmaster_notice(envelope: Envelope, original_path: Optional[str]) -> bool:
+    """Whether the queued message is a postmaster notice, or a copy of one."""
+    if envelope.client.protocol == NOTICE_PROTOCOL:
+        return True
+    try:
+        with open(original_path, "rb") as f:
+            header = _read_header(f)
+    except (OSError, TypeError):
+        return False
+    parsed = BytesParser(policy=email_policy.compat32).parsebytes(header, headersonly=True)
+    return any(v.strip().lower() == NOTICE_VALUE for v in parsed.get_all(NOTICE_HEADER, []))
+
+
+def make_postmaster_notice(envelope: Envelope, recipients: Sequence[Recipient], *,
+                           reporting_mta: str, postmaster: str, original_path: Optional[str],
+                           now: float) -> bytes:
+    """A short notice to ``postmaster`` that a message from ``<>`` (a bounce)
+    could not be delivered to ``recipients`` (Postfix's ``2bounce`` class):
+    what happened in words, and the bounce's header as
+    ``text/rfc822-headers``.  Marked with :data:`NOTICE_HEADER`."""
+    report = MIMEMultipart("mixed", policy=_POLICY)
+    mime_headers = [(k, report[k]) for k in ("MIME-Version", "Content-Type")]
+    for k, _ in mime_headers:
+        del report[k]
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
+    report["To"] = postmaster
+    report["Subject"] = "Undeliverable bounce"
+    report["Date"] = email.utils.formatdate(now, localtime=True)
+    report["Message-ID"] = email.utils.make_msgid(idstring=envelope.id or None,
+                                                  domain=reporting_mta)
+    report["Auto-Submitted"] = "auto-generated"
+    report[NOTICE_HEADER] = NOTICE_VALUE
+    for k, v in mime_headers:
+        report[k] = v
+    report.preamble = "This is a MIME-encapsulated message.\r\n"
+    lines = [f"This is the mail system at {reporting_mta}.", "",
+             "A delivery status notification (a message from <>) could not be",
+             "delivered and has been removed from the queue; its header is attached.", ""]
+    for rcpt in recipients:
+        lines.append(textwrap.fill(f"<{_ascii(rcpt.address)}>: {_ascii(_explain(rcpt, 'failure'))}",
+                                   width=76, subsequent_indent="    ", break_long_words=True,
+                                   break_on_hyphens=False))
+    lines += ["", f"Queue id: {envelope.id}", ""]
+    human = MIMEPart(policy=_POLICY)
+    human.set_content("\n".join(lines), charset="utf-8", cte="7bit")
+    human["Content-Description"] = "Notification"
+    report.attach(human)
+    original = _read_original(original_path, "delay", envelope, 0)  # the header only
+    if original is not None:
+        report.attach(_original_part(envelope, *original))
+    buf = io.BytesIO()
+    BytesGenerator(buf, policy=_POLICY, mangle_from_=False).flatten(report)
+    return buf.getvalue()
+
+
+def notice_envelope(queue_id: str, now: float, notice: bytes, *, postmaster: str,
+                    reporting_mta: str = "") -> Envelope:
+    """The envelope for queueing ``notice``: from ``<>`` to ``postmaster``,
+    NOTIFY=NEVER, marked as a notice (:data:`NOTICE_PROTOCOL`)."""
+    return Envelope(
+        id=queue_id,
+        sender="",
+        recipients=[Recipient(address=postmaster, notify=("NEVER",))],
+        arrival=now,
+        next_attempt=now,
+        size=len(notice),
+        eight_bit=is_8bit(notice),
+        client=ClientInfo(helo=reporting_mta, protocol=NOTICE_PROTOCOL),
+    )

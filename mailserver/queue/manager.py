@@ -9,7 +9,10 @@ destination's results come back per recipient:
 
 * 2xx: delivered, the recipient is done;
 * 5xx: failed, a bounce (RFC 3464 DSN) goes to the sender unless NOTIFY says
-  otherwise or the message is itself a bounce;
+  otherwise or the message is itself a bounce; a bounce (any message from
+  ``<>``) that fails for good brings ``postmaster`` a short notice instead
+  (Postfix ``notify_classes = bounce, 2bounce``), unless it is such a notice
+  itself, which is dropped with a log line;
 * 4xx (or any exception): tried again later, with a backoff that doubles from
   ``min_backoff`` to ``max_backoff``, until the message is older than
   ``lifetime``, when the rest bounce as expired.
@@ -66,7 +69,8 @@ class QueueManager(service.Service):
     """Runs deliveries from ``spool`` through ``router`` on ``clock``."""
 
     def __init__(self, spool, router, clock, *, hostname: str, schedule: Schedule = Schedule(),
-                 bounces=None, io=None, metrics=None) -> None:
+                 bounces=None, io=None, metrics=None,
+                 postmaster: Optional[str] = None) -> None:
         from mailserver.metrics import NO_METRICS
         from mailserver.queue import bounce
 
@@ -78,6 +82,7 @@ class QueueManager(service.Service):
         self.hostname = hostname
         self.schedule = schedule
         self.bounces = bounces or bounce
+        self.postmaster = postmaster  # undeliverable bounces are reported here; None: logged
         self.active: Dict[str, defer.Deferred] = {}
         self._semaphores: Dict[tuple, defer.DeferredSemaphore] = {}
         # Spool work (listings, envelope reads, writes with fsync) runs through
@@ -363,6 +368,8 @@ class QueueManager(service.Service):
             still = []
         if failed:
             wake |= self._bounce(queue_id, env, failed, "failure", now)
+            if env.sender == "":
+                wake |= self._notify_postmaster(queue_id, env, failed, now)
         if delivered_here:  # NOTIFY=SUCCESS: we are the final hop for local mailboxes
             wake |= self._bounce(queue_id, env, delivered_here, "success", now)
         if still and self.schedule.delay_warning and \
@@ -480,4 +487,30 @@ class QueueManager(service.Service):
             new_id = writer.commit(b.bounce_envelope(env, writer.queue_id, now, dsn,
                                                      reporting_mta=self.hostname))
         log.info("{id}: sender {kind} notification: {dsn}", id=queue_id, kind=kind, dsn=new_id)
+        return True
+
+    def _notify_postmaster(self, queue_id: str, env, failed: List, now: float) -> bool:
+        """A bounce failed for good: queue a notice to the postmaster (never
+        about a notice: that one is dropped, logged).  Committed before the
+        caller removes the bounce."""
+        b = self.bounces
+        path = self.spool.content_path(queue_id)
+        what = "; ".join(f"<{r.address}>: {r.last_reply or 'never tried'}" for r in failed)
+        if b.is_postmaster_notice(env, path):
+            log.error("{id}: postmaster notice undeliverable ({what}); dropped", id=queue_id,
+                      what=what)
+            return False
+        if not self.postmaster:
+            log.warn("{id}: undeliverable bounce dropped ({what})", id=queue_id, what=what)
+            return False
+        notice = b.make_postmaster_notice(env, failed, reporting_mta=self.hostname,
+                                          postmaster=self.postmaster, original_path=path,
+                                          now=now)
+        with self.spool.begin() as writer:
+            writer.write(notice)
+            new_id = writer.commit(b.notice_envelope(writer.queue_id, now, notice,
+                                                     postmaster=self.postmaster,
+                                                     reporting_mta=self.hostname))
+        log.warn("{id}: undeliverable bounce ({what}); notice to <{pm}>: {notice}", id=queue_id,
+                 what=what, pm=self.postmaster, notice=new_id)
         return True

@@ -40,3 +40,29 @@ def test_mx_that_is_our_own_listener_is_a_loop(tmp_path):
     finally:
         server.stop()
         dns.stop()
+
+
+@pytest.mark.parametrize("how", ["transport", "smarthost"])
+def test_configured_next_hop_that_is_our_own_listener_is_a_loop(tmp_path, how):
+    """A transport or smarthost next hop given as our own address and port is
+    deferred as a loop (4.4.6) and logged, never relayed back to ourselves."""
+    port = free_port()
+    hop = f"[127.0.0.1]:{port}"
+    relay = {"trusted_networks": ["127.0.0.0/8"]}
+    if how == "transport":
+        relay["transports"] = {"loop.test": f"smtp:{hop}"}
+    else:
+        relay["smarthost"] = hop
+    server = MailServer(tmp_path / "server", directory=embedded_directory(), smtp_port=port,
+                        relay=relay, queue={"min_backoff": 3600.0, "scan_interval": 1.0})
+    try:
+        server.start()
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.sendmail("someone@example.test", ["x@loop.test"],
+                       b"Subject: loop\r\nMessage-ID: <loop2@example.test>\r\n\r\nhi\r\n")
+        line = wait_for(lambda: next((l for l in server.log().splitlines()
+                                      if "to=<x@loop.test>" in l), None), "the delivery log line")
+        assert "status=deferred" in line and "4.4.6" in line and "loops back" in line, line
+        assert "is this server (mail loop)" in server.log()
+    finally:
+        server.stop()

@@ -220,3 +220,14 @@ def test_sibling_directories_with_a_common_prefix_are_fine(cfgdir):
     """var/spool and var/spool2 share a prefix, not a directory."""
     c = load_config(write(cfgdir, MINIMAL + '[queue]\ndirectory = "var/spool2"\n'))
     assert c.queue.directory == str(cfgdir / "var/spool2")
+
+
+def test_postmaster_notice_goes_to_the_first_local_domain_unless_turned_off(cfgdir):
+    """[queue] notify_postmaster (default true) sends undeliverable-bounce notices
+    to postmaster@<first local domain>; false (or no local domain) only logs them."""
+    from mailserver.service import _postmaster
+
+    text = MINIMAL.replace('local = ["example.test"]', 'local = ["example.test", "b.test"]')
+    assert _postmaster(load_config(write(cfgdir, text))) == "postmaster@example.test"
+    off = text + "[queue]\nnotify_postmaster = false\n"
+    assert _postmaster(load_config(write(cfgdir, off))) is None

@@ -392,3 +392,98 @@ def test_forwarded_recipient_is_retried_mailbox_only(env):
     _state, env_ = spool.load(qid)
     assert env_.recipients[0].mailbox_only
     m.stopService()
+
+
+# -- undeliverable bounces reach the postmaster (issue 13, item 9) -----------------------
+
+def pm_manager(spool, clock, target, **schedule):
+    m = QueueManager(spool, OneTargetRouter(target), clock, hostname="mx.example.test",
+                     schedule=Schedule(**schedule), postmaster="postmaster@example.test")
+    m.startService()
+    return m
+
+
+@pytest.fixture
+def logged():
+    from twisted.logger import globalLogPublisher
+
+    lines = []
+
+    def observer(event):
+        from twisted.logger import formatEvent
+
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    yield lines
+    globalLogPublisher.removeObserver(observer)
+
+
+def notices(target):
+    return [(to, msg) for to, msg in target.bounces if to == ["postmaster@example.test"]]
+
+
+@pytest.mark.parametrize("how", ["refused", "expired"])
+def test_undeliverable_bounce_notifies_the_postmaster(env, logged, how):
+    """A message from <> that fails for good (refused or expired) brings the
+    postmaster a short notice from <> with the bounce's header attached."""
+    clock, spool, submit = env
+    qid = submit(["bad@example.org"], sender="")
+    target = ScriptedTarget({"bad@example.org": [PERM if how == "refused" else TEMP]})
+    m = pm_manager(spool, clock, target, min_backoff=3600, max_backoff=3600, lifetime=3 * 3600)
+    for _ in range(1 if how == "refused" else 4):
+        clock.advance(0 if how == "refused" else 3600)
+    [(_to, notice)] = notices(target)
+    assert notice["Subject"] == "Undeliverable bounce"
+    assert notice["From"].endswith("<MAILER-DAEMON@mx.example.test>")
+    assert notice["To"] == "postmaster@example.test"
+    assert notice["Auto-Submitted"] == "auto-generated"
+    text, headers = notice.get_payload()
+    assert "<bad@example.org>" in text.get_payload(decode=True).decode()
+    assert qid in text.get_payload(decode=True).decode()
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert "Message-ID: <m1@example.test>" in headers.get_payload(decode=True).decode()
+    assert "body" not in headers.get_payload(decode=True).decode()
+    assert states(spool) == []
+    assert any("undeliverable bounce" in l and "postmaster@example.test" in l for l in logged)
+    m.stopService()
+
+
+def test_postmaster_notice_that_fails_is_dropped_with_a_log_line(env, logged):
+    """A notice to the postmaster that fails is dropped and logged, never noticed again."""
+    clock, spool, submit = env
+    submit(["bad@example.org"], sender="")
+    target = ScriptedTarget({"bad@example.org": [PERM], "postmaster@example.test": [PERM]})
+    m = pm_manager(spool, clock, target)
+    clock.advance(0)
+    clock.advance(0)
+    assert len(notices(target)) == 1
+    assert len(target.bounces) == 2  # the bounce and one notice, nothing more
+    assert states(spool) == []
+    assert any("postmaster notice" in l and "dropped" in l for l in logged)
+    m.stopService()
+
+
+def test_a_forwarded_copy_of_a_notice_is_never_noticed_again(env, tmp_path):
+    """A copy of a notice (marked in its header) that fails is dropped: no notice loops."""
+    clock, spool, submit = env
+    marked = tmp_path / "notice"
+    marked.write_bytes(b"X-Mailserver-Notice: undeliverable-bounce\r\nSubject: x\r\n\r\nhi\r\n")
+    enqueue_copy(spool, source_path=str(marked), prefix=b"", sender="",
+                 recipients=[("pm@elsewhere.example", None)], arrival=clock.seconds())
+    target = ScriptedTarget({"pm@elsewhere.example": [PERM]})
+    m = pm_manager(spool, clock, target)
+    clock.advance(0)
+    assert notices(target) == [] and states(spool) == []
+    m.stopService()
+
+
+def test_an_ordinary_failure_is_not_a_postmaster_notice(env):
+    """Only undeliverable bounces go to the postmaster; a sender's own failure bounces to them."""
+    clock, spool, submit = env
+    submit(["bad@example.org"])
+    target = ScriptedTarget({"bad@example.org": [PERM]})
+    m = pm_manager(spool, clock, target)
+    clock.advance(0)
+    assert [to for to, _ in target.bounces] == [["alice@example.test"]]
+    m.stopService()

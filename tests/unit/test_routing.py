@@ -29,6 +29,8 @@ ZONES = {"example.test": {
     "relay": {"A": ["192.0.2.25", "192.0.2.26"], "AAAA": "2001:db8::25"},
     "hub": {"MX": [[10, "mx1"]]},
     "slow": {"timeout": True},
+    "local": {"A": "127.0.0.1"},
+    "alsome": {"MX": [[10, "local"]]},
 }}
 
 
@@ -121,9 +123,11 @@ def test_smarthost_forms():
 LOCAL = object()
 
 
-def router(transports=None, smarthost=None, local_domains=("example.test",), connect=None, **kw):
+def router(transports=None, smarthost=None, local_domains=("example.test",), connect=None,
+           own_names=(), own_endpoint=None, **kw):
     remote = RemoteDelivery(FakeResolver(ZONES), connect or FakeConnect(), helo="out.example.net",
-                            reactor=object(), rng=random.Random(1))
+                            reactor=object(), rng=random.Random(1), own_names=own_names,
+                            own_endpoint=own_endpoint)
     return Router(local_domains, LOCAL, remote, transports or {}, smarthost,
                   connect=connect or FakeConnect(), helo="out.example.net", reactor=object(), **kw)
 
@@ -306,3 +310,113 @@ def test_fixed_report_can_name_the_remote_itself():
         return (DeliveryReport(replies, remote="named[192.0.2.1]:25"), False)
 
     assert result(fixed(connect, "192.0.2.1").deliver(message())).remote == "named[192.0.2.1]:25"
+
+
+# -- every route keeps the recipient domain's TLS policy (issue 13, item 1) ---------------
+
+STARTTLS_REFUSED = Reply(454, (4, 7, 0), "TLS not available due to temporary reason")
+
+
+class RefusesStartTLS(FakeConnect):
+    """A peer that answers STARTTLS with 454: the client defers when TLS is
+    required (and tries the next address), else it sends in clear."""
+
+    def __call__(self, reactor, host, port, msg, **kw):
+        self.calls.append(dict(kw, host=host, port=port, rcpts=[r.address for r in msg.recipients]))
+        if kw["tls"] in ("encrypt", "verify"):
+            replies = {r.address: STARTTLS_REFUSED for r in msg.recipients}
+            return defer.succeed((DeliveryReport(replies), True))
+        return defer.succeed((DeliveryReport({r.address: OK for r in msg.recipients}), False))
+
+
+ROUTES = {
+    "transport to a fixed host": dict(transports={"bank.test": "smtp:[relay.example.test]"}),
+    "transport to a host's MX": dict(transports={"bank.test": "smtp:hub.example.test:2525"}),
+    "transport '*'": dict(transports={"*": "smtp:[relay.example.test]:587"}),
+    "transport over LMTP": dict(transports={"bank.test": "lmtp:[relay.example.test]:24"}),
+    "smarthost": dict(smarthost="[relay.example.test]:587"),
+    "smarthost with its own policy": dict(smarthost="[relay.example.test]:587",
+                                          smarthost_tls="may"),
+    "smarthost by MX": dict(smarthost="hub.example.test"),
+    "relay domain's internal host": dict(relay_domains={"bank.test": "smtp:[relay.example.test]"}),
+    "plain MX delivery": dict(),
+}
+
+
+@pytest.mark.parametrize("how", list(ROUTES))
+def test_recipient_domain_tls_policy_holds_on_every_route(how):
+    """Whatever route bank.test's mail takes, its "encrypt" policy applies, so a
+    peer answering STARTTLS with 454 defers the mail and never gets it in clear."""
+    connect = RefusesStartTLS()
+    r = Router(("example.test",), LOCAL,
+               RemoteDelivery(FakeResolver({**ZONES, "bank.test": {"@": {"A": "192.0.2.9"}}}),
+                              connect, helo="out.example.net", reactor=object(),
+                              rng=random.Random(1), tls_policy={"bank.test": "encrypt"}),
+               connect=connect, helo="out.example.net", reactor=object(),
+               tls_policy={"bank.test": "encrypt"}, **ROUTES[how])
+    msg = message("a@bank.test", "b@far.test")
+    replies = {}
+    for target, _nexthop, part in result(r.group(msg)):
+        replies.update(result(target.deliver(part)).replies)
+    assert replies["a@bank.test"] == STARTTLS_REFUSED
+    assert connect.calls, "something was tried"
+    assert all(c["tls"] == "encrypt" for c in connect.calls if "a@bank.test" in c["rcpts"])
+    if "smarthost" in how or "'*'" in how:  # far.test shares the hop and keeps its policy
+        assert replies["b@far.test"] == OK
+
+
+@pytest.mark.parametrize("domain_policy, hop_policy, want", [
+    ("encrypt", "may", "encrypt"), ("may", "encrypt", "encrypt"), ("verify", "encrypt", "verify"),
+    ("encrypt", "verify", "verify"), ("none", "may", "may"), ("may", "none", "may"),
+])
+def test_stricter_of_the_domain_and_next_hop_policies_wins(domain_policy, hop_policy, want):
+    """Where the recipient domain's policy and the next hop's differ, the stricter
+    one (none < may < encrypt < verify) is used."""
+    connect = FakeConnect()
+    r = router({"bank.test": "smtp:[relay.example.test]"}, connect=connect,
+               tls_policy={"bank.test": domain_policy, "relay.example.test": hop_policy})
+    result(route(r, "a@bank.test").target.deliver(message("a@bank.test")))
+    assert connect.calls[0]["tls"] == want
+
+
+# -- every configured next hop is checked for a loop (issue 13, item 5) -----------------
+
+class Ours:
+    """Our SMTP listener is 127.0.0.1:25."""
+
+    def __call__(self, address, port):
+        return (address, port) == ("127.0.0.1", 25)
+
+
+LOOPS = {
+    "transport to our address": dict(transports={"x.test": "smtp:[127.0.0.1]:25"}),
+    "transport to a name of ours": dict(transports={"x.test": "smtp:[out.example.net]"}),
+    "transport to a name at our address": dict(transports={"x.test": "smtp:[local.example.test]"}),
+    "transport to our MX": dict(transports={"x.test": "smtp:alsome.example.test"}),
+    "LMTP to our SMTP listener": dict(transports={"x.test": "lmtp:127.0.0.1:25"}),
+    "smarthost": dict(smarthost="[local.example.test]"),
+    "smarthost by MX": dict(smarthost="alsome.example.test"),
+    "relay domain's internal host": dict(relay_domains={"x.test": "[127.0.0.1]:25"}),
+}
+
+
+@pytest.mark.parametrize("how", list(LOOPS))
+def test_every_configured_next_hop_that_is_us_is_a_loop(how):
+    """A transport, smarthost or relay-domain next hop that is this server (one of
+    our names, or an address and port of our listener) is deferred as a loop
+    (451 4.4.6, a configuration error) without a connection."""
+    connect = FakeConnect()
+    r = router(connect=connect, own_names=("out.example.net",), own_endpoint=Ours(),
+               **LOOPS[how])
+    report = result(route(r, "a@x.test").target.deliver(message("a@x.test")))
+    reply = report.replies["a@x.test"]
+    assert (reply.code, reply.enhanced) == (451, (4, 4, 6)) and "loops back" in reply.text
+    assert connect.calls == []
+
+
+def test_next_hop_on_our_machine_at_another_port_is_not_us():
+    """A content filter on 127.0.0.1:10025 is somebody else, not a loop."""
+    connect = FakeConnect()
+    r = router({"x.test": "smtp:[127.0.0.1]:10025"}, connect=connect, own_endpoint=Ours())
+    assert result(route(r, "a@x.test").target.deliver(message("a@x.test"))).replies[
+        "a@x.test"] == OK
