@@ -26,6 +26,19 @@ A failure of the final directory fsync is re-raised too, but the file in
 ``new/`` is left where it is: the client will retry and may cause a
 duplicate, which the design accepts, whereas removing it could lose mail.
 
+Symbolic links.  :meth:`MaildirStore.maildir_for` refuses a path whose links
+resolve outside the root (550, also checked at RCPT time).  Delivery itself
+never follows a link below the root: the directories are opened component
+by component from the root's descriptor with ``O_NOFOLLOW|O_DIRECTORY``
+(created with ``mkdir`` relative to their parent's descriptor when missing),
+the message is created through the ``tmp/`` descriptor (``O_EXCL|O_NOFOLLOW``),
+linked or renamed into ``new/`` through the two descriptors, and ``new/``'s
+descriptor is fsynced.  A domain, user, ``tmp/``, ``new/`` or ``cur/``
+directory that is a symbolic link raises :class:`MaildirLinkRefused`, a
+``451 4.3.0`` temporary failure that the delivery layer logs: the message
+waits in the queue, it is neither written through the link nor bounced.
+The root itself may be a link (the administrator's choice).
+
 Names follow Dovecot: ``<secs>.M<usecs>P<pid>Q<counter>R<random>.<host>``,
 with ``,S=`` (bytes on disk) and ``,W=`` (size with CRLF line endings, what
 POP3 reports) appended in ``new/``.  Hostname characters that would break
@@ -49,16 +62,18 @@ from typing import Callable, List, Optional
 
 from zope.interface import implementer
 
-from mailserver.durable import O_CLOEXEC, fsync_dir
+from mailserver.durable import O_CLOEXEC, O_DIRECTORY, fsync_dir
 from mailserver.directory.interfaces import Mailbox
-from mailserver.errors import PermFailure
+from mailserver.errors import PermFailure, TempFailure
 from mailserver import reply as catalog
 from mailserver.store.interfaces import IDelivery, IMailStore
 
 __all__ = [
     "MAILBOX_UNAVAILABLE",
     "TMP_MAX_AGE",
+    "MAILDIR_LINK",
     "MaildirDelivery",
+    "MaildirLinkRefused",
     "MaildirStore",
     "UnsafeMailboxPath",
     "cleanup_tmp",
@@ -67,6 +82,14 @@ __all__ = [
 
 #: The reply for a mailbox whose path cannot be computed safely.
 MAILBOX_UNAVAILABLE = catalog.MAILBOX_UNAVAILABLE
+
+#: The reply when a maildir path component is a symbolic link: temporary, so
+#: the message waits in the queue while the administrator looks (never lost,
+#: never bounced for what is a local configuration fault or an attack).
+MAILDIR_LINK = catalog.R(451, "4.3.0", "Mailbox temporarily unavailable")
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | _O_NOFOLLOW | O_CLOEXEC
 
 #: Age after which an abandoned ``tmp/`` file may be removed (DJB: 36 hours).
 TMP_MAX_AGE = 36 * 3600
@@ -104,6 +127,16 @@ class UnsafeMailboxPath(PermFailure, ValueError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(MAILBOX_UNAVAILABLE, reason)
+
+
+class MaildirLinkRefused(TempFailure, OSError):
+    """A component of the maildir path (below the root) is a symbolic link:
+    nothing is written through it (451 4.3.0)."""
+
+    def __init__(self, path: str) -> None:
+        TempFailure.__init__(
+            self, MAILDIR_LINK, f"{path} is a symbolic link; refusing to deliver through it")
+        self.filename = path
 
 
 def encode_component(text: str) -> str:
@@ -198,10 +231,14 @@ class MaildirDelivery:
     the block without :meth:`commit` aborts.
     """
 
-    def __init__(self, maildir: str, name: str, fd: int, *, fsync: bool) -> None:
+    def __init__(self, maildir: str, name: str, fd: int, *, fsync: bool,
+                 tmp_fd: int, new_fd: int) -> None:
         self.maildir = maildir
         self.name = name
         self.path = os.path.join(maildir, "tmp", name)
+        # tmp/ and new/ as opened (O_NOFOLLOW) by the store; owned from here on.
+        self._tmp_fd = tmp_fd
+        self._new_fd = new_fd
         self._file = io.FileIO(fd, "wb", closefd=True)
         self._buffer = io.BufferedWriter(self._file, buffer_size=DEFAULT_CHUNK_SIZE)
         self._fsync = fsync
@@ -239,32 +276,47 @@ class MaildirDelivery:
                 os.fsync(self._file.fileno())
             self._buffer.close()
             final = f"{self.name},S={self._size},W={self._size + self._newlines}"
-            new_dir = os.path.join(self.maildir, "new")
-            new_path = os.path.join(new_dir, final)
-            self._publish(new_path)
+            new_path = os.path.join(self.maildir, "new", final)
+            self._publish(final, new_path)
         except BaseException:
             self.abort()
             raise
         self._done = True
-        if self._fsync:
-            # On failure the message stays in new/ (see the module docstring).
-            fsync_dir(new_dir)
+        try:
+            if self._fsync:
+                # On failure the message stays in new/ (see the module docstring).
+                os.fsync(self._new_fd)
+        finally:
+            self._close_dirs()
         return new_path
 
-    def _publish(self, new_path: str) -> None:
+    def _close_dirs(self) -> None:
+        for fd in (self._tmp_fd, self._new_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._tmp_fd = self._new_fd = -1
+
+    def _publish(self, final: str, new_path: str) -> None:
         try:
-            os.link(self.path, new_path)
+            os.link(self.name, final, src_dir_fd=self._tmp_fd, dst_dir_fd=self._new_fd,
+                    follow_symlinks=False)
         except OSError as exc:
             if exc.errno not in _NO_HARD_LINKS:
                 raise
             # No hard links here: rename, which would silently replace an
             # existing file, so check for one first.
-            if os.path.lexists(new_path):
+            try:
+                os.stat(final, dir_fd=self._new_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new_path)
-            os.rename(self.path, new_path)
+            os.rename(self.name, final, src_dir_fd=self._tmp_fd, dst_dir_fd=self._new_fd)
             return
         try:
-            os.unlink(self.path)
+            os.unlink(self.name, dir_fd=self._tmp_fd)
         except OSError:
             # Delivered all the same; the leftover link goes with cleanup_tmp.
             pass
@@ -280,9 +332,11 @@ class MaildirDelivery:
             except OSError:
                 pass
         try:
-            os.unlink(self.path)
+            os.unlink(self.name, dir_fd=self._tmp_fd)
         except FileNotFoundError:
             pass
+        finally:
+            self._close_dirs()
 
 
 @implementer(IMailStore)
@@ -344,13 +398,15 @@ class MaildirStore:
             raise UnsafeMailboxPath(f"maildir for {mailbox.address!r} resolves outside the root")
         return path
 
-    def ensure_maildir(self, maildir: str) -> None:
+    def ensure_maildir(self, maildir: str, *, subdirs: bool = True) -> None:
         """Create ``maildir`` and its ``cur/``, ``new/``, ``tmp/`` if missing.
 
         Each directory created is made durable by fsyncing its parent.
+        Deliveries do not use this path-based walk (see :meth:`begin`); it
+        creates the root, and serves tools and tests.
         """
-        subdirs = [os.path.join(maildir, sub) for sub in ("cur", "new", "tmp")]
-        if all(os.path.isdir(d) for d in subdirs):
+        subdirs = [os.path.join(maildir, sub) for sub in ("cur", "new", "tmp")] if subdirs else []
+        if os.path.isdir(maildir) and all(os.path.isdir(d) for d in subdirs):
             return
         missing = []
         path = maildir
@@ -417,23 +473,100 @@ class MaildirStore:
             b"Delivered-To: " + mailbox.address.encode("utf-8") + b"\r\n" + prefix
         )
 
+    def _open_dir(self, parent_fd: int, name: str, path: str, create: bool) -> int:
+        """Open ``name`` under ``parent_fd`` as a directory, never through a
+        symbolic link (:class:`MaildirLinkRefused`); create it (0700, parent
+        fsynced) when missing and ``create``."""
+        for _ in range(3):
+            try:
+                return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+            except OSError as exc:
+                # O_NOFOLLOW|O_DIRECTORY on a link: ELOOP, or ENOTDIR (Linux).
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                try:
+                    st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+                except OSError:
+                    raise exc from None
+                if stat.S_ISLNK(st.st_mode):
+                    raise MaildirLinkRefused(path) from None
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path) from None
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+            except FileExistsError:
+                continue  # made by another delivery meanwhile (or a link: see above)
+            if self.fsync:
+                try:
+                    os.fsync(parent_fd)
+                except BaseException:
+                    try:
+                        os.rmdir(name, dir_fd=parent_fd)
+                    except OSError:
+                        pass
+                    raise
+        raise OSError(errno.EAGAIN, "directory keeps changing", path)
+
+    def _open_maildir(self, mailbox: Mailbox) -> tuple:
+        """``(maildir path, {"tmp": fd, "new": fd, "cur": fd})``, each
+        directory opened component by component from the root without
+        following links, missing ones created."""
+        maildir = self.maildir_for(mailbox)
+        try:
+            root_fd = os.open(self.root, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        except FileNotFoundError:
+            self.ensure_maildir(self.root, subdirs=False)
+            root_fd = os.open(self.root, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        fd = root_fd
+        opened = {}
+        try:
+            path = self.root
+            for component in self._relative_path(mailbox):
+                path = os.path.join(path, component)
+                child = self._open_dir(fd, component, path, create=True)
+                os.close(fd)
+                fd = child
+            for sub in ("cur", "new", "tmp"):
+                opened[sub] = self._open_dir(fd, sub, os.path.join(path, sub), create=True)
+        except BaseException:
+            for sub_fd in opened.values():
+                os.close(sub_fd)
+            raise
+        finally:
+            os.close(fd)
+        return maildir, opened
+
     def begin(self, mailbox: Mailbox, *, sender: str, prefix: bytes = b"") -> MaildirDelivery:
         """Open ``tmp/<unique>`` in ``mailbox``'s maildir, headers written.
 
-        Returns a :class:`MaildirDelivery`; call ``write`` with the content,
-        then ``commit`` (or ``abort``).
+        Every directory below the root is opened with ``O_NOFOLLOW`` and the
+        file is made through the ``tmp/`` descriptor, so nothing is written
+        through a symbolic link: one raises :class:`MaildirLinkRefused`
+        (451 4.3.0).  Returns a :class:`MaildirDelivery`; call ``write``
+        with the content, then ``commit`` (or ``abort``).
         """
         headers = self._headers(mailbox, sender, prefix)
-        maildir = self.maildir_for(mailbox)
-        self.ensure_maildir(maildir)
+        maildir, fds = self._open_maildir(mailbox)
+        os.close(fds.pop("cur"))
+        tmp_fd, new_fd = fds["tmp"], fds["new"]
         name = self.unique_name()
-        tmp_path = os.path.join(maildir, "tmp", name)
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o600)
         try:
-            delivery = MaildirDelivery(maildir, name, fd, fsync=self.fsync)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | O_CLOEXEC,
+                         0o600, dir_fd=tmp_fd)
+        except BaseException:
+            os.close(tmp_fd)
+            os.close(new_fd)
+            raise
+        try:
+            delivery = MaildirDelivery(maildir, name, fd, fsync=self.fsync,
+                                       tmp_fd=tmp_fd, new_fd=new_fd)
         except BaseException:
             os.close(fd)
-            os.unlink(tmp_path)
+            os.unlink(name, dir_fd=tmp_fd)
+            os.close(tmp_fd)
+            os.close(new_fd)
             raise
         try:
             delivery.write(headers)

@@ -203,9 +203,9 @@ class DurabilityTests:
             events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
             real_fsync(fd)
 
-        def link(src, dst):
+        def link(src, dst, **kwargs):
             events.append(("link", dst))
-            real_link(src, dst)
+            real_link(src, dst, **kwargs)
 
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "link", link)
@@ -213,7 +213,7 @@ class DurabilityTests:
         maildir = store.maildir_for(ALICE)
         assert [kind for kind, _ in events] == ["fsync", "link", "fsync"]
         assert events[0][1].startswith(os.path.join(os.path.realpath(maildir), "tmp") + "/")
-        assert events[1][1] == path
+        assert events[1][1] == os.path.basename(path)  # linked through new/'s descriptor
         assert events[2][1] == os.path.join(os.path.realpath(maildir), "new")
 
     def test_enospc_at_fsync(self, store, monkeypatch):
@@ -276,7 +276,7 @@ class DurabilityTests:
 
     def test_rename_fallback(self, store, monkeypatch):
         """Where hard links are not supported the tmp file is renamed into new/."""
-        def link(src, dst):
+        def link(src, dst, **kwargs):
             raise OSError(errno.EPERM, "Operation not permitted")
 
         monkeypatch.setattr(os, "link", link)
@@ -290,7 +290,7 @@ class DurabilityTests:
         """A name already in new/ is never overwritten, with link or with rename."""
         monkeypatch.setattr(store, "unique_name", lambda: "1.M1P1Q1Rfixed.h")
         if not hard_links:
-            def link(src, dst):
+            def link(src, dst, **kwargs):
                 raise OSError(errno.EXDEV, "Invalid cross-device link")
 
             monkeypatch.setattr(os, "link", link)
@@ -572,3 +572,102 @@ class ConcurrencyTests:
         assert len(set(paths)) == 80
         maildir = os.path.join(str(tmp_path), "example.org", "alice")
         assert len(listing(os.path.join(maildir, "new"))) == 80
+
+
+def _tree(path) -> list:
+    """Every file below ``path`` (relative names), for "nothing written there"."""
+    found = []
+    for dirpath, _dirs, files in os.walk(str(path)):
+        found.extend(os.path.relpath(os.path.join(dirpath, f), str(path)) for f in files)
+    return sorted(found)
+
+
+class SymlinkRefusalTests:
+    """No maildir path component below the root is followed when it is a symbolic link."""
+
+    __test__ = True  # collected although not named Test*
+
+    def _link_component(self, store, tmp_path, component: str, outside: bool):
+        """Replace one component of alice's maildir path by a link to a ready
+        maildir-shaped target; return the target."""
+        maildir = store.maildir_for(ALICE)
+        store.ensure_maildir(maildir)
+        base = tmp_path / "outside" if outside else os.path.join(store.root, "target")
+        target = str(base)
+        os.makedirs(target)
+        link = {
+            "domain": os.path.join(store.root, "example.org"),
+            "user": maildir,
+            "tmp": os.path.join(maildir, "tmp"),
+            "new": os.path.join(maildir, "new"),
+            "cur": os.path.join(maildir, "cur"),
+        }[component]
+        if component in ("domain", "user"):
+            inner = os.path.join(target, "alice") if component == "domain" else target
+            for sub in ("cur", "new", "tmp"):
+                os.makedirs(os.path.join(inner, sub))
+        import shutil
+
+        shutil.rmtree(link)
+        os.symlink(target, link)
+        return target
+
+    @pytest.mark.parametrize("component,outside", [
+        ("domain", False), ("user", False),
+        ("tmp", False), ("new", False), ("cur", False),
+        ("tmp", True), ("new", True), ("cur", True),
+    ])
+    def test_linked_component_refused_with_451(self, store, tmp_path, component, outside):
+        """A symlinked domain, user, tmp/, new/ or cur/ directory is a 451 4.3.0 and nothing is written through it."""
+        target = self._link_component(store, tmp_path, component, outside)
+        before = _tree(target)
+        with pytest.raises(errors.TempFailure) as caught:
+            store.deliver_bytes(ALICE, sender="", data=MESSAGE)
+        assert isinstance(caught.value, md.MaildirLinkRefused)
+        assert errors.to_reply(caught.value).code == 451
+        assert str(errors.to_reply(caught.value)).startswith("451 4.3.0")
+        assert errors.is_known(caught.value)
+        assert _tree(target) == before
+
+    def test_link_swapped_in_after_the_path_check_refused(self, store, tmp_path, monkeypatch):
+        """A link that appears after maildir_for's check (a race) is still refused, not followed."""
+        outside = tmp_path / "outside"
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(outside / "alice" / sub)
+        os.makedirs(store.root)
+        real_maildir_for = store.maildir_for
+
+        def racing_maildir_for(mailbox):
+            path = real_maildir_for(mailbox)
+            if not os.path.lexists(os.path.join(store.root, "example.org")):
+                os.symlink(str(outside), os.path.join(store.root, "example.org"))
+            return path
+
+        monkeypatch.setattr(store, "maildir_for", racing_maildir_for)
+        with pytest.raises(md.MaildirLinkRefused):
+            store.deliver_bytes(ALICE, sender="", data=MESSAGE)
+        assert _tree(outside) == []
+
+    def test_linked_message_name_in_tmp_not_followed(self, store, tmp_path, monkeypatch):
+        """A link planted in tmp/ under the next message name is never written through."""
+        maildir = store.maildir_for(ALICE)
+        store.ensure_maildir(maildir)
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"keep")
+        monkeypatch.setattr(store, "unique_name", lambda: "1.M1P1Q1Rfixed.h")
+        os.symlink(str(victim), os.path.join(maildir, "tmp", "1.M1P1Q1Rfixed.h"))
+        with pytest.raises(FileExistsError):
+            store.deliver_bytes(ALICE, sender="", data=MESSAGE)
+        assert victim.read_bytes() == b"keep"
+
+    def test_normal_delivery_after_refusal(self, store, tmp_path):
+        """Once the link is replaced by a real directory, delivery works again."""
+        self._link_component(store, tmp_path, "new", True)
+        with pytest.raises(md.MaildirLinkRefused):
+            store.deliver_bytes(ALICE, sender="", data=MESSAGE)
+        new = os.path.join(store.maildir_for(ALICE), "new")
+        os.unlink(new)
+        os.mkdir(new)
+        path = store.deliver_bytes(ALICE, sender="", data=MESSAGE)
+        assert os.path.dirname(path) == new
+        assert listing(os.path.join(store.maildir_for(ALICE), "tmp")) == []
