@@ -19,7 +19,8 @@ description leaves implicit):
 5. fsync ``new/``; only now is the message delivered.
 
 A crash before step 4 leaves a file in ``tmp/`` that no reader looks at, and
-:func:`cleanup_tmp` removes it after 36 hours.  A failure before step 4
+:func:`cleanup_tmp` removes it after 36 hours (the server runs it over every
+maildir, a batch per minute: :mod:`mailserver.store.tmpclean`).  A failure before step 4
 removes the tmp file and re-raises; ``OSError`` keeps its ``errno`` so that
 ``ENOSPC``/``EDQUOT`` become a 452 through :func:`mailserver.errors.to_reply`.
 A failure of the final directory fsync is re-raised too, but the file in
@@ -611,18 +612,26 @@ def cleanup_tmp(
 
     A file goes only when its access, modification and change times are all
     older than ``older_than`` seconds, so a delivery in progress is never
-    touched.  Directories and symbolic links are left alone.
+    touched.  Directories and symbolic links are left alone, and a ``tmp/``
+    that is itself a symbolic link is not entered.
     """
     cutoff = (time.time() if now is None else now) - older_than
     removed: List[str] = []
+    tmp_dir = os.path.join(maildir, "tmp")
     try:
-        entries = os.scandir(os.path.join(maildir, "tmp"))
+        dir_fd = os.open(tmp_dir, _DIR_FLAGS)  # never through a link
     except FileNotFoundError:
         return removed
-    with entries:
-        for entry in entries:
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            return removed  # a link or not a directory: nothing of ours
+        raise
+    try:
+        with os.scandir(dir_fd) as entries:
+            names = [e.name for e in entries]
+        for name in names:
             try:
-                st = entry.stat(follow_symlinks=False)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             if not stat.S_ISREG(st.st_mode):
@@ -630,8 +639,10 @@ def cleanup_tmp(
             if max(st.st_atime, st.st_mtime, st.st_ctime) >= cutoff:
                 continue
             try:
-                os.unlink(entry.path)
+                os.unlink(name, dir_fd=dir_fd)
             except FileNotFoundError:
                 continue
-            removed.append(entry.path)
+            removed.append(os.path.join(tmp_dir, name))
+    finally:
+        os.close(dir_fd)
     return removed

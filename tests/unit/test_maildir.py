@@ -348,6 +348,19 @@ class CleanupTmpTests:
         """A maildir without tmp/ has nothing to clean."""
         assert cleanup_tmp(str(tmp_path / "none")) == []
 
+    def test_linked_tmp_is_not_entered(self, tmp_path):
+        """A tmp/ that is a symbolic link is not cleaned through the link."""
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        victim = elsewhere / "victim"
+        victim.write_bytes(b"keep")
+        os.utime(str(victim), (0, 0))
+        maildir = tmp_path / "box"
+        maildir.mkdir()
+        os.symlink(str(elsewhere), str(maildir / "tmp"))
+        assert cleanup_tmp(str(maildir), now=time.time() + 2 * md.TMP_MAX_AGE) == []  # ctime too
+        assert victim.exists()
+
 
 class NameTests:
     """Unique names."""
