@@ -73,6 +73,8 @@ __all__ = [
     "MAILBOX_UNAVAILABLE",
     "TMP_MAX_AGE",
     "MAILDIR_LINK",
+    "MAILDIR_LOOP",
+    "MailLoop",
     "MaildirDelivery",
     "MaildirLinkRefused",
     "MaildirStore",
@@ -88,6 +90,10 @@ MAILBOX_UNAVAILABLE = catalog.MAILBOX_UNAVAILABLE
 #: the message waits in the queue while the administrator looks (never lost,
 #: never bounced for what is a local configuration fault or an attack).
 MAILDIR_LINK = catalog.R(451, "4.3.0", "Mailbox temporarily unavailable")
+
+#: The reply when the message already says it was delivered to this mailbox
+#: (Postfix local(8): "mail forwarding loop for ...").
+MAILDIR_LOOP = catalog.R(554, "5.4.6", "Mail forwarding loop: already delivered to this mailbox")
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | _O_NOFOLLOW | O_CLOEXEC
@@ -138,6 +144,14 @@ class MaildirLinkRefused(TempFailure, OSError):
         TempFailure.__init__(
             self, MAILDIR_LINK, f"{path} is a symbolic link; refusing to deliver through it")
         self.filename = path
+
+
+class MailLoop(PermFailure):
+    """The header section has ``Delivered-To:`` naming the mailbox being
+    delivered to: the message has been here before (554 5.4.6)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(MAILDIR_LOOP, f"mail forwarding loop for {address}")
 
 
 def encode_component(text: str) -> str:
@@ -224,6 +238,123 @@ class _CRLFToLF:
         return b""
 
 
+# Longest field name prefix held before deciding what a header line is.
+_MAX_NAME = 256
+# Longest Delivered-To value kept for the loop check (an address is < 330).
+_MAX_DELIVERED_TO = 1024
+
+
+def _normal_address(value: bytes) -> str:
+    text = "".join(value.decode("utf-8", "replace").split())  # unfolded, no spaces
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    return text.lower()
+
+
+class _TraceFilter:
+    """Streaming filter of the sender's header section, in one pass.
+
+    Drops every ``Return-Path:`` field (continuation lines included): the
+    store writes the envelope's own on top, and RFC 5321 4.4 lets the final
+    delivery remove the others.  Raises :class:`MailLoop` when a
+    ``Delivered-To:`` field names ``address`` (every such field is checked,
+    however many the sender put before it).  Everything from the first
+    empty line on passes unchanged.  Memory: at most one line start
+    (``_MAX_NAME``) and one Delivered-To value (``_MAX_DELIVERED_TO``).
+    """
+
+    __slots__ = ("_address", "_body", "_pending", "_mode", "_field", "_value", "_overflow")
+
+    def __init__(self, address: Optional[str]) -> None:
+        self._address = address.lower() if address else None
+        self._body = False
+        self._pending = bytearray()  # a line start not yet classified
+        self._mode: Optional[str] = None  # None: at a line start; "keep"/"drop": mid-line
+        self._field: Optional[bytes] = None  # lower-case name of the field being read
+        self._value = bytearray()  # the current Delivered-To value
+        self._overflow = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._body:
+            return data
+        out = []
+        i, n = 0, len(data)
+        while i < n:
+            if self._body:
+                out.append(data[i:])
+                break
+            j = data.find(b"\n", i)
+            end = n if j < 0 else j + 1
+            if self._mode is None:
+                self._pending += data[i:end]
+                i = end
+                start = self._classify(complete=j >= 0)
+                if start is None:
+                    continue  # need more of the line
+                piece = bytes(self._pending)
+                self._pending.clear()
+                self._take(piece, start, out)
+            else:
+                self._take(data[i:end], 0, out)
+                i = end
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """The content ended (possibly inside the header section)."""
+        out = []
+        if not self._body and self._pending:
+            start = self._classify(complete=True)
+            piece = bytes(self._pending)
+            self._pending.clear()
+            self._take(piece, start or 0, out)
+        if not self._body:
+            self._end_field()
+            self._body = True
+        return b"".join(out)
+
+    def _classify(self, complete: bool) -> Optional[int]:
+        """Set the mode for the held line start; return where the part of
+        it that belongs to a field value begins, None to wait for more."""
+        p = self._pending
+        if p[:1] == b"\n" or p[:2] == b"\r\n":
+            self._end_field()
+            self._body = True
+            self._mode = "keep"
+            return 0
+        if p == b"\r" and not complete:
+            return None
+        if p[:1] in (b" ", b"\t"):  # continues the field before
+            self._mode = "drop" if self._field == b"return-path" else "keep"
+            return 0
+        colon = p.find(b":")
+        if colon < 0 and not complete and len(p) < _MAX_NAME:
+            return None
+        self._end_field()
+        name = p[:colon].strip(b" \t").lower() if colon >= 0 else None
+        self._field = name
+        self._mode = "drop" if name == b"return-path" else "keep"
+        return colon + 1 if colon >= 0 else 0
+
+    def _take(self, piece: bytes, start: int, out: list) -> None:
+        if self._mode == "keep":
+            out.append(piece)
+        if self._field == b"delivered-to" and not self._body and not self._overflow:
+            self._value += piece[start:]
+            if len(self._value) > _MAX_DELIVERED_TO:
+                self._overflow = True  # longer than any address: not ours
+        if piece.endswith(b"\n") and not self._body:
+            self._mode = None
+
+    def _end_field(self) -> None:
+        if self._field == b"delivered-to" and not self._overflow and self._address:
+            if _normal_address(bytes(self._value)) == self._address:
+                self._field = None
+                raise MailLoop(self._address)
+        self._field = None
+        self._value.clear()
+        self._overflow = False
+
+
 @implementer(IDelivery)
 class MaildirDelivery:
     """One message being written into ``tmp/`` of one maildir.
@@ -233,7 +364,7 @@ class MaildirDelivery:
     """
 
     def __init__(self, maildir: str, name: str, fd: int, *, fsync: bool,
-                 tmp_fd: int, new_fd: int) -> None:
+                 tmp_fd: int, new_fd: int, mailbox_address: Optional[str] = None) -> None:
         self.maildir = maildir
         self.name = name
         self.path = os.path.join(maildir, "tmp", name)
@@ -244,6 +375,7 @@ class MaildirDelivery:
         self._buffer = io.BufferedWriter(self._file, buffer_size=DEFAULT_CHUNK_SIZE)
         self._fsync = fsync
         self._convert = _CRLFToLF()
+        self._trace = _TraceFilter(mailbox_address)
         self._size = 0
         self._newlines = 0
         self._done = False
@@ -255,9 +387,15 @@ class MaildirDelivery:
         self.abort()
 
     def write(self, data: bytes) -> None:
-        """Append CRLF-terminated content; it is stored with LF endings."""
+        """Append CRLF-terminated content; it is stored with LF endings, the
+        sender's ``Return-Path:`` fields left out of its header section
+        (:class:`MailLoop` when its ``Delivered-To:`` names this mailbox)."""
         if self._done:
             raise ValueError("delivery already finished")
+        self._emit(self._convert.feed(self._trace.feed(data)))
+
+    def _write_own(self, data: bytes) -> None:
+        """Our own header lines, before the content: not filtered."""
         self._emit(self._convert.feed(data))
 
     def _emit(self, out: bytes) -> None:
@@ -271,6 +409,7 @@ class MaildirDelivery:
         if self._done:
             raise ValueError("delivery already finished")
         try:
+            self._emit(self._convert.feed(self._trace.flush()))
             self._emit(self._convert.flush())
             self._buffer.flush()
             if self._fsync:
@@ -562,7 +701,8 @@ class MaildirStore:
             raise
         try:
             delivery = MaildirDelivery(maildir, name, fd, fsync=self.fsync,
-                                       tmp_fd=tmp_fd, new_fd=new_fd)
+                                       tmp_fd=tmp_fd, new_fd=new_fd,
+                                       mailbox_address=mailbox.address)
         except BaseException:
             os.close(fd)
             os.unlink(name, dir_fd=tmp_fd)
@@ -570,7 +710,7 @@ class MaildirStore:
             os.close(new_fd)
             raise
         try:
-            delivery.write(headers)
+            delivery._write_own(headers)
         except BaseException:
             delivery.abort()
             raise

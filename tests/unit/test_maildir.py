@@ -684,3 +684,87 @@ class SymlinkRefusalTests:
         path = store.deliver_bytes(ALICE, sender="", data=MESSAGE)
         assert os.path.dirname(path) == new
         assert listing(os.path.join(store.maildir_for(ALICE), "tmp")) == []
+
+
+FORGED = (
+    b"Return-Path: <forged@evil.example>\r\n"
+    b"From: Bob <bob@example.net>\r\n"
+    b"return-path :\r\n"
+    b"\t<folded@evil.example>\r\n"
+    b"Subject: hello\r\n"
+    b"Delivered-To: someone-else@example.org\r\n"
+    b"\r\n"
+    b"Return-Path: <in-the-body@example.net>\r\n"
+)
+
+
+class TraceHeaderTests:
+    """The sender's Return-Path fields are dropped while copying; Delivered-To for this mailbox is a loop."""
+
+    __test__ = True  # collected although not named Test*
+
+    def _stored(self, path) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    @pytest.mark.parametrize("chunk_size", [1, 2, 3, 7, 13, 64 * 1024])
+    def test_senders_return_path_removed_in_any_chunking(self, tmp_path, chunk_size):
+        """Every Return-Path field of the sender, folded or not, leaves the header section; ours and the body stay."""
+        store = MaildirStore(str(tmp_path / "mail"), hostname="h", chunk_size=chunk_size)
+        path = store.deliver(ALICE, sender="bob@example.net", prefix=RECEIVED,
+                             source_path=write_source(tmp_path, FORGED))
+        data = self._stored(path)
+        assert data == (
+            b"Return-Path: <bob@example.net>\n"
+            b"Delivered-To: alice@example.org\n"
+            + RECEIVED.replace(b"\r\n", b"\n")
+            + b"From: Bob <bob@example.net>\n"
+            b"Subject: hello\n"
+            b"Delivered-To: someone-else@example.org\n"
+            b"\n"
+            b"Return-Path: <in-the-body@example.net>\n"
+        )
+        name = os.path.basename(path)
+        assert f",S={len(data)}," in name
+        assert name.endswith(",W=%d" % (len(data) + data.count(b"\n")))
+
+    def test_header_only_message_and_lf_endings(self, store):
+        """A message that is only a header (no blank line, bare LFs) loses its Return-Path too."""
+        path = store.deliver_bytes(ALICE, sender="", data=b"Return-Path: <x@y>\nSubject: s")
+        assert self._stored(path).endswith(b"Delivered-To: alice@example.org\nSubject: s")
+
+    def test_return_path_like_names_kept(self, store):
+        """Fields that only start like Return-Path (Return-Path-X:, Return-Pathway:) are kept."""
+        data = b"Return-Path-X: a\r\nReturn-Pathway: b\r\n\r\nbody\r\n"
+        path = store.deliver_bytes(ALICE, sender="", data=data)
+        assert self._stored(path).endswith(b"Return-Path-X: a\nReturn-Pathway: b\n\nbody\n")
+
+    @pytest.mark.parametrize("value", [
+        b"alice@example.org", b"<Alice@Example.ORG>", b"  alice@example.org  ",
+    ])
+    def test_delivered_to_this_mailbox_is_a_loop(self, store, value):
+        """A Delivered-To naming this mailbox (any case, brackets, spaces) refuses the copy with 554 5.4.6 and stores nothing."""
+        data = b"Subject: x\r\nDelivered-To: " + value + b"\r\n\r\nbody\r\n"
+        with pytest.raises(errors.PermFailure) as caught:
+            store.deliver_bytes(ALICE, sender="bob@example.net", data=data)
+        assert str(caught.value.reply).startswith("554 5.4.6")
+        maildir = store.maildir_for(ALICE)
+        assert listing(os.path.join(maildir, "new")) == []
+        assert listing(os.path.join(maildir, "tmp")) == []
+
+    def test_loop_not_hidden_behind_many_forged_delivered_to(self, tmp_path):
+        """Our Delivered-To after a thousand forged ones, across chunk boundaries, is still a loop."""
+        store = MaildirStore(str(tmp_path / "mail"), hostname="h", chunk_size=5)
+        forged = b"".join(b"Delivered-To: u%d@example.org\r\n" % i for i in range(1000))
+        data = forged + b"Delivered-To:\r\n alice@example.org\r\n\r\nbody\r\n"
+        with pytest.raises(errors.PermFailure):
+            store.deliver(ALICE, sender="", source_path=write_source(tmp_path, data))
+
+    def test_forged_delivered_to_elsewhere_is_no_loop(self, store):
+        """A Delivered-To for another mailbox, or one in the body, is delivered and kept."""
+        data = (b"Delivered-To: bob@example.org\r\nDelivered-To: alice@example.org.evil\r\n"
+                b"\r\nDelivered-To: alice@example.org\r\n")
+        path = store.deliver_bytes(ALICE, sender="", data=data)
+        assert self._stored(path).endswith(
+            b"Delivered-To: bob@example.org\nDelivered-To: alice@example.org.evil\n"
+            b"\nDelivered-To: alice@example.org\n")
