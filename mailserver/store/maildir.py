@@ -12,7 +12,10 @@ description leaves implicit):
 1. pick a name no other process or host will ever pick (:meth:`MaildirStore.unique_name`);
 2. create ``tmp/<name>`` with ``O_CREAT|O_EXCL``, mode 0600, and write the
    message into it: ``Return-Path``, ``Delivered-To``, the caller's prefix
-   headers, then the content, with CRLF turned into LF on the fly;
+   headers, then the content, with CRLF turned into LF on the fly and the
+   sender's own ``Return-Path:`` fields left out of its header section (a
+   ``Delivered-To:`` there naming this mailbox is a loop: :class:`MailLoop`,
+   554 5.4.6; see ``docs/decisions.rst``);
 3. flush and fsync the file;
 4. hard-link it to ``new/<name>,S=<size>,W=<vsize>`` (rename where the
    filesystem has no hard links) and unlink the tmp name;
