@@ -768,3 +768,50 @@ class TraceHeaderTests:
         assert self._stored(path).endswith(
             b"Delivered-To: bob@example.org\nDelivered-To: alice@example.org.evil\n"
             b"\nDelivered-To: alice@example.org\n")
+
+
+def _reference_trace_filter(data: bytes) -> bytes:
+    """The header filter done the slow way, on the whole message at once."""
+    lines = data.split(b"\n")
+    out, dropping, in_header = [], False, True
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        text = line if last else line + b"\n"
+        if in_header:
+            if line in (b"", b"\r") and not last:
+                in_header = False
+                out.append(text)
+                continue
+            if line[:1] in (b" ", b"\t"):
+                if not dropping:
+                    out.append(text)
+                continue
+            name, colon, _ = line.partition(b":")
+            dropping = bool(colon) and name.strip(b" \t").lower() == b"return-path"
+            if not dropping:
+                out.append(text)
+        else:
+            out.append(text)
+    return b"".join(out)
+
+
+_HEADER_LINES = st.sampled_from([
+    b"Return-Path: <a@b>\r\n", b"return-PATH :x\r\n", b" folded\r\n", b"\tfolded\r\n",
+    b"Subject: s\r\n", b"Return-Pathway: k\r\n", b"X: y\n", b"no colon\r\n", b"\r\n",
+    b"body line\r\n", b"Return-Path: <c@d>\n",
+])
+
+
+@given(parts=st.lists(_HEADER_LINES, max_size=12), cuts=st.lists(st.integers(1, 9), max_size=20))
+@settings(max_examples=200, deadline=None)
+def test_trace_filter_any_chunking_matches_the_reference(parts, cuts):
+    """However the content is cut into chunks, the streaming filter gives what the whole-message reference gives."""
+    data = b"".join(parts)
+    f = md._TraceFilter("alice@example.org")
+    out, pos = [], 0
+    for cut in cuts:
+        out.append(f.feed(data[pos : pos + cut]))
+        pos += cut
+    out.append(f.feed(data[pos:]))
+    out.append(f.flush())
+    assert b"".join(out) == _reference_trace_filter(data)
