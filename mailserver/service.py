@@ -419,6 +419,12 @@ def build_service(config: Config, reactor=None, identity=None,
     store = MaildirStore(config.store.maildir_root, template=config.store.template,
                          hostname=config.server.hostname, fsync=config.store.fsync)
     delivery = LocalDelivery(store, pool, reactor)
+    # Abandoned tmp/ files (a crash mid-delivery): a few maildirs per tick.
+    from mailserver.store.tmpclean import TmpCleaner
+
+    TmpCleaner(store.root, reactor,
+               lambda f, *args: threads.deferToThreadPool(reactor, pool, f, *args)
+               ).setServiceParent(top)
     srs = None
     if config.relay.srs_secret:
         from mailserver.srs import SRS

@@ -63,8 +63,11 @@ class LocalDelivery:
         def failed(failure):
             reply = to_reply(failure.value, queue_id)
             if is_known(failure.value) or isinstance(failure.value, OSError):
-                log.warn("{id}: to=<{to}>, relay=local, status=deferred ({reason})",
-                         id=queue_id, to=mailbox.address, reason=failure.getErrorMessage())
+                # A symbolic link in the maildir path (451) or a Delivered-To
+                # loop (554 5.4.6) among them.
+                log.warn("{id}: to=<{to}>, relay=local, status={status} ({reason})",
+                         id=queue_id, to=mailbox.address, reason=failure.getErrorMessage(),
+                         status="bounced" if reply.is_permanent else "deferred")
             else:
                 log.failure("{id}: to=<{to}>, relay=local, status=deferred", failure,
                             id=queue_id, to=mailbox.address)

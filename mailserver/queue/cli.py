@@ -219,7 +219,10 @@ def cmd_show(args, spool: QueueSpool) -> int:
             return EX_OK
         _print_envelope(state, env, out)
     try:
-        header = _read_header(spool.content_path(args.id))
+        content = spool.content_path(args.id)
+        if state == CORRUPT and not os.path.lexists(content):
+            content = spool.corrupt_content_path(args.id)  # moved along when quarantined
+        header = _read_header(content)
     except FileNotFoundError:
         print("content: missing", file=out)
         return EX_OK if env is not None else EX_FAILED

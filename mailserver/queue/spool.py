@@ -12,7 +12,9 @@ Layout under the queue root (every directory mode 0700, every file 0600)::
     deferred/<id>      ... waiting for its next attempt (envelope.next_attempt)
     hold/<id>          ... put aside by the administrator; never delivered
     corrupt/<id>       ... that could not be read or has lost its data file;
-                       corrupt/<id>.reason says why.  Never deleted by us.
+                       corrupt/<id>.reason says why, corrupt/<id>.data is
+                       its content (moved there from data/ with it).
+                       Never deleted by us.
     flush              touched by ``flush``; the manager may watch its mtime
 
 A message's state is the directory its envelope sits in: changing state is
@@ -87,6 +89,7 @@ _NO_HARD_LINKS = frozenset(
     if e is not None
 )
 _REASON_SUFFIX = ".reason"
+_DATA_SUFFIX = ".data"
 
 
 @dataclass
@@ -220,6 +223,10 @@ class QueueSpool:
     def content_path(self, queue_id: str) -> str:
         """Where the message's content is (or will be)."""
         return os.path.join(self.data_dir, check_id(queue_id))
+
+    def corrupt_content_path(self, queue_id: str) -> str:
+        """Where a quarantined message's content is kept (``corrupt/<id>.data``)."""
+        return self.envelope_path(CORRUPT, queue_id) + _DATA_SUFFIX
 
     # --- durability helpers -----------------------------------------------
 
@@ -459,6 +466,7 @@ class QueueSpool:
             _unlink(self.content_path(queue_id))
             if state == CORRUPT:
                 _unlink(self.envelope_path(CORRUPT, queue_id) + _REASON_SUFFIX)
+                _unlink(self.corrupt_content_path(queue_id))
             return state
         raise AlreadyClaimed(queue_id, self.find(queue_id))
 
@@ -485,8 +493,23 @@ class QueueSpool:
                 stub = self._write_tmp(queue_id, b"# stub: no envelope could be moved here\n")
                 os.rename(stub, os.path.join(corrupt, queue_id))
             self._fsync_dir(corrupt)
+        self._quarantine_content(queue_id)
         log.error("{queue_id}: quarantined in corrupt/: {reason}", queue_id=queue_id,
                   reason=reason)
+        return True
+
+    def _quarantine_content(self, queue_id: str) -> bool:
+        """Move ``data/<id>`` to ``corrupt/<id>.data`` (after the envelope:
+        a crash between the two leaves content that :meth:`recover` moves)."""
+        dest = self.corrupt_content_path(queue_id)
+        if os.path.lexists(dest):
+            return False
+        try:
+            os.rename(self.content_path(queue_id), dest)
+        except FileNotFoundError:
+            return False
+        self._fsync_dir(self.state_dir(CORRUPT))
+        self._fsync_dir(self.data_dir)
         return True
 
     def flush(self, domain: Optional[str] = None) -> list:
@@ -537,6 +560,7 @@ class QueueSpool:
         for state, queue_id in list(self.list()):
             known.add(queue_id)
             if state == CORRUPT:
+                self._quarantine_content(queue_id)  # left in data/ by an older version or a crash
                 continue
             try:
                 self.read_envelope(state, queue_id)

@@ -73,7 +73,9 @@ class IMailStore(Interface):
         ``sender`` is the envelope sender without angle brackets (``""`` for
         the null sender).  The stored message starts with ``Return-Path`` and
         ``Delivered-To`` headers, then ``prefix`` (complete CRLF-terminated
-        header lines such as ``Received:``), then whatever is written.
+        header lines such as ``Received:``), then whatever is written, with
+        the ``Return-Path:`` fields of its header section left out; a
+        ``Delivered-To:`` there naming ``mailbox`` is a loop (554 5.4.6).
         """
 
     def deliver(mailbox, *, sender: str, source_path: str, prefix: bytes = b"") -> str:

@@ -12,19 +12,36 @@ description leaves implicit):
 1. pick a name no other process or host will ever pick (:meth:`MaildirStore.unique_name`);
 2. create ``tmp/<name>`` with ``O_CREAT|O_EXCL``, mode 0600, and write the
    message into it: ``Return-Path``, ``Delivered-To``, the caller's prefix
-   headers, then the content, with CRLF turned into LF on the fly;
+   headers, then the content, with CRLF turned into LF on the fly and the
+   sender's own ``Return-Path:`` fields left out of its header section (a
+   ``Delivered-To:`` there naming this mailbox is a loop: :class:`MailLoop`,
+   554 5.4.6; see ``docs/decisions.rst``);
 3. flush and fsync the file;
 4. hard-link it to ``new/<name>,S=<size>,W=<vsize>`` (rename where the
    filesystem has no hard links) and unlink the tmp name;
 5. fsync ``new/``; only now is the message delivered.
 
 A crash before step 4 leaves a file in ``tmp/`` that no reader looks at, and
-:func:`cleanup_tmp` removes it after 36 hours.  A failure before step 4
+:func:`cleanup_tmp` removes it after 36 hours (the server runs it over every
+maildir, a batch per minute: :mod:`mailserver.store.tmpclean`).  A failure before step 4
 removes the tmp file and re-raises; ``OSError`` keeps its ``errno`` so that
 ``ENOSPC``/``EDQUOT`` become a 452 through :func:`mailserver.errors.to_reply`.
 A failure of the final directory fsync is re-raised too, but the file in
 ``new/`` is left where it is: the client will retry and may cause a
 duplicate, which the design accepts, whereas removing it could lose mail.
+
+Symbolic links.  :meth:`MaildirStore.maildir_for` refuses a path whose links
+resolve outside the root (550, also checked at RCPT time).  Delivery itself
+never follows a link below the root: the directories are opened component
+by component from the root's descriptor with ``O_NOFOLLOW|O_DIRECTORY``
+(created with ``mkdir`` relative to their parent's descriptor when missing),
+the message is created through the ``tmp/`` descriptor (``O_EXCL|O_NOFOLLOW``),
+linked or renamed into ``new/`` through the two descriptors, and ``new/``'s
+descriptor is fsynced.  A domain, user, ``tmp/``, ``new/`` or ``cur/``
+directory that is a symbolic link raises :class:`MaildirLinkRefused`, a
+``451 4.3.0`` temporary failure that the delivery layer logs: the message
+waits in the queue, it is neither written through the link nor bounced.
+The root itself may be a link (the administrator's choice).
 
 Names follow Dovecot: ``<secs>.M<usecs>P<pid>Q<counter>R<random>.<host>``,
 with ``,S=`` (bytes on disk) and ``,W=`` (size with CRLF line endings, what
@@ -49,16 +66,20 @@ from typing import Callable, List, Optional
 
 from zope.interface import implementer
 
-from mailserver.durable import O_CLOEXEC, fsync_dir
+from mailserver.durable import O_CLOEXEC, O_DIRECTORY, fsync_dir
 from mailserver.directory.interfaces import Mailbox
-from mailserver.errors import PermFailure
+from mailserver.errors import PermFailure, TempFailure
 from mailserver import reply as catalog
 from mailserver.store.interfaces import IDelivery, IMailStore
 
 __all__ = [
     "MAILBOX_UNAVAILABLE",
     "TMP_MAX_AGE",
+    "MAILDIR_LINK",
+    "MAILDIR_LOOP",
+    "MailLoop",
     "MaildirDelivery",
+    "MaildirLinkRefused",
     "MaildirStore",
     "UnsafeMailboxPath",
     "cleanup_tmp",
@@ -67,6 +88,18 @@ __all__ = [
 
 #: The reply for a mailbox whose path cannot be computed safely.
 MAILBOX_UNAVAILABLE = catalog.MAILBOX_UNAVAILABLE
+
+#: The reply when a maildir path component is a symbolic link: temporary, so
+#: the message waits in the queue while the administrator looks (never lost,
+#: never bounced for what is a local configuration fault or an attack).
+MAILDIR_LINK = catalog.R(451, "4.3.0", "Mailbox temporarily unavailable")
+
+#: The reply when the message already says it was delivered to this mailbox
+#: (Postfix local(8): "mail forwarding loop for ...").
+MAILDIR_LOOP = catalog.R(554, "5.4.6", "Mail forwarding loop: already delivered to this mailbox")
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | _O_NOFOLLOW | O_CLOEXEC
 
 #: Age after which an abandoned ``tmp/`` file may be removed (DJB: 36 hours).
 TMP_MAX_AGE = 36 * 3600
@@ -104,6 +137,24 @@ class UnsafeMailboxPath(PermFailure, ValueError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(MAILBOX_UNAVAILABLE, reason)
+
+
+class MaildirLinkRefused(TempFailure, OSError):
+    """A component of the maildir path (below the root) is a symbolic link:
+    nothing is written through it (451 4.3.0)."""
+
+    def __init__(self, path: str) -> None:
+        TempFailure.__init__(
+            self, MAILDIR_LINK, f"{path} is a symbolic link; refusing to deliver through it")
+        self.filename = path
+
+
+class MailLoop(PermFailure):
+    """The header section has ``Delivered-To:`` naming the mailbox being
+    delivered to: the message has been here before (554 5.4.6)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(MAILDIR_LOOP, f"mail forwarding loop for {address}")
 
 
 def encode_component(text: str) -> str:
@@ -190,6 +241,123 @@ class _CRLFToLF:
         return b""
 
 
+# Longest field name prefix held before deciding what a header line is.
+_MAX_NAME = 256
+# Longest Delivered-To value kept for the loop check (an address is < 330).
+_MAX_DELIVERED_TO = 1024
+
+
+def _normal_address(value: bytes) -> str:
+    text = "".join(value.decode("utf-8", "replace").split())  # unfolded, no spaces
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    return text.lower()
+
+
+class _TraceFilter:
+    """Streaming filter of the sender's header section, in one pass.
+
+    Drops every ``Return-Path:`` field (continuation lines included): the
+    store writes the envelope's own on top, and RFC 5321 4.4 lets the final
+    delivery remove the others.  Raises :class:`MailLoop` when a
+    ``Delivered-To:`` field names ``address`` (every such field is checked,
+    however many the sender put before it).  Everything from the first
+    empty line on passes unchanged.  Memory: at most one line start
+    (``_MAX_NAME``) and one Delivered-To value (``_MAX_DELIVERED_TO``).
+    """
+
+    __slots__ = ("_address", "_body", "_pending", "_mode", "_field", "_value", "_overflow")
+
+    def __init__(self, address: Optional[str]) -> None:
+        self._address = address.lower() if address else None
+        self._body = False
+        self._pending = bytearray()  # a line start not yet classified
+        self._mode: Optional[str] = None  # None: at a line start; "keep"/"drop": mid-line
+        self._field: Optional[bytes] = None  # lower-case name of the field being read
+        self._value = bytearray()  # the current Delivered-To value
+        self._overflow = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._body:
+            return data
+        out = []
+        i, n = 0, len(data)
+        while i < n:
+            if self._body:
+                out.append(data[i:])
+                break
+            j = data.find(b"\n", i)
+            end = n if j < 0 else j + 1
+            if self._mode is None:
+                self._pending += data[i:end]
+                i = end
+                start = self._classify(complete=j >= 0)
+                if start is None:
+                    continue  # need more of the line
+                piece = bytes(self._pending)
+                self._pending.clear()
+                self._take(piece, start, out)
+            else:
+                self._take(data[i:end], 0, out)
+                i = end
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """The content ended (possibly inside the header section)."""
+        out = []
+        if not self._body and self._pending:
+            start = self._classify(complete=True)
+            piece = bytes(self._pending)
+            self._pending.clear()
+            self._take(piece, start or 0, out)
+        if not self._body:
+            self._end_field()
+            self._body = True
+        return b"".join(out)
+
+    def _classify(self, complete: bool) -> Optional[int]:
+        """Set the mode for the held line start; return where the part of
+        it that belongs to a field value begins, None to wait for more."""
+        p = self._pending
+        if p[:1] == b"\n" or p[:2] == b"\r\n":
+            self._end_field()
+            self._body = True
+            self._mode = "keep"
+            return 0
+        if p == b"\r" and not complete:
+            return None
+        if p[:1] in (b" ", b"\t"):  # continues the field before
+            self._mode = "drop" if self._field == b"return-path" else "keep"
+            return 0
+        colon = p.find(b":")
+        if colon < 0 and not complete and len(p) < _MAX_NAME:
+            return None
+        self._end_field()
+        name = p[:colon].strip(b" \t").lower() if colon >= 0 else None
+        self._field = name
+        self._mode = "drop" if name == b"return-path" else "keep"
+        return colon + 1 if colon >= 0 else 0
+
+    def _take(self, piece: bytes, start: int, out: list) -> None:
+        if self._mode == "keep":
+            out.append(piece)
+        if self._field == b"delivered-to" and not self._body and not self._overflow:
+            self._value += piece[start:]
+            if len(self._value) > _MAX_DELIVERED_TO:
+                self._overflow = True  # longer than any address: not ours
+        if piece.endswith(b"\n") and not self._body:
+            self._mode = None
+
+    def _end_field(self) -> None:
+        if self._field == b"delivered-to" and not self._overflow and self._address:
+            if _normal_address(bytes(self._value)) == self._address:
+                self._field = None
+                raise MailLoop(self._address)
+        self._field = None
+        self._value.clear()
+        self._overflow = False
+
+
 @implementer(IDelivery)
 class MaildirDelivery:
     """One message being written into ``tmp/`` of one maildir.
@@ -198,14 +366,19 @@ class MaildirDelivery:
     the block without :meth:`commit` aborts.
     """
 
-    def __init__(self, maildir: str, name: str, fd: int, *, fsync: bool) -> None:
+    def __init__(self, maildir: str, name: str, fd: int, *, fsync: bool,
+                 tmp_fd: int, new_fd: int, mailbox_address: Optional[str] = None) -> None:
         self.maildir = maildir
         self.name = name
         self.path = os.path.join(maildir, "tmp", name)
+        # tmp/ and new/ as opened (O_NOFOLLOW) by the store; owned from here on.
+        self._tmp_fd = tmp_fd
+        self._new_fd = new_fd
         self._file = io.FileIO(fd, "wb", closefd=True)
         self._buffer = io.BufferedWriter(self._file, buffer_size=DEFAULT_CHUNK_SIZE)
         self._fsync = fsync
         self._convert = _CRLFToLF()
+        self._trace = _TraceFilter(mailbox_address)
         self._size = 0
         self._newlines = 0
         self._done = False
@@ -217,9 +390,15 @@ class MaildirDelivery:
         self.abort()
 
     def write(self, data: bytes) -> None:
-        """Append CRLF-terminated content; it is stored with LF endings."""
+        """Append CRLF-terminated content; it is stored with LF endings, the
+        sender's ``Return-Path:`` fields left out of its header section
+        (:class:`MailLoop` when its ``Delivered-To:`` names this mailbox)."""
         if self._done:
             raise ValueError("delivery already finished")
+        self._emit(self._convert.feed(self._trace.feed(data)))
+
+    def _write_own(self, data: bytes) -> None:
+        """Our own header lines, before the content: not filtered."""
         self._emit(self._convert.feed(data))
 
     def _emit(self, out: bytes) -> None:
@@ -233,38 +412,54 @@ class MaildirDelivery:
         if self._done:
             raise ValueError("delivery already finished")
         try:
+            self._emit(self._convert.feed(self._trace.flush()))
             self._emit(self._convert.flush())
             self._buffer.flush()
             if self._fsync:
                 os.fsync(self._file.fileno())
             self._buffer.close()
             final = f"{self.name},S={self._size},W={self._size + self._newlines}"
-            new_dir = os.path.join(self.maildir, "new")
-            new_path = os.path.join(new_dir, final)
-            self._publish(new_path)
+            new_path = os.path.join(self.maildir, "new", final)
+            self._publish(final, new_path)
         except BaseException:
             self.abort()
             raise
         self._done = True
-        if self._fsync:
-            # On failure the message stays in new/ (see the module docstring).
-            fsync_dir(new_dir)
+        try:
+            if self._fsync:
+                # On failure the message stays in new/ (see the module docstring).
+                os.fsync(self._new_fd)
+        finally:
+            self._close_dirs()
         return new_path
 
-    def _publish(self, new_path: str) -> None:
+    def _close_dirs(self) -> None:
+        for fd in (self._tmp_fd, self._new_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._tmp_fd = self._new_fd = -1
+
+    def _publish(self, final: str, new_path: str) -> None:
         try:
-            os.link(self.path, new_path)
+            os.link(self.name, final, src_dir_fd=self._tmp_fd, dst_dir_fd=self._new_fd,
+                    follow_symlinks=False)
         except OSError as exc:
             if exc.errno not in _NO_HARD_LINKS:
                 raise
             # No hard links here: rename, which would silently replace an
             # existing file, so check for one first.
-            if os.path.lexists(new_path):
+            try:
+                os.stat(final, dir_fd=self._new_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new_path)
-            os.rename(self.path, new_path)
+            os.rename(self.name, final, src_dir_fd=self._tmp_fd, dst_dir_fd=self._new_fd)
             return
         try:
-            os.unlink(self.path)
+            os.unlink(self.name, dir_fd=self._tmp_fd)
         except OSError:
             # Delivered all the same; the leftover link goes with cleanup_tmp.
             pass
@@ -280,9 +475,11 @@ class MaildirDelivery:
             except OSError:
                 pass
         try:
-            os.unlink(self.path)
+            os.unlink(self.name, dir_fd=self._tmp_fd)
         except FileNotFoundError:
             pass
+        finally:
+            self._close_dirs()
 
 
 @implementer(IMailStore)
@@ -344,13 +541,15 @@ class MaildirStore:
             raise UnsafeMailboxPath(f"maildir for {mailbox.address!r} resolves outside the root")
         return path
 
-    def ensure_maildir(self, maildir: str) -> None:
+    def ensure_maildir(self, maildir: str, *, subdirs: bool = True) -> None:
         """Create ``maildir`` and its ``cur/``, ``new/``, ``tmp/`` if missing.
 
         Each directory created is made durable by fsyncing its parent.
+        Deliveries do not use this path-based walk (see :meth:`begin`); it
+        creates the root, and serves tools and tests.
         """
-        subdirs = [os.path.join(maildir, sub) for sub in ("cur", "new", "tmp")]
-        if all(os.path.isdir(d) for d in subdirs):
+        subdirs = [os.path.join(maildir, sub) for sub in ("cur", "new", "tmp")] if subdirs else []
+        if os.path.isdir(maildir) and all(os.path.isdir(d) for d in subdirs):
             return
         missing = []
         path = maildir
@@ -417,26 +616,104 @@ class MaildirStore:
             b"Delivered-To: " + mailbox.address.encode("utf-8") + b"\r\n" + prefix
         )
 
+    def _open_dir(self, parent_fd: int, name: str, path: str, create: bool) -> int:
+        """Open ``name`` under ``parent_fd`` as a directory, never through a
+        symbolic link (:class:`MaildirLinkRefused`); create it (0700, parent
+        fsynced) when missing and ``create``."""
+        for _ in range(3):
+            try:
+                return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+            except OSError as exc:
+                # O_NOFOLLOW|O_DIRECTORY on a link: ELOOP, or ENOTDIR (Linux).
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                try:
+                    st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+                except OSError:
+                    raise exc from None
+                if stat.S_ISLNK(st.st_mode):
+                    raise MaildirLinkRefused(path) from None
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path) from None
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+            except FileExistsError:
+                continue  # made by another delivery meanwhile (or a link: see above)
+            if self.fsync:
+                try:
+                    os.fsync(parent_fd)
+                except BaseException:
+                    try:
+                        os.rmdir(name, dir_fd=parent_fd)
+                    except OSError:
+                        pass
+                    raise
+        raise OSError(errno.EAGAIN, "directory keeps changing", path)
+
+    def _open_maildir(self, mailbox: Mailbox) -> tuple:
+        """``(maildir path, {"tmp": fd, "new": fd, "cur": fd})``, each
+        directory opened component by component from the root without
+        following links, missing ones created."""
+        maildir = self.maildir_for(mailbox)
+        try:
+            root_fd = os.open(self.root, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        except FileNotFoundError:
+            self.ensure_maildir(self.root, subdirs=False)
+            root_fd = os.open(self.root, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        fd = root_fd
+        opened = {}
+        try:
+            path = self.root
+            for component in self._relative_path(mailbox):
+                path = os.path.join(path, component)
+                child = self._open_dir(fd, component, path, create=True)
+                os.close(fd)
+                fd = child
+            for sub in ("cur", "new", "tmp"):
+                opened[sub] = self._open_dir(fd, sub, os.path.join(path, sub), create=True)
+        except BaseException:
+            for sub_fd in opened.values():
+                os.close(sub_fd)
+            raise
+        finally:
+            os.close(fd)
+        return maildir, opened
+
     def begin(self, mailbox: Mailbox, *, sender: str, prefix: bytes = b"") -> MaildirDelivery:
         """Open ``tmp/<unique>`` in ``mailbox``'s maildir, headers written.
 
-        Returns a :class:`MaildirDelivery`; call ``write`` with the content,
-        then ``commit`` (or ``abort``).
+        Every directory below the root is opened with ``O_NOFOLLOW`` and the
+        file is made through the ``tmp/`` descriptor, so nothing is written
+        through a symbolic link: one raises :class:`MaildirLinkRefused`
+        (451 4.3.0).  Returns a :class:`MaildirDelivery`; call ``write``
+        with the content, then ``commit`` (or ``abort``).
         """
         headers = self._headers(mailbox, sender, prefix)
-        maildir = self.maildir_for(mailbox)
-        self.ensure_maildir(maildir)
+        maildir, fds = self._open_maildir(mailbox)
+        os.close(fds.pop("cur"))
+        tmp_fd, new_fd = fds["tmp"], fds["new"]
         name = self.unique_name()
-        tmp_path = os.path.join(maildir, "tmp", name)
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o600)
         try:
-            delivery = MaildirDelivery(maildir, name, fd, fsync=self.fsync)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | O_CLOEXEC,
+                         0o600, dir_fd=tmp_fd)
         except BaseException:
-            os.close(fd)
-            os.unlink(tmp_path)
+            os.close(tmp_fd)
+            os.close(new_fd)
             raise
         try:
-            delivery.write(headers)
+            delivery = MaildirDelivery(maildir, name, fd, fsync=self.fsync,
+                                       tmp_fd=tmp_fd, new_fd=new_fd,
+                                       mailbox_address=mailbox.address)
+        except BaseException:
+            os.close(fd)
+            os.unlink(name, dir_fd=tmp_fd)
+            os.close(tmp_fd)
+            os.close(new_fd)
+            raise
+        try:
+            delivery._write_own(headers)
         except BaseException:
             delivery.abort()
             raise
@@ -478,18 +755,26 @@ def cleanup_tmp(
 
     A file goes only when its access, modification and change times are all
     older than ``older_than`` seconds, so a delivery in progress is never
-    touched.  Directories and symbolic links are left alone.
+    touched.  Directories and symbolic links are left alone, and a ``tmp/``
+    that is itself a symbolic link is not entered.
     """
     cutoff = (time.time() if now is None else now) - older_than
     removed: List[str] = []
+    tmp_dir = os.path.join(maildir, "tmp")
     try:
-        entries = os.scandir(os.path.join(maildir, "tmp"))
+        dir_fd = os.open(tmp_dir, _DIR_FLAGS)  # never through a link
     except FileNotFoundError:
         return removed
-    with entries:
-        for entry in entries:
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            return removed  # a link or not a directory: nothing of ours
+        raise
+    try:
+        with os.scandir(dir_fd) as entries:
+            names = [e.name for e in entries]
+        for name in names:
             try:
-                st = entry.stat(follow_symlinks=False)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             if not stat.S_ISREG(st.st_mode):
@@ -497,8 +782,10 @@ def cleanup_tmp(
             if max(st.st_atime, st.st_mtime, st.st_ctime) >= cutoff:
                 continue
             try:
-                os.unlink(entry.path)
+                os.unlink(name, dir_fd=dir_fd)
             except FileNotFoundError:
                 continue
-            removed.append(entry.path)
+            removed.append(os.path.join(tmp_dir, name))
+    finally:
+        os.close(dir_fd)
     return removed

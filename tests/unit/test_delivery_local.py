@@ -339,3 +339,24 @@ def test_mailbox_only_group_requeues_the_failed_member_alone(tmp_path):
     assert len(h.messages("alice")) == 1
     [q] = h.outbox.queued
     assert q["recipients"] == [("bob@example.test", "rfc822;pair@example.test")]
+
+
+def test_delivered_to_this_mailbox_is_refused_as_a_loop_at_queue_time(h):
+    """A queued message already carrying Delivered-To for the recipient's mailbox fails for good with 5.4.6 (a bounce), nothing stored."""
+    h.content.write_bytes(b"Delivered-To: alice@example.test\r\nSubject: q\r\n\r\nbody\r\n")
+    report = h.deliver("alice@example.test")
+    reply = report.replies["alice@example.test"]
+    assert reply.is_permanent and str(reply).startswith("554 5.4.6")
+    assert h.messages("alice") == []
+    assert h.outbox.queued == []
+
+
+def test_forged_trace_headers_for_other_addresses_are_no_loop(h):
+    """A forged Delivered-To for another address is delivered (kept), and the sender's Return-Path is dropped."""
+    h.content.write_bytes(b"Return-Path: <forged@evil.example>\r\n"
+                          b"Delivered-To: bob@example.test\r\nSubject: q\r\n\r\nbody\r\n")
+    report = h.deliver("alice@example.test")
+    assert report.replies["alice@example.test"].is_positive
+    [msg] = h.messages("alice")
+    assert msg.get_all("Return-Path") == ["<x@example.net>"]
+    assert msg.get_all("Delivered-To") == ["alice@example.test", "bob@example.test"]

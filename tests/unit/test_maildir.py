@@ -203,9 +203,9 @@ class DurabilityTests:
             events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
             real_fsync(fd)
 
-        def link(src, dst):
+        def link(src, dst, **kwargs):
             events.append(("link", dst))
-            real_link(src, dst)
+            real_link(src, dst, **kwargs)
 
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "link", link)
@@ -213,7 +213,7 @@ class DurabilityTests:
         maildir = store.maildir_for(ALICE)
         assert [kind for kind, _ in events] == ["fsync", "link", "fsync"]
         assert events[0][1].startswith(os.path.join(os.path.realpath(maildir), "tmp") + "/")
-        assert events[1][1] == path
+        assert events[1][1] == os.path.basename(path)  # linked through new/'s descriptor
         assert events[2][1] == os.path.join(os.path.realpath(maildir), "new")
 
     def test_enospc_at_fsync(self, store, monkeypatch):
@@ -276,7 +276,7 @@ class DurabilityTests:
 
     def test_rename_fallback(self, store, monkeypatch):
         """Where hard links are not supported the tmp file is renamed into new/."""
-        def link(src, dst):
+        def link(src, dst, **kwargs):
             raise OSError(errno.EPERM, "Operation not permitted")
 
         monkeypatch.setattr(os, "link", link)
@@ -290,7 +290,7 @@ class DurabilityTests:
         """A name already in new/ is never overwritten, with link or with rename."""
         monkeypatch.setattr(store, "unique_name", lambda: "1.M1P1Q1Rfixed.h")
         if not hard_links:
-            def link(src, dst):
+            def link(src, dst, **kwargs):
                 raise OSError(errno.EXDEV, "Invalid cross-device link")
 
             monkeypatch.setattr(os, "link", link)
@@ -347,6 +347,19 @@ class CleanupTmpTests:
     def test_missing_maildir(self, tmp_path):
         """A maildir without tmp/ has nothing to clean."""
         assert cleanup_tmp(str(tmp_path / "none")) == []
+
+    def test_linked_tmp_is_not_entered(self, tmp_path):
+        """A tmp/ that is a symbolic link is not cleaned through the link."""
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        victim = elsewhere / "victim"
+        victim.write_bytes(b"keep")
+        os.utime(str(victim), (0, 0))
+        maildir = tmp_path / "box"
+        maildir.mkdir()
+        os.symlink(str(elsewhere), str(maildir / "tmp"))
+        assert cleanup_tmp(str(maildir), now=time.time() + 2 * md.TMP_MAX_AGE) == []  # ctime too
+        assert victim.exists()
 
 
 class NameTests:
@@ -572,3 +585,233 @@ class ConcurrencyTests:
         assert len(set(paths)) == 80
         maildir = os.path.join(str(tmp_path), "example.org", "alice")
         assert len(listing(os.path.join(maildir, "new"))) == 80
+
+
+def _tree(path) -> list:
+    """Every file below ``path`` (relative names), for "nothing written there"."""
+    found = []
+    for dirpath, _dirs, files in os.walk(str(path)):
+        found.extend(os.path.relpath(os.path.join(dirpath, f), str(path)) for f in files)
+    return sorted(found)
+
+
+class SymlinkRefusalTests:
+    """No maildir path component below the root is followed when it is a symbolic link."""
+
+    __test__ = True  # collected although not named Test*
+
+    def _link_component(self, store, tmp_path, component: str, outside: bool):
+        """Replace one component of alice's maildir path by a link to a ready
+        maildir-shaped target; return the target."""
+        maildir = store.maildir_for(ALICE)
+        store.ensure_maildir(maildir)
+        base = tmp_path / "outside" if outside else os.path.join(store.root, "target")
+        target = str(base)
+        os.makedirs(target)
+        link = {
+            "domain": os.path.join(store.root, "example.org"),
+            "user": maildir,
+            "tmp": os.path.join(maildir, "tmp"),
+            "new": os.path.join(maildir, "new"),
+            "cur": os.path.join(maildir, "cur"),
+        }[component]
+        if component in ("domain", "user"):
+            inner = os.path.join(target, "alice") if component == "domain" else target
+            for sub in ("cur", "new", "tmp"):
+                os.makedirs(os.path.join(inner, sub))
+        import shutil
+
+        shutil.rmtree(link)
+        os.symlink(target, link)
+        return target
+
+    @pytest.mark.parametrize("component,outside", [
+        ("domain", False), ("user", False),
+        ("tmp", False), ("new", False), ("cur", False),
+        ("tmp", True), ("new", True), ("cur", True),
+    ])
+    def test_linked_component_refused_with_451(self, store, tmp_path, component, outside):
+        """A symlinked domain, user, tmp/, new/ or cur/ directory is a 451 4.3.0 and nothing is written through it."""
+        target = self._link_component(store, tmp_path, component, outside)
+        before = _tree(target)
+        with pytest.raises(errors.TempFailure) as caught:
+            store.deliver_bytes(ALICE, sender="", data=MESSAGE)
+        assert isinstance(caught.value, md.MaildirLinkRefused)
+        assert errors.to_reply(caught.value).code == 451
+        assert str(errors.to_reply(caught.value)).startswith("451 4.3.0")
+        assert errors.is_known(caught.value)
+        assert _tree(target) == before
+
+    def test_link_swapped_in_after_the_path_check_refused(self, store, tmp_path, monkeypatch):
+        """A link that appears after maildir_for's check (a race) is still refused, not followed."""
+        outside = tmp_path / "outside"
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(outside / "alice" / sub)
+        os.makedirs(store.root)
+        real_maildir_for = store.maildir_for
+
+        def racing_maildir_for(mailbox):
+            path = real_maildir_for(mailbox)
+            if not os.path.lexists(os.path.join(store.root, "example.org")):
+                os.symlink(str(outside), os.path.join(store.root, "example.org"))
+            return path
+
+        monkeypatch.setattr(store, "maildir_for", racing_maildir_for)
+        with pytest.raises(md.MaildirLinkRefused):
+            store.deliver_bytes(ALICE, sender="", data=MESSAGE)
+        assert _tree(outside) == []
+
+    def test_linked_message_name_in_tmp_not_followed(self, store, tmp_path, monkeypatch):
+        """A link planted in tmp/ under the next message name is never written through."""
+        maildir = store.maildir_for(ALICE)
+        store.ensure_maildir(maildir)
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"keep")
+        monkeypatch.setattr(store, "unique_name", lambda: "1.M1P1Q1Rfixed.h")
+        os.symlink(str(victim), os.path.join(maildir, "tmp", "1.M1P1Q1Rfixed.h"))
+        with pytest.raises(FileExistsError):
+            store.deliver_bytes(ALICE, sender="", data=MESSAGE)
+        assert victim.read_bytes() == b"keep"
+
+    def test_normal_delivery_after_refusal(self, store, tmp_path):
+        """Once the link is replaced by a real directory, delivery works again."""
+        self._link_component(store, tmp_path, "new", True)
+        with pytest.raises(md.MaildirLinkRefused):
+            store.deliver_bytes(ALICE, sender="", data=MESSAGE)
+        new = os.path.join(store.maildir_for(ALICE), "new")
+        os.unlink(new)
+        os.mkdir(new)
+        path = store.deliver_bytes(ALICE, sender="", data=MESSAGE)
+        assert os.path.dirname(path) == new
+        assert listing(os.path.join(store.maildir_for(ALICE), "tmp")) == []
+
+
+FORGED = (
+    b"Return-Path: <forged@evil.example>\r\n"
+    b"From: Bob <bob@example.net>\r\n"
+    b"return-path :\r\n"
+    b"\t<folded@evil.example>\r\n"
+    b"Subject: hello\r\n"
+    b"Delivered-To: someone-else@example.org\r\n"
+    b"\r\n"
+    b"Return-Path: <in-the-body@example.net>\r\n"
+)
+
+
+class TraceHeaderTests:
+    """The sender's Return-Path fields are dropped while copying; Delivered-To for this mailbox is a loop."""
+
+    __test__ = True  # collected although not named Test*
+
+    def _stored(self, path) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    @pytest.mark.parametrize("chunk_size", [1, 2, 3, 7, 13, 64 * 1024])
+    def test_senders_return_path_removed_in_any_chunking(self, tmp_path, chunk_size):
+        """Every Return-Path field of the sender, folded or not, leaves the header section; ours and the body stay."""
+        store = MaildirStore(str(tmp_path / "mail"), hostname="h", chunk_size=chunk_size)
+        path = store.deliver(ALICE, sender="bob@example.net", prefix=RECEIVED,
+                             source_path=write_source(tmp_path, FORGED))
+        data = self._stored(path)
+        assert data == (
+            b"Return-Path: <bob@example.net>\n"
+            b"Delivered-To: alice@example.org\n"
+            + RECEIVED.replace(b"\r\n", b"\n")
+            + b"From: Bob <bob@example.net>\n"
+            b"Subject: hello\n"
+            b"Delivered-To: someone-else@example.org\n"
+            b"\n"
+            b"Return-Path: <in-the-body@example.net>\n"
+        )
+        name = os.path.basename(path)
+        assert f",S={len(data)}," in name
+        assert name.endswith(",W=%d" % (len(data) + data.count(b"\n")))
+
+    def test_header_only_message_and_lf_endings(self, store):
+        """A message that is only a header (no blank line, bare LFs) loses its Return-Path too."""
+        path = store.deliver_bytes(ALICE, sender="", data=b"Return-Path: <x@y>\nSubject: s")
+        assert self._stored(path).endswith(b"Delivered-To: alice@example.org\nSubject: s")
+
+    def test_return_path_like_names_kept(self, store):
+        """Fields that only start like Return-Path (Return-Path-X:, Return-Pathway:) are kept."""
+        data = b"Return-Path-X: a\r\nReturn-Pathway: b\r\n\r\nbody\r\n"
+        path = store.deliver_bytes(ALICE, sender="", data=data)
+        assert self._stored(path).endswith(b"Return-Path-X: a\nReturn-Pathway: b\n\nbody\n")
+
+    @pytest.mark.parametrize("value", [
+        b"alice@example.org", b"<Alice@Example.ORG>", b"  alice@example.org  ",
+    ])
+    def test_delivered_to_this_mailbox_is_a_loop(self, store, value):
+        """A Delivered-To naming this mailbox (any case, brackets, spaces) refuses the copy with 554 5.4.6 and stores nothing."""
+        data = b"Subject: x\r\nDelivered-To: " + value + b"\r\n\r\nbody\r\n"
+        with pytest.raises(errors.PermFailure) as caught:
+            store.deliver_bytes(ALICE, sender="bob@example.net", data=data)
+        assert str(caught.value.reply).startswith("554 5.4.6")
+        maildir = store.maildir_for(ALICE)
+        assert listing(os.path.join(maildir, "new")) == []
+        assert listing(os.path.join(maildir, "tmp")) == []
+
+    def test_loop_not_hidden_behind_many_forged_delivered_to(self, tmp_path):
+        """Our Delivered-To after a thousand forged ones, across chunk boundaries, is still a loop."""
+        store = MaildirStore(str(tmp_path / "mail"), hostname="h", chunk_size=5)
+        forged = b"".join(b"Delivered-To: u%d@example.org\r\n" % i for i in range(1000))
+        data = forged + b"Delivered-To:\r\n alice@example.org\r\n\r\nbody\r\n"
+        with pytest.raises(errors.PermFailure):
+            store.deliver(ALICE, sender="", source_path=write_source(tmp_path, data))
+
+    def test_forged_delivered_to_elsewhere_is_no_loop(self, store):
+        """A Delivered-To for another mailbox, or one in the body, is delivered and kept."""
+        data = (b"Delivered-To: bob@example.org\r\nDelivered-To: alice@example.org.evil\r\n"
+                b"\r\nDelivered-To: alice@example.org\r\n")
+        path = store.deliver_bytes(ALICE, sender="", data=data)
+        assert self._stored(path).endswith(
+            b"Delivered-To: bob@example.org\nDelivered-To: alice@example.org.evil\n"
+            b"\nDelivered-To: alice@example.org\n")
+
+
+def _reference_trace_filter(data: bytes) -> bytes:
+    """The header filter done the slow way, on the whole message at once."""
+    lines = data.split(b"\n")
+    out, dropping, in_header = [], False, True
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        text = line if last else line + b"\n"
+        if in_header:
+            if line in (b"", b"\r") and not last:
+                in_header = False
+                out.append(text)
+                continue
+            if line[:1] in (b" ", b"\t"):
+                if not dropping:
+                    out.append(text)
+                continue
+            name, colon, _ = line.partition(b":")
+            dropping = bool(colon) and name.strip(b" \t").lower() == b"return-path"
+            if not dropping:
+                out.append(text)
+        else:
+            out.append(text)
+    return b"".join(out)
+
+
+_HEADER_LINES = st.sampled_from([
+    b"Return-Path: <a@b>\r\n", b"return-PATH :x\r\n", b" folded\r\n", b"\tfolded\r\n",
+    b"Subject: s\r\n", b"Return-Pathway: k\r\n", b"X: y\n", b"no colon\r\n", b"\r\n",
+    b"body line\r\n", b"Return-Path: <c@d>\n",
+])
+
+
+@given(parts=st.lists(_HEADER_LINES, max_size=12), cuts=st.lists(st.integers(1, 9), max_size=20))
+@settings(max_examples=200, deadline=None)
+def test_trace_filter_any_chunking_matches_the_reference(parts, cuts):
+    """However the content is cut into chunks, the streaming filter gives what the whole-message reference gives."""
+    data = b"".join(parts)
+    f = md._TraceFilter("alice@example.org")
+    out, pos = [], 0
+    for cut in cuts:
+        out.append(f.feed(data[pos : pos + cut]))
+        pos += cut
+    out.append(f.feed(data[pos:]))
+    out.append(f.flush())
+    assert b"".join(out) == _reference_trace_filter(data)

@@ -479,3 +479,15 @@ def test_target_with_nothing_to_deliver_is_unknown(d):
     """A local target whose resolution has neither mailboxes nor forwards is 550 5.1.1."""
     [o] = d.deliver(Target("ghost@example.test", res("ghost@example.test")))
     assert o.reply == R.RCPT_UNKNOWN
+
+
+def test_delivered_to_loop_at_data_time_is_that_recipients_554(d):
+    """At the end of the data (LMTP: requeue="partial"), a Delivered-To naming a recipient's mailbox is a 554 5.4.6 for that recipient only."""
+    d.content.write_bytes(b"Delivered-To: alice@example.test\r\nSubject: q\r\n\r\nbody\r\n")
+    bob = res("bob@example.test", ["bob"])
+    loop, ok = d.deliver(Target("alice@example.test", ALICE), Target("bob@example.test", bob))
+    assert str(loop.reply).startswith("554 5.4.6") and not loop.queued
+    assert ok.reply.is_positive and ok.local
+    assert d.messages("alice") == []
+    [msg] = d.messages("bob")
+    assert msg.get_all("Delivered-To") == ["bob@example.test", "alice@example.test"]

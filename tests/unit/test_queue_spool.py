@@ -479,7 +479,7 @@ def test_quarantine_moves_and_records_the_reason(spool):
     assert spool.quarantine(qid, "bad things")
     assert list(spool.list()) == [(CORRUPT, qid)]
     assert spool.reason(qid).endswith("bad things")
-    assert os.path.exists(spool.content_path(qid))  # never deleted
+    assert os.path.exists(spool.corrupt_content_path(qid))  # never deleted, moved along
     with pytest.raises(EnvelopeError):
         spool.load(qid)
     spool.delete(qid, states=(CORRUPT,))
@@ -491,9 +491,37 @@ def test_quarantine_without_envelope_writes_a_stub(spool):
     os.unlink(spool.envelope_path(INCOMING, qid))
     assert spool.quarantine(qid, "envelope lost")
     assert list(spool.list()) == [(CORRUPT, qid)]
-    assert os.path.exists(spool.content_path(qid))
+    assert os.path.exists(spool.corrupt_content_path(qid))
     assert not spool.quarantine("GONE", "nothing there")
     assert list(spool.list()) == [(CORRUPT, qid)]
+
+
+def test_quarantine_moves_the_data_file_with_the_envelope(spool):
+    """A quarantined message's content leaves data/ for corrupt/ with its envelope, whatever the cause."""
+    by_call = queue(spool)
+    spool.move(by_call, HOLD)
+    spool.quarantine(by_call, "manager could not read it")
+    garbage = queue(spool)
+    with open(spool.envelope_path(INCOMING, garbage), "wb") as f:
+        f.write(b"{not json")
+    spool.recover()
+    for qid in (by_call, garbage):
+        assert not os.path.exists(spool.content_path(qid))
+        with open(spool.corrupt_content_path(qid), "rb") as f:
+            assert f.read() == CONTENT
+    assert os.listdir(spool.data_dir) == []
+    assert sorted(i for _, i in spool.list()) == sorted([by_call, garbage])  # .data not listed
+    spool.delete(by_call, states=(CORRUPT,))
+    assert not os.path.exists(spool.corrupt_content_path(by_call))
+
+
+def test_recover_moves_content_left_behind_by_older_quarantines(spool):
+    """Content of a corrupt/ envelope still in data/ (older spools, a crash mid-quarantine) is moved on recovery."""
+    qid = queue(spool)
+    os.rename(spool.envelope_path(INCOMING, qid), spool.envelope_path(CORRUPT, qid))
+    spool.recover()
+    assert os.listdir(spool.data_dir) == []
+    assert os.path.exists(spool.corrupt_content_path(qid))
 
 
 def _age(path, seconds):
@@ -526,7 +554,7 @@ def test_recover(spool):
         _age(path, age)
     already_corrupt = queue(spool)
     spool.quarantine(already_corrupt, "earlier")
-    _age(spool.content_path(already_corrupt), ORPHAN_AGE * 10)
+    _age(spool.corrupt_content_path(already_corrupt), ORPHAN_AGE * 10)
 
     report = spool.recover()
 
@@ -540,10 +568,10 @@ def test_recover(spool):
                       lost_data: CORRUPT, already_corrupt: CORRUPT}
     assert "unreadable envelope in incoming/" in spool.reason(garbage)
     assert "data file missing" in spool.reason(lost_data)
-    assert os.path.exists(spool.content_path(garbage))
+    assert os.path.exists(spool.corrupt_content_path(garbage))
     assert os.path.exists(spool.content_path(new_orphan))
     assert not os.path.exists(spool.content_path(old_orphan))
-    assert os.path.exists(spool.content_path(already_corrupt))
+    assert os.path.exists(spool.corrupt_content_path(already_corrupt))
     assert os.listdir(spool.tmp_dir) == []
     assert spool.load(crashed)[1].id == crashed
     assert not spool.recover()  # nothing left to do

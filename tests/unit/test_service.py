@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.application import service
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
@@ -63,3 +65,30 @@ def test_queued_local_recipients_can_forward(tmp_path, monkeypatch):
     [manager] = [s for s in top if isinstance(s, QueueManager)]
     local = manager.router.local_target
     assert local.outbox is not None and local.srs is not None
+
+
+def test_maildir_tmp_cleaner_runs_on_the_server_clock(tmp_path, monkeypatch):
+    """The server includes the tmp/ cleaner for its store root, ticking on the injected reactor's clock."""
+    import shutil
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailserver.config import load_config
+    from mailserver.service import build_service
+    from mailserver.store.tmpclean import TmpCleaner
+    from tests.support.slapd import ROOT
+
+    (tmp_path / "etc").mkdir()
+    shutil.copy(ROOT / "etc" / "quickstart-users.ldif", tmp_path / "etc")
+    shutil.copy(ROOT / "etc" / "quickstart.toml", tmp_path / "etc")
+    monkeypatch.chdir(tmp_path)
+    config = load_config("etc/quickstart.toml")
+    reactor = MemoryReactorClock()
+    top = build_service(config, reactor)
+    [cleaner] = [s for s in top if isinstance(s, TmpCleaner)]
+    assert cleaner.root == os.path.abspath(config.store.maildir_root)
+    assert cleaner.clock is reactor
+    cleaner.startService()
+    assert [c.getTime() for c in reactor.getDelayedCalls()] == [cleaner.interval]
+    cleaner.stopService()
+    assert reactor.getDelayedCalls() == []
