@@ -149,6 +149,10 @@ TLS_NOT_OFFERED = R(502, "5.5.1", "STARTTLS not available")
 EIGHTBIT_ADDRESS = R(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 LOCAL_PART_TOO_LONG = R(553, "5.1.3", "Local part too long")
 DOMAIN_TOO_LONG = R(553, "5.1.3", "Domain too long")
+# The same for MAIL FROM: a sender's address error is 5.1.7, never the
+# recipient's 5.1.3 (RFC 3463 3.2).
+SENDER_LOCAL_PART_TOO_LONG = R(553, "5.1.7", "Sender local part too long")
+SENDER_DOMAIN_TOO_LONG = R(553, "5.1.7", "Sender domain too long")
 RCPT_UNKNOWN = R(550, "5.1.1", "User unknown")
 MAILBOX_UNAVAILABLE = R(550, "5.2.0", "Mailbox unavailable")
 MAILBOX_DISABLED = R(550, "5.2.1", "Mailbox disabled, not accepting messages")

@@ -412,7 +412,7 @@ MAIL_BAD = [
     (b"MAIL FROM:<j\xfcrgen@b.example>", R.EIGHTBIT_ADDRESS),
     (b"MAIL FROM:<j\xfcrgen@b.example> SMTPUTF8", R.BAD_SENDER_SYNTAX),
     (b"MAIL FROM:<a\r@b.example>", R.BAD_SENDER_SYNTAX),
-    (b"MAIL FROM:<" + b"a" * 65 + b"@b.example>", R.LOCAL_PART_TOO_LONG),
+    (b"MAIL FROM:<" + b"a" * 65 + b"@b.example>", R.SENDER_LOCAL_PART_TOO_LONG),
 ]
 
 
@@ -1463,3 +1463,39 @@ class DsnParamTests:
         assert b"DSN" not in self.ehlo
         _, out = self._mail(c, b"MAIL FROM:<a@example.org> RET=FULL\r\n")
         assert out.startswith(b"555 5.5.4")
+
+
+# Item 11 of issue 13: an address error names the sender (5.1.7) in MAIL and
+# the recipient (5.1.3) in RCPT, whatever the cause (syntax or length).
+MALFORMED_PATHS = [
+    b"a@b.example",
+    b"<a@b.example",
+    b"<a@b.example.>",
+    b"<a..b@b.example>",
+    b"<.a@b.example>",
+    b"<a@-b.example>",
+    b"<a@b_c.example>",
+    b"<a@[300.1.1.1]>",
+    b"<a@[tag:x]>",
+    b"<a@" + b"l" * 64 + b".example>",
+    b"<a\x7f@b.example>",
+    b"<a b@b.example>",
+    b"<@b.example>",
+    b"<@x.example:a@>",
+    b"<" + b"a" * 65 + b"@b.example>",
+    b'<"' + b"a" * 64 + b'"@b.example>',
+    b"<a@" + b"d" * 60 + (b".dddddddddddddddddddddddddddddddddddddddddddddddddddddddd" * 4) + b">",
+    b"<a@" + b"b." * 127 + b"example>",
+]
+
+
+@pytest.mark.parametrize("path", MALFORMED_PATHS)
+def test_address_error_codes_name_sender_or_recipient(path: bytes) -> None:
+    """A malformed or over-long path gets 5.1.7 in MAIL FROM and 5.1.3 in RCPT TO."""
+    conn = greeted()
+    _, out = run(conn, b"MAIL FROM:" + path + b"\r\n")
+    assert out[:3] in (b"501", b"553") and out[4:10] == b"5.1.7 ", out
+    conn = greeted()
+    run(conn, MAIL)
+    _, out = run(conn, b"RCPT TO:" + path + b"\r\n")
+    assert out[:3] in (b"501", b"553") and out[4:10] == b"5.1.3 ", out
