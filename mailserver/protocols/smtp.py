@@ -430,6 +430,10 @@ class SMTPServerProtocol(Protocol):
 
     def on_data_end(self, event: ev.DataEnd) -> None:
         due = len(self.txn.targets) if self.ctx.mode is Mode.LMTP else 1
+        if event.eight_bit:
+            # 8-bit octets without BODY=8BITMIME: relay it as 8-bit all the
+            # same, so a 7-bit peer gets the 5.6.3 handling, never raw octets.
+            self.txn.body_8bit = True
         self._tls_details()
         txn, self.txn = self.txn, Transaction()  # the pipeline owns it now
         self._decide(self.ctx.pipeline.end_data(self.session, txn), due=max(due, 1))

@@ -911,7 +911,7 @@ class SMTPServerConnection:
             self._reply(R.BDAT_OK.with_text(f"{octets} octets received"))
         else:
             replies = len(self.transaction.recipients) if self.mode is Mode.LMTP else 1
-            self._decide(DataEnd(checker.size), replies)
+            self._decide(DataEnd(checker.size, eight_bit=checker.eight_bit), replies)
 
     def _abort_content(self, reply: Reply) -> None:
         self._events.append(DataAborted(reply))

@@ -585,3 +585,30 @@ def test_lmtp_success_report_only_for_delivered_recipients(tmp_path):
     status = dsn.get_payload()[1].as_string()
     assert "Final-Recipient: rfc822; alice@example.test" in status
     assert "bob@example.test" not in status
+
+
+@pytest.mark.parametrize("body, verb, eight_bit", [
+    (None, "DATA", True),
+    (None, "BDAT", True),
+    ("7BIT", "DATA", True),
+    ("7BIT", "BDAT", True),
+    (None, "DATA", False),
+    ("8BITMIME", "DATA", True),
+])
+def test_undeclared_8bit_content_is_queued_as_8bit(tmp_path, body, verb, eight_bit):
+    """Content with 8-bit octets is queued as 8-bit whatever BODY= said, 7-bit content as declared."""
+    h = queue_harness(tmp_path)
+    p, t = h.connect("192.0.2.7")
+    param = f" BODY={body}".encode() if body else b""
+    text = "Subject: caf\u00e9\r\n\r\nna\u00efve\r\n".encode() if eight_bit \
+        else b"Subject: plain\r\n\r\nbody\r\n"
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.test>" + param + b"\r\nRCPT TO:<r@example.org>\r\n")
+    if verb == "DATA":
+        p.dataReceived(b"DATA\r\n" + text[:20])
+        p.dataReceived(text[20:] + b".\r\n")
+    else:
+        p.dataReceived(b"BDAT %d\r\n" % 20 + text[:20])
+        p.dataReceived(b"BDAT %d LAST\r\n" % (len(text) - 20) + text[20:])
+    assert replies(t)[-1] == "250 2.0.0"
+    [q] = h.outbox.queued
+    assert q["eight_bit"] is eight_bit

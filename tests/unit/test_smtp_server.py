@@ -1499,3 +1499,19 @@ def test_address_error_codes_name_sender_or_recipient(path: bytes) -> None:
     run(conn, MAIL)
     _, out = run(conn, b"RCPT TO:" + path + b"\r\n")
     assert out[:3] in (b"501", b"553") and out[4:10] == b"5.1.3 ", out
+
+
+@pytest.mark.parametrize("chunks, eight_bit", [
+    ([b"a: b\r\n\r\nplain\r\n"], False),
+    ([b"a: b\r\n\r\ncaf", b"\xc3\xa9\r\n"], True),
+    ([b"a: \xff\r\n\r\n", b"plain\r\n"], True),
+])
+def test_data_end_notes_8bit_octets(chunks: list, eight_bit: bool) -> None:
+    """DataEnd says whether any chunk held an octet above 127, without BODY=8BITMIME."""
+    conn = with_rcpt()
+    run(conn, b"DATA\r\n")
+    events: list[Event] = []
+    for chunk in chunks:
+        events += run(conn, chunk)[0]
+    events += run(conn, b".\r\n")[0]
+    assert isinstance(events[-1], DataEnd) and events[-1].eight_bit is eight_bit
