@@ -83,6 +83,12 @@ Policy choices:
   the replies to ``DataEnd`` (those are the server's trouble, not the
   client's).  When the count exceeds ``max_errors`` the core sends
   ``TOO_MANY_ERRORS`` (421) and emits ``Closing``.
+* **Junk commands** (NOOP, RSET, VRFY, HELP, ETRN, as Postfix's
+  ``smtpd_junk_command_limit``) are counted too: past
+  ``max_junk_commands`` the core sends ``TOO_MANY_JUNK_COMMANDS`` (421) and
+  emits ``Closing``, so a client cannot hold a session open with a NOOP
+  every few seconds.  An accepted message starts the count again (an LMTP
+  feed sends RSET between messages).
 * **Enhanced codes** are on every reply except the greeting, 354 and the
   HELO/EHLO/LHLO replies, whose first word must be the server's domain
   (RFC 5321 §4.1.1.1; RFC 2034 leaves the EHLO keyword lines alone).
@@ -163,6 +169,10 @@ LINE_ALLOWANCES: dict[str, dict[str, int]] = {
 """Octets an advertised extension adds to a verb's command line limit."""
 
 
+_JUNK_VERBS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "ETRN"})
+"""Commands that move no mail (Postfix's junk commands, HELP added)."""
+
+
 class Mode(enum.Enum):
     """Which service the connection speaks for."""
 
@@ -180,6 +190,7 @@ class Limits:
     max_message_size: int = 26214400  # 0: no limit
     max_recipients: int = 100
     max_errors: int = 10
+    max_junk_commands: int = 100  # NOOP/RSET/VRFY/HELP/ETRN per session; 0: no limit
 
 
 class State(enum.Enum):
@@ -357,6 +368,7 @@ class SMTPServerConnection:
         self.transaction = Transaction()
         self.helo: Optional[str] = None
         self.errors = 0
+        self.junk = 0  # junk commands since the session began or the last accepted message
         self.pending: Optional[Event] = None
         self._replies_due = 0
         self._buf = bytearray()
@@ -475,6 +487,8 @@ class SMTPServerConnection:
             self._close(reply)
             return
         if isinstance(event, DataEnd):
+            if reply.is_positive:
+                self.junk = 0
             self._reply(reply, counted=False)
             if self.pending is None:
                 self._reset("END")
@@ -608,6 +622,11 @@ class SMTPServerConnection:
         if handler is None:
             self._reply(R.SYNTAX_ERROR)
             return
+        if verb in _JUNK_VERBS and self.limits.max_junk_commands:
+            self.junk += 1
+            if self.junk > self.limits.max_junk_commands:
+                self._close(R.TOO_MANY_JUNK_COMMANDS)
+                return
         try:
             error = self._sequence_error(verb)
             if error is not None and verb not in ("BDAT", "STARTTLS", "AUTH"):

@@ -1516,3 +1516,30 @@ def test_data_end_notes_8bit_octets(chunks: list, eight_bit: bool) -> None:
     events += run(conn, b".\r\n")[0]
     [end] = [e for e in events if isinstance(e, DataEnd)]
     assert end.eight_bit is eight_bit
+
+
+@pytest.mark.parametrize("junk", [b"NOOP", b"RSET", b"VRFY bob", b"HELP"])
+def test_junk_command_limit_closes_the_session(junk: bytes) -> None:
+    """Past max_junk_commands NOOP/RSET/VRFY/HELP (any mix) the core says 421 4.7.0 and closes."""
+    conn = greeted(limits=Limits(max_junk_commands=5))
+    events, out = run(conn, (junk + b"\r\n") * 5)
+    assert not conn.closed
+    events, out = run(conn, b"NOOP\r\n")
+    assert conn.closed and out.endswith(R.TOO_MANY_JUNK_COMMANDS.to_bytes())
+    assert isinstance(events[-1], Closing)
+
+
+def test_junk_count_starts_again_after_a_delivered_message() -> None:
+    """An accepted message resets the junk count, so a long LMTP feed with RSETs is not cut off."""
+    conn = greeted(limits=Limits(max_junk_commands=3))
+    for _ in range(5):
+        run(conn, b"RSET\r\nNOOP\r\n" + MAIL + RCPT + b"DATA\r\n")
+        run(conn, b"a: b\r\n\r\nx\r\n.\r\n")
+    assert not conn.closed
+
+
+def test_junk_limit_zero_is_off() -> None:
+    """max_junk_commands = 0 means no limit."""
+    conn = greeted(limits=Limits(max_junk_commands=0))
+    run(conn, b"NOOP\r\n" * 500)
+    assert not conn.closed
