@@ -170,6 +170,10 @@ class POP3Config:
     idle_timeout: float = field(
         default=600.0, metadata=_doc("Seconds a POP3 session may stay idle (RFC 1939: at least "
                                      "600).", min=1))
+    connection_rate_limit: int = field(
+        default=60, metadata=_doc("Connections per client (address or IPv6 /64) per minute on "
+                                  "each POP3 listener before -ERR [SYS/TEMP] (relay."
+                                  "trusted_networks exempt). 0 = no limit.", min=0))
 
 
 @dataclass(frozen=True)
