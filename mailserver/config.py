@@ -121,7 +121,8 @@ class SMTPConfig:
                                    "the data may take data_timeout plus one second per this "
                                    "many octets received [smtpd_min_data_rate]. 0 = off.", min=0))
     junk_command_limit: int = field(
-        default=100, metadata=_doc("NOOP/RSET/VRFY/HELP/ETRN per session (counted again after "
+        default=100, metadata=_doc("NOOP/RSET/VRFY/HELP/ETRN, repeated HELO/EHLO and RCPTs past "
+                                   "max_recipients per session (counted again after "
                                    "each accepted message) before 421 4.7.0 "
                                    "[smtpd_junk_command_limit]. 0 = no limit.", min=0))
     connection_rate_limit: int = field(

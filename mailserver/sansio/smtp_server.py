@@ -84,7 +84,8 @@ Policy choices:
   client's).  When the count exceeds ``max_errors`` the core sends
   ``TOO_MANY_ERRORS`` (421) and emits ``Closing``.
 * **Junk commands** (NOOP, RSET, VRFY, HELP, ETRN, as Postfix's
-  ``smtpd_junk_command_limit``) are counted too: past
+  ``smtpd_junk_command_limit``; also a repeated HELO/EHLO/LHLO and a RCPT
+  past ``max_recipients``) are counted too: past
   ``max_junk_commands`` the core sends ``TOO_MANY_JUNK_COMMANDS`` (421) and
   emits ``Closing``, so a client cannot hold a session open with a NOOP
   every few seconds.  An accepted message starts the count again (an LMTP
@@ -622,11 +623,8 @@ class SMTPServerConnection:
         if handler is None:
             self._reply(R.SYNTAX_ERROR)
             return
-        if verb in _JUNK_VERBS and self.limits.max_junk_commands:
-            self.junk += 1
-            if self.junk > self.limits.max_junk_commands:
-                self._close(R.TOO_MANY_JUNK_COMMANDS)
-                return
+        if verb in _JUNK_VERBS and self._junk():
+            return
         try:
             error = self._sequence_error(verb)
             if error is not None and verb not in ("BDAT", "STARTTLS", "AUTH"):
@@ -635,9 +633,21 @@ class SMTPServerConnection:
         except ProtocolError as exc:
             self._reply(exc.reply)
 
+    def _junk(self) -> bool:
+        """Count a junk command; True (after the 421) when past the limit."""
+        if not self.limits.max_junk_commands:
+            return False
+        self.junk += 1
+        if self.junk > self.limits.max_junk_commands:
+            self._close(R.TOO_MANY_JUNK_COMMANDS)
+            return True
+        return False
+
     def _hello(self, verb: str, domain: str, reply: Reply) -> None:
         if not domain or _BAD_TEXT.search(domain):
             raise ProtocolError(R.BAD_ARGUMENTS)
+        if self.helo and self._junk():  # a repeated hello moves no mail
+            return
         if self.state in _TRANSACTION_STATES:
             self._reset("HELLO")
         else:
@@ -718,7 +728,8 @@ class SMTPServerConnection:
         txn = self.transaction
         txn.rcpt_attempts += 1
         if len(txn.recipients) >= self.limits.max_recipients:
-            self._reply(R.TOO_MANY_RECIPIENTS, counted=False)
+            if not self._junk():  # not an error, but no way to hold a session either
+                self._reply(R.TOO_MANY_RECIPIENTS, counted=False)
             return
         path, rest = split_argument(arg, "TO:", R.BAD_RCPT_SYNTAX)
         params = parse_params(rest)

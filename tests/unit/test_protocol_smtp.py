@@ -244,6 +244,7 @@ def test_full_write_buffer_stops_command_processing(h):
     """While the transport's buffer is full, pipelined commands wait, and reading
     stops once the unprocessed input passes HOLD_INPUT (not before: under TLS
     the buffer may wait for a handshake that needs reading)."""
+    h.ctx.limits = Limits(max_recipients=5, max_junk_commands=0)  # 9000 EHLOs are junk
     p, t = h.connect()
     assert t.producer is p  # registered as the transport's streaming producer
     t.clear()

@@ -1543,3 +1543,18 @@ def test_junk_limit_zero_is_off() -> None:
     conn = greeted(limits=Limits(max_junk_commands=0))
     run(conn, b"NOOP\r\n" * 500)
     assert not conn.closed
+
+
+@pytest.mark.parametrize("repeat", [
+    b"EHLO client.example\r\n",
+    b"HELO client.example\r\n",
+    RCPT,  # past max_recipients: 452, which counts as no error
+])
+def test_repeated_hello_and_recipients_past_the_limit_are_junk(repeat: bytes) -> None:
+    """A second HELO/EHLO and a RCPT past the recipient limit count as junk, so they cannot hold a session either."""
+    conn = greeted(limits=Limits(max_junk_commands=5, max_recipients=1, max_errors=1000))
+    run(conn, MAIL + RCPT)
+    run(conn, repeat * 5)
+    assert not conn.closed
+    _, out = run(conn, repeat)
+    assert conn.closed and out.endswith(R.TOO_MANY_JUNK_COMMANDS.to_bytes())
