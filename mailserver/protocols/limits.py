@@ -2,7 +2,8 @@
 """Connection limits for the listeners: how many at once, in total and per client.
 
 :class:`ConnectionLimiter` counts one listener's open connections and gives
-the 421 that refuses one too many; :func:`client_key` decides what counts as
+the 421 that refuses one too many; :class:`ConnectionRateLimiter` counts
+connections per client per minute; :func:`client_key` decides what counts as
 one client (an IPv4 address, or the /64 around an IPv6 one).
 :mod:`mailserver.protocols.smtp` asks both when a connection opens and
 closes, and ``service.py`` gives each listener a limiter of its own.
@@ -72,7 +73,9 @@ class ConnectionRateLimiter:
     window, in one pass), so the state stays bounded by the clients seen in
     the last minute.  ``limit`` 0 is no limit.  Client addresses in
     ``exempt`` (the trusted networks, as Postfix exempts ``mynetworks``) are
-    never limited.  The interface is :meth:`allow` alone, so the state can
+    never limited, nor are UNIX-socket peers (``"unix"``: local processes,
+    an LMTP feed, that would otherwise all share one key).  The interface
+    is :meth:`allow` alone, so the state can
     move to a supervisor process later (DESIGN.md 9) without changing the
     listeners.
     """
@@ -90,7 +93,7 @@ class ConnectionRateLimiter:
     def allow(self, client: str, now: float, ip: str = "") -> bool:
         """Count a connection from ``client`` (a :func:`client_key`; ``ip`` the
         address itself) at ``now``; False when over the limit."""
-        if not self.limit or (ip and ip in self.exempt):
+        if not self.limit or ip == "unix" or (ip and ip in self.exempt):
             return True
         if now - self._swept >= self.window:
             self._swept = now

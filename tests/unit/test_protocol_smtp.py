@@ -717,3 +717,11 @@ def test_trusted_networks_are_exempt_from_the_connection_rate_limit(tmp_path):
         p, t = h.connect("192.0.2.7")
         assert replies(t)[0].startswith("220")
         p.connectionLost(None)
+
+
+def test_unix_socket_peers_are_exempt_from_the_connection_rate_limit():
+    """Local processes on a UNIX socket (an LMTP feed) share one key and are never rate limited."""
+    from mailserver.protocols.limits import ConnectionRateLimiter
+
+    rl = ConnectionRateLimiter(1)
+    assert all(rl.allow("unix", now=0.0, ip="unix") for _ in range(5))
