@@ -40,6 +40,9 @@ What is accepted, and how it is normalised:
 * Lengths are counted in UTF-8 octets: local part over 64 gives
   ``LOCAL_PART_TOO_LONG``, domain over 255 gives ``DOMAIN_TOO_LONG``, an ASCII
   domain label over 63 is a syntax error.
+* Every error names the path it is about: ``5.1.7`` (``BAD_SENDER_SYNTAX``,
+  ``SENDER_LOCAL_PART_TOO_LONG``, ``SENDER_DOMAIN_TOO_LONG``) for MAIL,
+  ``5.1.3`` for RCPT; only ``EIGHTBIT_ADDRESS`` is shared (``5.6.7``, RFC 6531).
 """
 
 from __future__ import annotations
@@ -148,8 +151,10 @@ def parse_path(
     """Parse ``<path>`` (angle brackets included) from MAIL or RCPT.
 
     Returns ``None`` for the null path ``<>`` (MAIL only).  ``for_rcpt``
-    selects the syntax-error reply (``BAD_RCPT_SYNTAX`` instead of
-    ``BAD_SENDER_SYNTAX``) and allows ``<postmaster>``.  Raises
+    selects the error replies (``BAD_RCPT_SYNTAX``, ``LOCAL_PART_TOO_LONG``,
+    ``DOMAIN_TOO_LONG``: 5.1.3, instead of the sender's ``BAD_SENDER_SYNTAX``,
+    ``SENDER_LOCAL_PART_TOO_LONG``, ``SENDER_DOMAIN_TOO_LONG``: 5.1.7) and
+    allows ``<postmaster>``.  Raises
     :class:`AddressError`.
     """
     syntax = R.BAD_RCPT_SYNTAX if for_rcpt else R.BAD_SENDER_SYNTAX
@@ -174,9 +179,9 @@ def parse_path(
         raise AddressError(syntax)
     domain = _normalise_domain(domain, syntax)
     if len(local.encode("utf-8")) > max_local:
-        raise AddressError(R.LOCAL_PART_TOO_LONG)
+        raise AddressError(R.LOCAL_PART_TOO_LONG if for_rcpt else R.SENDER_LOCAL_PART_TOO_LONG)
     if len(domain.encode("utf-8")) > max_domain:
-        raise AddressError(R.DOMAIN_TOO_LONG)
+        raise AddressError(R.DOMAIN_TOO_LONG if for_rcpt else R.SENDER_DOMAIN_TOO_LONG)
     return Address(_normalise_local_part(local), domain)
 
 

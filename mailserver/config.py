@@ -115,6 +115,21 @@ class SMTPConfig:
     data_timeout: float = field(
         default=180.0, metadata=_doc("Seconds to wait for each block of message data.", min=1)
     )
+    # -- slow and repetitive clients (issue 13 item 2; Postfix's names in brackets)
+    min_data_rate: int = field(
+        default=500, metadata=_doc("Octets per second a client must keep up during DATA/BDAT: "
+                                   "the data may take data_timeout plus one second per this "
+                                   "many octets received [smtpd_min_data_rate]. 0 = off.", min=0))
+    junk_command_limit: int = field(
+        default=100, metadata=_doc("NOOP/RSET/VRFY/HELP/ETRN, repeated HELO/EHLO and RCPTs past "
+                                   "max_recipients per session (counted again after "
+                                   "each accepted message) before 421 4.7.0 "
+                                   "[smtpd_junk_command_limit]. 0 = no limit.", min=0))
+    connection_rate_limit: int = field(
+        default=60, metadata=_doc("Connections per client (address or IPv6 /64) per minute on "
+                                  "each SMTP, submission or LMTP listener before 421 4.7.0 "
+                                  "(relay.trusted_networks exempt) [smtpd_client_connection_rate_limit]. "
+                                  "0 = no limit.", min=0))
 
 
 @dataclass(frozen=True)
@@ -156,6 +171,10 @@ class POP3Config:
     idle_timeout: float = field(
         default=600.0, metadata=_doc("Seconds a POP3 session may stay idle (RFC 1939: at least "
                                      "600).", min=1))
+    connection_rate_limit: int = field(
+        default=60, metadata=_doc("Connections per client (address or IPv6 /64) per minute on "
+                                  "each POP3 listener before -ERR [SYS/TEMP] (relay."
+                                  "trusted_networks exempt). 0 = no limit.", min=0))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from mailserver.pipeline.acceptance import Acceptance
 from mailserver.pipeline.submission import RateLimit, SenderOwnership, SubmissionHeaders
 from mailserver.policy import RecipientPolicy
-from mailserver.protocols.limits import ConnectionLimiter
+from mailserver.protocols.limits import ConnectionLimiter, ConnectionRateLimiter
 from mailserver.protocols.smtp import ListenerContext, SMTPFactory
 from mailserver.sansio.smtp_server import Limits, Mode
 
@@ -95,13 +95,15 @@ def _smtp_family(parts: Parts, lc, kind: ListenerKind):
         mode=kind.mode, kind=lc.protocol, hostname=config.server.hostname,
         limits=Limits(max_command_line=s.command_line_limit, max_text_line=s.text_line_limit,
                       max_message_size=s.max_message_size, max_recipients=s.max_recipients,
-                      max_errors=s.max_errors),
+                      max_errors=s.max_errors, max_junk_commands=s.junk_command_limit),
         pipeline=pipeline, clock=parts.reactor, limiter=_limiter(config), name=lc.name,
         tls=parts.tls if lc.tls == "starttls" else None,
         implicit_tls=lc.tls == "implicit",
         auth_mechanisms=tuple(m.upper() for m in config.auth.mechanisms) if auth else (),
         auth_requires_tls=not lc.plaintext_auth,
         command_timeout=s.command_timeout, data_timeout=s.data_timeout,
+        min_data_rate=s.min_data_rate,
+        rate_limiter=ConnectionRateLimiter(s.connection_rate_limit, exempt=parts.trusted),
         dsn=parts.outbox is not None, metrics=parts.metrics)
     return _tls_wrapped(parts, lc, SMTPFactory(ctx))
 
@@ -119,7 +121,9 @@ def _pop3(parts: Parts, lc, kind: ListenerKind):
         tls=parts.tls if lc.tls == "starttls" else None, implicit_tls=lc.tls == "implicit",
         plaintext_auth=lc.plaintext_auth,
         mechanisms=tuple(m.upper() for m in config.auth.mechanisms),
-        idle_timeout=config.pop3.idle_timeout, metrics=parts.metrics)
+        idle_timeout=config.pop3.idle_timeout, metrics=parts.metrics,
+        rate_limiter=ConnectionRateLimiter(config.pop3.connection_rate_limit,
+                                           exempt=parts.trusted))
     return _tls_wrapped(parts, lc, POP3Factory(ctx))
 
 

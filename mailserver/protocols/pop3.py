@@ -66,6 +66,7 @@ class POP3Context:
     close_grace: float = 10.0
     metrics: Any = None  # mailserver.metrics.Metrics, or None when metrics are off
     sessions: Sessions = field(default_factory=Sessions)  # live sessions, for a graceful stop
+    rate_limiter: Any = None  # limits.ConnectionRateLimiter: connections per client per minute
 
 
 def _open_and_read(maildrop, index: int) -> tuple:
@@ -134,6 +135,17 @@ class POP3ServerProtocol(Protocol):
         self.ctx.sessions.add(self)
         if self.ctx.sessions.draining:  # accepted just before the listener stopped
             self.transport.write(SHUTTING_DOWN)
+            self.closing = True
+            self._hang_up()
+            return
+        rate = self.ctx.rate_limiter
+        if rate is not None and not rate.allow(self.key, self.ctx.clock.seconds(), self.client):
+            log.info("{listener}: refused connection from {client}: connection rate limit",
+                     listener=self.ctx.name, client=self.client)
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.connection_refused(self.ctx.name)
+            self.transport.write(b"-ERR [SYS/TEMP] Too many connections from your address "
+                                 b"per minute, try again later\r\n")
             self.closing = True
             self._hang_up()
             return

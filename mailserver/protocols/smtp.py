@@ -27,7 +27,7 @@ from mailserver import reply as R
 from mailserver.errors import is_known, to_reply
 from mailserver.pipeline.acceptance import Acceptance
 from mailserver.pipeline.session import Session, Transaction
-from mailserver.protocols.limits import ConnectionLimiter, client_key
+from mailserver.protocols.limits import ConnectionLimiter, ConnectionRateLimiter, client_key
 from mailserver.protocols.sessions import Sessions
 from mailserver.sansio import smtp_events as ev
 from mailserver.sansio.smtp_server import Limits, Mode, SMTPServerConnection
@@ -54,6 +54,8 @@ class ListenerContext:
     command_timeout: float = 300.0
     data_timeout: float = 180.0
     close_grace: float = 10.0  # seconds a closing connection may take to drain
+    min_data_rate: float = 500.0  # octets/s a client must keep up during DATA/BDAT; 0: off
+    rate_limiter: Optional[ConnectionRateLimiter] = None  # connections per client per minute
     dsn: bool = False  # DSN parameters accepted (there is a queue to honour them)
     metrics: Any = None  # mailserver.metrics.Metrics, or None when metrics are off
     sessions: Sessions = field(default_factory=Sessions)  # live sessions, for a graceful stop
@@ -94,8 +96,11 @@ class SMTPServerProtocol(Protocol):
         self.due = 1  # replies owed for the pending decision
         self.deciding = False  # inside _decide: a synchronous answer must not re-enter _drive
         self.draining = False  # the server is stopping: close once between transactions
+        self.data_started: Optional[float] = None  # when DATA/the first BDAT began
+        self.data_octets = 0  # octets received since then
 
     def _reset_transaction(self) -> None:
+        self.data_started = None
         self.txn.discard()
         self.txn = Transaction()
 
@@ -104,7 +109,12 @@ class SMTPServerProtocol(Protocol):
         self.client = _peer_ip(self.transport)
         self.key = client_key(self.client)
         self.ctx.sessions.add(self)
-        refusal = self.ctx.limiter.acquire(self.key)
+        rate = self.ctx.rate_limiter
+        if rate is not None and not rate.allow(self.key, self.ctx.clock.seconds(),
+                                                self.client):
+            refusal = R.CONNECTION_RATE_LIMITED  # counted nowhere: nothing to release
+        else:
+            refusal = self.ctx.limiter.acquire(self.key)
         if refusal is None and self.ctx.sessions.draining:
             refusal = R.SHUTTING_DOWN  # accepted just before the listener stopped
             self.ctx.limiter.release(self.key)
@@ -147,6 +157,8 @@ class SMTPServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing or self.core is None:
             return
+        if self.data_started is not None:
+            self.data_octets += len(data)
         self.core.receive_data(data)
         if self.write_paused:
             self._update_reading()
@@ -355,6 +367,13 @@ class SMTPServerProtocol(Protocol):
             return
         seconds = (self.ctx.data_timeout if self.txn.message is not None
                    else self.ctx.command_timeout)
+        if self.data_started is not None and self.ctx.min_data_rate:
+            # Postfix's smtpd_min_data_rate: the data may take data_timeout
+            # plus one second per min_data_rate octets received, in all; a
+            # client trickling ten octets a second cannot hold the slot.
+            deadline = (self.data_started + self.ctx.data_timeout
+                        + self.data_octets / self.ctx.min_data_rate)
+            seconds = max(0.0, min(seconds, deadline - self.ctx.clock.seconds()))
         self.timer = self.ctx.clock.callLater(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
@@ -418,6 +437,9 @@ class SMTPServerProtocol(Protocol):
                                                       dict(event.params))))
 
     def on_data_start(self, event: ev.DataStart) -> None:
+        if self.data_started is None:  # a BDAT transaction is timed as a whole
+            self.data_started = self.ctx.clock.seconds()
+            self.data_octets = 0
         self.ctx.pipeline.begin_data(self.txn)
 
     def on_data_chunk(self, event: ev.DataChunk) -> None:
@@ -430,8 +452,13 @@ class SMTPServerProtocol(Protocol):
 
     def on_data_end(self, event: ev.DataEnd) -> None:
         due = len(self.txn.targets) if self.ctx.mode is Mode.LMTP else 1
+        if event.eight_bit:
+            # 8-bit octets without BODY=8BITMIME: relay it as 8-bit all the
+            # same, so a 7-bit peer gets the 5.6.3 handling, never raw octets.
+            self.txn.body_8bit = True
         self._tls_details()
         txn, self.txn = self.txn, Transaction()  # the pipeline owns it now
+        self.data_started = None
         self._decide(self.ctx.pipeline.end_data(self.session, txn), due=max(due, 1))
 
     def _tls_details(self) -> None:

@@ -21,7 +21,8 @@ and removes what it consumed from the front of it.
 * :class:`BdatReader` reads exactly the announced number of octets of a
   BDAT chunk (RFC 3030): binary, no unstuffing.
 * :class:`ContentChecker` watches the content (after unstuffing) across chunk
-  boundaries: size, NUL, bare CR or LF, and line length.  It never stops the
+  boundaries: size, NUL, bare CR or LF, line length, and 8-bit octets (noted,
+  not refused: the message is then relayed as 8-bit).  It never stops the
   reading; it records what is wrong, and :attr:`ContentChecker.refusal` gives
   the reply to send once the real end has been read.
 
@@ -119,6 +120,7 @@ class ContentChecker:
         self.nul = False
         self.bare_newline = False
         self.long_line = False
+        self.eight_bit = False  # an octet above 127 was seen (declared or not)
 
     def feed(self, data: bytes) -> None:
         """Account for the next piece of content."""
@@ -129,6 +131,8 @@ class ContentChecker:
             self.too_big = True
         if b"\x00" in data:
             self.nul = True
+        if not self.eight_bit and not data.isascii():
+            self.eight_bit = True
         self._check_newlines(data)
         self._check_lines(data)
 

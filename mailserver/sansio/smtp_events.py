@@ -106,6 +106,7 @@ class DataEnd(Event):
 
     NEEDS_REPLY = True
     size: int = 0
+    eight_bit: bool = False  # the content holds octets above 127, BODY= or not
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,13 @@ Policy choices:
   the replies to ``DataEnd`` (those are the server's trouble, not the
   client's).  When the count exceeds ``max_errors`` the core sends
   ``TOO_MANY_ERRORS`` (421) and emits ``Closing``.
+* **Junk commands** (NOOP, RSET, VRFY, HELP, ETRN, as Postfix's
+  ``smtpd_junk_command_limit``; also a repeated HELO/EHLO/LHLO and a RCPT
+  past ``max_recipients``) are counted too: past
+  ``max_junk_commands`` the core sends ``TOO_MANY_JUNK_COMMANDS`` (421) and
+  emits ``Closing``, so a client cannot hold a session open with a NOOP
+  every few seconds.  An accepted message starts the count again (an LMTP
+  feed sends RSET between messages).
 * **Enhanced codes** are on every reply except the greeting, 354 and the
   HELO/EHLO/LHLO replies, whose first word must be the server's domain
   (RFC 5321 §4.1.1.1; RFC 2034 leaves the EHLO keyword lines alone).
@@ -163,6 +170,10 @@ LINE_ALLOWANCES: dict[str, dict[str, int]] = {
 """Octets an advertised extension adds to a verb's command line limit."""
 
 
+_JUNK_VERBS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "ETRN"})
+"""Commands that move no mail (Postfix's junk commands, HELP added)."""
+
+
 class Mode(enum.Enum):
     """Which service the connection speaks for."""
 
@@ -180,6 +191,7 @@ class Limits:
     max_message_size: int = 26214400  # 0: no limit
     max_recipients: int = 100
     max_errors: int = 10
+    max_junk_commands: int = 100  # NOOP/RSET/VRFY/HELP/ETRN per session; 0: no limit
 
 
 class State(enum.Enum):
@@ -357,6 +369,7 @@ class SMTPServerConnection:
         self.transaction = Transaction()
         self.helo: Optional[str] = None
         self.errors = 0
+        self.junk = 0  # junk commands since the session began or the last accepted message
         self.pending: Optional[Event] = None
         self._replies_due = 0
         self._buf = bytearray()
@@ -475,6 +488,8 @@ class SMTPServerConnection:
             self._close(reply)
             return
         if isinstance(event, DataEnd):
+            if reply.is_positive:
+                self.junk = 0
             self._reply(reply, counted=False)
             if self.pending is None:
                 self._reset("END")
@@ -608,6 +623,8 @@ class SMTPServerConnection:
         if handler is None:
             self._reply(R.SYNTAX_ERROR)
             return
+        if verb in _JUNK_VERBS and self._junk():
+            return
         try:
             error = self._sequence_error(verb)
             if error is not None and verb not in ("BDAT", "STARTTLS", "AUTH"):
@@ -616,9 +633,21 @@ class SMTPServerConnection:
         except ProtocolError as exc:
             self._reply(exc.reply)
 
+    def _junk(self) -> bool:
+        """Count a junk command; True (after the 421) when past the limit."""
+        if not self.limits.max_junk_commands:
+            return False
+        self.junk += 1
+        if self.junk > self.limits.max_junk_commands:
+            self._close(R.TOO_MANY_JUNK_COMMANDS)
+            return True
+        return False
+
     def _hello(self, verb: str, domain: str, reply: Reply) -> None:
         if not domain or _BAD_TEXT.search(domain):
             raise ProtocolError(R.BAD_ARGUMENTS)
+        if self.helo and self._junk():  # a repeated hello moves no mail
+            return
         if self.state in _TRANSACTION_STATES:
             self._reset("HELLO")
         else:
@@ -699,7 +728,8 @@ class SMTPServerConnection:
         txn = self.transaction
         txn.rcpt_attempts += 1
         if len(txn.recipients) >= self.limits.max_recipients:
-            self._reply(R.TOO_MANY_RECIPIENTS, counted=False)
+            if not self._junk():  # not an error, but no way to hold a session either
+                self._reply(R.TOO_MANY_RECIPIENTS, counted=False)
             return
         path, rest = split_argument(arg, "TO:", R.BAD_RCPT_SYNTAX)
         params = parse_params(rest)
@@ -911,7 +941,7 @@ class SMTPServerConnection:
             self._reply(R.BDAT_OK.with_text(f"{octets} octets received"))
         else:
             replies = len(self.transaction.recipients) if self.mode is Mode.LMTP else 1
-            self._decide(DataEnd(checker.size), replies)
+            self._decide(DataEnd(checker.size, eight_bit=checker.eight_bit), replies)
 
     def _abort_content(self, reply: Reply) -> None:
         self._events.append(DataAborted(reply))

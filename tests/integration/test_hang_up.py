@@ -16,7 +16,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def server(tmp_path):
     srv = MailServer(tmp_path / "server", directory=embedded_directory(),
-                     smtp={"command_timeout": 1.0},
+                     # The floods are NOOPs and the slots are polled twice a second:
+                     # neither the junk command limit nor the connection rate limit
+                     # is what these tests are about.
+                     smtp={"command_timeout": 1.0, "junk_command_limit": 0,
+                           "connection_rate_limit": 0},
                      server={"max_connections_per_client": 2}).start()
     yield srv
     srv.stop()

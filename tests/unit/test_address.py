@@ -166,7 +166,7 @@ def test_quoted_local_part_length_is_counted_as_sent() -> None:
     """The 64-octet limit applies to the local part as the client sent it."""
     with pytest.raises(AddressError) as info:
         parse_path('<"' + "a" * 63 + '"@example.com>', smtputf8=False)
-    assert info.value.reply == R.LOCAL_PART_TOO_LONG
+    assert info.value.reply == R.SENDER_LOCAL_PART_TOO_LONG
 
 
 def test_address_error_is_protocol_error() -> None:
@@ -209,39 +209,39 @@ def test_address_is_frozen() -> None:
 
 
 def test_local_part_length_limit() -> None:
-    """A 64-octet local part is fine; 65 gives LOCAL_PART_TOO_LONG."""
+    """A 64-octet local part is fine; 65 gives SENDER_LOCAL_PART_TOO_LONG in MAIL."""
     assert parse_path("<" + "a" * 64 + "@example.com>", smtputf8=False).local == "a" * 64
     with pytest.raises(AddressError) as info:
         parse_path("<" + "a" * 65 + "@example.com>", smtputf8=False)
-    assert info.value.reply == R.LOCAL_PART_TOO_LONG
+    assert info.value.reply == R.SENDER_LOCAL_PART_TOO_LONG
 
 
 def test_local_part_length_counts_octets() -> None:
     """The local part limit counts UTF-8 octets, not characters."""
     with pytest.raises(AddressError) as info:
         parse_path("<" + "ü" * 33 + "@example.com>", smtputf8=True)
-    assert info.value.reply == R.LOCAL_PART_TOO_LONG
+    assert info.value.reply == R.SENDER_LOCAL_PART_TOO_LONG
 
 
 def test_domain_length_limit() -> None:
-    """A 255-octet domain is fine; 256 gives DOMAIN_TOO_LONG."""
+    """A 255-octet domain is fine; 256 gives SENDER_DOMAIN_TOO_LONG in MAIL."""
     domain255 = ".".join(["x" * 63] * 4)
     domain256 = "y." + ".".join(["x" * 63] * 3 + ["x" * 62])
     assert (len(domain255), len(domain256)) == (255, 256)
     assert parse_path(f"<a@{domain255}>", smtputf8=False).domain == domain255
     with pytest.raises(AddressError) as info:
         parse_path(f"<a@{domain256}>", smtputf8=False)
-    assert info.value.reply == R.DOMAIN_TOO_LONG
+    assert info.value.reply == R.SENDER_DOMAIN_TOO_LONG
 
 
 def test_limits_are_keywords() -> None:
     """max_local and max_domain change the limits."""
     with pytest.raises(AddressError) as info:
         parse_path("<abcd@example.com>", smtputf8=False, max_local=3)
-    assert info.value.reply == R.LOCAL_PART_TOO_LONG
+    assert info.value.reply == R.SENDER_LOCAL_PART_TOO_LONG
     with pytest.raises(AddressError) as info:
         parse_path("<a@example.com>", smtputf8=False, max_domain=5)
-    assert info.value.reply == R.DOMAIN_TOO_LONG
+    assert info.value.reply == R.SENDER_DOMAIN_TOO_LONG
 
 
 EIGHTBIT = ["<ü@example.com>", "<a@bücher.example>", '<"ü"@example.com>', "<a@\udcff.example>"]

@@ -234,3 +234,20 @@ def test_large_message_is_streamed_whole(h, transport):
     assert out.count("..line 002999 " + "x" * 60) == 1
     assert sum(1 for line in out if line.startswith("..line ")) == 3000
     assert out[out.index(".") + 1].startswith("+OK")
+
+
+def test_connection_rate_limit(tmp_path):
+    """Past connection_rate_limit connects a minute from one client, POP3 says -ERR [SYS/TEMP] at connect and closes."""
+    from mailserver.protocols.limits import ConnectionRateLimiter
+
+    h = Harness(tmp_path, rate_limiter=ConnectionRateLimiter(2))
+    for _ in range(2):
+        p, t = h.connect()
+        assert lines(t)[0].startswith("+OK")
+        p.connectionLost(None)
+    p, t = h.connect()
+    assert lines(t)[0].startswith("-ERR [SYS/TEMP]") and t.disconnecting
+    p.connectionLost(None)
+    h.clock.advance(61)
+    p, t = h.connect()
+    assert lines(t)[0].startswith("+OK")

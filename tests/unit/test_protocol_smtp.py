@@ -244,6 +244,7 @@ def test_full_write_buffer_stops_command_processing(h):
     """While the transport's buffer is full, pipelined commands wait, and reading
     stops once the unprocessed input passes HOLD_INPUT (not before: under TLS
     the buffer may wait for a handshake that needs reading)."""
+    h.ctx.limits = Limits(max_recipients=5, max_junk_commands=0)  # 9000 EHLOs are junk
     p, t = h.connect()
     assert t.producer is p  # registered as the transport's streaming producer
     t.clear()
@@ -585,3 +586,142 @@ def test_lmtp_success_report_only_for_delivered_recipients(tmp_path):
     status = dsn.get_payload()[1].as_string()
     assert "Final-Recipient: rfc822; alice@example.test" in status
     assert "bob@example.test" not in status
+
+
+@pytest.mark.parametrize("body, verb, eight_bit", [
+    (None, "DATA", True),
+    (None, "BDAT", True),
+    ("7BIT", "DATA", True),
+    ("7BIT", "BDAT", True),
+    (None, "DATA", False),
+    ("8BITMIME", "DATA", True),
+])
+def test_undeclared_8bit_content_is_queued_as_8bit(tmp_path, body, verb, eight_bit):
+    """Content with 8-bit octets is queued as 8-bit whatever BODY= said, 7-bit content as declared."""
+    h = queue_harness(tmp_path)
+    p, t = h.connect("192.0.2.7")
+    param = f" BODY={body}".encode() if body else b""
+    text = "Subject: caf\u00e9\r\n\r\nna\u00efve\r\n".encode() if eight_bit \
+        else b"Subject: plain\r\n\r\nbody\r\n"
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.test>" + param + b"\r\nRCPT TO:<r@example.org>\r\n")
+    if verb == "DATA":
+        p.dataReceived(b"DATA\r\n" + text[:20])
+        p.dataReceived(text[20:] + b".\r\n")
+    else:
+        p.dataReceived(b"BDAT %d\r\n" % 20 + text[:20])
+        p.dataReceived(b"BDAT %d LAST\r\n" % (len(text) - 20) + text[20:])
+    assert replies(t)[-1] == "250 2.0.0"
+    [q] = h.outbox.queued
+    assert q["eight_bit"] is eight_bit
+
+
+# --- issue 13 item 2: slow and repetitive clients -----------------------------
+
+def test_noop_every_few_seconds_cannot_hold_a_session(h):
+    """A NOOP every 10 seconds is cut off with 421 4.7.0 at the junk command limit."""
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\n")
+    for _ in range(200):
+        h.clock.advance(10)
+        p.dataReceived(b"NOOP\r\n")
+        if t.disconnecting:
+            break
+    assert t.disconnecting
+    assert replies(t)[-1] == "421 4.7.0"
+
+
+def trickle(h, p, t, rate, seconds):
+    """Send message data at ``rate`` octets per second for up to ``seconds``."""
+    for _ in range(seconds):
+        p.dataReceived(b"x" * (rate - 2) + b"\r\n")
+        h.clock.advance(1)
+        if t.disconnecting:
+            return
+
+
+def test_slow_data_times_out(h):
+    """Ten octets a second after DATA hit the minimum data rate: 421 4.4.2 in bounded time."""
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    t.clear()
+    trickle(h, p, t, 10, 3600)
+    assert t.disconnecting
+    assert replies(t) == ["421 4.4.2"]
+    assert h.clock.seconds() < 200
+
+
+def test_data_at_the_minimum_rate_is_not_cut_off(h):
+    """A client sending faster than min_data_rate keeps going well past data_timeout."""
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    trickle(h, p, t, 600, 600)
+    assert not t.disconnecting
+    p.dataReceived(b".\r\n")
+    assert replies(t)[-1] == "250 2.0.0"
+
+
+def test_slow_bdat_times_out(h):
+    """The minimum data rate applies across BDAT chunks too."""
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<alice@example.test>\r\n")
+    t.clear()
+    for _ in range(3600):
+        p.dataReceived(b"BDAT 10\r\n01234567\r\n")
+        h.clock.advance(1)
+        if t.disconnecting:
+            break
+    assert t.disconnecting
+    assert replies(t)[-1] == "421 4.4.2"
+    assert h.clock.seconds() < 200
+
+
+def test_connection_rate_limit(tmp_path):
+    """Past connection_rate_limit connects a minute from one client: 421 4.7.0 at connect; others and the next minute are served."""
+    from mailserver.protocols.limits import ConnectionRateLimiter
+
+    h = Harness(tmp_path, rate_limiter=ConnectionRateLimiter(3))
+    for _ in range(3):
+        p, t = h.connect()
+        assert replies(t)[0].startswith("220")
+        p.dataReceived(b"QUIT\r\n")
+        p.connectionLost(None)
+    p, t = h.connect()
+    assert replies(t) == ["421 4.7.0"] and t.disconnecting
+    p.connectionLost(None)
+    p, t = h.connect("198.51.100.9")
+    assert replies(t)[0].startswith("220")
+    h.clock.advance(61)
+    p, t = h.connect()
+    assert replies(t)[0].startswith("220")
+
+
+def test_connection_rate_limiter_forgets_old_clients():
+    """The rate limiter keeps no state for clients whose minute is over."""
+    from mailserver.protocols.limits import ConnectionRateLimiter
+
+    rl = ConnectionRateLimiter(2, window=60.0)
+    for i in range(1000):
+        assert rl.allow(f"10.0.{i // 256}.{i % 256}", now=float(i % 5))
+    assert rl.allow("10.9.9.9", now=1000.0)
+    assert len(rl) <= 2
+    assert ConnectionRateLimiter(0).allow("x", now=0.0)
+
+
+def test_trusted_networks_are_exempt_from_the_connection_rate_limit(tmp_path):
+    """Clients in the exempt networks (relay.trusted_networks) are never rate limited."""
+    from mailserver.policy import Networks
+    from mailserver.protocols.limits import ConnectionRateLimiter
+
+    h = Harness(tmp_path, rate_limiter=ConnectionRateLimiter(1, exempt=Networks(["192.0.2.0/24"])))
+    for _ in range(5):
+        p, t = h.connect("192.0.2.7")
+        assert replies(t)[0].startswith("220")
+        p.connectionLost(None)
+
+
+def test_unix_socket_peers_are_exempt_from_the_connection_rate_limit():
+    """Local processes on a UNIX socket (an LMTP feed) share one key and are never rate limited."""
+    from mailserver.protocols.limits import ConnectionRateLimiter
+
+    rl = ConnectionRateLimiter(1)
+    assert all(rl.allow("unix", now=0.0, ip="unix") for _ in range(5))

@@ -412,7 +412,7 @@ MAIL_BAD = [
     (b"MAIL FROM:<j\xfcrgen@b.example>", R.EIGHTBIT_ADDRESS),
     (b"MAIL FROM:<j\xfcrgen@b.example> SMTPUTF8", R.BAD_SENDER_SYNTAX),
     (b"MAIL FROM:<a\r@b.example>", R.BAD_SENDER_SYNTAX),
-    (b"MAIL FROM:<" + b"a" * 65 + b"@b.example>", R.LOCAL_PART_TOO_LONG),
+    (b"MAIL FROM:<" + b"a" * 65 + b"@b.example>", R.SENDER_LOCAL_PART_TOO_LONG),
 ]
 
 
@@ -1463,3 +1463,98 @@ class DsnParamTests:
         assert b"DSN" not in self.ehlo
         _, out = self._mail(c, b"MAIL FROM:<a@example.org> RET=FULL\r\n")
         assert out.startswith(b"555 5.5.4")
+
+
+# Item 11 of issue 13: an address error names the sender (5.1.7) in MAIL and
+# the recipient (5.1.3) in RCPT, whatever the cause (syntax or length).
+MALFORMED_PATHS = [
+    b"a@b.example",
+    b"<a@b.example",
+    b"<a@b.example.>",
+    b"<a..b@b.example>",
+    b"<.a@b.example>",
+    b"<a@-b.example>",
+    b"<a@b_c.example>",
+    b"<a@[300.1.1.1]>",
+    b"<a@[tag:x]>",
+    b"<a@" + b"l" * 64 + b".example>",
+    b"<a\x7f@b.example>",
+    b"<a b@b.example>",
+    b"<@b.example>",
+    b"<@x.example:a@>",
+    b"<" + b"a" * 65 + b"@b.example>",
+    b'<"' + b"a" * 64 + b'"@b.example>',
+    b"<a@" + b"d" * 60 + (b".dddddddddddddddddddddddddddddddddddddddddddddddddddddddd" * 4) + b">",
+    b"<a@" + b"b." * 127 + b"example>",
+]
+
+
+@pytest.mark.parametrize("path", MALFORMED_PATHS)
+def test_address_error_codes_name_sender_or_recipient(path: bytes) -> None:
+    """A malformed or over-long path gets 5.1.7 in MAIL FROM and 5.1.3 in RCPT TO."""
+    conn = greeted()
+    _, out = run(conn, b"MAIL FROM:" + path + b"\r\n")
+    assert out[:3] in (b"501", b"553") and out[4:10] == b"5.1.7 ", out
+    conn = greeted()
+    run(conn, MAIL)
+    _, out = run(conn, b"RCPT TO:" + path + b"\r\n")
+    assert out[:3] in (b"501", b"553") and out[4:10] == b"5.1.3 ", out
+
+
+@pytest.mark.parametrize("chunks, eight_bit", [
+    ([b"a: b\r\n\r\nplain\r\n"], False),
+    ([b"a: b\r\n\r\ncaf", b"\xc3\xa9\r\n"], True),
+    ([b"a: \xff\r\n\r\n", b"plain\r\n"], True),
+])
+def test_data_end_notes_8bit_octets(chunks: list, eight_bit: bool) -> None:
+    """DataEnd says whether any chunk held an octet above 127, without BODY=8BITMIME."""
+    conn = with_rcpt()
+    run(conn, b"DATA\r\n")
+    events: list[Event] = []
+    for chunk in chunks:
+        events += run(conn, chunk)[0]
+    events += run(conn, b".\r\n")[0]
+    [end] = [e for e in events if isinstance(e, DataEnd)]
+    assert end.eight_bit is eight_bit
+
+
+@pytest.mark.parametrize("junk", [b"NOOP", b"RSET", b"VRFY bob", b"HELP"])
+def test_junk_command_limit_closes_the_session(junk: bytes) -> None:
+    """Past max_junk_commands NOOP/RSET/VRFY/HELP (any mix) the core says 421 4.7.0 and closes."""
+    conn = greeted(limits=Limits(max_junk_commands=5))
+    events, out = run(conn, (junk + b"\r\n") * 5)
+    assert not conn.closed
+    events, out = run(conn, b"NOOP\r\n")
+    assert conn.closed and out.endswith(R.TOO_MANY_JUNK_COMMANDS.to_bytes())
+    assert isinstance(events[-1], Closing)
+
+
+def test_junk_count_starts_again_after_a_delivered_message() -> None:
+    """An accepted message resets the junk count, so a long LMTP feed with RSETs is not cut off."""
+    conn = greeted(limits=Limits(max_junk_commands=3))
+    for _ in range(5):
+        run(conn, b"RSET\r\nNOOP\r\n" + MAIL + RCPT + b"DATA\r\n")
+        run(conn, b"a: b\r\n\r\nx\r\n.\r\n")
+    assert not conn.closed
+
+
+def test_junk_limit_zero_is_off() -> None:
+    """max_junk_commands = 0 means no limit."""
+    conn = greeted(limits=Limits(max_junk_commands=0))
+    run(conn, b"NOOP\r\n" * 500)
+    assert not conn.closed
+
+
+@pytest.mark.parametrize("repeat", [
+    b"EHLO client.example\r\n",
+    b"HELO client.example\r\n",
+    RCPT,  # past max_recipients: 452, which counts as no error
+])
+def test_repeated_hello_and_recipients_past_the_limit_are_junk(repeat: bytes) -> None:
+    """A second HELO/EHLO and a RCPT past the recipient limit count as junk, so they cannot hold a session either."""
+    conn = greeted(limits=Limits(max_junk_commands=5, max_recipients=1, max_errors=1000))
+    run(conn, MAIL + RCPT)
+    run(conn, repeat * 5)
+    assert not conn.closed
+    _, out = run(conn, repeat)
+    assert conn.closed and out.endswith(R.TOO_MANY_JUNK_COMMANDS.to_bytes())
