@@ -220,3 +220,22 @@ def test_sibling_directories_with_a_common_prefix_are_fine(cfgdir):
     """var/spool and var/spool2 share a prefix, not a directory."""
     c = load_config(write(cfgdir, MINIMAL + '[queue]\ndirectory = "var/spool2"\n'))
     assert c.queue.directory == str(cfgdir / "var/spool2")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:25", ":25", "[::1]:25"])
+def test_lmtp_on_port_25_is_refused(cfgdir, address):
+    """An LMTP listener on TCP port 25 is refused (RFC 2033 section 5), naming its address key."""
+    text = MINIMAL + f'[[listeners]]\naddress = "{address}"\nprotocol = "lmtp"\n'
+    path = write(cfgdir, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: listeners[1].address: "), str(e.value)
+    assert "RFC 2033" in str(e.value)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:24", "unix:lmtp.sock"])
+def test_lmtp_elsewhere_is_fine(cfgdir, address):
+    """LMTP on port 24 or a UNIX socket still loads."""
+    c = load_config(write(cfgdir, MINIMAL + f'[[listeners]]\naddress = "{address}"\n'
+                                            'protocol = "lmtp"\n'))
+    assert c.listeners[1].protocol == "lmtp"
