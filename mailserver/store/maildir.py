@@ -50,6 +50,7 @@ from typing import Callable, List, Optional
 from zope.interface import implementer
 
 from mailserver.durable import O_CLOEXEC, fsync_dir
+from mailserver.faults import crash_point
 from mailserver.directory.interfaces import Mailbox
 from mailserver.errors import PermFailure
 from mailserver import reply as catalog
@@ -235,8 +236,10 @@ class MaildirDelivery:
         try:
             self._emit(self._convert.flush())
             self._buffer.flush()
+            crash_point("maildir.tmp_written")
             if self._fsync:
                 os.fsync(self._file.fileno())
+            crash_point("maildir.fsynced")
             self._buffer.close()
             final = f"{self.name},S={self._size},W={self._size + self._newlines}"
             new_dir = os.path.join(self.maildir, "new")
@@ -249,11 +252,13 @@ class MaildirDelivery:
         if self._fsync:
             # On failure the message stays in new/ (see the module docstring).
             fsync_dir(new_dir)
+        crash_point("maildir.dir_fsynced")
         return new_path
 
     def _publish(self, new_path: str) -> None:
         try:
             os.link(self.path, new_path)
+            crash_point("maildir.linked")
         except OSError as exc:
             if exc.errno not in _NO_HARD_LINKS:
                 raise
