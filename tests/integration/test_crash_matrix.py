@@ -88,8 +88,9 @@ def _maildir_messages(server: MailServer) -> dict:
         for f in (path / sub).iterdir():
             data = f.read_bytes()
             assert data.endswith(END + b"\n"), f"half-written message visible: {f}"
-    for key in mailbox.Maildir(str(path), factory=None, create=False).keys():
-        subject = mailbox.Maildir(str(path), factory=None, create=False).get_message(key)["Subject"]
+    md = mailbox.Maildir(str(path), factory=None, create=False)
+    for key in md.keys():
+        subject = md.get_message(key)["Subject"]
         seen[subject] = seen.get(subject, 0) + 1
     return seen
 
