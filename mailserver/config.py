@@ -478,6 +478,9 @@ def _listeners(path: str, raw: Any, base_dir: str, has_cert: bool) -> Tuple[List
             kind, host, _port = parse_address(lc.address)
         except ValueError as e:
             raise ConfigError(path, f"{prefix}.address", f"{lc.address!r}: {e}") from None
+        if lc.protocol == "lmtp" and _port == 25:  # issue 13 item 8
+            raise ConfigError(path, f"{prefix}.address", f"{lc.address}: LMTP must not listen "
+                              "on TCP port 25 (RFC 2033 section 5); use 24 or a UNIX socket")
         tls = lc.tls or ("starttls" if has_cert and lc.protocol != "lmtp" else "none")
         if tls != "none" and not has_cert:
             raise ConfigError(path, f"{prefix}.tls", f"{tls} needs tls.certificate")

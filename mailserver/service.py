@@ -39,9 +39,11 @@ def make_endpoint(reactor, address: str, socket_mode: int = 0o660):
     """A server endpoint for a listener address (see ``parse_address``)."""
     kind, host, port = parse_address(address)
     if kind == "unix":
-        # wantPID: a lock file beside the socket lets a restart after a crash
-        # remove the stale socket instead of failing with "address in use".
-        return endpoints.UNIXServerEndpoint(reactor, host, mode=socket_mode, wantPID=True)
+        # flock on <socket>.lock, held for the life of the process: a restart
+        # after a crash removes the stale socket (see mailserver.unixlock).
+        from mailserver.unixlock import LockedUNIXServerEndpoint
+
+        return LockedUNIXServerEndpoint(reactor, host, mode=socket_mode)
     if kind == "tcp6":
         return endpoints.TCP6ServerEndpoint(reactor, port, interface=host)
     return endpoints.TCP4ServerEndpoint(reactor, port, interface=host)
@@ -166,6 +168,8 @@ class MailService(service.MultiService):
                 kind, path, _port = parse_address(lc.address)
                 if kind == "unix":
                     os.chown(path, self.identity.uid, self.identity.gid)
+                    os.chown(path + ".lock", self.identity.uid, self.identity.gid,
+                             follow_symlinks=False)
 
     def setServiceParent(self, parent) -> None:
         super().setServiceParent(parent)

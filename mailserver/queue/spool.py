@@ -63,6 +63,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 from twisted.logger import Logger
 
 from mailserver.durable import O_CLOEXEC, fsync_dir
+from mailserver.faults import crash_point
 from mailserver.queue.envelope import (
     ID_PATTERN, AlreadyClaimed, Envelope, EnvelopeError, InvalidQueueId, NotQueued, QueueError,
     check_id,
@@ -259,9 +260,11 @@ class QueueSpool:
         published = False
         try:
             self._fsync_dir(self.data_dir)
+            crash_point("queue.data")
             tmp = self._write_tmp(queue_id, envelope.to_json())
             os.rename(tmp, final)
             published = True
+            crash_point("queue.incoming")
             self._fsync_dir(self.state_dir(INCOMING))
         except BaseException:
             if tmp is not None and not published:
@@ -447,6 +450,7 @@ class QueueSpool:
                 os.rename(self.envelope_path(state, queue_id), dest)
             except FileNotFoundError:
                 continue
+            crash_point(f"queue.{to_state}")
             self._fsync_dir(self.state_dir(to_state))
             self._fsync_dir(self.state_dir(state))
             return state
@@ -462,6 +466,7 @@ class QueueSpool:
         for state in STATES if states is None else states:
             if not _unlink(self.envelope_path(state, queue_id)):
                 continue
+            crash_point("queue.removed")
             self._fsync_dir(self.state_dir(state))
             _unlink(self.content_path(queue_id))
             if state == CORRUPT:

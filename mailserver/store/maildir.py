@@ -67,6 +67,7 @@ from typing import Callable, List, Optional
 from zope.interface import implementer
 
 from mailserver.durable import O_CLOEXEC, O_DIRECTORY, fsync_dir
+from mailserver.faults import crash_point
 from mailserver.directory.interfaces import Mailbox
 from mailserver.errors import PermFailure, TempFailure
 from mailserver import reply as catalog
@@ -415,8 +416,10 @@ class MaildirDelivery:
             self._emit(self._convert.feed(self._trace.flush()))
             self._emit(self._convert.flush())
             self._buffer.flush()
+            crash_point("maildir.tmp_written")
             if self._fsync:
                 os.fsync(self._file.fileno())
+            crash_point("maildir.fsynced")
             self._buffer.close()
             final = f"{self.name},S={self._size},W={self._size + self._newlines}"
             new_path = os.path.join(self.maildir, "new", final)
@@ -431,6 +434,7 @@ class MaildirDelivery:
                 os.fsync(self._new_fd)
         finally:
             self._close_dirs()
+        crash_point("maildir.dir_fsynced")
         return new_path
 
     def _close_dirs(self) -> None:
@@ -445,6 +449,7 @@ class MaildirDelivery:
         try:
             os.link(self.name, final, src_dir_fd=self._tmp_fd, dst_dir_fd=self._new_fd,
                     follow_symlinks=False)
+            crash_point("maildir.linked")
         except OSError as exc:
             if exc.errno not in _NO_HARD_LINKS:
                 raise

@@ -231,3 +231,22 @@ def test_postmaster_notice_goes_to_the_first_local_domain_unless_turned_off(cfgd
     assert _postmaster(load_config(write(cfgdir, text))) == "postmaster@example.test"
     off = text + "[queue]\nnotify_postmaster = false\n"
     assert _postmaster(load_config(write(cfgdir, off))) is None
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:25", ":25", "[::1]:25"])
+def test_lmtp_on_port_25_is_refused(cfgdir, address):
+    """An LMTP listener on TCP port 25 is refused (RFC 2033 section 5), naming its address key."""
+    text = MINIMAL + f'[[listeners]]\naddress = "{address}"\nprotocol = "lmtp"\n'
+    path = write(cfgdir, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: listeners[1].address: "), str(e.value)
+    assert "RFC 2033" in str(e.value)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:24", "unix:lmtp.sock"])
+def test_lmtp_elsewhere_is_fine(cfgdir, address):
+    """LMTP on port 24 or a UNIX socket still loads."""
+    c = load_config(write(cfgdir, MINIMAL + f'[[listeners]]\naddress = "{address}"\n'
+                                            'protocol = "lmtp"\n'))
+    assert c.listeners[1].protocol == "lmtp"
