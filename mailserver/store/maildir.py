@@ -536,14 +536,21 @@ class MaildirStore:
         """The absolute path of ``mailbox``'s maildir (it need not exist).
 
         Raises :class:`UnsafeMailboxPath` when the address cannot be mapped
-        or the path, with symbolic links resolved, is not strictly inside
-        the root.
+        or the path is not strictly inside the root, and
+        :class:`MaildirLinkRefused` (temporary) when a symbolic link below
+        the root leads it out.
         """
         path = os.path.join(self.root, *self._relative_path(mailbox))
+        root = os.path.normpath(self.root)
+        plain = os.path.normpath(path)
+        if plain == root or os.path.commonpath([root, plain]) != root:
+            raise UnsafeMailboxPath(f"maildir for {mailbox.address!r} lies outside the root")
         real_root = os.path.realpath(self.root)
         real = os.path.realpath(path)
         if real == real_root or os.path.commonpath([real_root, real]) != real_root:
-            raise UnsafeMailboxPath(f"maildir for {mailbox.address!r} resolves outside the root")
+            # Only a symbolic link below the root can do this: someone's
+            # mistake or an attack, fixed on disk, so a temporary refusal.
+            raise MaildirLinkRefused(path)
         return path
 
     def ensure_maildir(self, maildir: str, *, subdirs: bool = True) -> None:

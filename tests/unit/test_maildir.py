@@ -24,6 +24,7 @@ from mailserver.store import maildir as md
 from mailserver.store.interfaces import IDelivery, IMailStore
 from mailserver.store.maildir import (
     MaildirStore,
+    MaildirLinkRefused,
     UnsafeMailboxPath,
     cleanup_tmp,
     encode_component,
@@ -497,23 +498,25 @@ class PathSafetyTests:
         assert caught.value.reply.code == 550
 
     def test_symlink_escape_refused(self, store, tmp_path):
-        """A symbolic link inside the root pointing outside it is refused."""
+        """A symbolic link inside the root pointing outside it is refused with
+        a temporary failure (451: fixed on disk, the sender retries)."""
         outside = tmp_path / "outside"
         outside.mkdir()
         os.makedirs(store.root)
         os.symlink(str(outside), os.path.join(store.root, "example.org"))
-        with pytest.raises(UnsafeMailboxPath):
+        with pytest.raises(MaildirLinkRefused) as e:
             store.maildir_for(ALICE)
-        with pytest.raises(UnsafeMailboxPath):
+        assert e.value.reply.code == 451
+        with pytest.raises(MaildirLinkRefused):
             store.deliver_bytes(ALICE, sender="", data=MESSAGE)
         assert list(outside.iterdir()) == []
 
     def test_path_resolving_to_root_refused(self, tmp_path):
-        """A maildir that resolves to the root itself is refused."""
+        """A maildir that resolves to the root itself (through a link) is refused, for now."""
         store = MaildirStore(str(tmp_path / "root"), template="{domain}", hostname="h")
         os.makedirs(store.root)
         os.symlink(".", os.path.join(store.root, "example.org"))
-        with pytest.raises(UnsafeMailboxPath):
+        with pytest.raises(MaildirLinkRefused):
             store.maildir_for(ALICE)
 
     def test_symlinked_root_allowed(self, tmp_path):
