@@ -175,6 +175,9 @@ class POP3Config:
         default=60, metadata=_doc("Connections per client (address or IPv6 /64) per minute on "
                                   "each POP3 listener before -ERR [SYS/TEMP] (relay."
                                   "trusted_networks exempt). 0 = no limit.", min=0))
+    junk_command_limit: int = field(
+        default=100, metadata=_doc("NOOP, RSET and CAPA per POP3 session before -ERR [SYS/TEMP] "
+                                   "and disconnect. 0 = no limit.", min=0))
 
 
 @dataclass(frozen=True)

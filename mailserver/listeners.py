@@ -121,7 +121,8 @@ def _pop3(parts: Parts, lc, kind: ListenerKind):
         tls=parts.tls if lc.tls == "starttls" else None, implicit_tls=lc.tls == "implicit",
         plaintext_auth=lc.plaintext_auth,
         mechanisms=tuple(m.upper() for m in config.auth.mechanisms),
-        idle_timeout=config.pop3.idle_timeout, metrics=parts.metrics,
+        idle_timeout=config.pop3.idle_timeout, junk_limit=config.pop3.junk_command_limit,
+        metrics=parts.metrics,
         rate_limiter=ConnectionRateLimiter(config.pop3.connection_rate_limit,
                                            exempt=parts.trusted))
     return _tls_wrapped(parts, lc, POP3Factory(ctx))

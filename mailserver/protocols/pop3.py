@@ -63,6 +63,7 @@ class POP3Context:
     plaintext_auth: bool = False
     mechanisms: tuple = ("PLAIN",)
     idle_timeout: float = 600.0
+    junk_limit: int = 100  # NOOP, RSET and CAPA per session; 0 = no limit
     close_grace: float = 10.0
     metrics: Any = None  # mailserver.metrics.Metrics, or None when metrics are off
     sessions: Sessions = field(default_factory=Sessions)  # live sessions, for a graceful stop
@@ -174,7 +175,7 @@ class POP3ServerProtocol(Protocol):
         self.core = POP3ServerConnection(
             hostname=ctx.hostname, tls_available=ctx.tls is not None or ctx.implicit_tls,
             tls_active=ctx.implicit_tls, plaintext_auth=ctx.plaintext_auth,
-            auth_mechanisms=ctx.mechanisms)
+            auth_mechanisms=ctx.mechanisms, junk_limit=ctx.junk_limit)
         self.core.greeting()
         self._drive()
 

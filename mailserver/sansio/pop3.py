@@ -91,6 +91,7 @@ from mailserver.sansio.pop3_events import (
     PAUSED,
     TOO_LONG,
     TOO_MANY_ERRORS,
+    TOO_MANY_JUNK_COMMANDS,
     Authenticate,
     Closing,
     ConnectionClosed,
@@ -256,6 +257,7 @@ class POP3ServerConnection:
         plaintext_auth: bool = False,
         auth_mechanisms: tuple[str, ...] = ("PLAIN",),
         max_errors: int = 10,
+        junk_limit: int = 100,
         expire: Optional[str] = None,
         login_delay: Optional[int] = None,
         implementation: str = "mailserver",
@@ -277,6 +279,8 @@ class POP3ServerConnection:
         self.plaintext_auth = plaintext_auth
         self.auth_mechanisms = tuple(dict.fromkeys(mechanisms))
         self.max_errors = max_errors
+        self.junk_limit = junk_limit  # NOOP, RSET, CAPA per session; 0 = no limit
+        self.junk = 0
         self.expire = expire
         self.login_delay = login_delay
         self.implementation = implementation
@@ -534,6 +538,8 @@ class POP3ServerConnection:
     # --- any state -------------------------------------------------------
     def _do_capa(self, arg: str) -> None:
         _no_args(arg)
+        if self._junk():
+            return
         self._multiline("Capability list follows", self._capabilities())
 
     def _capabilities(self) -> list[str]:
@@ -712,14 +718,27 @@ class POP3ServerConnection:
         self.deleted.add(index)
         self._ok(f"message {index + 1} deleted")
 
+    def _junk(self) -> bool:
+        """Count a command that does no work; past ``junk_limit`` the session
+        ends (Postfix's smtpd_junk_command_limit, for POP3)."""
+        self.junk += 1
+        if self.junk_limit and self.junk > self.junk_limit:
+            self._out += _err_line("too many commands without work", "SYS/TEMP")
+            self._close(TOO_MANY_JUNK_COMMANDS)
+            return True
+        return False
+
     def _do_rset(self, arg: str) -> None:
         _no_args(arg)
+        if self._junk():
+            return
         self.deleted.clear()
         self._ok("maildrop has %d messages (%d octets)" % self._totals())
 
     def _do_noop(self, arg: str) -> None:
         _no_args(arg)
-        self._ok()
+        if not self._junk():
+            self._ok()
 
 
 Handler = Callable[[POP3ServerConnection, str], None]

@@ -37,6 +37,10 @@ TOO_LONG = "too-long"
 TOO_MANY_ERRORS = "too-many-errors"
 """``Closing.reason``: the client went past ``max_errors``."""
 
+TOO_MANY_JUNK_COMMANDS = "too-many-junk-commands"
+"""``Closing.reason``: the client sent more than ``junk_limit`` NOOP, RSET
+and CAPA commands (a session kept open for ever by a NOOP now and then)."""
+
 CLOSED_BY_APPLICATION = "closed-by-application"
 """``Closing.reason``: the application answered with ``close=True`` or a
 ``LOGIN-DELAY`` code."""

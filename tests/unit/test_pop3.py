@@ -920,3 +920,33 @@ def test_arbitrary_bytes(data: bytes, cuts: list[int]) -> None:
     events, out = transcript(b"USER alice\r\nPASS secret\r\n" + data, cuts)
     for line in out.split(b"\r\n")[:2]:
         assert line == b"" or RESPONSE.match(line)
+
+
+def test_junk_commands_end_the_session_past_the_limit():
+    """NOOP, RSET and CAPA count as commands without work: past junk_limit
+    the session ends with -ERR [SYS/TEMP] (a NOOP now and then cannot hold a
+    session for ever); real work resets nothing but is not counted."""
+    from mailserver.sansio.pop3 import POP3ServerConnection
+    from mailserver.sansio.pop3_events import TOO_MANY_JUNK_COMMANDS, Authenticate, Closing
+
+    conn = POP3ServerConnection(hostname="mx.example.test", plaintext_auth=True, junk_limit=3)
+    conn.greeting()
+    conn.receive_data(b"USER a\r\nPASS b\r\n")
+    event = conn.next_event()
+    assert isinstance(event, Authenticate)
+    conn.logged_in([], identity="a")
+    conn.data_to_send()
+    conn.receive_data(b"NOOP\r\nRSET\r\nSTAT\r\nCAPA\r\nNOOP\r\nNOOP\r\n")
+    events = []
+    while True:
+        event = conn.next_event()
+        if not isinstance(event, Closing) and event.__class__.__name__ in ("Sentinel",):
+            break
+        events.append(event)
+        if isinstance(event, Closing):
+            break
+    out = conn.data_to_send().decode()
+    assert out.count("+OK") >= 4
+    assert out.endswith("-ERR [SYS/TEMP] too many commands without work\r\n")
+    assert isinstance(events[-1], Closing) and events[-1].reason == TOO_MANY_JUNK_COMMANDS
+    assert conn.closed
