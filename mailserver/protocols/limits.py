@@ -49,6 +49,12 @@ class ConnectionLimiter:
             self.per_client.pop(client, None)
 
 
+def peer_ip(transport) -> str:
+    """The client's IP address, or ``"unix"`` for a UNIX-socket peer."""
+    peer = transport.getPeer()
+    return getattr(peer, "host", None) or "unix"
+
+
 def client_key(ip: str) -> str:
     """What the per-client limit counts: the address, or its /64 for IPv6
     (one IPv6 host usually holds a whole /64)."""

@@ -35,7 +35,7 @@ from zope.interface import implementer
 from mailserver import reply as R
 from mailserver.directory.interfaces import Mailbox
 from mailserver.pipeline.session import Session
-from mailserver.protocols.limits import ConnectionLimiter, client_key
+from mailserver.protocols.limits import ConnectionLimiter, client_key, peer_ip
 from mailserver.protocols.sessions import Sessions
 from mailserver.sansio import pop3_events as ev
 from mailserver.sansio.pop3 import POP3ServerConnection, State
@@ -78,11 +78,6 @@ def _open_and_read(maildrop, index: int) -> tuple:
     except BaseException:
         f.close()
         raise
-
-
-def _peer_ip(transport) -> str:
-    peer = transport.getPeer()
-    return getattr(peer, "host", None) or "unix"
 
 
 @implementer(IPullProducer)
@@ -131,7 +126,7 @@ class POP3ServerProtocol(Protocol):
 
     # -- Twisted callbacks -------------------------------------------------
     def connectionMade(self) -> None:
-        self.client = _peer_ip(self.transport)
+        self.client = peer_ip(self.transport)
         self.key = client_key(self.client)
         self.ctx.sessions.add(self)
         if self.ctx.sessions.draining:  # accepted just before the listener stopped

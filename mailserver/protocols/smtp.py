@@ -27,7 +27,12 @@ from mailserver import reply as R
 from mailserver.errors import is_known, to_reply
 from mailserver.pipeline.acceptance import Acceptance
 from mailserver.pipeline.session import Session, Transaction
-from mailserver.protocols.limits import ConnectionLimiter, ConnectionRateLimiter, client_key
+from mailserver.protocols.limits import (
+    ConnectionLimiter,
+    ConnectionRateLimiter,
+    client_key,
+    peer_ip,
+)
 from mailserver.protocols.sessions import Sessions
 from mailserver.sansio import smtp_events as ev
 from mailserver.sansio.smtp_server import Limits, Mode, SMTPServerConnection
@@ -59,12 +64,6 @@ class ListenerContext:
     dsn: bool = False  # DSN parameters accepted (there is a queue to honour them)
     metrics: Any = None  # mailserver.metrics.Metrics, or None when metrics are off
     sessions: Sessions = field(default_factory=Sessions)  # live sessions, for a graceful stop
-
-
-def _peer_ip(transport) -> str:
-    """The client's IP address, or ``"unix"`` for a UNIX-socket peer."""
-    peer = transport.getPeer()
-    return getattr(peer, "host", None) or "unix"
 
 
 @implementer(IPushProducer)
@@ -106,7 +105,7 @@ class SMTPServerProtocol(Protocol):
 
     # -- Twisted callbacks -------------------------------------------------
     def connectionMade(self) -> None:
-        self.client = _peer_ip(self.transport)
+        self.client = peer_ip(self.transport)
         self.key = client_key(self.client)
         self.ctx.sessions.add(self)
         rate = self.ctx.rate_limiter
