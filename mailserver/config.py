@@ -303,6 +303,46 @@ class RelayConfig:
         default_factory=dict, metadata=_doc("Next hop per relay domain (smtp: or lmtp:)."))
 
 
+# -- DKIM signing and the records to publish (issue 12) ------------------------
+DMARC_POLICIES = ("none", "quarantine", "reject")
+MTA_STS_MODES = ("none", "testing", "enforce")
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    sign: bool = field(
+        default=True, metadata=_doc("Sign mail leaving a local domain that has a key."))
+    key_dir: str = field(
+        default="var/dkim", metadata=_doc("Keys: key_dir/DOMAIN/SELECTOR.key (0600).", path=True))
+    selectors: Tuple[str, ...] = field(
+        default=(), metadata=_doc("Selectors signing for every domain; [] = every key file of "
+                                  "the domain."))
+    domain_selectors: Dict[str, str] = field(
+        default_factory=dict, metadata=_doc("Selectors per domain (space separated); wins over "
+                                            "selectors."))
+    sign_forwarded: bool = field(
+        default=True, metadata=_doc("Sign copies that forwards send outside, for the "
+                                    "forwarding address's domain."))
+
+
+@dataclass(frozen=True)
+class DNSRecordsConfig:
+    mx: Tuple[str, ...] = field(
+        default=(), metadata=_doc("MX hosts in preference order; [] = server.hostname."))
+    spf: str = field(default="v=spf1 mx -all", metadata=_doc("The SPF record to publish."))
+    dmarc_policy: str = field(default="none", metadata=_doc("DMARC p=.",
+                                                            choices=DMARC_POLICIES))
+    dmarc_reports: str = field(
+        default="postmaster@{domain}", metadata=_doc("Where DMARC aggregate reports go."))
+    mta_sts_mode: str = field(default="testing", metadata=_doc("The MTA-STS policy's mode.",
+                                                               choices=MTA_STS_MODES))
+    mta_sts_max_age: int = field(
+        default=604800, metadata=_doc("The MTA-STS policy's max_age, seconds.", min=86400))
+    tls_reports: str = field(
+        default="postmaster@{domain}", metadata=_doc("Where TLS-RPT reports go."))
+    ttl: int = field(default=3600, metadata=_doc("TTL of the printed records.", min=0))
+
+
 # -- observation: [metrics] and [log] ------------------------------------------
 LOG_FORMATS = ("text", "json")
 
@@ -341,6 +381,8 @@ class Config:
     listeners: Tuple[ListenerConfig, ...]
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
+    dns: DNSRecordsConfig = field(default_factory=DNSRecordsConfig)
 
     @property
     def has_tls(self) -> bool:
@@ -362,6 +404,8 @@ SECTIONS = {
 }
 SECTIONS["metrics"] = MetricsConfig
 SECTIONS["log"] = LogConfig
+SECTIONS["dkim"] = DKIMConfig
+SECTIONS["dns"] = DNSRecordsConfig
 
 
 def _check_value(path: str, key: str, f: dataclasses.Field, value: Any) -> Any:
@@ -624,6 +668,7 @@ def _check_semantics(config: Config) -> None:
         seen.add(lc.address)
     _check_directories(config)
     _check_metrics(config)
+    _check_dkim(config)
 
 
 def _check_metrics(config: Config) -> None:
@@ -640,6 +685,26 @@ def _check_metrics(config: Config) -> None:
     if not m.allow_remote and (not host or not ipaddress.ip_address(host).is_loopback):
         raise ConfigError(config.path, "metrics.address", f"{m.address} is not a loopback "
                           "address; set metrics.allow_remote = true to expose it")
+
+
+def _check_dkim(config: Config) -> None:
+    """Selectors and domains of ``[dkim]`` are DNS names (they name files too)."""
+    from mailserver.msgauth.keys import check_name
+
+    d = config.dkim
+    names = [("dkim.selectors", "selector", s) for s in d.selectors]
+    for domain, selectors in d.domain_selectors.items():
+        names.append(("dkim.domain_selectors", "domain", domain))
+        names.extend(("dkim.domain_selectors", "selector", s)
+                     for s in selectors.replace(",", " ").split())
+    for key, kind, value in names:
+        try:
+            check_name(kind, value)
+        except ValueError as e:
+            raise ConfigError(config.path, key, str(e)) from None
+    if config.dns.mta_sts_max_age > 31557600:
+        raise ConfigError(config.path, "dns.mta_sts_max_age",
+                          "must be at most 31557600 (one year, RFC 8461 3.2)")
 
 
 def _check_relay_domains(config: Config) -> None:

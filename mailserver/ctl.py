@@ -14,6 +14,10 @@ calls directly: no reactor runs.
 steer the outbound queue, safely while the server runs (see
 :mod:`mailserver.queue.cli`).
 
+``mailserverctl dkim genkey DOMAIN`` writes a DKIM signing key and prints
+its DNS record; ``mailserverctl dns DOMAIN [--check]`` prints (or checks)
+every record a local domain publishes (see :mod:`mailserver.publish_cli`).
+
 ``mailserverctl status`` checks a running server for monitoring (exit 0 ok,
 1 warning, 2 critical) and ``mailserverctl log QUEUE_ID`` follows one
 message through the log (see :mod:`mailserver.observe_cli`).
@@ -211,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mailserver.observe_cli import add_observe_commands
 
     add_observe_commands(sub, _config_option)
+    from mailserver.publish_cli import add_publish_commands
+
+    add_publish_commands(sub, _config_option)
     return parser
 
 

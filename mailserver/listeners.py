@@ -39,6 +39,7 @@ class Parts:
     store: Any = None  # store.maildir.MaildirStore (POP3 reads the maildirs it names)
     io: Any = None  # io(f, *args) -> Deferred on the I/O thread pool
     metrics: Any = None  # metrics.Metrics when [metrics] is on, else None
+    signer: Any = None  # msgauth.dkim_sign.Signer when [dkim] sign is on
 
 
 def _sender_checks(parts: Parts) -> list:
@@ -52,8 +53,13 @@ def _smtp_checks(parts: Parts, lc) -> list:
 
 
 def _submission_checks(parts: Parts, lc) -> list:
-    return [*_sender_checks(parts),
-            SubmissionHeaders(parts.config.server.hostname, parts.reactor)]
+    checks = [*_sender_checks(parts),
+              SubmissionHeaders(parts.config.server.hostname, parts.reactor)]
+    if parts.signer is not None:  # last: it signs the header fields added before it
+        from mailserver.msgauth.dkim_sign import DKIMSigning
+
+        checks.append(DKIMSigning(parts.signer))
+    return checks
 
 
 @dataclass(frozen=True)

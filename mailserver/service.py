@@ -437,9 +437,14 @@ def build_service(config: Config, reactor=None, identity=None,
                   config.relay.srs_domain or (config.domains.local + config.domains.relay)[0],
                   max_age_days=config.relay.srs_max_age, clock=reactor.seconds)
     outbox = build_queue(config, reactor, top, directory, delivery, pool, srs, metrics)
+    from mailserver.msgauth.dkim_sign import signer_from_config
+
+    signer = signer_from_config(
+        config, lambda f, *a, **kw: threads.deferToThreadPool(reactor, pool, f, *a, **kw), reactor)
     parts = Parts(
         config=config, reactor=reactor, directory=directory, local=delivery,
-        delivery=RecipientDelivery(delivery, outbox, srs, reactor), outbox=outbox, srs=srs,
+        delivery=RecipientDelivery(delivery, outbox, srs, reactor, signer), outbox=outbox,
+        srs=srs, signer=signer,
         trusted=Networks(config.relay.trusted_networks),
         authenticator=build_authenticator(config, directory, reactor, metrics),
         rate_limiter=build_rate_limiter(config, reactor), tls=tls, store=store,

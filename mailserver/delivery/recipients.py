@@ -108,11 +108,12 @@ class Outcome:
 class RecipientDelivery:
     """Delivers a message to its targets; see the module docstring."""
 
-    def __init__(self, local, outbox=None, srs=None, clock=None) -> None:
+    def __init__(self, local, outbox=None, srs=None, clock=None, signer=None) -> None:
         self.local = local  # mailserver.delivery.local.LocalDelivery
         self.outbox = outbox  # mailserver.queue.outbox.Outbox
         self.srs = srs
         self.clock = clock
+        self.signer = signer  # mailserver.msgauth.dkim_sign.Signer: forwarded copies signed
 
     def _now(self) -> float:
         clock = self.clock
@@ -145,7 +146,11 @@ class RecipientDelivery:
                 continue
             recipients = [(a, t.orig, t.notify) for _i, t, addresses in members
                           for a in addresses]
-            reply = await self._enqueue(message, recipients, sender, (), status,
+            copy = message
+            forwarders = [t.address for _i, t, _a in members if t.forwards()]
+            if forwarders and self.signer is not None:  # DKIM for the forwarding domain
+                copy = await self.signer.sign_forward(message, forwarders)
+            reply = await self._enqueue(copy, recipients, sender, (), status,
                                         queue_id=next(ids, None))
             for i, t, _a in members:
                 if outcomes[i] is not None and not outcomes[i].reply.is_positive:

@@ -1,0 +1,1 @@
+"""Message authentication: DKIM signing (and checks of SPF, DKIM, DMARC, ARC)."""
