@@ -17,7 +17,8 @@ Names: ``@`` is the origin, a name without a dot is relative to the origin,
 a name with a dot is absolute (a trailing dot is allowed).  The same rule
 holds for MX and CNAME targets; ``.`` is the root (null MX).  Types: ``A``,
 ``AAAA``, ``MX`` (``[pref, target]`` pairs or ``"pref target"`` strings),
-``CNAME``, ``TXT``.  Names under a zone that are not listed are NXDOMAIN;
+``CNAME``, ``TXT`` (a value longer than 255 octets becomes several strings
+of one record, as a DKIM RSA key needs).  Names under a zone that are not listed are NXDOMAIN;
 a listed name without the queried type is an empty answer (NODATA).
 
 :class:`FakeResolver` answers ``IResolver`` lookups from that data without
@@ -83,7 +84,9 @@ def _payloads(rtype: str, values, origin: str, ttl: int) -> list:
         elif rtype == "AAAA":
             out.append(dns.Record_AAAA(v, ttl=ttl))
         elif rtype == "TXT":
-            out.append(dns.Record_TXT(v.encode(), ttl=ttl))
+            data = v.encode()  # one string at most 255 octets: longer ones are split
+            out.append(dns.Record_TXT(*[data[i:i + 255] for i in range(0, len(data), 255)]
+                                      or [b""], ttl=ttl))
         else:
             pref, target = v.split() if isinstance(v, str) else v
             out.append(dns.Record_MX(int(pref), _absolute(target, origin).encode("idna"), ttl=ttl))
