@@ -84,8 +84,7 @@ class RelaxedBodyHash:
     count of pending empty lines are kept between chunks."""
 
     _EOL = re.compile(rb"\r?\n")
-    _TRAILING = re.compile(rb"[\t ]+\r\n")
-    _WSP = re.compile(rb"[\t ]+")
+    _WSP = re.compile(rb"\t[\t ]*| [\t ]+")  # runs that are not already one space
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
@@ -102,8 +101,12 @@ class RelaxedBodyHash:
             self._lines(data[:cut])
 
     def _lines(self, block: bytes) -> None:
-        block = self._EOL.sub(b"\r\n", block)
-        block = self._WSP.sub(b" ", self._TRAILING.sub(b"\r\n", block))
+        # Each step only when needed: most chunks are CRLF text with single spaces.
+        if block.count(b"\n") != block.count(b"\r\n"):
+            block = self._EOL.sub(b"\r\n", block)
+        if b"\t" in block or b"  " in block:
+            block = self._WSP.sub(b" ", block)
+        block = block.replace(b" \r\n", b"\r\n")  # white space is single spaces by now
         end = len(block)
         while block.endswith(b"\r\n", 0, end):
             end -= 2
