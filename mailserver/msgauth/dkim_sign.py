@@ -328,6 +328,8 @@ class DKIMSigning(Check):
         self.signer = signer
 
     async def on_data(self, session, txn):
+        if not session.authenticated:  # only what a login submits (AUTH precedes MAIL here)
+            return None
         domains = [txn.sender.rpartition("@")[2]] if "@" in txn.sender else []
         lines = await self.signer.sign(txn.message.queue_id, b"".join(txn.headers),
                                        txn.message.path, domains)

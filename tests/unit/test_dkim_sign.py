@@ -80,6 +80,8 @@ def write(tmp_path, content: bytes, name: str = "msg") -> str:
     return str(path)
 
 
+LOGGED_IN = SimpleNamespace(authenticated=True)
+
 MESSAGE = (b"From: Alice <alice@example.test>\r\nTo: bob@elsewhere.example\r\n"
            b"Subject: hello\r\n there\r\nContent-Type: text/plain\r\n\r\n"
            b"Hi  Bob, \t\r\n\r\nsee you.\r\n\r\n\r\n")
@@ -188,7 +190,7 @@ def test_submission_check_adds_signatures_below_the_added_fields(tmp_path, key_d
     txn.add_header("Message-ID", "<Q1@mx.example.test>")
     check = S.DKIMSigning(S.Signer(K.KeyStore(key_dir), sync_io, Clock()))
     with capturedLogs() as events:
-        assert result(check.on_data(None, txn)) is None
+        assert result(check.on_data(LOGGED_IN, txn)) is None
     assert len(txn.headers) == 3 and txn.headers[1].startswith(b"DKIM-Signature:")
     text = [e["log_format"].format(**e) for e in events]
     assert any("Q1: dkim: signed d=example.test (s=ed a=ed25519-sha256, s=rs a=rsa-sha256)" in t
@@ -204,7 +206,7 @@ def test_broken_key_leaves_the_mail_unsigned_with_an_error(tmp_path, key_dir):
     txn.message = SimpleNamespace(queue_id="Q2", path=write(tmp_path, MESSAGE))
     check = S.DKIMSigning(S.Signer(K.KeyStore(key_dir, selectors=("rs",)), sync_io))
     with capturedLogs() as events:
-        assert result(check.on_data(None, txn)) is None
+        assert result(check.on_data(LOGGED_IN, txn)) is None
     assert txn.headers == []
     errors = [e["log_format"].format(**e) for e in events if e["log_level"].name == "error"]
     assert any("Q2: dkim: key for example.test unusable" in t for t in errors), errors
@@ -219,7 +221,7 @@ def test_signing_crash_leaves_the_mail_unsigned(tmp_path, key_dir):
     txn.message = SimpleNamespace(queue_id="Q3", path=write(tmp_path, MESSAGE))
     with capturedLogs():
         assert result(S.DKIMSigning(S.Signer(K.KeyStore(key_dir), failing_io))
-                      .on_data(None, txn)) is None
+                      .on_data(LOGGED_IN, txn)) is None
     assert txn.headers == []
 
 
@@ -261,3 +263,26 @@ def test_key_files_are_read_again_only_when_changed(key_dir, pems):
     K.write_key(path, K.generate("ed25519"))
     again = store.keys_for(DOMAIN)[0]
     assert again[0].public != first[0].public
+
+
+def test_unauthenticated_sessions_are_not_signed(tmp_path, key_dir):
+    txn = Transaction(sender="alice@example.test")
+    txn.message = SimpleNamespace(queue_id="Q7", path=write(tmp_path, MESSAGE))
+    check = S.DKIMSigning(S.Signer(K.KeyStore(key_dir), sync_io))
+    assert result(check.on_data(SimpleNamespace(authenticated=False), txn)) is None
+    assert txn.headers == []
+
+
+def test_submission_listeners_sign_last():
+    """The signing check comes after SubmissionHeaders (it signs what that adds)."""
+    from mailserver.listeners import _submission_checks
+    from mailserver.pipeline.submission import SubmissionHeaders
+
+    config = SimpleNamespace(submission=SimpleNamespace(check_from_header=True,
+                                                        send_as_anyone=()),
+                             server=SimpleNamespace(hostname="mx.example.test"))
+    parts = SimpleNamespace(config=config, rate_limiter=None, reactor=Clock(), signer=object())
+    checks = _submission_checks(parts, None)
+    assert isinstance(checks[-2], SubmissionHeaders) and isinstance(checks[-1], S.DKIMSigning)
+    parts.signer = None
+    assert not any(isinstance(c, S.DKIMSigning) for c in _submission_checks(parts, None))

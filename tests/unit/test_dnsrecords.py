@@ -185,3 +185,18 @@ def test_bad_selector_in_config_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="dkim.domain_selectors"):
         load_config(write_config(tmp_path, '[dkim]\ndomain_selectors = {"example.test" = '
                                            '"ok ../bad"}\n'), check_files=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_genkey_as_root_gives_the_key_to_the_service_user(tmp_path, capsys):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    path = write_config(tmp_path, "")
+    text = open(path).read().replace('[server]\n', '[server]\nuser = "nobody"\n', 1)
+    open(path, "w").write(text)
+    assert ctl.main(["dkim", "genkey", "example.test", "-s", "s1", "-c", path]) == 0
+    key_file = tmp_path / "var" / "dkim" / "example.test" / "s1.key"
+    for p in (key_file, key_file.parent, key_file.parent.parent):
+        assert p.stat().st_uid == nobody.pw_uid, p
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
