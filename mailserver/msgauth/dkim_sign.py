@@ -281,8 +281,8 @@ class Signer:
         kw.setdefault("now", self._now())
         try:
             lines, domain, problems = await self.io(self.sign_file, prefix, path, domains, **kw)
-        except SigningError as e:
-            log.error("{id}: dkim: not signed: {why}", id=queue_id, why=str(e))
+        except SigningError as e:  # the message's doing, not the operator's
+            log.warn("{id}: dkim: not signed: {why}", id=queue_id, why=str(e))
             return []
         except Exception:
             log.failure("{id}: dkim: not signed: signing failed", id=queue_id)
