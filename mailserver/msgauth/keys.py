@@ -166,8 +166,23 @@ def load_key(path: str, domain: str, selector: str) -> SigningKey:
 def txt_strings(value: str, size: int = 255) -> str:
     """A TXT value as quoted character-strings of at most ``size`` octets
     (RFC 1035 3.3.14; an RSA key is longer than one string may be)."""
-    parts = [value[i:i + size] for i in range(0, len(value), size)] or [""]
-    return " ".join(f'"{p}"' for p in parts)
+    data = value.encode("utf-8")
+    parts = [data[i:i + size] for i in range(0, len(data), size)] or [b""]
+    return " ".join('"' + _escape(p) + '"' for p in parts)
+
+
+def _escape(part: bytes) -> str:
+    """A character-string's content in zone-file syntax (RFC 1035 5.1)."""
+    out = []
+    for byte in part:
+        c = chr(byte)
+        if c in '"\\':
+            out.append("\\" + c)
+        elif 32 <= byte < 127:
+            out.append(c)
+        else:
+            out.append(f"\\{byte:03d}")
+    return "".join(out)
 
 
 def dns_record(key: SigningKey, ttl: Optional[int] = None) -> str:

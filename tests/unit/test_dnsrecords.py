@@ -200,3 +200,8 @@ def test_genkey_as_root_gives_the_key_to_the_service_user(tmp_path, capsys):
     for p in (key_file, key_file.parent, key_file.parent.parent):
         assert p.stat().st_uid == nobody.pw_uid, p
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+def test_txt_strings_escape_quotes_and_split_by_octets():
+    assert K.txt_strings('v=spf1 "x" \\ é') == '"v=spf1 \\"x\\" \\\\ \\195\\169"'
+    assert K.txt_strings("a" * 256) == f'"{"a" * 255}" "a"'
