@@ -39,6 +39,7 @@ class Parts:
     store: Any = None  # store.maildir.MaildirStore (POP3 reads the maildirs it names)
     io: Any = None  # io(f, *args) -> Deferred on the I/O thread pool
     metrics: Any = None  # metrics.Metrics when [metrics] is on, else None
+    inbound_auth: Any = None  # msgauth.inbound.InboundAuth when [checks] is on, else None
 
 
 def _sender_checks(parts: Parts) -> list:
@@ -48,7 +49,10 @@ def _sender_checks(parts: Parts) -> list:
 
 
 def _smtp_checks(parts: Parts, lc) -> list:
-    return _sender_checks(parts) if lc.auth else []
+    checks = _sender_checks(parts) if lc.auth else []
+    if parts.inbound_auth is not None:  # SPF, DKIM, ARC, DMARC: the MX only
+        checks.append(parts.inbound_auth)
+    return checks
 
 
 def _submission_checks(parts: Parts, lc) -> list:
