@@ -685,11 +685,14 @@ class MaildirStore:
         opened = {}
         try:
             path = self.root
-            for component in components:
+            for i, component in enumerate(components):
                 path = os.path.join(path, component)
                 child = self._open_dir(fd, component, path, create=True)
                 os.close(fd)
                 fd = child
+                if folder and i == len(components) - 2:  # a folder's inbox is a maildir too
+                    for sub in ("cur", "new", "tmp"):
+                        os.close(self._open_dir(fd, sub, os.path.join(path, sub), create=True))
             for sub in ("cur", "new", "tmp"):
                 opened[sub] = self._open_dir(fd, sub, os.path.join(path, sub), create=True)
             if folder:  # Maildir++: marks a folder (Dovecot, Courier)

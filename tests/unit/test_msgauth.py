@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import types
 
 import dns.exception
@@ -497,3 +498,39 @@ def test_check_stops_waiting_after_the_budget(keys, tmp_path):
     assert not done
     clock.advance(3.1)
     assert done == [None] and txn.checks[check.name].spf.result == "temperror"
+
+
+# -- where junk goes: a Maildir++ folder -------------------------------------------
+def test_store_delivers_into_a_folder(tmp_path):
+    from mailserver.directory.interfaces import Mailbox
+    from mailserver.store.maildir import MaildirStore
+
+    store = MaildirStore(str(tmp_path / "mail"), hostname="mx.example.test")
+    alice = Mailbox(address="alice@example.test", login="alice")
+    source = tmp_path / "content"
+    source.write_bytes(message())
+    path = store.deliver(alice, sender="a@q.example", source_path=str(source), folder="Junk")
+    folder = tmp_path / "mail" / "example.test" / "alice" / ".Junk"
+    assert os.path.dirname(path) == str(folder / "new")
+    assert (folder / "maildirfolder").is_file() and (folder / "cur").is_dir()
+    assert not os.listdir(tmp_path / "mail" / "example.test" / "alice" / "new")
+    with pytest.raises(ValueError):
+        store.deliver(alice, sender="", source_path=str(source), folder="../x")
+
+
+@pytest.mark.parametrize("folder,ok", [("Junk", True), ("Spam.Today", True), ("", True),
+                                       ("../x", False), (".Junk", False), ("a/b", False)])
+def test_junk_folder_config(tmp_path, monkeypatch, folder, ok):
+    from mailserver.config import load_config
+    from mailserver.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "users.ldif").write_text("")
+    (tmp_path / "c.toml").write_text(
+        '[domains]\nlocal = ["example.test"]\n[directory]\nldif_file = "users.ldif"\n'
+        f'[checks]\njunk_folder = "{folder}"\n[[listeners]]\naddress = "127.0.0.1:2525"\n')
+    if ok:
+        assert load_config(str(tmp_path / "c.toml")).checks.junk_folder == folder
+    else:
+        with pytest.raises(ConfigError, match="checks.junk_folder"):
+            load_config(str(tmp_path / "c.toml"))
