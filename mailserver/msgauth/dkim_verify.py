@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import dkim
 
@@ -55,19 +55,41 @@ def _text(value) -> str:
     return str(value or "")
 
 
-def _signature_count(message: bytes) -> int:
-    headers, _body = dkim.rfc822_parse(message)
-    return sum(1 for name, _v in headers if name.lower() == b"dkim-signature")
+def header_fields(message: bytes) -> list:
+    """``(lower-case name, raw value)`` of the header section, parsed alone
+    (the body of a large message is not split into lines for nothing) and
+    leniently: a line that is not a field is skipped, so one malformed line
+    cannot hide the From: field from DMARC."""
+    end = message.find(b"\r\n\r\n")
+    head = message if end < 0 else message[:end + 2]
+    fields: list = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if fields:
+                fields[-1][1] += line + b"\r\n"
+            continue
+        name, colon, value = line.partition(b":")
+        name = name.rstrip(b" \t")  # RFC 5322 4.5.4 (obsolete): space before the colon
+        if colon and name and not any(c <= 32 or c > 126 for c in name):
+            fields.append([name.lower(), value + b"\r\n"])
+        else:
+            fields.append([b"", b""])  # not a field: its continuations go nowhere
+    return [(name, value) for name, value in fields if name]
 
 
-def verify_dkim(message: bytes, lookups: Lookups, *, minkey: int = 1024) -> List[DKIMResult]:
+def verify_dkim(message: bytes, lookups: Lookups, *, minkey: int = 1024,
+                headers: Optional[list] = None) -> List[DKIMResult]:
     """One result per DKIM-Signature field, in header order (blocking)."""
+    if headers is None:
+        headers = header_fields(message)
+    count = sum(1 for name, _v in headers if name == b"dkim-signature")
+    if not count:
+        return []
     try:
-        count = _signature_count(message)
-    except dkim.DKIMException as e:
-        return [DKIMResult("permerror", reason=f"unparsable message: {e}"[:200])]
+        verifier = dkim.DKIM(message, logger=_quiet, minkey=minkey)
+    except dkim.DKIMException as e:  # a header dkimpy cannot parse
+        return [DKIMResult("permerror", reason=f"unparsable message: {e}"[:200])] * count
     results = []
-    verifier = dkim.DKIM(message, logger=_quiet, minkey=minkey)
     for idx in range(count):
         verifier.signature_fields = {}
         try:
@@ -101,12 +123,19 @@ def _key_name(fields: dict) -> str:
     return f"{_text(fields.get(b's'))}._domainkey.{_text(fields.get(b'd'))}".lower().rstrip(".")
 
 
-def verify_arc(message: bytes, lookups: Lookups) -> ARCResult:
+def verify_arc(message: bytes, lookups: Lookups, *,
+               headers: Optional[list] = None) -> ARCResult:
     """The ARC chain validation status (blocking)."""
+    if headers is None:
+        headers = header_fields(message)
+    if not any(name == b"arc-seal" for name, _v in headers):
+        return ARCResult("none")
     try:
         cv, results, reason = dkim.arc_verify(message, logger=_quiet, dnsfunc=lookups.dkim_txt)
     except DNSTrouble as e:
         return ARCResult("temperror", reason=str(e))
+    except dkim.DKIMException as e:  # a header dkimpy cannot parse
+        return ARCResult("fail", reason=str(e)[:200])
     instance = max((r.get("instance", 0) for r in results), default=0)
     if cv is None:  # an earlier hop recorded a failure: the chain ended
         return ARCResult("fail", instance, _text(reason)[:200])

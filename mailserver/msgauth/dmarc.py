@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.unit.test_msgauth -*-
 """DMARC (RFC 7489): the policy record, alignment and the disposition.
 
-* The Author Domain is the domain of the single address in the single
-  ``From:`` field; anything else (none, several, unparsable) is
-  ``permerror`` and no policy applies.
+* The Author Domain is the domain of the ``From:`` address.  No address at
+  all is ``permerror`` (no policy applies); several domains (several
+  addresses or fields) are each evaluated and the strictest result counts.
 * The record is the TXT at ``_dmarc.<author domain>``, else at
   ``_dmarc.<organisational domain>`` (RFC 7489 6.6.3); the organisational
   domain comes from the public suffix list (publicsuffixlist).  Only
@@ -99,15 +99,15 @@ class DMARCResult:
     reason: str = ""
 
 
-def author_domain(from_values: Sequence[str]) -> Optional[str]:
-    """The one From: domain, or None."""
-    if len(from_values) != 1:
-        return None
-    addresses = [a for _n, a in email.utils.getaddresses(list(from_values)) if a]
-    if len(addresses) != 1 or "@" not in addresses[0]:
-        return None
-    domain = addresses[0].rpartition("@")[2].strip().lower().rstrip(".")
-    return domain or None
+def author_domains(from_values: Sequence[str]) -> list:
+    """The distinct domains of every address in every From: field, in order."""
+    domains = []
+    for _name, address in email.utils.getaddresses(list(from_values)):
+        if "@" in address:
+            domain = address.rpartition("@")[2].strip().lower().rstrip(".")
+            if domain and domain not in domains:
+                domains.append(domain)
+    return domains
 
 
 def _find_record(lookups: Lookups, domain: str) -> tuple:
@@ -135,13 +135,28 @@ def _aligned(identifier: str, author: str, mode: str) -> bool:
     return organisational_domain(identifier) == organisational_domain(author)
 
 
+_RANK = {"none": 0, "quarantine": 1, "reject": 2}
+
+
 def evaluate(lookups: Lookups, from_values: Sequence[str], spf: Optional[SPFResult],
              dkim_results: Iterable[DKIMResult],
              chance: Callable[[], float] = random.random) -> DMARCResult:
-    """The DMARC result for a message (blocking: DNS)."""
-    author = author_domain(from_values)
-    if author is None:
-        return DMARCResult("permerror", reason="no single From: address")
+    """The DMARC result for a message (blocking: DNS).
+
+    A message whose From: fields name several domains (RFC 7489 6.6.1
+    leaves it to the receiver) is judged by the strictest of their results,
+    so a second From: address cannot dodge a ``p=reject`` policy."""
+    domains = author_domains(from_values)
+    if not domains:
+        return DMARCResult("permerror", reason="no From: address")
+    dkim_results = list(dkim_results)
+    results = [_evaluate_one(lookups, d, spf, dkim_results, chance) for d in domains]
+    return max(results, key=lambda r: (_RANK[r.disposition] if r.result in
+                                       ("fail", "temperror") else -1, r.result == "fail"))
+
+
+def _evaluate_one(lookups: Lookups, author: str, spf: Optional[SPFResult],
+                  dkim_results: Sequence[DKIMResult], chance) -> DMARCResult:
     try:
         record, found_at = _find_record(lookups, author)
     except DNSTrouble as e:

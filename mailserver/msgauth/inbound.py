@@ -35,7 +35,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailserver import reply as R
-from mailserver.msgauth.dkim_verify import ARCResult, DKIMResult, verify_arc, verify_dkim
+from mailserver.msgauth.dkim_verify import (ARCResult, DKIMResult, header_fields, verify_arc,
+                                            verify_dkim)
 from mailserver.msgauth.dmarc import DMARCResult, evaluate
 from mailserver.msgauth.lookups import Lookups
 from mailserver.msgauth.results import authentication_results, authserv_id
@@ -94,21 +95,6 @@ def decide(settings: Settings, dmarc: Optional[DMARCResult]) -> Verdict:
 class _State:
     spf: Optional[SPFResult] = None
     verdict: Verdict = field(default_factory=Verdict)
-
-
-def _headers(data: bytes) -> list:
-    """(lower-case name, unfolded text value) of the header section."""
-    import dkim
-
-    try:
-        headers, _body = dkim.rfc822_parse(data)
-    except Exception:
-        return []
-    out = []
-    for name, value in headers:
-        text = value.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")
-        out.append((name.decode("ascii", "replace").strip().lower(), text))
-    return out
 
 
 class InboundAuth(Check):
@@ -202,10 +188,13 @@ class InboundAuth(Check):
         with open(path, "rb") as f:
             data = f.read()  # dkimpy verifies from memory; see docs/decisions.rst
         lookups = Lookups(self.resolver, self.settings.dns_timeout)
-        dkim_results = tuple(verify_dkim(data, lookups))
-        arc = verify_arc(data, lookups)
-        headers = _headers(data)
+        fields = header_fields(data)
+        dkim_results = tuple(verify_dkim(data, lookups, headers=fields))
+        arc = verify_arc(data, lookups, headers=fields)
         del data
+        headers = [(name.decode("ascii", "replace").strip(),
+                    value.decode("utf-8", "replace").replace("\r\n", "").replace("\n", ""))
+                   for name, value in fields]
         dmarc = evaluate(lookups, [v for n, v in headers if n == "from"], spf, dkim_results,
                          self.chance)
         ours = self.settings.authserv_id.lower()

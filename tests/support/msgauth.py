@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import base64
+import types
 
 import dkim
+import dns.exception
+import dns.name
+import dns.resolver
 import nacl.signing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -60,3 +64,35 @@ def arc_seal(data: bytes, key: RSAKey, domain: str, srv_id: str,
     headers = dkim.arc_sign(data, selector.encode(), domain.encode(), key.private,
                             srv_id.encode())
     return b"".join(headers) + data
+
+
+class FakeResolver:
+    """dnspython's ``resolve`` from a dict: (name, type) -> values, or
+    "servfail" / "timeout"."""
+
+    def __init__(self, records: dict) -> None:
+        self.records = {(n.lower(), t): v for (n, t), v in records.items()}
+        self.asked = []
+
+    def resolve(self, name, rdtype, lifetime=None, search=False):
+        name = str(name).lower().rstrip(".")
+        self.asked.append((name, rdtype))
+        values = self.records.get((name, rdtype))
+        if values == "servfail":
+            raise dns.resolver.NoNameservers()
+        if values == "timeout":
+            raise dns.exception.Timeout()
+        if values is None:
+            raise dns.resolver.NXDOMAIN()
+        out = []
+        for v in values:
+            if rdtype == "TXT":
+                raw = v.encode()
+                out.append(types.SimpleNamespace(
+                    strings=tuple(raw[i:i + 255] for i in range(0, len(raw), 255))))
+            elif rdtype in ("A", "AAAA"):
+                out.append(types.SimpleNamespace(address=v))
+            elif rdtype == "MX":
+                out.append(types.SimpleNamespace(preference=v[0],
+                                                 exchange=dns.name.from_text(v[1])))
+        return out

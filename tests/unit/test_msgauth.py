@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import types
 
-import dns.exception
-import dns.name
-import dns.resolver
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from mailserver import reply as R
 from mailserver.incoming import IncomingMessage
-from mailserver.msgauth.dkim_verify import ARCResult, DKIMResult, verify_arc, verify_dkim
-from mailserver.msgauth.dmarc import (DMARCResult, author_domain, evaluate,
+from mailserver.msgauth.dkim_verify import (ARCResult, DKIMResult, header_fields, verify_arc,
+                                            verify_dkim)
+from mailserver.msgauth.dmarc import (DMARCResult, author_domains, evaluate,
                                       organisational_domain, parse_record)
 from mailserver.msgauth.inbound import InboundAuth, Settings, decide
 from mailserver.msgauth.lookups import DNSTrouble, Lookups, nameserver_addresses
@@ -25,41 +22,9 @@ from mailserver.msgauth.spf_check import SPFResult, check_spf
 from mailserver.msgauth.strip import ARFilter, rewrite_without
 from mailserver.pipeline.session import Session, Transaction
 from mailserver.policy import Networks
-from tests.support.msgauth import Ed25519Key, RSAKey, arc_seal, message, sign
+from tests.support.msgauth import Ed25519Key, FakeResolver, RSAKey, arc_seal, message, sign
 
 OURS = "mx.example.test"
-
-
-class FakeResolver:
-    """dnspython's ``resolve`` from a dict: (name, type) -> values, or
-    "servfail" / "timeout"."""
-
-    def __init__(self, records: dict) -> None:
-        self.records = {(n.lower(), t): v for (n, t), v in records.items()}
-        self.asked = []
-
-    def resolve(self, name, rdtype, lifetime=None, search=False):
-        name = str(name).lower().rstrip(".")
-        self.asked.append((name, rdtype))
-        values = self.records.get((name, rdtype))
-        if values == "servfail":
-            raise dns.resolver.NoNameservers()
-        if values == "timeout":
-            raise dns.exception.Timeout()
-        if values is None:
-            raise dns.resolver.NXDOMAIN()
-        out = []
-        for v in values:
-            if rdtype == "TXT":
-                raw = v.encode()
-                out.append(types.SimpleNamespace(
-                    strings=tuple(raw[i:i + 255] for i in range(0, len(raw), 255))))
-            elif rdtype in ("A", "AAAA"):
-                out.append(types.SimpleNamespace(address=v))
-            elif rdtype == "MX":
-                out.append(types.SimpleNamespace(preference=v[0],
-                                                 exchange=dns.name.from_text(v[1])))
-        return out
 
 
 def lookups(records: dict, budget: float = 5.0) -> Lookups:
@@ -180,6 +145,7 @@ def test_arc_chain_verified(keys):
     tampered = sealed.replace(b"Hello there.", b"Hello, changed.")
     assert verify_arc(tampered, lookups(zone)).result == "fail"
     assert verify_arc(message(), lookups(zone)).result == "none"
+    assert verify_arc(b"garbage line\r\n" + sealed, lookups(zone)).result == "fail"
     broken = dict(zone)
     broken[("arc._domainkey.list.example", "TXT")] = "servfail"
     assert verify_arc(sealed, lookups(broken)).result == "temperror"
@@ -203,12 +169,13 @@ def test_organisational_domain():
     assert organisational_domain("example.org") == "example.org"
 
 
-def test_author_domain():
-    assert author_domain(["Alice <alice@Example.ORG>"]) == "example.org"
-    assert author_domain([]) is None
-    assert author_domain(["a@x.example", "b@y.example"]) is None
-    assert author_domain(["a@x.example, b@y.example"]) is None
-    assert author_domain(["no address"]) is None
+def test_author_domains():
+    assert author_domains(["Alice <alice@Example.ORG>"]) == ["example.org"]
+    assert author_domains([]) == []
+    assert author_domains(["a@x.example", "b@y.example", "c@x.example"]) == [
+        "x.example", "y.example"]
+    assert author_domains(["a@x.example, b@y.example"]) == ["x.example", "y.example"]
+    assert author_domains(["no address"]) == []
 
 
 DMARC_ZONE = {
@@ -266,9 +233,33 @@ def test_dmarc_pct_samples():
     assert evaluate(lookups(DMARC_ZONE), *args, chance=lambda: 0.7).disposition == "none"
 
 
-def test_dmarc_without_single_from():
-    result = evaluate(lookups(DMARC_ZONE), ["a@example.org", "b@example.org"], None, [])
-    assert result.result == "permerror"
+def test_dmarc_without_from_or_with_several():
+    assert evaluate(lookups(DMARC_ZONE), ["undisclosed"], None, []).result == "permerror"
+    # a second From: cannot dodge a reject policy: the strictest result counts
+    result = evaluate(lookups(DMARC_ZONE), ["a@n.example", "b@example.org"], None,
+                      [dk("pass", "n.example")])
+    assert (result.result, result.disposition, result.from_domain) == (
+        "fail", "reject", "example.org")
+    both = evaluate(lookups(DMARC_ZONE), ["a@n.example, b@example.org"], None,
+                    [dk("pass", "n.example"), dk("pass", "example.org")])
+    assert both.result == "pass"
+
+
+def test_header_fields_are_parsed_leniently():
+    data = (b"From: a@example.org\r\nnot a field\r\n continued\r\n"
+            b"Authentication-Results : mx.example.test; none\r\nX-A:\r\n\tfolded\r\n"
+            b"\r\nBody: not a header\r\n")
+    assert header_fields(data) == [(b"from", b" a@example.org\r\n"),
+                                   (b"authentication-results", b" mx.example.test; none\r\n"),
+                                   (b"x-a", b"\r\n\tfolded\r\n")]
+
+
+def test_malformed_header_line_does_not_hide_from(keys, tmp_path):
+    data = message("ceo@forged.example", extra=b"garbage line\r\n")
+    zone = dict(ZONE_ALL)
+    zone[("_dmarc.forged.example", "TXT")] = ["v=DMARC1; p=reject"]
+    txn = transaction(tmp_path, "x@forged.example", data)
+    assert run_check(make_check(keys, zone=zone), session(), txn) == R.DMARC_REJECTED
 
 
 # -- policy ------------------------------------------------------------------------------
