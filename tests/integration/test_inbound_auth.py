@@ -115,6 +115,15 @@ def test_dmarc_reject_refused_at_end_of_data(mx):
     assert "dmarc=fail" in mx.log() and ": reject" in mx.log()
 
 
+def test_valid_but_unaligned_signature_does_not_pass_dmarc(mx):
+    # A good signature by example.org on mail "from" forged.example: DKIM
+    # passes, DMARC fails, p=reject refuses it.
+    data = sign(message("ceo@forged.example", "unaligned"), KEY, "example.org")
+    code, text = send(mx, "bounces@example.org", data)  # SPF passes too, for example.org
+    assert code == 550 and text.startswith(b"5.7.1"), text
+    assert "spf=pass dkim=pass arc=none dmarc=fail (p=reject) from=forged.example" in mx.log()
+
+
 def test_dmarc_quarantine_goes_to_junk(mx):
     code, text = send(mx, "a@quar.example", message("a@quar.example", "quarantined"))
     assert code == 250, text
