@@ -28,7 +28,7 @@ and treated the same way: the checks never lose or refuse mail by mistake.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 from twisted.internet import defer
@@ -48,6 +48,7 @@ log = Logger(namespace="mailserver.checks")
 
 JUNK_HEADER = ("X-Spam-Flag", "YES")
 _GRACE = 2.0  # seconds the reactor waits past the DNS budget for a worker
+_NO_RESULT = "no result in time"
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,6 @@ def decide(settings: Settings, dmarc: Optional[DMARCResult]) -> Verdict:
 @dataclass
 class _State:
     spf: Optional[SPFResult] = None
-    verdict: Verdict = field(default_factory=Verdict)
 
 
 class InboundAuth(Check):
@@ -134,7 +134,7 @@ class InboundAuth(Check):
                                     txn.sender, helo)
         if spf is None:
             spf = SPFResult("temperror", "mailfrom" if txn.sender else "helo",
-                            txn.sender or helo, "", "no result in time")
+                            txn.sender or helo, "", _NO_RESULT)
         txn.checks[self.name] = _State(spf)
         if spf.result == "fail" and self.settings.spf_reject:
             log.info("{listener}: NOQUEUE: SPF fail for <{sender}> from {client}",
@@ -153,18 +153,12 @@ class InboundAuth(Check):
         queue_id = message.queue_id
         report = await self._in_thread("DKIM/ARC/DMARC", queue_id, self._content, message.path,
                                        state.spf)
-        if report is None:
-            report = Report(dkim=(DKIMResult("temperror", reason="no result in time"),),
+        unknown = report is None  # timed out or a bug: forged fields unknown too
+        if unknown:
+            report = Report(dkim=(DKIMResult("temperror", reason=_NO_RESULT),),
                             arc=ARCResult("temperror"),
-                            dmarc=DMARCResult("temperror", reason="no result in time"))
-        if report.forged:
-            size = await self.run(rewrite_without, message.path, self.settings.authserv_id)
-            if size is not None:
-                message.size = size
-            log.info("{id}: removed {n} Authentication-Results field(s) claiming to be ours",
-                     id=queue_id, n=report.forged)
+                            dmarc=DMARCResult("temperror", reason=_NO_RESULT))
         verdict = decide(self.settings, report.dmarc)
-        state.verdict = verdict
         log.info("{id}: authentication: spf={spf} dkim={dkim} arc={arc} dmarc={dmarc}"
                  "{policy} from={domain}: {action}", id=queue_id, spf=state.spf.result,
                  dkim=",".join(d.result for d in report.dkim) or "none",
@@ -175,6 +169,12 @@ class InboundAuth(Check):
                  action=verdict.action)
         if verdict.reply is not None:
             return verdict.reply
+        if report.forged or unknown:  # the rewrite looks for them itself
+            size = await self.run(rewrite_without, message.path, self.settings.authserv_id)
+            if size is not None:
+                message.size = size
+                log.info("{id}: removed Authentication-Results field(s) claiming to be ours",
+                         id=queue_id)
         txn.add_header("Authentication-Results", authentication_results(
             self.settings.authserv_id, spf=state.spf, dkim=report.dkim, arc=report.arc,
             dmarc=report.dmarc))

@@ -473,9 +473,11 @@ def test_check_bug_is_temperror_not_refusal(keys, tmp_path):
         raise RuntimeError("bug")
 
     check._content = broken
-    txn = transaction(tmp_path, "x@n.example", message("a@n.example"))
+    forged = b"Authentication-Results: mx.example.test; dmarc=pass\r\n"
+    txn = transaction(tmp_path, "x@n.example", forged + message("a@n.example"))
     assert run_check(check, session(), txn) is None
     assert b"dmarc=temperror" in txn.headers[0]
+    assert b"mx.example.test; dmarc=pass" not in open(txn.message.path, "rb").read()
 
 
 def test_check_stops_waiting_after_the_budget(keys, tmp_path):
