@@ -45,6 +45,17 @@ def _spf(spf: SPFResult) -> str:
     return f"spf={spf.result}{_comment(spf.reason)} {prop}={_value(spf.value or 'unknown')}"
 
 
+def _wrap(parts: list, width: int = 76) -> str:
+    """Words on lines of about ``width`` (the header's first tab counted as 8)."""
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if 8 + len(lines[-1]) + 1 + len(part) > width:
+            lines.append("  " + part)
+        else:
+            lines[-1] += " " + part
+    return "\r\n\t".join(lines)
+
+
 def _dkim(d: DKIMResult) -> str:
     parts = [f"dkim={d.result}{_comment(d.reason)}"]
     for name, value in (("header.d", d.domain), ("header.i", d.identity),
@@ -52,7 +63,7 @@ def _dkim(d: DKIMResult) -> str:
                         ("header.b", d.b)):
         if value:
             parts.append(f"{name}={_value(value)}")
-    return " ".join(parts)
+    return _wrap(parts)
 
 
 def _arc(arc: ARCResult) -> str:

@@ -295,10 +295,11 @@ def test_authentication_results_header():
     lines = value.split("\r\n\t")
     assert lines[0] == f"{OURS};"
     assert lines[1] == r'spf=pass (matched ip4 here) smtp.mailfrom="odd \"user\"@example.org";'
-    assert lines[2] == ("dkim=pass header.d=example.org header.i=@example.org header.s=sel "
-                        "header.a=ed25519-sha256 header.b=abcdefgh;")
-    assert lines[3] == "arc=pass (i=2);"
-    assert lines[4] == "dmarc=pass (p=reject dis=none) header.from=example.org"
+    assert lines[2] == "dkim=pass header.d=example.org header.i=@example.org header.s=sel"
+    assert lines[3] == "  header.a=ed25519-sha256 header.b=abcdefgh;"
+    assert lines[4] == "arc=pass (i=2);"
+    assert lines[5] == "dmarc=pass (p=reject dis=none) header.from=example.org"
+    assert all(8 + len(line) <= 78 for line in lines)
     helo = authentication_results(OURS, spf=SPFResult("none", "helo", "h.example", ""))
     assert helo == f"{OURS};\r\n\tspf=none smtp.helo=h.example;\r\n\tdkim=none"
 
