@@ -48,7 +48,11 @@ def nameserver_addresses(entries: Iterable[str]) -> List[Tuple[str, int]]:
 def make_dns_resolver(nameservers: Iterable[str] = (), *, per_try: float = 2.0):
     """A dnspython resolver that asks only ``nameservers`` (or resolv.conf)."""
     servers = nameserver_addresses(nameservers)
-    resolver = dns.resolver.Resolver(configure=not servers)
+    try:
+        resolver = dns.resolver.Resolver(configure=not servers)
+    except dns.resolver.NoResolverConfiguration:  # no usable resolv.conf: as libc does
+        resolver = dns.resolver.Resolver(configure=False)
+        servers = [("127.0.0.1", 53)]
     if servers:
         resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in servers]
     resolver.timeout = per_try

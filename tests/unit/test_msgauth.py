@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 
+import dns.resolver
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -528,3 +529,17 @@ def test_junk_folder_config(tmp_path, monkeypatch, folder, ok):
     else:
         with pytest.raises(ConfigError, match="checks.junk_folder"):
             load_config(str(tmp_path / "c.toml"))
+
+
+def test_resolver_uses_the_configured_servers(monkeypatch):
+    from mailserver.msgauth.lookups import make_dns_resolver
+
+    r = make_dns_resolver(["127.0.0.1:5300", "::1"])
+    assert [(n.address, n.port) for n in r.nameservers] == [("127.0.0.1", 5300), ("::1", 53)]
+
+    def no_conf(self, *a, **kw):
+        raise dns.resolver.NoResolverConfiguration()
+
+    monkeypatch.setattr(dns.resolver.Resolver, "read_resolv_conf", no_conf)
+    r = make_dns_resolver(())  # no resolv.conf: the local resolver, never a crash at start
+    assert [(n.address, n.port) for n in r.nameservers] == [("127.0.0.1", 53)]
