@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -341,6 +342,24 @@ class DNSRecordsConfig:
     tls_reports: str = field(
         default="postmaster@{domain}", metadata=_doc("Where TLS-RPT reports go."))
     ttl: int = field(default=3600, metadata=_doc("TTL of the printed records.", min=0))
+# -- inbound message authentication: [checks] ----------------------------------
+@dataclass(frozen=True)
+class ChecksConfig:
+    enabled: bool = field(
+        default=True, metadata=_doc("SPF, DKIM, ARC and DMARC on smtp listeners (port 25)."))
+    authserv_id: str = field(
+        default="", metadata=_doc("Name in Authentication-Results; \"\" = server.hostname."))
+    dmarc_reject: bool = field(
+        default=True, metadata=_doc("550 5.7.1 when a p=reject domain's DMARC check fails."))
+    dmarc_quarantine: bool = field(
+        default=True, metadata=_doc("Mark as junk when a p=quarantine domain's check fails."))
+    spf_reject: bool = field(default=False, metadata=_doc("550 5.7.23 at MAIL when SPF fails."))
+    junk_folder: str = field(
+        default="", metadata=_doc("Maildir++ folder for junk (\"Junk\" = .Junk); \"\" = none."))
+    dns_timeout: float = field(
+        default=10.0, metadata=_doc("Seconds of DNS per check (SPF; DKIM, ARC and DMARC).",
+                                    min=0.1))
+    threads: int = field(default=4, metadata=_doc("Threads for the checks' DNS.", min=1))
 
 
 # -- observation: [metrics] and [log] ------------------------------------------
@@ -383,6 +402,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     dns: DNSRecordsConfig = field(default_factory=DNSRecordsConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
 
     @property
     def has_tls(self) -> bool:
@@ -406,6 +426,7 @@ SECTIONS["metrics"] = MetricsConfig
 SECTIONS["log"] = LogConfig
 SECTIONS["dkim"] = DKIMConfig
 SECTIONS["dns"] = DNSRecordsConfig
+SECTIONS["checks"] = ChecksConfig
 
 
 def _check_value(path: str, key: str, f: dataclasses.Field, value: Any) -> Any:
@@ -669,6 +690,10 @@ def _check_semantics(config: Config) -> None:
     _check_directories(config)
     _check_metrics(config)
     _check_dkim(config)
+    folder = config.checks.junk_folder
+    if folder and not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", folder):
+        raise ConfigError(path, "checks.junk_folder", f"{folder!r}: use letters, digits, "
+                          "- and _, with dots between sub-folder names (Maildir++)")
 
 
 def _check_metrics(config: Config) -> None:

@@ -40,6 +40,7 @@ class Parts:
     io: Any = None  # io(f, *args) -> Deferred on the I/O thread pool
     metrics: Any = None  # metrics.Metrics when [metrics] is on, else None
     signer: Any = None  # msgauth.dkim_sign.Signer when [dkim] sign is on
+    inbound_auth: Any = None  # msgauth.inbound.InboundAuth when [checks] is on, else None
 
 
 def _sender_checks(parts: Parts) -> list:
@@ -49,7 +50,10 @@ def _sender_checks(parts: Parts) -> list:
 
 
 def _smtp_checks(parts: Parts, lc) -> list:
-    return _sender_checks(parts) if lc.auth else []
+    checks = _sender_checks(parts) if lc.auth else []
+    if parts.inbound_auth is not None:  # SPF, DKIM, ARC, DMARC: the MX only
+        checks.append(parts.inbound_auth)
+    return checks
 
 
 def _submission_checks(parts: Parts, lc) -> list:

@@ -126,6 +126,7 @@ ETRN_DENIED = R(459, "4.7.1", "Node {node} not allowed: ETRN is for trusted netw
 TLS_UNAVAILABLE = R(454, "4.7.0", "TLS not available due to temporary reason")
 AUTH_TEMPORARY = R(454, "4.7.0", "Temporary authentication failure")
 RATE_LIMITED = R(450, "4.7.1", "Message rate limit exceeded, try again later")
+DMARC_TEMPORARY = R(451, "4.7.1", "The From: domain's DMARC policy cannot be checked now, try again later")
 LOGIN_BLOCKED = R(421, "4.7.0", "Too many failed logins, closing connection")
 
 # --- permanent ------------------------------------------------------------
@@ -171,6 +172,8 @@ AUTH_REQUIRED = R(530, "5.7.0", "Authentication required")
 MUST_STARTTLS = R(530, "5.7.0", "Must issue a STARTTLS command first")
 SENDER_NOT_OWNED = R(553, "5.7.1", "Sender address not owned by the authenticated user")
 FROM_NOT_OWNED = R(550, "5.7.1", "From: header address not owned by the authenticated user")  # after DATA: 550, not 553 (RFC 5321 4.3.2)
+DMARC_REJECTED = R(550, "5.7.1", "Message refused by the DMARC policy of the From: domain")
+SPF_FAILED = R(550, "5.7.23", "SPF: the sender's domain does not allow this host to send its mail")
 
 # --- SMTP AUTH (RFC 4954) ----------------------------------------------------------
 AUTH_FAILED = R(535, "5.7.8", "Authentication credentials invalid")

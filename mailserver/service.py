@@ -285,15 +285,11 @@ def make_resolver(nameservers, reactor):
     fallback to 127.0.0.1:53), or the system's /etc/resolv.conf and hosts."""
     from twisted.names import client
 
+    from mailserver.msgauth.lookups import nameserver_addresses
+
     if not nameservers:
         return client.createResolver()
-    servers = []
-    for entry in nameservers:
-        host, port = entry, 53
-        if entry.count(":") == 1:  # IPv4 with a port; a bare IPv6 address has several colons
-            host, _, p = entry.partition(":")
-            port = int(p)
-        servers.append((host, port))
+    servers = nameserver_addresses(nameservers)
     return client.Resolver(servers=servers, reactor=reactor, timeout=(2, 5))
 
 
@@ -450,6 +446,9 @@ def build_service(config: Config, reactor=None, identity=None,
         rate_limiter=build_rate_limiter(config, reactor), tls=tls, store=store,
         io=lambda f, *args: threads.deferToThreadPool(reactor, pool, f, *args),
         metrics=metrics)
+    from mailserver.msgauth.inbound import build_inbound_auth
+
+    parts.inbound_auth = build_inbound_auth(config, reactor, top, parts.trusted)
     for lc in config.listeners:
         endpoint = make_endpoint(reactor, lc.address, lc.socket_mode)
         svc = ListenerService(endpoint, build_listener(parts, lc),

@@ -49,10 +49,12 @@ class LocalDelivery:
             self._checked.add(mailbox)
         return None
 
-    def _copy(self, queue_id: str, mailbox, sender: str, source_path: str, prefix: bytes):
+    def _copy(self, queue_id: str, mailbox, sender: str, source_path: str, prefix: bytes,
+              folder: str = ""):
+        extra = {"folder": folder} if folder else {}  # a Maildir++ folder (junk)
         d = threads.deferToThreadPool(
             self.reactor, self.threadpool, self.store.deliver,
-            mailbox, sender=sender, source_path=source_path, prefix=prefix,
+            mailbox, sender=sender, source_path=source_path, prefix=prefix, **extra,
         )
 
         def ok(path):
@@ -76,7 +78,7 @@ class LocalDelivery:
         return d.addCallbacks(ok, failed)
 
     async def copies(self, queue_id: str, sender: str, source_path: str, prefix: bytes,
-                     accepted: Sequence[tuple]) -> dict:
+                     accepted: Sequence[tuple], folder: str = "") -> dict:
         """``{Mailbox: Reply}``: one copy per distinct mailbox of ``accepted``."""
         mailboxes = []
         for _rcpt, resolution in accepted:
@@ -84,7 +86,7 @@ class LocalDelivery:
                 if mb not in mailboxes:
                     mailboxes.append(mb)
         results = await defer.gatherResults(
-            [self._copy(queue_id, mb, sender, source_path, prefix) for mb in mailboxes]
+            [self._copy(queue_id, mb, sender, source_path, prefix, folder) for mb in mailboxes]
         )
         return dict(zip(mailboxes, results))
 

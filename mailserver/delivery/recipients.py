@@ -92,6 +92,7 @@ class Message:
     ret: Optional[str] = None
     arrival: Optional[float] = None  # keep this arrival time for queued copies
     reuse_id: bool = False  # the first queued copy takes ``queue_id`` (a listener's)
+    folder: str = ""  # Maildir++ folder for the local copies made now ("" = inbox)
 
 
 @dataclass
@@ -165,9 +166,10 @@ class RecipientDelivery:
                  if t.mailboxes() and (outcomes[i] is None or outcomes[i].reply.is_positive)]
         by_mailbox: dict = {}
         if going:
+            extra = {"folder": message.folder} if message.folder else {}
             by_mailbox = await self.local.copies(
                 message.queue_id, message.sender, message.content_path, message.prefix,
-                [(t.address, t.resolution) for _i, t in going])
+                [(t.address, t.resolution) for _i, t in going], **extra)
 
         # 3. Failed copies: queued alone, or the recipient's own answer.
         retry = []  # (i, target, failed mailboxes, results)

@@ -65,6 +65,8 @@ class Transaction:
     scanner: Any = None  # received.HeaderScanner over the content's header
     headers: List[bytes] = field(default_factory=list)  # lines to add on top, in order
     line_open: bool = False  # the content so far does not end with a line end
+    checks: dict = field(default_factory=dict)  # what a check keeps for this message, by name
+    folder: str = ""  # Maildir++ folder for the local copies (a check's junk verdict)
 
     def add_header(self, name: str, value: str) -> None:
         """Add ``Name: value`` (already folded, no CR LF) above the content."""

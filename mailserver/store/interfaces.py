@@ -66,7 +66,7 @@ class IMailStore(Interface):
         ``ValueError``).  The maildir need not exist yet.
         """
 
-    def begin(mailbox, *, sender: str, prefix: bytes = b""):
+    def begin(mailbox, *, sender: str, prefix: bytes = b"", folder: str = ""):
         """Start delivering one message to ``mailbox``; return an
         :class:`IDelivery`.
 
@@ -76,9 +76,12 @@ class IMailStore(Interface):
         header lines such as ``Received:``), then whatever is written, with
         the ``Return-Path:`` fields of its header section left out; a
         ``Delivered-To:`` there naming ``mailbox`` is a loop (554 5.4.6).
+        With ``folder``, the message goes to the Maildir++ folder
+        ``.<folder>`` of the maildir (created when missing), not the inbox.
         """
 
-    def deliver(mailbox, *, sender: str, source_path: str, prefix: bytes = b"") -> str:
+    def deliver(mailbox, *, sender: str, source_path: str, prefix: bytes = b"",
+                folder: str = "") -> str:
         """Deliver the message in the file ``source_path`` to ``mailbox``.
 
         Same headers as :meth:`begin`; the file holds the content with CRLF

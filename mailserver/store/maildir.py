@@ -664,11 +664,18 @@ class MaildirStore:
                     raise
         raise OSError(errno.EAGAIN, "directory keeps changing", path)
 
-    def _open_maildir(self, mailbox: Mailbox) -> tuple:
+    def _open_maildir(self, mailbox: Mailbox, folder: str = "") -> tuple:
         """``(maildir path, {"tmp": fd, "new": fd, "cur": fd})``, each
         directory opened component by component from the root without
-        following links, missing ones created."""
+        following links, missing ones created; with ``folder``, those of the
+        Maildir++ folder ``<maildir>/.<folder>``."""
         maildir = self.maildir_for(mailbox)
+        components = self._relative_path(mailbox)
+        if folder:
+            if "/" in folder or folder.startswith(".") or not folder.isprintable():
+                raise ValueError(f"bad Maildir++ folder name {folder!r}")
+            components = components + ["." + folder]
+            maildir = os.path.join(maildir, "." + folder)
         try:
             root_fd = os.open(self.root, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         except FileNotFoundError:
@@ -678,13 +685,19 @@ class MaildirStore:
         opened = {}
         try:
             path = self.root
-            for component in self._relative_path(mailbox):
+            for i, component in enumerate(components):
                 path = os.path.join(path, component)
                 child = self._open_dir(fd, component, path, create=True)
                 os.close(fd)
                 fd = child
+                if folder and i == len(components) - 2:  # a folder's inbox is a maildir too
+                    for sub in ("cur", "new", "tmp"):
+                        os.close(self._open_dir(fd, sub, os.path.join(path, sub), create=True))
             for sub in ("cur", "new", "tmp"):
                 opened[sub] = self._open_dir(fd, sub, os.path.join(path, sub), create=True)
+            if folder:  # Maildir++: marks a folder (Dovecot, Courier)
+                os.close(os.open("maildirfolder", os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW
+                                 | O_CLOEXEC, 0o600, dir_fd=fd))
         except BaseException:
             for sub_fd in opened.values():
                 os.close(sub_fd)
@@ -693,7 +706,8 @@ class MaildirStore:
             os.close(fd)
         return maildir, opened
 
-    def begin(self, mailbox: Mailbox, *, sender: str, prefix: bytes = b"") -> MaildirDelivery:
+    def begin(self, mailbox: Mailbox, *, sender: str, prefix: bytes = b"",
+              folder: str = "") -> MaildirDelivery:
         """Open ``tmp/<unique>`` in ``mailbox``'s maildir, headers written.
 
         Every directory below the root is opened with ``O_NOFOLLOW`` and the
@@ -703,7 +717,7 @@ class MaildirStore:
         with the content, then ``commit`` (or ``abort``).
         """
         headers = self._headers(mailbox, sender, prefix)
-        maildir, fds = self._open_maildir(mailbox)
+        maildir, fds = self._open_maildir(mailbox, folder)
         os.close(fds.pop("cur"))
         tmp_fd, new_fd = fds["tmp"], fds["new"]
         name = self.unique_name()
@@ -732,7 +746,8 @@ class MaildirStore:
         return delivery
 
     def deliver(
-        self, mailbox: Mailbox, *, sender: str, source_path: str, prefix: bytes = b""
+        self, mailbox: Mailbox, *, sender: str, source_path: str, prefix: bytes = b"",
+        folder: str = ""
     ) -> str:
         """Copy the message in ``source_path`` into ``mailbox``; return the
         path in ``new/`` once it is on stable storage.
@@ -741,7 +756,7 @@ class MaildirStore:
         partial message is removed and the error re-raised.
         """
         with open(source_path, "rb", buffering=0) as source:
-            with self.begin(mailbox, sender=sender, prefix=prefix) as delivery:
+            with self.begin(mailbox, sender=sender, prefix=prefix, folder=folder) as delivery:
                 while True:
                     chunk = source.read(self.chunk_size)
                     if not chunk:

@@ -132,6 +132,8 @@ def rewrite_example(name: str, workdir: Path, *, directory: Optional[dict] = Non
             d[kind] = [_rename(x, domains) for x in d[kind]]
     relay = tables.setdefault("relay", {})
     relay["nameservers"] = ["127.0.0.1:9"]  # a closed port: never the real DNS
+    # SPF/DKIM/DMARC would wait for that closed port: off unless overridden.
+    tables.setdefault("checks", {}).setdefault("enabled", False)
     if "internal" in relay:
         relay["internal"] = {_rename(k, domains): next_hop or v
                              for k, v in relay["internal"].items()}

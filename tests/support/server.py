@@ -139,6 +139,8 @@ class MailServer:
             "queue": {"directory": str(self.queue_dir), **(queue or {})},
             # Tests relay only when they say so, and never ask real DNS.
             "relay": {"trusted_networks": [], "nameservers": ["127.0.0.1:9"], **(relay or {})},
+            # No SPF/DKIM/DMARC unless a test asks (127.0.0.1:9 would time out).
+            "checks": {"enabled": False},
         }
         if tls:
             tables["tls"] = tls
