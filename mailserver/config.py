@@ -292,6 +292,10 @@ class RelayConfig:
     smarthost_password: str = field(default="", metadata=_doc("AUTH password at the smarthost."))
     transports: Dict[str, str] = field(default_factory=dict, metadata=_doc("Transport map."))
     nameservers: Tuple[str, ...] = field(default=(), metadata=_doc("DNS servers; [] = resolv.conf."))
+    mta_sts: bool = field(default=False, metadata=_doc("Honour recipient domains' MTA-STS."))
+    mta_sts_ca_file: str = field(
+        default="", metadata=_doc("CAs for MTA-STS; \"\" = the system's.", path=True))
+    dane: bool = field(default=False, metadata=_doc("DANE; the nameservers validate DNSSEC."))
     connect_timeout: float = field(default=30.0, metadata=_doc("Seconds to connect.", min=1))
     srs_secret: str = field(default="", metadata=_doc("SRS for forwarded mail; \"\" = off."))
     srs_domain: str = field(default="", metadata=_doc("Domain of SRS addresses; first local."))
