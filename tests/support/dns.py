@@ -319,8 +319,9 @@ def _serve(args) -> None:
         loads[0] += 1
         mark_loaded()
 
-    protocol = dns.DNSDatagramProtocol(controller=factory)
     for _try in range(50):
+        # a fresh protocol each try: one that was connected cannot be reused
+        protocol = dns.DNSDatagramProtocol(controller=factory)
         udp = reactor.listenUDP(args.port, protocol, interface=args.interface)
         port = udp.getHost().port
         try:
