@@ -130,6 +130,8 @@ class SMTPConfig:
                                   "each SMTP, submission or LMTP listener before 421 4.7.0 "
                                   "(relay.trusted_networks exempt) [smtpd_client_connection_rate_limit]. "
                                   "0 = no limit.", min=0))
+    requiretls: bool = field(
+        default=False, metadata=_doc("Offer REQUIRETLS (RFC 8689) on TLS sessions."))
 
 
 @dataclass(frozen=True)

@@ -217,23 +217,29 @@ async def attempt_delivery(connect, reactor, message: OutboundMessage, hops: Seq
         attempt = replace(message, recipients=tuple(remaining))
         policy = hop.tls or tls
         extra = {"tlsa": policy.tlsa} if policy.mode == "dane" else {}
-        try:
-            result = connect(reactor, hop.address, hop.port, attempt, helo=helo,
-                             tls=policy.mode, tls_hostname=hop.tls_hostname,
-                             trust_root=policy.trust_root, auth=auth, lmtp=lmtp,
-                             unix_path=hop.unix_path, **extra)
-            report, elsewhere = (await result) if isawaitable(result) else result
-        except Exception as e:
-            reply = connection_failure(e, remote)
-            if reply is None:
-                log.failure("{id}: delivery to {remote} failed", id=message.queue_id,
-                            remote=remote)
-                reply = _internal(message)
-                done.update((r.address, reply) for r in remaining)
-                remaining = []
-                break
-            log.info("{id}: {why}", id=message.queue_id, why=reply.text)
-            report, elsewhere = same_reply(attempt, reply, remote), True
+        if message.requiretls and policy.mode not in ("verify", "dane") and not hop.unix_path:
+            # RFC 8689 §5: only over TLS with a verified certificate; another MX may have it
+            log.info("{id}: REQUIRETLS: TLS to {remote} would not be verified", id=message.queue_id,
+                     remote=remote)
+            report, elsewhere = same_reply(attempt, R.REQUIRETLS_UNVERIFIED, remote), True
+        else:
+            try:
+                result = connect(reactor, hop.address, hop.port, attempt, helo=helo,
+                                 tls=policy.mode, tls_hostname=hop.tls_hostname,
+                                 trust_root=policy.trust_root, auth=auth, lmtp=lmtp,
+                                 unix_path=hop.unix_path, **extra)
+                report, elsewhere = (await result) if isawaitable(result) else result
+            except Exception as e:
+                reply = connection_failure(e, remote)
+                if reply is None:
+                    log.failure("{id}: delivery to {remote} failed", id=message.queue_id,
+                                remote=remote)
+                    reply = _internal(message)
+                    done.update((r.address, reply) for r in remaining)
+                    remaining = []
+                    break
+                log.info("{id}: {why}", id=message.queue_id, why=reply.text)
+                report, elsewhere = same_reply(attempt, reply, remote), True
         remote = report.remote or remote
         still = []
         for r in remaining:
