@@ -278,7 +278,8 @@ class RemoteDelivery:
     keyed by recipient domain (or configured next hop).  ``own_names`` and
     ``own_endpoint``: loop detection (see :class:`MXResolver`).
     ``security``: an :class:`~mailserver.delivery.tlsplan.OutboundSecurity`
-    (MTA-STS, DANE) applied to recipient domains' own MX hosts, or None.
+    (MTA-STS for recipient domains' own MX hosts, DANE for every MX-resolved
+    destination), or None.
     """
 
     def __init__(self, resolver, connect, *, helo: str, reactor=None,
@@ -338,9 +339,9 @@ class RemoteDelivery:
             return same_reply(message, reply)
         policy = tls or tls_policy_for(self.tls_policy, domain)
         hops = hops_for(destinations, port)
-        if self.security is not None and not configured:
+        if self.security is not None:  # MTA-STS is about recipient domains only
             hops, refused = await self.security.plan(domain, destinations, port, policy,
-                                                     message.queue_id)
+                                                     message.queue_id, mta_sts=not configured)
             if refused is not None:
                 return same_reply(message, refused)
         return await attempt_delivery(self.connect, self.reactor, message, hops, helo=self.helo,

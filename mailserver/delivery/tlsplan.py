@@ -26,8 +26,11 @@ queue lifetime ends): never a delivery in clear or to an unverified host.
 A TLSA lookup that fails for a host of a secure MX RRset (SERVFAIL, which
 is how a validating resolver reports bogus data) excludes that host.
 
-Configured next hops (transport map, smarthost) are not subject to MTA-STS
-or DANE: the administrator chose them, with their own ``tls_policies``.
+MTA-STS applies to MX delivery for a recipient's own domain.  DANE applies
+to every destination found through MX records, also a transport map's
+``smtp:host:port`` next hop (its TLSA records are looked up at that port);
+fixed hosts (``smtp:[host]``, a bracketed smarthost) use the configured
+``tls_policies`` only.
 """
 
 from __future__ import annotations
@@ -79,10 +82,14 @@ class OutboundSecurity:
         self.sts_trust_root = sts_trust_root
 
     async def plan(self, domain: str, destinations: Sequence[Destination], port: int,
-                   base: TLSPolicy, queue_id: str = "") -> Tuple[List[Hop], Optional[Reply]]:
+                   base: TLSPolicy, queue_id: str = "",
+                   mta_sts: bool = True) -> Tuple[List[Hop], Optional[Reply]]:
         """The hops to try (each with its policy), or ``([], reply)`` when
-        no MX host may be used."""
-        sts = await self.mta_sts.policy_for(domain) if self.mta_sts is not None else None
+        no MX host may be used.  ``mta_sts``: false for a configured next
+        hop (``smtp:host`` in the transport map), where only DANE applies."""
+        sts = None
+        if self.mta_sts is not None and mta_sts:
+            sts = await self.mta_sts.policy_for(domain)
         secure_mx = False
         if self.dane is not None:
             secure_mx = await self.dane.mx_secure(domain)

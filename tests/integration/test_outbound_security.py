@@ -208,3 +208,47 @@ async def _sleep(seconds: float) -> None:
     from twisted.internet import task
 
     await task.deferLater(reactor(), seconds, lambda: None)
+
+
+def test_twistd_defers_a_tlsa_mismatch_and_sends_nothing(tmp_path):
+    """The real server with ``[relay] dane = true``: mail for a domain whose MX
+    publishes (secure) TLSA records that the MX's certificate does not match
+    is deferred with 4.7.5; the MX sees STARTTLS and nothing of the message."""
+    import smtplib
+
+    from tests.conftest import embedded_directory
+    from tests.support.server import MailServer, wait_for
+
+    ca = trustme.CA()
+    pem = tmp_path / "mx.pem"
+    ca.issue_cert("mx.dane.test").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    peer = TLSPeer(str(pem), str(pem), name="mx.dane.test")
+    wrong = trustme.CA().issue_cert("mx.dane.test").cert_chain_pems[0].bytes()
+    zones = {"dane.test": {"secure": True, "@": {"MX": [[10, "mx"]]},
+                           "mx": {"A": "127.0.0.1"},
+                           f"_{peer.port}._tcp.mx.dane.test": {"TLSA": tlsa_for(wrong)}}}
+    (tmp_path / "dns").mkdir()
+    dns = DNSServer(zones, directory=str(tmp_path / "dns"))
+    server = None
+    try:
+        dns.start()
+        server = MailServer(
+            tmp_path / "sender", directory=embedded_directory(), domains=("sender.test",),
+            relay={"trusted_networks": ["127.0.0.0/8"], "nameservers": [dns.nameserver],
+                   "dane": True, "transports": {"dane.test": f"smtp:dane.test:{peer.port}"}},
+            queue={"min_backoff": 3600.0, "scan_interval": 1.0})
+        server.start()
+        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
+            s.sendmail("someone@sender.test", ["bob@dane.test"],
+                       b"Subject: dane\r\nMessage-ID: <dane@sender.test>\r\n\r\nsecret\r\n")
+        line = wait_for(lambda: next((l for l in server.log().splitlines()
+                                      if "to=<bob@dane.test>" in l and "status=" in l), None),
+                        "the delivery attempt")
+        assert "status=deferred" in line and "4.7.5" in line and "DANE" in line, line
+        assert "STARTTLS" in peer.commands()
+        assert not {"MAIL", "RCPT", "DATA"} & set(peer.commands()) and peer.messages == []
+    finally:
+        if server is not None:
+            server.stop()
+        dns.stop()
+        peer.stop()
