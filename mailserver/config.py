@@ -591,6 +591,9 @@ def _check_semantics(config: Config) -> None:
         if policy not in TLS_POLICIES:
             raise ConfigError(path, f"relay.tls_policies.{domain}",
                               f"must be one of {', '.join(TLS_POLICIES)}; got {policy!r}")
+    if config.relay.dane and not config.relay.nameservers:
+        raise ConfigError(path, "relay.dane", "needs relay.nameservers: the validating DNSSEC "
+                                              "resolvers whose AD bit is trusted")
     for server in config.relay.nameservers:
         host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
         try:

@@ -125,14 +125,8 @@ class OutboundSecurity:
 
 
 def _servers_of(resolver) -> List[Tuple[str, int]]:
-    """The name servers a twisted.names resolver (or chain) asks."""
-    found: List[Tuple[str, int]] = []
-    for r in [resolver] + list(getattr(resolver, "resolvers", ())):
-        for server in list(getattr(r, "servers", ()) or ()) + list(getattr(r, "dynServers", ())
-                                                                  or ()):
-            if tuple(server) not in found:
-                found.append(tuple(server))
-    return found
+    """The configured name servers of a twisted.names ``client.Resolver``."""
+    return [tuple(server) for server in getattr(resolver, "servers", ())]
 
 
 def build_security(relay, reactor, resolver, state_dir: str) -> Optional[OutboundSecurity]:
@@ -158,9 +152,5 @@ def build_security(relay, reactor, resolver, state_dir: str) -> Optional[Outboun
                      reactor.seconds)
     dane = None
     if relay.dane:
-        servers = _servers_of(resolver)
-        if not servers:
-            raise ValueError("relay.dane needs name servers (relay.nameservers or "
-                             "/etc/resolv.conf)")
-        dane = DANELookup(SecureDNS(servers, reactor))
+        dane = DANELookup(SecureDNS(_servers_of(resolver), reactor))  # relay.nameservers
     return OutboundSecurity(sts, dane, trust)
