@@ -158,6 +158,33 @@ class OutboundSecurityTests(TestCase):
             await _sleep(0.05)
         return defer.ensureDeferred(run())
 
+    def test_fetch_needs_a_trusted_certificate_and_a_plain_small_200(self):
+        from mailserver.delivery.mtasts import FetchError
+
+        def fetcher(trust, **kw):
+            return HTTPSPolicyFetcher(reactor(), trust_root=trust, timeout=5, connect_to={
+                "mta-sts.sts.test": ("127.0.0.1", self.https_port),
+                "mta-sts.nope.test": ("127.0.0.1", self.https_port)}, **kw)
+
+        async def run():
+            self.assertEqual(await fetcher(self.trust)("sts.test"), self.policy.decode())
+            other = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(
+                trustme.CA().cert_pem.bytes())])
+            with self.assertRaises(FetchError):  # a CA we do not trust
+                await fetcher(other)("sts.test")
+            with self.assertRaises(FetchError):  # the certificate names another host
+                await fetcher(self.trust)("nope.test")
+            with self.assertRaisesRegex(FetchError, "larger than 16"):
+                await fetcher(self.trust, max_size=16)("sts.test")
+            self.served.status, self.served.ctype = 404, b"text/plain"
+            with self.assertRaisesRegex(FetchError, "HTTP 404"):
+                await fetcher(self.trust)("sts.test")
+            self.served.status, self.served.ctype = 200, b"text/html"
+            with self.assertRaisesRegex(FetchError, "not text/plain"):
+                await fetcher(self.trust)("sts.test")
+            await _sleep(0.05)
+        return defer.ensureDeferred(run())
+
     def test_tlsa_mx_with_the_wrong_certificate_is_deferred_never_sent(self):
         async def run():
             reply = await self.send(self.remote(dane=True), "bob@dane.test")
@@ -192,9 +219,12 @@ class _Policy:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
+        self.status = 200
+        self.ctype = b"text/plain"
 
     def render(self, request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain")
+        request.setResponseCode(self.status)
+        request.setHeader(b"content-type", self.ctype)
         return self.data
 
     def getChildWithDefault(self, name, request):

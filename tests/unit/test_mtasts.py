@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.names import dns
 from twisted.names import error as dns_error
@@ -156,3 +158,18 @@ def test_unreadable_cache_starts_empty(tmp_path):
 def test_policy_matches():
     p = Policy("enforce", ("*.example.net",), 60)
     assert p.matches("mx.example.net") and not p.matches("mx.example.org")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_parsers_only_refuse_with_value_error(text):
+    """Whatever a web server or the DNS sends, the answer is a policy, None or ValueError."""
+    try:
+        parse_policy(text)
+    except ValueError:
+        pass
+    assert parse_txt([text]) is None or _id_ok(parse_txt([text]))
+
+
+def _id_ok(policy_id: str) -> bool:
+    return 1 <= len(policy_id) <= 32 and policy_id.isascii() and policy_id.isalnum()
