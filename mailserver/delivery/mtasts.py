@@ -233,8 +233,7 @@ class HTTPSPolicyFetcher:
         if ctype.split(b";")[0].strip().lower() != b"text/plain":
             response.deliverBody(protocol.Protocol())
             raise FetchError(f"{url.decode()} is not text/plain")
-        if response.length is not None and response.length != -1 \
-                and isinstance(response.length, int) and response.length > self.max_size:
+        if isinstance(response.length, int) and response.length > self.max_size:
             response.deliverBody(protocol.Protocol())
             raise FetchError(f"policy larger than {self.max_size} octets")
         done: defer.Deferred = defer.Deferred()
@@ -287,9 +286,9 @@ class MTASTS:
         if policy_id is None:
             # No (valid) record, or no answer: a cached policy stays in force
             # until it expires (RFC 8461 §5.1: absence is not a withdrawal).
-            return cached if cached is None or cached.mode != "none" else None
+            return _in_force(cached)
         if cached is not None and cached.id == policy_id:
-            return cached if cached.mode != "none" else None
+            return _in_force(cached)
         try:
             text = await self.fetch(domain)
             fetched = parse_policy(text)
@@ -297,11 +296,16 @@ class MTASTS:
             log.warn("MTA-STS: policy for {domain} (id {id}) not usable: {e}; {keep}",
                      domain=domain, id=policy_id, e=str(e),
                      keep="keeping the cached one" if cached else "no policy applied")
-            return cached if cached is None or cached.mode != "none" else None
+            return _in_force(cached)
         policy = Policy(fetched.mode, fetched.mx, fetched.max_age, policy_id,
                         self.clock() + fetched.max_age)
         log.info("MTA-STS: {domain} policy id {id}: mode {mode}, mx {mx}, max_age {age}",
                  domain=domain, id=policy_id, mode=policy.mode, mx=",".join(policy.mx),
                  age=policy.max_age)
         self.cache.put(domain, policy)
-        return policy if policy.mode != "none" else None
+        return _in_force(policy)
+
+
+def _in_force(policy: Optional[Policy]) -> Optional[Policy]:
+    """``policy`` unless it is absent or says ``mode: none``."""
+    return policy if policy is not None and policy.mode != "none" else None

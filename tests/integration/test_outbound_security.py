@@ -16,7 +16,7 @@ from twisted.internet import defer, ssl
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from mailserver.delivery.dane import TLSA, DANELookup, SecureDNS, association
+from mailserver.delivery.dane import DANELookup, SecureDNS, association
 from mailserver.delivery.interfaces import OutboundMessage, OutboundRecipient
 from mailserver.delivery.mtasts import MTASTS, HTTPSPolicyFetcher, PolicyCache
 from mailserver.delivery.remote import RemoteDelivery

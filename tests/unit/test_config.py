@@ -257,5 +257,5 @@ def test_dane_needs_named_nameservers(cfgdir):
     /etc/resolv.conf by accident."""
     with pytest.raises(ConfigError, match="relay.dane: needs relay.nameservers"):
         load_config(write(cfgdir, MINIMAL + "[relay]\ndane = true\n"))
-    c = load_config(write(cfgdir, MINIMAL + "[relay]\ndane = true\nnameservers = [\"127.0.0.1\"]\n"))
+    c = load_config(write(cfgdir, MINIMAL + '[relay]\ndane = true\nnameservers = ["127.0.0.1"]\n'))
     assert c.relay.dane and not c.relay.mta_sts

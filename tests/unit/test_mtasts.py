@@ -16,7 +16,8 @@ from mailserver.delivery.mtasts import (
     MTASTS, FetchError, Policy, PolicyCache, mx_matches, parse_policy, parse_txt,
 )
 
-POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mx1.example.net\r\nmx: *.backup.example.net\r\nmax_age: 86400\r\n"
+POLICY = ("version: STSv1\r\nmode: enforce\r\nmx: mx1.example.net\r\n"
+          "mx: *.backup.example.net\r\nmax_age: 86400\r\n")
 
 
 def test_txt_id():

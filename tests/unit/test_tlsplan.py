@@ -9,7 +9,6 @@ from twisted.internet import defer
 from mailserver.delivery.dane import TLSA, DANEFailure
 from mailserver.delivery.interfaces import DeliveryReport, OutboundMessage, OutboundRecipient
 from mailserver.delivery.mtasts import Policy
-from mailserver.delivery.mx import Destination
 from mailserver.delivery.remote import RemoteDelivery, TLSPolicy
 from mailserver.delivery.tlsplan import OutboundSecurity, combine
 from tests.support.dns import FakeResolver
