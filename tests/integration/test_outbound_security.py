@@ -282,3 +282,57 @@ def test_twistd_defers_a_tlsa_mismatch_and_sends_nothing(tmp_path):
             server.stop()
         dns.stop()
         peer.stop()
+
+
+def test_twistd_requiretls_in_and_out(tmp_path, tls_files, client_tls):
+    """REQUIRETLS through the real server: offered only after STARTTLS; the
+    message goes on, with the parameter, to a verified next hop offering it,
+    and bounces with 5.7.30 where the next hop does not offer it."""
+    import email
+    import email.policy
+    import smtplib
+
+    from tests.conftest import embedded_directory
+    from tests.support.server import MailServer, wait_for
+
+    offering = TLSPeer(tls_files["certificate"], tls_files["private_key"],
+                       extensions=("REQUIRETLS",))
+    plain = TLSPeer(tls_files["certificate"], tls_files["private_key"])
+    server = MailServer(
+        tmp_path / "server", directory=embedded_directory(),
+        tls={"certificate": tls_files["certificate"], "private_key": tls_files["private_key"]},
+        smtp={"requiretls": True},
+        relay={"trusted_networks": ["127.0.0.0/8"], "tls_ca_file": tls_files["ca"],
+               "tls_policies": {"near.test": "verify", "far.test": "verify"},
+               "transports": {"near.test": f"smtp:[127.0.0.1]:{offering.port}",
+                              "far.test": f"smtp:[127.0.0.1]:{plain.port}"}},
+        queue={"min_backoff": 3600.0, "scan_interval": 1.0})
+    try:
+        server.start()
+        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
+            s.ehlo("client.test")
+            assert not s.has_extn("requiretls")
+            s.starttls(context=client_tls)
+            s.ehlo("client.test")
+            assert s.has_extn("requiretls")
+            s.sendmail("alice@example.test", ["carol@near.test", "dave@far.test"],
+                       b"Subject: rtls\r\nMessage-ID: <rtls@example.test>\r\n\r\nsecret\r\n",
+                       mail_options=["REQUIRETLS"])
+        wait_for(lambda: offering.messages, "delivery to the next hop offering REQUIRETLS")
+        mail = [l for l in offering.lines if l.upper().startswith(b"MAIL FROM")]
+        assert mail and mail[0].endswith(b" REQUIRETLS"), mail
+
+        def bounce():
+            for path in server.messages("alice"):
+                msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+                if msg.get_content_type() == "multipart/report":
+                    return msg
+            return None
+
+        report = wait_for(bounce, "the REQUIRETLS bounce").as_string()
+        assert "dave@far.test" in report and "5.7.30" in report
+        assert not {"MAIL", "DATA"} & set(plain.commands())
+    finally:
+        server.stop()
+        offering.stop()
+        plain.stop()

@@ -4,7 +4,9 @@ smtp-sink (tests/support/sink.py) has no STARTTLS; this one does, with the
 certificate it is given (PEM files, e.g. from trustme).  It runs in threads
 beside the test's reactor and records what it was told: ``sessions`` is a
 list of command lists (one per connection, verbs upper-cased, ``TLS`` where
-the handshake completed), ``messages`` the message texts it took::
+the handshake completed), ``lines`` every command line as sent, ``messages``
+the message texts it took.  ``extensions`` are added to the EHLO reply once
+TLS is active (``("REQUIRETLS",)``, say)::
 
     peer = TLSPeer(cert_file, key_file)
     ...   # deliver to 127.0.0.1:peer.port
@@ -24,10 +26,13 @@ class TLSPeer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, cert_file: str, key_file: str, name: str = "peer.test") -> None:
+    def __init__(self, cert_file: str, key_file: str, name: str = "peer.test",
+                 extensions: tuple = ()) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(cert_file, key_file)
         self.name = name
+        self.extensions = tuple(extensions)
+        self.lines: List[bytes] = []
         self.sessions: List[List[str]] = []
         self.messages: List[bytes] = []
         self.lock = threading.Lock()
@@ -62,9 +67,12 @@ class _Session(socketserver.BaseRequestHandler):
                 return
             verb = line.split(b" ", 1)[0].strip().upper().decode("ascii", "replace")
             seen.append(verb)
+            with server.lock:
+                server.lines.append(line.rstrip(b"\r\n"))
             if verb == "EHLO":
-                starttls = "" if tls else "250-STARTTLS\r\n"
-                send(f"250-{server.name}\r\n{starttls}250 8BITMIME\r\n".encode())
+                more = "250-STARTTLS\r\n" if not tls else "".join(
+                    f"250-{e}\r\n" for e in server.extensions)
+                send(f"250-{server.name}\r\n{more}250 8BITMIME\r\n".encode())
             elif verb == "STARTTLS" and not tls:
                 send(b"220 2.0.0 go ahead\r\n")
                 try:
