@@ -47,10 +47,11 @@ def tlsa_for(pem: bytes) -> str:
 
 class OutboundSecurityTests(TestCase):
     def setUp(self):
-        self.tmp = self.mktemp()
-        import os
+        import shutil
+        import tempfile
 
-        os.makedirs(self.tmp)
+        self.tmp = tempfile.mkdtemp(prefix="outtls-")  # not trial's mktemp: that is in the cwd
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.ca = trustme.CA()
         mx_cert = self.ca.issue_cert("mx.sts.test", "mx.dane.test")
         self.mx_pem = f"{self.tmp}/mx.pem"
