@@ -164,6 +164,7 @@ LINE_ALLOWANCES: dict[str, dict[str, int]] = {
     "SIZE": {"MAIL": 26},  # RFC 1870: SIZE=
     "8BITMIME": {"MAIL": 16},  # RFC 6152: BODY=
     "SMTPUTF8": {"MAIL": 10},  # RFC 6531 3.1
+    "REQUIRETLS": {"MAIL": 11},  # RFC 8689 4.1: " REQUIRETLS"
     "DSN": {"MAIL": 100, "RCPT": 500},  # RFC 3461: RET, ENVID; NOTIFY, ORCPT
     "AUTH": {"MAIL": 500, "AUTH": sasl.MAX_RESPONSE},  # RFC 4954: AUTH=; initial response
 }
