@@ -131,6 +131,8 @@ class SMTPConfig:
                                   "each SMTP, submission or LMTP listener before 421 4.7.0 "
                                   "(relay.trusted_networks exempt) [smtpd_client_connection_rate_limit]. "
                                   "0 = no limit.", min=0))
+    requiretls: bool = field(
+        default=False, metadata=_doc("Offer REQUIRETLS (RFC 8689) on TLS sessions."))
 
 
 @dataclass(frozen=True)
@@ -293,6 +295,10 @@ class RelayConfig:
     smarthost_password: str = field(default="", metadata=_doc("AUTH password at the smarthost."))
     transports: Dict[str, str] = field(default_factory=dict, metadata=_doc("Transport map."))
     nameservers: Tuple[str, ...] = field(default=(), metadata=_doc("DNS servers; [] = resolv.conf."))
+    mta_sts: bool = field(default=False, metadata=_doc("Honour recipient domains' MTA-STS."))
+    mta_sts_ca_file: str = field(
+        default="", metadata=_doc("CAs for MTA-STS; \"\" = the system's.", path=True))
+    dane: bool = field(default=False, metadata=_doc("DANE; the nameservers validate DNSSEC."))
     connect_timeout: float = field(default=30.0, metadata=_doc("Seconds to connect.", min=1))
     srs_secret: str = field(default="", metadata=_doc("SRS for forwarded mail; \"\" = off."))
     srs_domain: str = field(default="", metadata=_doc("Domain of SRS addresses; first local."))
@@ -650,6 +656,9 @@ def _check_semantics(config: Config) -> None:
         if policy not in TLS_POLICIES:
             raise ConfigError(path, f"relay.tls_policies.{domain}",
                               f"must be one of {', '.join(TLS_POLICIES)}; got {policy!r}")
+    if config.relay.dane and not config.relay.nameservers:
+        raise ConfigError(path, "relay.dane", "needs relay.nameservers: the validating DNSSEC "
+                                              "resolvers whose AD bit is trusted")
     for server in config.relay.nameservers:
         host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
         try:

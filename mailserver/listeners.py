@@ -114,7 +114,8 @@ def _smtp_family(parts: Parts, lc, kind: ListenerKind):
         command_timeout=s.command_timeout, data_timeout=s.data_timeout,
         min_data_rate=s.min_data_rate,
         rate_limiter=ConnectionRateLimiter(s.connection_rate_limit, exempt=parts.trusted),
-        dsn=parts.outbox is not None, metrics=parts.metrics)
+        dsn=parts.outbox is not None, metrics=parts.metrics,
+        requiretls=s.requiretls and parts.outbox is not None)
     return _tls_wrapped(parts, lc, SMTPFactory(ctx))
 
 

@@ -316,6 +316,7 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     from mailserver.delivery.loops import OwnListeners
     from mailserver.delivery.remote import RemoteDelivery, TLSPolicy
     from mailserver.delivery.routing import Router
+    from mailserver.delivery.tlsplan import build_security
     from mailserver.protocols.outbound import Timeouts
     from mailserver.protocols.outbound_pool import OutboundConnectionPool
     from mailserver.queue.manager import QueueManager, Schedule
@@ -338,10 +339,12 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
     listening = [(host, port) for kind, host, port in
                  (parse_address(lc.address) for lc in config.listeners if lc.protocol == "smtp")
                  if kind != "unix"]
-    remote = RemoteDelivery(make_resolver(relay.nameservers, reactor), deliver_to_host,
+    resolver = make_resolver(relay.nameservers, reactor)
+    remote = RemoteDelivery(resolver, deliver_to_host,
                             helo=helo, reactor=reactor, tls_policy=tls_policy,
                             own_names=(config.server.hostname, helo),
-                            own_endpoint=OwnListeners(listening), dns_timeout=(2, 5))
+                            own_endpoint=OwnListeners(listening), dns_timeout=(2, 5),
+                            security=build_security(relay, reactor, resolver, q.directory))
     auth = None
     if relay.smarthost_username:
         auth = (relay.smarthost_username, relay.smarthost_password)

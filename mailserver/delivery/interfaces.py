@@ -46,6 +46,7 @@ class OutboundMessage:
     envid: Optional[str] = None  # RFC 3461 ENVID
     ret: Optional[str] = None  # "FULL" or "HDRS"
     arrival: Optional[float] = None  # when the queue took it (None: not from the queue)
+    requiretls: bool = False  # RFC 8689 REQUIRETLS: only over verified TLS, to a server offering it
 
 
 @dataclass(frozen=True)

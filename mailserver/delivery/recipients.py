@@ -93,6 +93,7 @@ class Message:
     arrival: Optional[float] = None  # keep this arrival time for queued copies
     reuse_id: bool = False  # the first queued copy takes ``queue_id`` (a listener's)
     folder: str = ""  # Maildir++ folder for the local copies made now ("" = inbox)
+    requiretls: bool = False  # RFC 8689: onward only over verified TLS
 
 
 @dataclass
@@ -243,7 +244,7 @@ class RecipientDelivery:
                 sender=sender, recipients=unique, notify=notify, mailbox_only=mailbox_only,
                 arrival=self._now() if arrival is None else arrival,
                 eight_bit=message.eight_bit, smtputf8=message.smtputf8,
-                envid=message.envid, ret=message.ret)
+                envid=message.envid, ret=message.ret, **_requiretls(message))
         except Exception as e:
             if not is_known(e) and not isinstance(e, OSError):
                 log.failure("{id}: could not queue a copy", id=message.queue_id)
@@ -260,3 +261,8 @@ class RecipientDelivery:
                      id=message.queue_id, to=address, orig=orcpt.partition(";")[2],
                      status=status, new=new_id)
         return R.QUEUED.with_text(R.QUEUED.text.format(id=new_id))
+
+
+def _requiretls(message: Message) -> dict:
+    """The outbox's ``requiretls`` argument, only when set (RFC 8689)."""
+    return {"requiretls": True} if message.requiretls else {}

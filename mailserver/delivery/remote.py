@@ -43,7 +43,9 @@ from mailserver.reply import Reply
 
 log = Logger(namespace="mailserver.remote")
 
-TLS_MODES = ("none", "may", "encrypt", "verify")
+TLS_MODES = ("none", "may", "encrypt", "verify", "dane")
+"""Outbound TLS levels, weakest first.  ``dane`` is never configured: the
+TLSA records of one MX host make it (see :mod:`mailserver.delivery.tlsplan`)."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,13 @@ class TLSPolicy:
     certificate not checked), ``encrypt`` (STARTTLS required) or ``verify``
     (required, and the certificate must match the MX host name, checked with
     service_identity).  ``trust_root`` is handed to ``connect`` unchanged.
+    ``dane``: required, and the certificate must match one of ``tlsa`` (a
+    tuple of :class:`~mailserver.delivery.dane.TLSA`).
     """
 
     mode: str = "may"
     trust_root: Any = None
+    tlsa: tuple = ()
 
     def __post_init__(self) -> None:
         if self.mode not in TLS_MODES:
@@ -104,7 +109,7 @@ def domain_tls_policy(spec: TLSPolicySpec, domain: str) -> Optional[TLSPolicy]:
 
 def stricter(hop: TLSPolicy, domain: Optional[TLSPolicy]) -> TLSPolicy:
     """The stricter of a next hop's policy and the recipient domain's
-    (``none < may < encrypt < verify``); the next hop's when they tie."""
+    (``none < may < encrypt < verify < dane``); the next hop's when they tie."""
     if domain is None or TLS_MODES.index(domain.mode) <= TLS_MODES.index(hop.mode):
         return hop
     return domain
@@ -171,6 +176,7 @@ class Hop:
     port: Optional[int]
     tls_hostname: Optional[str] = None
     unix_path: Optional[str] = None
+    tls: Optional[TLSPolicy] = None  # this hop's own policy (DANE, MTA-STS), else the route's
 
     @property
     def remote(self) -> str:
@@ -209,23 +215,31 @@ async def attempt_delivery(connect, reactor, message: OutboundMessage, hops: Seq
             break
         remote = hop.remote
         attempt = replace(message, recipients=tuple(remaining))
-        try:
-            result = connect(reactor, hop.address, hop.port, attempt, helo=helo,
-                             tls=tls.mode, tls_hostname=hop.tls_hostname,
-                             trust_root=tls.trust_root, auth=auth, lmtp=lmtp,
-                             unix_path=hop.unix_path)
-            report, elsewhere = (await result) if isawaitable(result) else result
-        except Exception as e:
-            reply = connection_failure(e, remote)
-            if reply is None:
-                log.failure("{id}: delivery to {remote} failed", id=message.queue_id,
-                            remote=remote)
-                reply = _internal(message)
-                done.update((r.address, reply) for r in remaining)
-                remaining = []
-                break
-            log.info("{id}: {why}", id=message.queue_id, why=reply.text)
-            report, elsewhere = same_reply(attempt, reply, remote), True
+        policy = hop.tls or tls
+        extra = {"tlsa": policy.tlsa} if policy.mode == "dane" else {}
+        if message.requiretls and policy.mode not in ("verify", "dane") and not hop.unix_path:
+            # RFC 8689 §5: only over TLS with a verified certificate; another MX may have it
+            log.info("{id}: REQUIRETLS: TLS to {remote} would not be verified", id=message.queue_id,
+                     remote=remote)
+            report, elsewhere = same_reply(attempt, R.REQUIRETLS_UNVERIFIED, remote), True
+        else:
+            try:
+                result = connect(reactor, hop.address, hop.port, attempt, helo=helo,
+                                 tls=policy.mode, tls_hostname=hop.tls_hostname,
+                                 trust_root=policy.trust_root, auth=auth, lmtp=lmtp,
+                                 unix_path=hop.unix_path, **extra)
+                report, elsewhere = (await result) if isawaitable(result) else result
+            except Exception as e:
+                reply = connection_failure(e, remote)
+                if reply is None:
+                    log.failure("{id}: delivery to {remote} failed", id=message.queue_id,
+                                remote=remote)
+                    reply = _internal(message)
+                    done.update((r.address, reply) for r in remaining)
+                    remaining = []
+                    break
+                log.info("{id}: {why}", id=message.queue_id, why=reply.text)
+                report, elsewhere = same_reply(attempt, reply, remote), True
         remote = report.remote or remote
         still = []
         for r in remaining:
@@ -263,6 +277,9 @@ class RemoteDelivery:
     looked up at delivery time.  ``tls_policy``: see :func:`tls_policy_for`,
     keyed by recipient domain (or configured next hop).  ``own_names`` and
     ``own_endpoint``: loop detection (see :class:`MXResolver`).
+    ``security``: an :class:`~mailserver.delivery.tlsplan.OutboundSecurity`
+    (MTA-STS for recipient domains' own MX hosts, DANE for every MX-resolved
+    destination), or None.
     """
 
     def __init__(self, resolver, connect, *, helo: str, reactor=None,
@@ -270,7 +287,8 @@ class RemoteDelivery:
                  own_endpoint: Optional[Callable[[str, int], bool]] = None, port: int = 25,
                  max_addresses: int = 5, families: Sequence[str] = DEFAULT_FAMILIES,
                  rng: Optional[_random.Random] = None, dns_timeout: Optional[Sequence[int]] = None,
-                 mx_resolver: Optional[MXResolver] = None) -> None:
+                 mx_resolver: Optional[MXResolver] = None, security=None) -> None:
+        self.security = security
         self.mx = mx_resolver or MXResolver(resolver, own_names=own_names,
                                             own_endpoint=own_endpoint, families=families,
                                             rng=rng, timeout=dns_timeout)
@@ -318,13 +336,16 @@ class RemoteDelivery:
                 log.error("{id}: configured next hop {hop}:{port} is this server (mail loop); "
                           "fix the transport map, smarthost or relay.internal",
                           id=message.queue_id, hop=domain, port=port)
-            report = same_reply(message, reply)
-        else:
-            report = await attempt_delivery(
-                self.connect, self.reactor, message, hops_for(destinations, port),
-                helo=self.helo, tls=tls or tls_policy_for(self.tls_policy, domain),
-                max_addresses=self.max_addresses)
-        return report
+            return same_reply(message, reply)
+        policy = tls or tls_policy_for(self.tls_policy, domain)
+        hops = hops_for(destinations, port)
+        if self.security is not None:  # MTA-STS is about recipient domains only
+            hops, refused = await self.security.plan(domain, destinations, port, policy,
+                                                     message.queue_id, mta_sts=not configured)
+            if refused is not None:
+                return same_reply(message, refused)
+        return await attempt_delivery(self.connect, self.reactor, message, hops, helo=self.helo,
+                                      tls=policy, max_addresses=self.max_addresses)
 
 
 @implementer(IDeliveryTarget)

@@ -212,7 +212,8 @@ class Acceptance:
         content = Message(queue_id, txn.sender, message.path, prefix,
                           eight_bit=txn.body_8bit, smtputf8=txn.smtputf8,
                           envid=txn.params.get("ENVID"), ret=_ret(txn.params), reuse_id=True,
-                          folder=txn.folder)
+                          folder=txn.folder,
+                          requiretls="REQUIRETLS" in txn.params)
         outcomes = await self.delivery.deliver(content, txn.targets,
                                                requeue="partial" if self.lmtp else "always")
         self._count_deliveries(outcomes, txn)

@@ -33,6 +33,11 @@ TLS policy (``tls=``):
   service_identity against ``trust_root``: a PEM file name (one or more CA
   certificates), a Twisted trust root or certificate, or ``None`` for the
   platform's CAs.  A failed handshake or check is ``451 4.7.5``.
+* ``dane``: TLS required, and once the handshake is done the server's chain
+  must satisfy one of ``tlsa`` (DANE TLSA records, checked by
+  :func:`~mailserver.delivery.dane.check_chain` with ``tls_hostname``);
+  otherwise the connection is dropped before EHLO is repeated, nothing of
+  the message sent: ``451 4.7.5``, next MX.
 
 Connection failures and timeouts give every recipient a temporary reply and
 ``retry_elsewhere=True``.  Timeouts (:class:`Timeouts`) default to RFC 5321
@@ -121,7 +126,18 @@ def tls_options(dest: Destination) -> Any:
     if dest.tls == "verify":
         name = dest.tls_hostname or str(dest.host).strip("[]")
         return ssl.optionsForClientTLS(name, trustRoot=_trust_root(dest.trust_root))
-    return ssl.CertificateOptions(verify=False)
+    return ssl.CertificateOptions(verify=False)  # "dane" checks after the handshake
+
+
+def dane_check(dest: Destination):
+    """For the "dane" policy: ``chain -> None or why it fails`` (see
+    :func:`~mailserver.delivery.dane.check_chain`); else None."""
+    if dest.tls != "dane":
+        return None
+    from mailserver.delivery.dane import check_chain
+
+    name = dest.tls_hostname or str(dest.host).strip("[]")
+    return lambda chain: check_chain(dest.tlsa, chain, name)
 
 
 # --- the protocol ---------------------------------------------------------------
@@ -175,8 +191,9 @@ class OutboundProtocol(Protocol):
     """
 
     def __init__(self, core: SMTPClientConnection, clock, timeouts: Timeouts,
-                 tls: Any, *, chunk_size: int = CHUNK_SIZE) -> None:
+                 tls: Any, *, chunk_size: int = CHUNK_SIZE, tls_check=None) -> None:
         self.core = core
+        self.tls_check = tls_check
         self.clock = clock
         self.timeouts = timeouts
         self.tls = tls
@@ -245,8 +262,26 @@ class OutboundProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.tls_pending = False
-        self.core.tls_started()
+        why = self._check_peer()
+        if why is not None:
+            log.warn("DANE: {remote}: {why}; not delivering there", remote=self.core.remote,
+                     why=why)
+            self.tls_failed = True
+            self._abort = True
+            self.core.abort(R.REMOTE_DANE_MISMATCH, retry_elsewhere=True)
+        else:
+            self.core.tls_started()
         self.drive()
+
+    def _check_peer(self) -> Optional[str]:
+        """None when the peer's certificate passes ``tls_check`` (or there is none)."""
+        if self.tls_check is None:
+            return None
+        try:
+            chain = self.transport.getHandle().get_peer_cert_chain(as_cryptography=True)
+        except Exception as e:
+            return f"cannot read the certificate chain ({type(e).__name__})"
+        return self.tls_check(list(chain or ()))
 
     def connectionLost(self, reason=None) -> None:
         self.lost = True
@@ -398,11 +433,12 @@ class _OneConnection(Factory):
         dest, tls = self.dest, self.tls
         core = SMTPClientConnection(
             dest.helo, lmtp=dest.lmtp, tls_available=tls is not None,
-            require_tls=dest.tls in ("encrypt", "verify"), auth=dest.auth,
+            require_tls=dest.tls in ("encrypt", "verify", "dane"), auth=dest.auth,
             message=self.message, allow_plaintext_auth=dest.allow_plaintext_auth,
             remote=dest.describe(getattr(addr, "host", None)),
         )
-        proto = OutboundProtocol(core, self.clock, self.timeouts, tls)
+        proto = OutboundProtocol(core, self.clock, self.timeouts, tls,
+                                 tls_check=dane_check(dest))
         proto.factory = self
         return proto
 
@@ -505,7 +541,7 @@ async def deliver_to_host(reactor, host: Optional[str], port: Optional[int],
                           tls_hostname: Optional[str] = None, trust_root: Any = None,
                           auth: Optional[Tuple[str, str]] = None, lmtp: bool = False,
                           unix_path: Optional[str] = None, timeouts: Timeouts = Timeouts(),
-                          allow_plaintext_auth: bool = False) -> HostAttempt:
+                          allow_plaintext_auth: bool = False, tlsa: tuple = ()) -> HostAttempt:
     """Deliver ``message`` to one host (or UNIX socket) and QUIT.
 
     Never raises for a delivery problem: connection failures, timeouts and
@@ -513,7 +549,7 @@ async def deliver_to_host(reactor, host: Optional[str], port: Optional[int],
     connections and the clock.
     """
     dest = Destination(host, port, helo, tls, tls_hostname, trust_root, auth, lmtp,
-                       unix_path, allow_plaintext_auth)
+                       unix_path, allow_plaintext_auth, tlsa)
     proto, attempt = await attempt_host(reactor, dest, message, timeouts)
     if proto is not None:
         await proto.quit()

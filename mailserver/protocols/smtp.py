@@ -62,6 +62,7 @@ class ListenerContext:
     min_data_rate: float = 500.0  # octets/s a client must keep up during DATA/BDAT; 0: off
     rate_limiter: Optional[ConnectionRateLimiter] = None  # connections per client per minute
     dsn: bool = False  # DSN parameters accepted (there is a queue to honour them)
+    requiretls: bool = False  # REQUIRETLS (RFC 8689) offered on TLS sessions
     metrics: Any = None  # mailserver.metrics.Metrics, or None when metrics are off
     sessions: Sessions = field(default_factory=Sessions)  # live sessions, for a graceful stop
 
@@ -141,6 +142,7 @@ class SMTPServerProtocol(Protocol):
             tls_active=ctx.implicit_tls,
             etrn=ctx.pipeline.etrn_enabled,
             dsn=ctx.dsn,
+            requiretls=ctx.requiretls,
             auth_mechanisms=ctx.auth_mechanisms,
             auth_requires_tls=ctx.auth_requires_tls,
         )

@@ -191,6 +191,7 @@ class Envelope:
     next_attempt: float = 0.0
     last_error: str = ""
     client: ClientInfo = field(default_factory=ClientInfo)
+    requiretls: bool = False  # RFC 8689; written only when set
 
     # --- views ------------------------------------------------------------
 
@@ -222,12 +223,14 @@ class Envelope:
             envid=self.envid,
             ret=self.ret,
             arrival=self.arrival,
+            requiretls=self.requiretls,
         )
 
     # --- serialisation ----------------------------------------------------
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        extra = {"requiretls": True} if self.requiretls else {}
+        return {**extra,
             "version": ENVELOPE_VERSION,
             "id": self.id,
             "sender": self.sender,
@@ -291,6 +294,7 @@ class Envelope:
             last_error=r.get("last_error", str),
             client=ClientInfo(**{k: client.get(k, str) for k in
                                  ("address", "helo", "hostname", "protocol", "login")}),
+            requiretls="requiretls" in r.raw and r.get("requiretls", bool),
         )
         client.finish()
         r.finish()

@@ -23,7 +23,7 @@ def enqueue_copy(spool, *, queue_id: Optional[str] = None, source_path: str, pre
                  eight_bit: bool = False, smtputf8: bool = False,
                  envid: Optional[str] = None, ret: Optional[str] = None,
                  notify: Optional[dict] = None, mailbox_only: Collection[str] = (),
-                 client: Optional[ClientInfo] = None) -> str:
+                 client: Optional[ClientInfo] = None, requiretls: bool = False) -> str:
     """Queue ``prefix`` + the content of ``source_path`` for ``recipients``
     (``(address, orcpt)`` pairs; ``notify`` maps an address to its NOTIFY;
     addresses in ``mailbox_only`` are local mailboxes to retry, see
@@ -40,7 +40,7 @@ def enqueue_copy(spool, *, queue_id: Optional[str] = None, source_path: str, pre
                                   mailbox_only=a in mailbox_only)
                         for a, o in recipients],
             arrival=arrival, eight_bit=eight_bit, smtputf8=smtputf8, envid=envid, ret=ret,
-            client=client or ClientInfo(),
+            client=client or ClientInfo(), requiretls=requiretls,
         )
         return writer.commit(envelope)
 

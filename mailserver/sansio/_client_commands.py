@@ -90,6 +90,8 @@ def refusal(message: OutboundMessage, extensions: dict[str, str]) -> Optional[Re
         return R.REMOTE_NO_8BITMIME
     if needs_smtputf8(message) and "SMTPUTF8" not in extensions:
         return R.REMOTE_NO_SMTPUTF8
+    if message.requiretls and "REQUIRETLS" not in extensions:
+        return R.REMOTE_NO_REQUIRETLS
     return None
 
 
@@ -105,6 +107,8 @@ def mail_command(message: OutboundMessage, extensions: dict[str, str]) -> str:
         words.append("BODY=8BITMIME")
     if needs_smtputf8(message):
         words.append("SMTPUTF8")
+    if message.requiretls:
+        words.append("REQUIRETLS")
     if "DSN" in extensions:
         if message.ret:
             words.append(f"RET={message.ret.upper()}")

@@ -14,7 +14,7 @@ from typing import Any, Optional, Tuple
 
 from mailserver.sansio._client_events import Phase
 
-TLS_MODES = ("none", "may", "encrypt", "verify")
+TLS_MODES = ("none", "may", "encrypt", "verify", "dane")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class Destination:
     lmtp: bool = False
     unix_path: Optional[str] = None
     allow_plaintext_auth: bool = False
+    tlsa: tuple = ()  # DANE TLSA records, for tls = "dane"
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:
@@ -81,7 +82,7 @@ class Destination:
         except TypeError:
             trust = id(self.trust_root)
         return (self.host, self.port, self.unix_path, self.tls, self.tls_hostname, trust,
-                self.auth, self.lmtp, self.helo, self.allow_plaintext_auth)
+                self.auth, self.lmtp, self.helo, self.allow_plaintext_auth, self.tlsa)
 
     def describe(self, peer: Optional[str] = None) -> str:
         """``mx.example.org[192.0.2.1]:25``, ``unix:/path`` and the like."""

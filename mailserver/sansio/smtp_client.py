@@ -505,8 +505,8 @@ class SMTPClientConnection:
             self._done()
             return
         refused = refusal(self._message, self.extensions)
-        if refused is not None:
-            self._all(refused, retry=False)
+        if refused is not None:  # another MX may offer REQUIRETLS
+            self._all(refused, retry=refused is R.REMOTE_NO_REQUIRETLS)
             self._done()
             return
         commands: list[tuple[str, Phase, Handler]] = [

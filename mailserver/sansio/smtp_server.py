@@ -164,6 +164,7 @@ LINE_ALLOWANCES: dict[str, dict[str, int]] = {
     "SIZE": {"MAIL": 26},  # RFC 1870: SIZE=
     "8BITMIME": {"MAIL": 16},  # RFC 6152: BODY=
     "SMTPUTF8": {"MAIL": 10},  # RFC 6531 3.1
+    "REQUIRETLS": {"MAIL": 11},  # RFC 8689 4.1: " REQUIRETLS"
     "DSN": {"MAIL": 100, "RCPT": 500},  # RFC 3461: RET, ENVID; NOTIFY, ORCPT
     "AUTH": {"MAIL": 500, "AUTH": sasl.MAX_RESPONSE},  # RFC 4954: AUTH=; initial response
 }
@@ -342,6 +343,7 @@ class SMTPServerConnection:
         rcpt_params: frozenset[str] = DEFAULT_RCPT_PARAMS,
         etrn: bool = False,
         dsn: bool = False,
+        requiretls: bool = False,
     ) -> None:
         self.hostname = hostname
         self.mode = mode
@@ -362,6 +364,7 @@ class SMTPServerConnection:
         self.rcpt_params = frozenset(p.upper() for p in rcpt_params)
         self.etrn = etrn and mode is Mode.MX
         self.dsn = dsn
+        self.requiretls = requiretls and mode is not Mode.LMTP  # RFC 8689, offered over TLS
         if dsn:  # RFC 3461 parameters
             self.mail_params |= {"RET", "ENVID"}
             self.rcpt_params |= {"NOTIFY", "ORCPT"}
@@ -669,6 +672,8 @@ class SMTPServerConnection:
             lines.append(" ".join(["AUTH", *self.auth_mechanisms]))
         if self.tls_available and not self.tls_active:
             lines.append("STARTTLS")
+        if self.requiretls and self.tls_active:
+            lines.append("REQUIRETLS")
         return lines
 
     def _capabilities(self) -> Reply:
@@ -710,6 +715,10 @@ class SMTPServerConnection:
         smtputf8 = "SMTPUTF8" in params and "SMTPUTF8" in self.mail_params
         address = parse_path(path, smtputf8=smtputf8)
         allowed = self.mail_params | {"AUTH"} if self._auth_offered() else self.mail_params
+        if self.requiretls and self.tls_active:
+            allowed |= {"REQUIRETLS"}
+            if params.get("REQUIRETLS") is not None:
+                raise ProtocolError(R.BAD_ARGUMENTS)
         size, body = check_mail_params(params, allowed, self.limits.max_message_size)
         check_dsn_mail_params(params)
         if "AUTH" in params:

@@ -18,8 +18,16 @@ a name with a dot is absolute (a trailing dot is allowed).  The same rule
 holds for MX and CNAME targets; ``.`` is the root (null MX).  Types: ``A``,
 ``AAAA``, ``MX`` (``[pref, target]`` pairs or ``"pref target"`` strings),
 ``CNAME``, ``TXT`` (a value longer than 255 octets becomes several strings
-of one record, as a DKIM RSA key needs).  Names under a zone that are not listed are NXDOMAIN;
-a listed name without the queried type is an empty answer (NODATA).
+of one record, as a DKIM RSA key needs), ``TLSA`` (``"usage selector mtype hexdata"`` strings,
+e.g. ``"_25._tcp.mx1.example.test": {"TLSA": "3 1 1 ab12..."}``).  Names
+under a zone that are not listed are NXDOMAIN; a listed name without the
+queried type is an empty answer (NODATA).
+
+DNSSEC, as a validating resolver reports it: ``"secure": true`` on a name
+makes the server's answers about that name carry the AD (authenticated
+data) bit; a ``"secure": true`` key at the zone level (beside the names)
+does so for every name of the zone, NXDOMAIN included.  A validating
+resolver's verdict on bogus data is SERVFAIL: use ``servfail``.
 
 :class:`FakeResolver` answers ``IResolver`` lookups from that data without
 a network, as a recursive resolver would (CNAMEs chased), with failures as
@@ -54,7 +62,18 @@ from twisted.names import dns
 from twisted.names import error as dns_error
 
 ROOT = Path(__file__).resolve().parents[2]
-TYPES = {"A": dns.A, "AAAA": dns.AAAA, "MX": dns.MX, "CNAME": dns.CNAME, "TXT": dns.TXT}
+TLSA = 52
+
+
+class Record_TLSA(dns.UnknownRecord):
+    """A TLSA record (RFC 6698) for the test server; clients see its RDATA."""
+
+    TYPE = TLSA
+    fancybasename = "TLSA"
+
+
+TYPES = {"A": dns.A, "AAAA": dns.AAAA, "MX": dns.MX, "CNAME": dns.CNAME, "TXT": dns.TXT,
+         "TLSA": TLSA}
 SPECIALS = ("timeout", "servfail", "refused")
 DEFAULT_TTL = 60
 
@@ -87,6 +106,10 @@ def _payloads(rtype: str, values, origin: str, ttl: int) -> list:
             data = v.encode()  # one string at most 255 octets: longer ones are split
             out.append(dns.Record_TXT(*[data[i:i + 255] for i in range(0, len(data), 255)]
                                       or [b""], ttl=ttl))
+        elif rtype == "TLSA":
+            usage, selector, mtype, data = v.split()
+            out.append(Record_TLSA(bytes((int(usage), int(selector), int(mtype)))
+                                   + bytes.fromhex(data), ttl=ttl))
         else:
             pref, target = v.split() if isinstance(v, str) else v
             out.append(dns.Record_MX(int(pref), _absolute(target, origin).encode("idna"), ttl=ttl))
@@ -103,7 +126,11 @@ def load_zones(zones: dict) -> Dict[str, Tuple[Dict[str, Records], Specials]]:
         origin = origin.lower().rstrip(".")
         records: Dict[str, Records] = {}
         specials: Specials = {}
+        if names.get("secure") is True:  # the whole zone is signed
+            specials.setdefault("*", {})["secure"] = frozenset()
         for name, data in names.items():
+            if name == "secure":
+                continue
             owner = _absolute(name, origin)
             if owner != origin and not owner.endswith("." + origin):
                 raise ValueError(f"zone {origin}: {name!r} is outside the zone")
@@ -111,6 +138,10 @@ def load_zones(zones: dict) -> Dict[str, Tuple[Dict[str, Records], Specials]]:
             entry = records.setdefault(owner, {})
             for key, values in data.items():
                 if key == "ttl":
+                    continue
+                if key == "secure":
+                    if values is True:
+                        specials.setdefault(owner, {})["secure"] = frozenset()
                     continue
                 if key in SPECIALS:
                     kinds = TYPES if values is True else {t: TYPES[t] for t in values}
@@ -235,6 +266,16 @@ def _build_authorities(zones: dict) -> list:
     return [ZoneAuthority(o, *loaded[o]) for o in sorted(loaded, key=len, reverse=True)]
 
 
+def _is_secure(authorities, name: str) -> bool:
+    """Does the zone data mark ``name`` (or its whole zone) secure?"""
+    name = name.lower().rstrip(".")
+    for zone in (a for a in authorities if hasattr(a, "specials")):  # longest origin first
+        if name == zone.origin or name.endswith("." + zone.origin):
+            marks = zone.specials
+            return "secure" in marks.get(name, {}) or "secure" in marks.get("*", {})
+    return False
+
+
 def _serve(args) -> None:
     from twisted.internet import reactor
     from twisted.names import resolve, server
@@ -247,6 +288,12 @@ def _serve(args) -> None:
                         f.write(f"{q.name.name.decode('ascii', 'replace').lower()} "
                                 f"{dns.QUERY_TYPES.get(q.type, q.type)}\n")
             return super().handleQuery(message, protocol, address)
+
+        def sendReply(self, protocol, message, address):
+            if message.queries and message.rCode in (dns.OK, dns.ENAME):
+                name = message.queries[0].name.name.decode("ascii", "replace")
+                message.authenticData = _is_secure(self.resolver.resolvers, name)
+            return super().sendReply(protocol, message, address)
 
         def gotResolverError(self, failure, protocol, message, address):
             if failure.check(dns.DomainError, dns.AuthoritativeDomainError):
@@ -275,8 +322,9 @@ def _serve(args) -> None:
         loads[0] += 1
         mark_loaded()
 
-    protocol = dns.DNSDatagramProtocol(controller=factory)
     for _try in range(50):
+        # a fresh protocol each try: one that was connected cannot be reused
+        protocol = dns.DNSDatagramProtocol(controller=factory)
         udp = reactor.listenUDP(args.port, protocol, interface=args.interface)
         port = udp.getHost().port
         try:

@@ -250,3 +250,12 @@ def test_lmtp_elsewhere_is_fine(cfgdir, address):
     c = load_config(write(cfgdir, MINIMAL + f'[[listeners]]\naddress = "{address}"\n'
                                             'protocol = "lmtp"\n'))
     assert c.listeners[1].protocol == "lmtp"
+
+
+def test_dane_needs_named_nameservers(cfgdir):
+    """DANE trusts the resolvers' AD bit: they must be named, not taken from
+    /etc/resolv.conf by accident."""
+    with pytest.raises(ConfigError, match="relay.dane: needs relay.nameservers"):
+        load_config(write(cfgdir, MINIMAL + "[relay]\ndane = true\n"))
+    c = load_config(write(cfgdir, MINIMAL + '[relay]\ndane = true\nnameservers = ["127.0.0.1"]\n'))
+    assert c.relay.dane and not c.relay.mta_sts
