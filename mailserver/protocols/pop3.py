@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -118,6 +118,7 @@ class POP3ServerProtocol(Protocol):
         self.closing = False
         self.counted = False
         self.timer = None
+        self.last_active = 0.0  # clock time of the last command or answer
         self.abort_timer = None
         self.deciding = False
         self.sender: Optional[_MessageSender] = None
@@ -226,6 +227,7 @@ class POP3ServerProtocol(Protocol):
             return
         if self._flush() or progressed:
             self._arm_timer()
+            self._push()
 
     # -- graceful stop (see protocols/sessions.py) ---------------------------
     def _idle(self) -> bool:
@@ -257,6 +259,18 @@ class POP3ServerProtocol(Protocol):
             return
         self._close(SHUTTING_DOWN)
 
+    def _push(self) -> None:
+        """Send what was just written now, not after another trip round the
+        reactor: a plain TCP transport (no TLS layer, no producer, not
+        closing) is asked to write at once, as the reactor would when the
+        socket is writable.  Whatever the socket does not take stays
+        buffered and goes out the usual way; an error is seen by the
+        reactor's own next attempt."""
+        t = self.transport
+        if (type(t) is tcp.Server and not t.TLS and t.producer is None
+                and not t.disconnecting and t.connected):
+            t.doWrite()
+
     def _flush(self) -> bool:
         if self.core is None or self.closing:
             return False
@@ -284,7 +298,6 @@ class POP3ServerProtocol(Protocol):
     def _decide(self, coro) -> None:
         """Run an async decision; the core holds later commands meanwhile."""
         self.busy = True
-        self._cancel_timer()
         self._update_reading()
         self.deciding = True
         d = defer.ensureDeferred(coro)
@@ -296,6 +309,7 @@ class POP3ServerProtocol(Protocol):
         self.busy = False
         if self.closing:
             return
+        self._arm_timer()
         self._update_reading()
         if not self.deciding:
             self._drive()
@@ -326,10 +340,15 @@ class POP3ServerProtocol(Protocol):
 
     # -- timeouts ----------------------------------------------------------
     def _arm_timer(self) -> None:
-        self._cancel_timer()
-        if self.busy or self.closing:
+        """Note activity.  One DelayedCall per session, armed when none is:
+        re-arming a timer for every command costs more than the command
+        (cancel, a new DelayedCall, the reactor's heap); on expiry
+        :meth:`_timed_out` checks how long the session has really been idle."""
+        if self.closing:
             return
-        self.timer = self.ctx.clock.callLater(self.ctx.idle_timeout, self._timed_out)
+        self.last_active = self.ctx.clock.seconds()
+        if self.timer is None:
+            self.timer = self.ctx.clock.callLater(self.ctx.idle_timeout, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -338,6 +357,16 @@ class POP3ServerProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self.timer = None
+        if self.closing:
+            return
+        timeout = self.ctx.idle_timeout
+        if self.busy:  # a decision or a message being sent: not idle
+            self.timer = self.ctx.clock.callLater(timeout, self._timed_out)
+            return
+        idle = self.ctx.clock.seconds() - self.last_active
+        if idle < timeout:
+            self.timer = self.ctx.clock.callLater(timeout - idle, self._timed_out)
+            return
         log.info("{listener}: timeout from {client}", listener=self.ctx.name, client=self.client)
         # RFC 1939 3: an autologout closes without entering UPDATE.
         self._close(b"-ERR [SYS/TEMP] Idle too long, closing connection\r\n")
@@ -411,9 +440,23 @@ class POP3ServerProtocol(Protocol):
                  reason=event.reason)
 
     def on_retrieve(self, event: ev.Retrieve) -> None:
+        if event.info.size <= CHUNK:  # most messages: answered here, at once
+            content = self.maildrop.read_small(event.index, CHUNK)
+            if content is not None:
+                self._send_whole(event, content)
+                return
         self._decide(self._retrieve(event))
 
+    def _send_whole(self, event: ev.Retrieve, content: bytes) -> None:
+        """Answer ``event`` with a message read whole, in one write."""
+        self.core.send_ok(f"{event.info.size} octets" if event.lines is None else "")
+        out = self.core.stuff(content)  # the +OK line first
+        self.core.finish_retrieve()
+        self.transport.write(out + self.core.data_to_send())
+
     async def _retrieve(self, event: ev.Retrieve) -> None:
+        """The message opened (and found again if it moved) and its first
+        chunk read in a worker thread, then sent."""
         try:
             f, first = await self.ctx.io(_open_and_read, self.maildrop, event.index)
         except FileNotFoundError:
@@ -427,10 +470,13 @@ class POP3ServerProtocol(Protocol):
         if self.closing:
             f.close()
             return
+        if len(first) < CHUNK:
+            f.close()
+            self._send_whole(event, first)
+            return
         self.core.send_ok(f"{event.info.size} octets" if event.lines is None else "")
-        self._flush()
-        out = self.core.stuff(first)
-        if len(first) < CHUNK or self.core.retrieve_done:  # most messages: one write
+        out = self.core.stuff(first)  # the +OK line first
+        if self.core.retrieve_done:  # TOP had all it wanted
             f.close()
             self.core.finish_retrieve()
             self.transport.write(out + self.core.data_to_send())
@@ -455,21 +501,37 @@ class POP3ServerProtocol(Protocol):
         d.callback(None)
 
     def on_update(self, event: ev.Update) -> None:
-        self._decide(self._update(event))
+        drop = self.maildrop
+        if drop.needs_io(event.deleted, event.retrieved):
+            self._decide(self._update(event))
+            return
+        try:  # nothing to delete, move or flag: no file system call, no thread
+            drop.update(event.deleted, event.retrieved)
+        except Exception:
+            self._updated(event, ok=False)
+        else:
+            self._updated(event, ok=True)
 
     async def _update(self, event: ev.Update) -> None:
-        drop = self.maildrop
         try:
-            await self.ctx.io(drop.update, event.deleted, event.retrieved)
+            await self.ctx.io(self.maildrop.update, event.deleted, event.retrieved)
         except Exception:
-            log.failure("{listener}: {login}: UPDATE failed", listener=self.ctx.name,
-                        login=self.session.login)
-            self.core.send_err("Some deleted messages could not be removed", code="SYS/TEMP")
+            self._updated(event, ok=False)
         else:
+            self._updated(event, ok=True)
+
+    def _updated(self, event: ev.Update, ok: bool) -> None:
+        """Answer the UPDATE (called in the handler of its failure, if any)
+        and release the lock."""
+        if ok:
             log.info("{listener}: {client}: logout: user={login}, {n} deleted",
                      listener=self.ctx.name, client=self.client, login=self.session.login,
                      n=len(event.deleted))
             self.core.send_ok("Bye")
+        else:
+            log.failure("{listener}: {login}: UPDATE failed", listener=self.ctx.name,
+                        login=self.session.login)
+            self.core.send_err("Some deleted messages could not be removed", code="SYS/TEMP")
         self._release()
 
     def _release(self) -> None:

@@ -611,8 +611,14 @@ class POP3ServerConnection:
             index = self._message(words[0])
             self._ok(f"{index + 1} {field(self.messages[index])}")
             return
-        live = [(i, m) for i, m in enumerate(self.messages) if i not in self.deleted]
-        self._multiline(heading, [f"{i + 1} {field(m)}" for i, m in live])
+        # Each line is "<number> <size or UIDL>": never a leading dot, never
+        # CR or LF (MessageInfo checks the UIDL), so no per-line checks.
+        deleted = self.deleted
+        self._ok(heading)
+        self._out += "".join(
+            [f"{i} {field(m)}\r\n" for i, m in enumerate(self.messages, 1) if i - 1 not in deleted]
+        ).encode("ascii")
+        self._out += b".\r\n"
 
     def _do_stat(self, arg: str) -> None:
         _no_args(arg)

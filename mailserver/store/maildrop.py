@@ -98,6 +98,7 @@ from mailserver.store.maildrop_files import (
     lock,
     open_regular,
     open_subdir,
+    read_small,
     scan,
 )
 
@@ -201,6 +202,14 @@ def _with_flags(name: str, seen: bool) -> str:
     return f"{base}:2,{flags}{rest}"
 
 
+def _seen_already(name: str) -> bool:
+    """Giving ``name`` the S flag would not change it (the common
+    ``...:2,S`` is recognised without building the new name)."""
+    if name.endswith(":2,S") and name.find(":") == len(name) - 4:
+        return True
+    return _with_flags(name, True) == name
+
+
 def _wire_size(fileobj: BinaryIO) -> int:
     """Length with every bare LF counted as CRLF, read in chunks."""
     size = 0
@@ -244,6 +253,7 @@ class Maildrop:
         self._uidlist = uidlist or {}
         self._bases: List[str] = []
         self._where: List[Optional[Location]] = []
+        self._in_new: set = set()  # indexes last seen in new/ (UPDATE moves them)
         self._mutex = threading.Lock()
         self._closed = False
         fds = list(self._dir_fds.values())
@@ -308,6 +318,8 @@ class Maildrop:
             uid = self._uidl(base, taken)
             taken.add(uid)
             self.messages.append(DropMessage(name=name, subdir=sub, uid=uid, size=size))
+            if sub == "new":
+                self._in_new.add(len(self._where))
             self._bases.append(base)
             self._where.append((sub, name))
 
@@ -363,6 +375,24 @@ class Maildrop:
                     self._bases[i] = new_base
                     location = found[new_base]
             self._where[i] = location
+        self._in_new = {i for i, loc in enumerate(self._where) if loc and loc[0] == "new"}
+
+    def read_small(self, index: int, limit: int) -> Optional[bytes]:
+        """The message's whole content when its file is where it was last
+        seen and holds at most ``limit`` octets, else None (the caller uses
+        :meth:`open_message`, which finds moved files and reports errors).
+
+        An ``openat``, an ``fstat``, one ``read`` of at most ``limit``
+        octets and a ``close``, no listing: bounded, and cheap enough for
+        the caller's event loop when the file is in the page cache.
+        """
+        with self._mutex:
+            self._check(index)
+            location = self._where[index]
+            if location is None:
+                return None
+            sub, name = location
+            return read_small(name, self._dir_fds[sub], limit)
 
     def open_message(self, index: int) -> BinaryIO:
         """The message file, opened read-only (``O_NOFOLLOW``).
@@ -412,7 +442,9 @@ class Maildrop:
             failures: List[Tuple[str, OSError]] = []
             touched: set = set()
             missing = []
-            for index in range(len(self.messages)):
+            # Only these can change: a message in cur/ that is neither
+            # deleted nor retrieved is left as it is.
+            for index in sorted(deleted | seen | self._in_new):
                 if not self._apply(index, index in deleted, index in seen, touched, failures):
                     missing.append(index)
             if missing:
@@ -428,6 +460,20 @@ class Maildrop:
                         failures.append((sub, exc))
             if failures:
                 raise MaildropUpdateError(failures)
+
+    def needs_io(self, deleted: Collection[int], retrieved: Collection[int]) -> bool:
+        """Whether :meth:`update` would touch the file system: something to
+        delete, a message still in ``new/``, or a retrieved one without the
+        ``S`` flag.  Pure bookkeeping, no system call: when False, ``update``
+        is cheap enough to run anywhere."""
+        if deleted or self._in_new:
+            return True
+        where = self._where
+        for index in retrieved:
+            location = where[index] if 0 <= index < len(where) else None
+            if location is not None and not _seen_already(location[1]):
+                return True
+        return False
 
     def _apply(
         self,
@@ -452,8 +498,9 @@ class Maildrop:
                 return True
             touched.add(sub)
             self._where[index] = None
+            self._in_new.discard(index)
             return True
-        if sub == "cur" and not seen:
+        if sub == "cur" and (not seen or _seen_already(name)):
             return True
         target = _with_flags(name, seen)
         if sub == "cur" and target == name:
@@ -476,6 +523,7 @@ class Maildrop:
             return True
         touched.update((sub, "cur"))
         self._where[index] = ("cur", target)
+        self._in_new.discard(index)
         return True
 
     def _exists(self, sub: str, name: str) -> bool:

@@ -86,6 +86,24 @@ def open_regular(name: str, dir_fd: int, path: str) -> BinaryIO:
         raise
 
 
+def read_small(name: str, dir_fd: int, limit: int) -> Optional[bytes]:
+    """The whole content of a regular file of at most ``limit`` octets, in
+    one ``read``; None when the file is not there, is larger, is not a
+    regular file (a link is not followed) or changed size meanwhile."""
+    try:
+        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        data = os.read(fd, st.st_size + 1)
+        return data if len(data) == st.st_size else None
+    finally:
+        os.close(fd)
+
+
 def scan(dir_fds: Dict[str, int]) -> Dict[str, Location]:
     """Map base name -> (subdir, name) for the regular files in new/, cur/.
 
