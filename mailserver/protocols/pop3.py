@@ -10,15 +10,30 @@ decisions:
   (the directory's twisted.cred checker and the failed-login throttle that
   submission uses), then the user's maildrop is opened and locked
   (:class:`~mailserver.store.maildrop.Maildrop`) in a worker thread;
-* ``Retrieve``: the message file is opened and its first 64 KiB read in a
-  worker thread; a message that fits is sent in one write, a longer one is
-  streamed through a pull producer, each chunk byte-stuffed by the core,
-  never the whole message in memory;
-* ``Update``: deletions and the seen flags are applied in a worker thread,
-  then the lock is released.  A dropped connection applies nothing.
+* ``Retrieve``: a message whose snapshot size fits one read (64 KiB) is
+  read whole on the reactor thread (:meth:`~mailserver.store.maildrop.Maildrop.read_small`:
+  an ``openat``, an ``fstat`` that bounds the read, one ``read`` and a
+  ``close``, microseconds from the page cache) and answered at once in one
+  write, with no thread, Deferred or coroutine.  Any other message (larger,
+  moved by another reader, unreadable) is opened and its first 64 KiB read
+  in a worker thread; one longer than that is streamed through a pull
+  producer, each chunk byte-stuffed by the core, never the whole message in
+  memory;
+* ``Update``: deletions, moves to cur/ and seen flags are applied in a
+  worker thread, then the lock is released; when there is nothing to change
+  on disk (:meth:`~mailserver.store.maildrop.Maildrop.needs_io`) the answer
+  comes at once, without the thread.  A dropped connection applies nothing.
 
-The idle timer (10 minutes by default, RFC 1939's minimum) restarts on every
-command; a client that stops reading a RETR stops the file being read.
+Responses to a plain TCP client are handed to the socket as soon as a batch
+of input has been handled (``doWrite``), not after another trip round the
+reactor; TLS connections write the usual way.
+
+The idle timer (10 minutes by default, RFC 1939's minimum) counts from the
+last command or answer: one DelayedCall per session, which on expiry looks
+at the time of the last activity and waits again if there was some (cheaper
+than re-arming a timer per command).  It does not expire while a decision
+or a message is under way; a client that stops reading a RETR stops the
+file being read.
 """
 
 from __future__ import annotations

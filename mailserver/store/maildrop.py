@@ -4,9 +4,11 @@
 :meth:`Maildrop.open` locks the maildir, then lists ``new/`` and ``cur/``
 once; that listing is the session's drop (RFC 1939 numbers messages for the
 session, so mail delivered afterwards waits for the next login).  DELE only
-marks; :meth:`Maildrop.update` applies the marks at QUIT.  Everything here
-blocks on file I/O, so the Twisted side calls it from a worker thread; no
-Twisted code is imported.  Dovecot is the reference for maildir behaviour,
+marks; :meth:`Maildrop.update` applies the marks at QUIT.  Opening and
+updating block on file I/O, so the Twisted side calls them from a worker
+thread; :meth:`Maildrop.read_small` (a bounded read of one small file) and
+:meth:`Maildrop.needs_io` are cheap enough for its event loop.  No Twisted
+code is imported.  Dovecot is the reference for maildir behaviour,
 so that a mailbox can be served by both, or moved from one to the other.
 
 Decisions:
@@ -65,7 +67,11 @@ Decisions:
   mark for "a client has seen it"), and gives the retrieved ones the ``S``
   flag, merged into the existing flags in ASCII order (``:2,F`` becomes
   ``:2,FS``; a second flag set after ``,`` is kept as Dovecot keeps it).
-  The base name, hence the UIDL, never changes.  Each touched directory is
+  The base name, hence the UIDL, never changes.  Only the messages that
+  can change are looked at (deleted, retrieved without ``S``, in ``new/``:
+  kept as sets from the snapshot on), so a QUIT after reading a mailbox
+  that is already in ``cur/`` and seen costs nothing per message, and
+  :meth:`Maildrop.needs_io` says so without a system call.  Each touched directory is
   fsynced once, at the end.  A failure on one file does not stop the
   others; the failures are raised together as :class:`MaildropUpdateError`
   afterwards.
@@ -253,7 +259,11 @@ class Maildrop:
         self._uidlist = uidlist or {}
         self._bases: List[str] = []
         self._where: List[Optional[Location]] = []
-        self._in_new: set = set()  # indexes last seen in new/ (UPDATE moves them)
+        # What UPDATE may have to do, kept up to date so that QUIT need not
+        # look at every message: indexes last seen in new/ (to move), and
+        # those whose name lacks the S flag (to flag if retrieved).
+        self._in_new: set = set()
+        self._unseen: set = set()
         self._mutex = threading.Lock()
         self._closed = False
         fds = list(self._dir_fds.values())
@@ -320,6 +330,8 @@ class Maildrop:
             self.messages.append(DropMessage(name=name, subdir=sub, uid=uid, size=size))
             if sub == "new":
                 self._in_new.add(len(self._where))
+            if not _seen_already(name):
+                self._unseen.add(len(self._where))
             self._bases.append(base)
             self._where.append((sub, name))
 
@@ -376,6 +388,8 @@ class Maildrop:
                     location = found[new_base]
             self._where[i] = location
         self._in_new = {i for i, loc in enumerate(self._where) if loc and loc[0] == "new"}
+        self._unseen = {i for i, loc in enumerate(self._where)
+                        if loc and not _seen_already(loc[1])}
 
     def read_small(self, index: int, limit: int) -> Optional[bytes]:
         """The message's whole content when its file is where it was last
@@ -437,14 +451,16 @@ class Maildrop:
                 raise ValueError("maildrop is closed")
             deleted = set(deleted)
             seen = set(retrieved)
+            count = len(self.messages)
             for index in deleted | seen:
-                self._check(index)
+                if not 0 <= index < count:
+                    self._check(index)  # raises IndexError
             failures: List[Tuple[str, OSError]] = []
             touched: set = set()
             missing = []
             # Only these can change: a message in cur/ that is neither
             # deleted nor retrieved is left as it is.
-            for index in sorted(deleted | seen | self._in_new):
+            for index in sorted(deleted | (seen & self._unseen) | self._in_new):
                 if not self._apply(index, index in deleted, index in seen, touched, failures):
                     missing.append(index)
             if missing:
@@ -466,14 +482,7 @@ class Maildrop:
         delete, a message still in ``new/``, or a retrieved one without the
         ``S`` flag.  Pure bookkeeping, no system call: when False, ``update``
         is cheap enough to run anywhere."""
-        if deleted or self._in_new:
-            return True
-        where = self._where
-        for index in retrieved:
-            location = where[index] if 0 <= index < len(where) else None
-            if location is not None and not _seen_already(location[1]):
-                return True
-        return False
+        return bool(deleted or self._in_new or not self._unseen.isdisjoint(retrieved))
 
     def _apply(
         self,
@@ -499,6 +508,7 @@ class Maildrop:
             touched.add(sub)
             self._where[index] = None
             self._in_new.discard(index)
+            self._unseen.discard(index)
             return True
         if sub == "cur" and (not seen or _seen_already(name)):
             return True
@@ -524,6 +534,8 @@ class Maildrop:
         touched.update((sub, "cur"))
         self._where[index] = ("cur", target)
         self._in_new.discard(index)
+        if seen:
+            self._unseen.discard(index)
         return True
 
     def _exists(self, sub: str, name: str) -> bool:
