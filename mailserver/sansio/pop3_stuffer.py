@@ -42,11 +42,17 @@ class Stuffer:
         over the chunk (a bare CR inside a line stays as it is)."""
         if not data:
             return b""
-        text = data.replace(b"\r\n", b"\n").replace(b"\n.", b"\n..")
+        if data.count(b"\n") == data.count(b"\r\n"):
+            # Stored with CRLF already (as this server stores mail): only the
+            # dots, and no copy at all when no line starts with one.
+            text = data.replace(b"\r\n.", b"\r\n..") if b"\n." in data else data
+        else:
+            text = data.replace(b"\r\n", b"\n") if b"\r" in data else data
+            text = text.replace(b"\n.", b"\n..").replace(b"\n", CRLF)
         if self._start and text[:1] == b".":
             text = b"." + text
         self._start = text.endswith(b"\n")
-        return text.replace(b"\n", CRLF)
+        return text
 
     def finish(self) -> bytes:
         out = bytearray()
