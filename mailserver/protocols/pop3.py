@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from twisted.internet import defer, tcp
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -119,8 +119,15 @@ class _MessageSender:
         self.file.close()
 
 
+@implementer(IPushProducer)
 class POP3ServerProtocol(Protocol):
-    """One POP3 session."""
+    """One POP3 session.
+
+    It is the transport's streaming producer (except while a long message is
+    pulled by a :class:`_MessageSender`): when the client stops reading and
+    the write buffer fills, commands wait in the core, and reading stops
+    once ``HOLD_INPUT`` octets of them are waiting.
+    """
 
     def __init__(self, ctx: POP3Context) -> None:
         self.ctx = ctx
@@ -130,6 +137,8 @@ class POP3ServerProtocol(Protocol):
         self.client = "unknown"
         self.busy = False
         self.reading_paused = False
+        self.write_paused = False  # the transport's write buffer is full
+        self.registered = False  # we are the transport's streaming producer
         self.closing = False
         self.counted = False
         self.timer = None
@@ -187,6 +196,8 @@ class POP3ServerProtocol(Protocol):
             hostname=ctx.hostname, tls_available=ctx.tls is not None or ctx.implicit_tls,
             tls_active=ctx.implicit_tls, plaintext_auth=ctx.plaintext_auth,
             auth_mechanisms=ctx.mechanisms, junk_limit=ctx.junk_limit)
+        self.transport.registerProducer(self, True)
+        self.registered = True
         self.core.greeting()
         self._drive()
 
@@ -194,7 +205,7 @@ class POP3ServerProtocol(Protocol):
         if self.closing or self.core is None:
             return
         self.core.receive_data(data)
-        if self.busy:
+        if self.busy or self.write_paused:
             self._update_reading()
         self._drive()
 
@@ -224,7 +235,7 @@ class POP3ServerProtocol(Protocol):
     def _drive(self) -> None:
         progressed = False
         try:
-            while not self.busy and not self.closing:
+            while not self.busy and not self.closing and not self.write_paused:
                 if self.draining and self._idle():
                     self._close(SHUTTING_DOWN)
                     return
@@ -274,6 +285,28 @@ class POP3ServerProtocol(Protocol):
             return
         self._close(SHUTTING_DOWN)
 
+    # -- IPushProducer: the transport's write buffer is full / has room ----
+    def pauseProducing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        if not self.write_paused:
+            return
+        self.write_paused = False
+        self._update_reading()
+        if not self.busy and self.core is not None:
+            self._drive()
+
+    def stopProducing(self) -> None:
+        self.closing = True
+
+    def _unregister(self) -> None:
+        if self.registered:
+            self.registered = False
+            self.write_paused = False
+            self.transport.unregisterProducer()
+
     def _push(self) -> None:
         """Send what was just written now, not after another trip round the
         reactor: a plain TCP transport (no TLS layer, no producer, not
@@ -282,7 +315,8 @@ class POP3ServerProtocol(Protocol):
         buffered and goes out the usual way; an error is seen by the
         reactor's own next attempt."""
         t = self.transport
-        if (type(t) is tcp.Server and not t.TLS and t.producer is None
+        if (type(t) is tcp.Server and not t.TLS and not self.write_paused
+                and (t.producer is None or t.producer is self)
                 and not t.disconnecting and t.connected):
             t.doWrite()
 
@@ -302,7 +336,8 @@ class POP3ServerProtocol(Protocol):
         system calls each, and the core holds the commands in order anyway."""
         if self.closing:
             return
-        hold = self.busy and self.core is not None and self.core.buffered >= self.HOLD_INPUT
+        hold = ((self.busy or self.write_paused) and self.core is not None
+                and self.core.buffered >= self.HOLD_INPUT)
         if hold and not self.reading_paused:
             self.reading_paused = True
             self.transport.pauseProducing()
@@ -348,6 +383,9 @@ class POP3ServerProtocol(Protocol):
         self._hang_up()
 
     def _hang_up(self) -> None:
+        # A paused streaming producer would be resumed when the buffer
+        # drains, instead of the connection being closed.
+        self._unregister()
         self.transport.loseConnection()
         if self.abort_timer is None:
             self.abort_timer = self.ctx.clock.callLater(self.ctx.close_grace,
@@ -501,6 +539,7 @@ class POP3ServerProtocol(Protocol):
         # inside registerProducer.
         done = self.retrieval = defer.Deferred()
         self.sender = _MessageSender(self, f)
+        self._unregister()  # the sender's pulls pace the writes now
         self.transport.registerProducer(self.sender, False)
         await done
 
@@ -510,6 +549,9 @@ class POP3ServerProtocol(Protocol):
         self.sender = None
         self.transport.unregisterProducer()
         sender.stopProducing()
+        if not self.closing:
+            self.transport.registerProducer(self, True)
+            self.registered = True
         self.core.finish_retrieve()
         self._flush()
         d, self.retrieval = self.retrieval, None

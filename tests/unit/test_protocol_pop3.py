@@ -70,7 +70,7 @@ class Harness:
 
 def lines(t):
     """Responses so far (a pull producer registered for RETR is run dry first), then clear."""
-    while t.producer is not None:
+    while t.producer is not None and not t.streaming:
         t.producer.resumeProducing()
     out = t.value().decode().split("\r\n")
     t.clear()
@@ -317,6 +317,30 @@ def test_idle_timeout_after_a_streamed_message(h):
     assert lines(t)[-2] == "."
     h.clock.advance(h.ctx.idle_timeout)
     assert t.disconnecting
+
+
+def test_full_write_buffer_holds_pipelined_commands(h):
+    """While the write buffer is full (the client stops reading), pipelined
+    RETRs wait unanswered, reading stops once HOLD_INPUT octets wait, and all
+    are answered in order when there is room again."""
+    h.deliver(b"Subject: one\r\n\r\nbody\r\n")
+    h.deliver(b"Subject: big\r\n\r\n" + b"x" * 70000 + b"\r\n")
+    p, t = h.connect()
+    login(p, t)
+    assert t.producer is p and t.streaming
+    p.pauseProducing()  # what Twisted does when the buffer passes its size
+    p.dataReceived(b"RETR 1\r\n" * 100)
+    assert t.value() == b"" and t.producerState == "producing"
+    p.dataReceived(b"STAT\r\n" * (p.HOLD_INPUT // 6))
+    assert t.producerState == "paused"
+    p.resumeProducing()
+    assert t.producerState == "producing"
+    out = lines(t)
+    assert out.count("body") == 100 and out[-2].startswith("+OK 2 ")
+    p.dataReceived(b"RETR 2\r\n")
+    assert t.producer is not p  # the long message is pulled
+    out = lines(t)
+    assert out[-2] == "." and t.producer is p and t.streaming
 
 
 def test_connection_rate_limit(tmp_path):
