@@ -309,8 +309,8 @@ class POP3ServerProtocol(Protocol):
 
     def _push(self) -> None:
         """Send what was just written now, not after another trip round the
-        reactor: a plain TCP transport (no TLS layer, no producer, not
-        closing) is asked to write at once, as the reactor would when the
+        reactor: a plain TCP transport (no TLS layer, no pull producer, not
+        paused, not closing) is asked to write at once, as the reactor would when the
         socket is writable.  Whatever the socket does not take stays
         buffered and goes out the usual way; an error is seen by the
         reactor's own next attempt."""

@@ -89,7 +89,8 @@ def open_regular(name: str, dir_fd: int, path: str) -> BinaryIO:
 def read_small(name: str, dir_fd: int, limit: int) -> Optional[bytes]:
     """The whole content of a regular file of at most ``limit`` octets, in
     one ``read``; None when the file is not there, is larger, is not a
-    regular file (a link is not followed) or changed size meanwhile."""
+    regular file (a link is not followed), changed size meanwhile or could
+    not be read."""
     try:
         fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
@@ -100,6 +101,8 @@ def read_small(name: str, dir_fd: int, limit: int) -> Optional[bytes]:
             return None
         data = os.read(fd, st.st_size + 1)
         return data if len(data) == st.st_size else None
+    except OSError:  # EIO and the like: the caller's other path reports it
+        return None
     finally:
         os.close(fd)
 
