@@ -85,6 +85,10 @@ from typing import Callable, Optional, Sequence, Union
 from mailserver import sasl
 from mailserver.sansio.lines import TOO_LONG as LINE_TOO_LONG
 from mailserver.sansio.lines import CommandFramer
+from mailserver.sansio.pop3_commands import Refusal as _Refusal
+from mailserver.sansio.pop3_commands import TransactionCommands
+from mailserver.sansio.pop3_commands import no_args as _no_args
+from mailserver.sansio.pop3_commands import split_words as _words
 from mailserver.sansio.pop3_events import (
     CLOSED_BY_APPLICATION,
     NEED_DATA,
@@ -111,7 +115,6 @@ MAX_COMMAND = 255
 
 CRLF = b"\r\n"
 _CODE = re.compile(r"[A-Z][A-Z0-9-]*(?:/[A-Z][A-Z0-9-]*)*")
-_DIGITS = re.compile("[0-9]{1,10}")
 _BAD_NAME = re.compile("[\x00-\x20\x7f\udc80-\udcff]")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _TLS_WAIT = Sentinel("TLS_WAIT")
@@ -149,15 +152,6 @@ class UsageError(RuntimeError):
     """The application called the core at the wrong time (a bug in the caller)."""
 
 
-class _Refusal(Exception):
-    """A command is refused: the ``-ERR`` text and optional response code."""
-
-    def __init__(self, text: str, code: Optional[str] = None) -> None:
-        super().__init__(text)
-        self.text = text
-        self.code = code
-
-
 class _SaslReader:
     """Reads the response lines of one AUTH exchange."""
 
@@ -166,7 +160,7 @@ class _SaslReader:
         self.framer = CommandFramer(sasl.MAX_RESPONSE + 2)
 
 
-class POP3ServerConnection:
+class POP3ServerConnection(TransactionCommands):
     """One POP3 session, without I/O.
 
     ``hostname`` is named in the greeting.  ``tls_available`` offers STLS;
@@ -587,73 +581,6 @@ class POP3ServerConnection:
         text, code = _LOGIN_FAILURES.get(reason, _LOGIN_FAILURES[sasl.MALFORMED])
         self._err(text, code)
 
-    # --- TRANSACTION -----------------------------------------------------
-    def _totals(self) -> tuple[int, int]:
-        """Count and octets of the messages not marked deleted."""
-        live = [m.size for i, m in enumerate(self.messages) if i not in self.deleted]
-        return len(live), sum(live)
-
-    def _message(self, word: str) -> int:
-        """The 0-based index of an existing, undeleted message number."""
-        number = int(word) if _DIGITS.fullmatch(word) else 0
-        if not 1 <= number <= len(self.messages):
-            raise _Refusal("no such message")
-        if number - 1 in self.deleted:
-            raise _Refusal(f"message {number} already deleted")
-        return number - 1
-
-    def _listing(self, arg: str, heading: str, field: Callable[[MessageInfo], str]) -> None:
-        """LIST or UIDL: one message, or every undeleted one."""
-        words = _words(arg)
-        if len(words) > 1:
-            raise _Refusal("syntax error")
-        if words:
-            index = self._message(words[0])
-            self._ok(f"{index + 1} {field(self.messages[index])}")
-            return
-        # Each line is "<number> <size or UIDL>": never a leading dot, never
-        # CR or LF (MessageInfo checks the UIDL), so no per-line checks.
-        deleted = self.deleted
-        self._ok(heading)
-        self._out += "".join(
-            [f"{i} {field(m)}\r\n" for i, m in enumerate(self.messages, 1) if i - 1 not in deleted]
-        ).encode("ascii")
-        self._out += b".\r\n"
-
-    def _do_stat(self, arg: str) -> None:
-        _no_args(arg)
-        self._ok("%d %d" % self._totals())
-
-    def _do_list(self, arg: str) -> None:
-        self._listing(arg, "%d messages (%d octets)" % self._totals(), lambda m: str(m.size))
-
-    def _do_uidl(self, arg: str) -> None:
-        self._listing(arg, "unique-id listing follows", lambda m: m.uid)
-
-    def _do_retr(self, arg: str) -> None:
-        words = _words(arg)
-        if len(words) != 1:
-            raise _Refusal("syntax error: RETR msg")
-        index = self._message(words[0])
-        self._decide(Retrieve(index + 1, index, self.messages[index], None))
-
-    def _do_top(self, arg: str) -> None:
-        words = _words(arg)
-        if len(words) != 2:
-            raise _Refusal("syntax error: TOP msg n")
-        index = self._message(words[0])
-        if not _DIGITS.fullmatch(words[1]):
-            raise _Refusal("invalid line count")
-        self._decide(Retrieve(index + 1, index, self.messages[index], int(words[1])))
-
-    def _do_dele(self, arg: str) -> None:
-        words = _words(arg)
-        if len(words) != 1:
-            raise _Refusal("syntax error: DELE msg")
-        index = self._message(words[0])
-        self.deleted.add(index)
-        self._ok(f"message {index + 1} deleted")
-
     def _junk(self) -> bool:
         """Count a command that does no work; past ``junk_limit`` the session
         ends (Postfix's smtpd_junk_command_limit, for POP3)."""
@@ -663,18 +590,6 @@ class POP3ServerConnection:
             self._close(TOO_MANY_JUNK_COMMANDS)
             return True
         return False
-
-    def _do_rset(self, arg: str) -> None:
-        _no_args(arg)
-        if self._junk():
-            return
-        self.deleted.clear()
-        self._ok("maildrop has %d messages (%d octets)" % self._totals())
-
-    def _do_noop(self, arg: str) -> None:
-        _no_args(arg)
-        if not self._junk():
-            self._ok()
 
 
 Handler = Callable[[POP3ServerConnection, str], None]
@@ -701,16 +616,6 @@ COMMANDS: dict[str, tuple[Handler, frozenset[State]]] = {
 }
 """The verb table: handler and the states the verb is valid in."""
 del P
-
-
-def _words(arg: str) -> list[str]:
-    """Arguments separated by one or more spaces."""
-    return [w for w in arg.split(" ") if w]
-
-
-def _no_args(arg: str) -> None:
-    if arg.strip(" "):
-        raise _Refusal("no arguments expected")
 
 
 def _line(prefix: str, text: str = "") -> bytes:
