@@ -10,15 +10,30 @@ decisions:
   (the directory's twisted.cred checker and the failed-login throttle that
   submission uses), then the user's maildrop is opened and locked
   (:class:`~mailserver.store.maildrop.Maildrop`) in a worker thread;
-* ``Retrieve``: the message file is opened and its first 64 KiB read in a
-  worker thread; a message that fits is sent in one write, a longer one is
-  streamed through a pull producer, each chunk byte-stuffed by the core,
-  never the whole message in memory;
-* ``Update``: deletions and the seen flags are applied in a worker thread,
-  then the lock is released.  A dropped connection applies nothing.
+* ``Retrieve``: a message whose snapshot size fits one read (64 KiB) is
+  read whole on the reactor thread (:meth:`~mailserver.store.maildrop.Maildrop.read_small`:
+  an ``openat``, an ``fstat`` that bounds the read, one ``read`` and a
+  ``close``, microseconds from the page cache) and answered at once in one
+  write, with no thread, Deferred or coroutine.  Any other message (larger,
+  moved by another reader, unreadable) is opened and its first 64 KiB read
+  in a worker thread; one longer than that is streamed through a pull
+  producer, each chunk byte-stuffed by the core, never the whole message in
+  memory;
+* ``Update``: deletions, moves to cur/ and seen flags are applied in a
+  worker thread, then the lock is released; when there is nothing to change
+  on disk (:meth:`~mailserver.store.maildrop.Maildrop.needs_io`) the answer
+  comes at once, without the thread.  A dropped connection applies nothing.
 
-The idle timer (10 minutes by default, RFC 1939's minimum) restarts on every
-command; a client that stops reading a RETR stops the file being read.
+Responses to a plain TCP client are handed to the socket as soon as a batch
+of input has been handled (``doWrite``), not after another trip round the
+reactor; TLS connections write the usual way.
+
+The idle timer (10 minutes by default, RFC 1939's minimum) counts from the
+last command or answer: one DelayedCall per session, which on expiry looks
+at the time of the last activity and waits again if there was some (cheaper
+than re-arming a timer per command).  It does not expire while a decision
+or a message is under way; a client that stops reading a RETR stops the
+file being read.
 """
 
 from __future__ import annotations
@@ -26,8 +41,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet import defer, tcp
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -104,8 +119,15 @@ class _MessageSender:
         self.file.close()
 
 
+@implementer(IPushProducer)
 class POP3ServerProtocol(Protocol):
-    """One POP3 session."""
+    """One POP3 session.
+
+    It is the transport's streaming producer (except while a long message is
+    pulled by a :class:`_MessageSender`): when the client stops reading and
+    the write buffer fills, commands wait in the core, and reading stops
+    once ``HOLD_INPUT`` octets of them are waiting.
+    """
 
     def __init__(self, ctx: POP3Context) -> None:
         self.ctx = ctx
@@ -115,9 +137,12 @@ class POP3ServerProtocol(Protocol):
         self.client = "unknown"
         self.busy = False
         self.reading_paused = False
+        self.write_paused = False  # the transport's write buffer is full
+        self.registered = False  # we are the transport's streaming producer
         self.closing = False
         self.counted = False
         self.timer = None
+        self.last_active = 0.0  # clock time of the last command or answer
         self.abort_timer = None
         self.deciding = False
         self.sender: Optional[_MessageSender] = None
@@ -171,6 +196,8 @@ class POP3ServerProtocol(Protocol):
             hostname=ctx.hostname, tls_available=ctx.tls is not None or ctx.implicit_tls,
             tls_active=ctx.implicit_tls, plaintext_auth=ctx.plaintext_auth,
             auth_mechanisms=ctx.mechanisms, junk_limit=ctx.junk_limit)
+        self.transport.registerProducer(self, True)
+        self.registered = True
         self.core.greeting()
         self._drive()
 
@@ -178,7 +205,7 @@ class POP3ServerProtocol(Protocol):
         if self.closing or self.core is None:
             return
         self.core.receive_data(data)
-        if self.busy:
+        if self.busy or self.write_paused:
             self._update_reading()
         self._drive()
 
@@ -208,7 +235,7 @@ class POP3ServerProtocol(Protocol):
     def _drive(self) -> None:
         progressed = False
         try:
-            while not self.busy and not self.closing:
+            while not self.busy and not self.closing and not self.write_paused:
                 if self.draining and self._idle():
                     self._close(SHUTTING_DOWN)
                     return
@@ -226,6 +253,7 @@ class POP3ServerProtocol(Protocol):
             return
         if self._flush() or progressed:
             self._arm_timer()
+            self._push()
 
     # -- graceful stop (see protocols/sessions.py) ---------------------------
     def _idle(self) -> bool:
@@ -257,6 +285,41 @@ class POP3ServerProtocol(Protocol):
             return
         self._close(SHUTTING_DOWN)
 
+    # -- IPushProducer: the transport's write buffer is full / has room ----
+    def pauseProducing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        if not self.write_paused:
+            return
+        self.write_paused = False
+        self._update_reading()
+        if not self.busy and self.core is not None:
+            self._drive()
+
+    def stopProducing(self) -> None:
+        self.closing = True
+
+    def _unregister(self) -> None:
+        if self.registered:
+            self.registered = False
+            self.write_paused = False
+            self.transport.unregisterProducer()
+
+    def _push(self) -> None:
+        """Send what was just written now, not after another trip round the
+        reactor: a plain TCP transport (no TLS layer, no pull producer, not
+        paused, not closing) is asked to write at once, as the reactor would when the
+        socket is writable.  Whatever the socket does not take stays
+        buffered and goes out the usual way; an error is seen by the
+        reactor's own next attempt."""
+        t = self.transport
+        if (type(t) is tcp.Server and not t.TLS and not self.write_paused
+                and (t.producer is None or t.producer is self)
+                and not t.disconnecting and t.connected):
+            t.doWrite()
+
     def _flush(self) -> bool:
         if self.core is None or self.closing:
             return False
@@ -273,7 +336,8 @@ class POP3ServerProtocol(Protocol):
         system calls each, and the core holds the commands in order anyway."""
         if self.closing:
             return
-        hold = self.busy and self.core is not None and self.core.buffered >= self.HOLD_INPUT
+        hold = ((self.busy or self.write_paused) and self.core is not None
+                and self.core.buffered >= self.HOLD_INPUT)
         if hold and not self.reading_paused:
             self.reading_paused = True
             self.transport.pauseProducing()
@@ -284,7 +348,6 @@ class POP3ServerProtocol(Protocol):
     def _decide(self, coro) -> None:
         """Run an async decision; the core holds later commands meanwhile."""
         self.busy = True
-        self._cancel_timer()
         self._update_reading()
         self.deciding = True
         d = defer.ensureDeferred(coro)
@@ -296,6 +359,7 @@ class POP3ServerProtocol(Protocol):
         self.busy = False
         if self.closing:
             return
+        self._arm_timer()
         self._update_reading()
         if not self.deciding:
             self._drive()
@@ -319,6 +383,9 @@ class POP3ServerProtocol(Protocol):
         self._hang_up()
 
     def _hang_up(self) -> None:
+        # A paused streaming producer would be resumed when the buffer
+        # drains, instead of the connection being closed.
+        self._unregister()
         self.transport.loseConnection()
         if self.abort_timer is None:
             self.abort_timer = self.ctx.clock.callLater(self.ctx.close_grace,
@@ -326,10 +393,15 @@ class POP3ServerProtocol(Protocol):
 
     # -- timeouts ----------------------------------------------------------
     def _arm_timer(self) -> None:
-        self._cancel_timer()
-        if self.busy or self.closing:
+        """Note activity.  One DelayedCall per session, armed when none is:
+        re-arming a timer for every command costs more than the command
+        (cancel, a new DelayedCall, the reactor's heap); on expiry
+        :meth:`_timed_out` checks how long the session has really been idle."""
+        if self.closing:
             return
-        self.timer = self.ctx.clock.callLater(self.ctx.idle_timeout, self._timed_out)
+        self.last_active = self.ctx.clock.seconds()
+        if self.timer is None:
+            self.timer = self.ctx.clock.callLater(self.ctx.idle_timeout, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -338,6 +410,16 @@ class POP3ServerProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self.timer = None
+        if self.closing:
+            return
+        timeout = self.ctx.idle_timeout
+        if self.busy:  # a decision or a message being sent: not idle
+            self.timer = self.ctx.clock.callLater(timeout, self._timed_out)
+            return
+        idle = self.ctx.clock.seconds() - self.last_active
+        if idle < timeout:
+            self.timer = self.ctx.clock.callLater(timeout - idle, self._timed_out)
+            return
         log.info("{listener}: timeout from {client}", listener=self.ctx.name, client=self.client)
         # RFC 1939 3: an autologout closes without entering UPDATE.
         self._close(b"-ERR [SYS/TEMP] Idle too long, closing connection\r\n")
@@ -411,9 +493,23 @@ class POP3ServerProtocol(Protocol):
                  reason=event.reason)
 
     def on_retrieve(self, event: ev.Retrieve) -> None:
+        if event.info.size <= CHUNK:  # most messages: answered here, at once
+            content = self.maildrop.read_small(event.index, CHUNK)
+            if content is not None:
+                self._send_whole(event, content)
+                return
         self._decide(self._retrieve(event))
 
+    def _send_whole(self, event: ev.Retrieve, content: bytes) -> None:
+        """Answer ``event`` with a message read whole, in one write."""
+        self.core.send_ok(f"{event.info.size} octets" if event.lines is None else "")
+        out = self.core.stuff(content)  # the +OK line first
+        self.core.finish_retrieve()
+        self.transport.write(out + self.core.data_to_send())
+
     async def _retrieve(self, event: ev.Retrieve) -> None:
+        """The message opened (and found again if it moved) and its first
+        chunk read in a worker thread, then sent."""
         try:
             f, first = await self.ctx.io(_open_and_read, self.maildrop, event.index)
         except FileNotFoundError:
@@ -427,10 +523,13 @@ class POP3ServerProtocol(Protocol):
         if self.closing:
             f.close()
             return
+        if len(first) < CHUNK:
+            f.close()
+            self._send_whole(event, first)
+            return
         self.core.send_ok(f"{event.info.size} octets" if event.lines is None else "")
-        self._flush()
-        out = self.core.stuff(first)
-        if len(first) < CHUNK or self.core.retrieve_done:  # most messages: one write
+        out = self.core.stuff(first)  # the +OK line first
+        if self.core.retrieve_done:  # TOP had all it wanted
             f.close()
             self.core.finish_retrieve()
             self.transport.write(out + self.core.data_to_send())
@@ -440,6 +539,7 @@ class POP3ServerProtocol(Protocol):
         # inside registerProducer.
         done = self.retrieval = defer.Deferred()
         self.sender = _MessageSender(self, f)
+        self._unregister()  # the sender's pulls pace the writes now
         self.transport.registerProducer(self.sender, False)
         await done
 
@@ -449,27 +549,46 @@ class POP3ServerProtocol(Protocol):
         self.sender = None
         self.transport.unregisterProducer()
         sender.stopProducing()
+        if not self.closing:
+            self.transport.registerProducer(self, True)
+            self.registered = True
         self.core.finish_retrieve()
         self._flush()
         d, self.retrieval = self.retrieval, None
         d.callback(None)
 
     def on_update(self, event: ev.Update) -> None:
-        self._decide(self._update(event))
+        drop = self.maildrop
+        if drop.needs_io(event.deleted, event.retrieved):
+            self._decide(self._update(event))
+            return
+        try:  # nothing to delete, move or flag: no file system call, no thread
+            drop.update(event.deleted, event.retrieved)
+        except Exception:
+            self._updated(event, ok=False)
+        else:
+            self._updated(event, ok=True)
 
     async def _update(self, event: ev.Update) -> None:
-        drop = self.maildrop
         try:
-            await self.ctx.io(drop.update, event.deleted, event.retrieved)
+            await self.ctx.io(self.maildrop.update, event.deleted, event.retrieved)
         except Exception:
-            log.failure("{listener}: {login}: UPDATE failed", listener=self.ctx.name,
-                        login=self.session.login)
-            self.core.send_err("Some deleted messages could not be removed", code="SYS/TEMP")
+            self._updated(event, ok=False)
         else:
+            self._updated(event, ok=True)
+
+    def _updated(self, event: ev.Update, ok: bool) -> None:
+        """Answer the UPDATE (called in the handler of its failure, if any)
+        and release the lock."""
+        if ok:
             log.info("{listener}: {client}: logout: user={login}, {n} deleted",
                      listener=self.ctx.name, client=self.client, login=self.session.login,
                      n=len(event.deleted))
             self.core.send_ok("Bye")
+        else:
+            log.failure("{listener}: {login}: UPDATE failed", listener=self.ctx.name,
+                        login=self.session.login)
+            self.core.send_err("Some deleted messages could not be removed", code="SYS/TEMP")
         self._release()
 
     def _release(self) -> None:

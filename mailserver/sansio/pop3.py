@@ -85,6 +85,10 @@ from typing import Callable, Optional, Sequence, Union
 from mailserver import sasl
 from mailserver.sansio.lines import TOO_LONG as LINE_TOO_LONG
 from mailserver.sansio.lines import CommandFramer
+from mailserver.sansio.pop3_commands import Refusal as _Refusal
+from mailserver.sansio.pop3_commands import TransactionCommands
+from mailserver.sansio.pop3_commands import no_args as _no_args
+from mailserver.sansio.pop3_commands import split_words as _words
 from mailserver.sansio.pop3_events import (
     CLOSED_BY_APPLICATION,
     NEED_DATA,
@@ -104,13 +108,13 @@ from mailserver.sansio.pop3_events import (
     StartTLS,
     Update,
 )
+from mailserver.sansio.pop3_stuffer import Stuffer
 
 MAX_COMMAND = 255
 """Octets in a command line, CRLF included (RFC 2449 §4)."""
 
 CRLF = b"\r\n"
 _CODE = re.compile(r"[A-Z][A-Z0-9-]*(?:/[A-Z][A-Z0-9-]*)*")
-_DIGITS = re.compile("[0-9]{1,10}")
 _BAD_NAME = re.compile("[\x00-\x20\x7f\udc80-\udcff]")
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _TLS_WAIT = Sentinel("TLS_WAIT")
@@ -148,15 +152,6 @@ class UsageError(RuntimeError):
     """The application called the core at the wrong time (a bug in the caller)."""
 
 
-class _Refusal(Exception):
-    """A command is refused: the ``-ERR`` text and optional response code."""
-
-    def __init__(self, text: str, code: Optional[str] = None) -> None:
-        super().__init__(text)
-        self.text = text
-        self.code = code
-
-
 class _SaslReader:
     """Reads the response lines of one AUTH exchange."""
 
@@ -165,78 +160,7 @@ class _SaslReader:
         self.framer = CommandFramer(sasl.MAX_RESPONSE + 2)
 
 
-class _Stuffer:
-    """A stored message (LF or CRLF line ends) to wire form, chunk by chunk:
-    CRLF line ends, dot-stuffing, and for TOP the line limit."""
-
-    def __init__(self, limit: Optional[int]) -> None:
-        self.limit = limit  # TOP: body lines wanted; None: everything
-        self.in_body = False
-        self.count = 0  # body lines passed
-        self.done = False  # TOP has all it wants
-        self._start = True  # the next octet begins a line
-        self._cr = False  # a CR held back: it may begin a CR LF
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = b"\r" + chunk if self._cr else chunk
-        self._cr = data.endswith(b"\r")
-        if self._cr:
-            data = data[:-1]
-        if self.limit is None:  # RETR: whole-chunk replaces, no walk line by line
-            return self._feed_all(data)
-        out = bytearray()
-        pieces = data.split(b"\n")
-        for piece in pieces[:-1]:
-            self._text(out, piece[:-1] if piece.endswith(b"\r") else piece)
-            self._end_line(out)
-        self._text(out, pieces[-1])
-        return bytes(out)
-
-    def _feed_all(self, data: bytes) -> bytes:
-        """The same conversion as the line walk, for RETR, in a few passes
-        over the chunk (a bare CR inside a line stays as it is)."""
-        if not data:
-            return b""
-        text = data.replace(b"\r\n", b"\n").replace(b"\n.", b"\n..")
-        if self._start and text[:1] == b".":
-            text = b"." + text
-        self._start = text.endswith(b"\n")
-        return text.replace(b"\n", CRLF)
-
-    def finish(self) -> bytes:
-        out = bytearray()
-        if self._cr:  # a final lone CR ends the last line
-            self._cr = False
-            self._end_line(out)
-        if not self._start:
-            self._end_line(out)
-        out += b".\r\n"
-        return bytes(out)
-
-    def _text(self, out: bytearray, piece: bytes) -> None:
-        if self.done or not piece:
-            return
-        if self._start and piece[:1] == b".":
-            out += b"."
-        out += piece
-        self._start = False
-
-    def _end_line(self, out: bytearray) -> None:
-        if self.done:
-            return
-        out += CRLF
-        blank = self._start
-        self._start = True
-        if self.limit is None:
-            return
-        if self.in_body:
-            self.count += 1
-        elif blank:
-            self.in_body = True
-        self.done = self.in_body and self.count >= self.limit
-
-
-class POP3ServerConnection:
+class POP3ServerConnection(TransactionCommands):
     """One POP3 session, without I/O.
 
     ``hostname`` is named in the greeting.  ``tls_available`` offers STLS;
@@ -298,7 +222,7 @@ class POP3ServerConnection:
         self._eof = False
         self._framer = CommandFramer(MAX_COMMAND, {b"AUTH": MAX_COMMAND + sasl.MAX_RESPONSE})
         self._reader: Union[None, _SaslReader, Sentinel] = None
-        self._stuffer: Optional[_Stuffer] = None
+        self._stuffer: Optional[Stuffer] = None
 
     # --- public API ------------------------------------------------------
     @property
@@ -368,7 +292,7 @@ class POP3ServerConnection:
         if isinstance(event, Retrieve):
             top = event.lines is not None
             self._ok(text or ("top of message follows" if top else f"{event.info.size} octets"))
-            self._stuffer = _Stuffer(event.lines)
+            self._stuffer = Stuffer(event.lines)
             return
         self.pending = None
         if isinstance(event, StartTLS):
@@ -657,67 +581,6 @@ class POP3ServerConnection:
         text, code = _LOGIN_FAILURES.get(reason, _LOGIN_FAILURES[sasl.MALFORMED])
         self._err(text, code)
 
-    # --- TRANSACTION -----------------------------------------------------
-    def _totals(self) -> tuple[int, int]:
-        """Count and octets of the messages not marked deleted."""
-        live = [m.size for i, m in enumerate(self.messages) if i not in self.deleted]
-        return len(live), sum(live)
-
-    def _message(self, word: str) -> int:
-        """The 0-based index of an existing, undeleted message number."""
-        number = int(word) if _DIGITS.fullmatch(word) else 0
-        if not 1 <= number <= len(self.messages):
-            raise _Refusal("no such message")
-        if number - 1 in self.deleted:
-            raise _Refusal(f"message {number} already deleted")
-        return number - 1
-
-    def _listing(self, arg: str, heading: str, field: Callable[[MessageInfo], str]) -> None:
-        """LIST or UIDL: one message, or every undeleted one."""
-        words = _words(arg)
-        if len(words) > 1:
-            raise _Refusal("syntax error")
-        if words:
-            index = self._message(words[0])
-            self._ok(f"{index + 1} {field(self.messages[index])}")
-            return
-        live = [(i, m) for i, m in enumerate(self.messages) if i not in self.deleted]
-        self._multiline(heading, [f"{i + 1} {field(m)}" for i, m in live])
-
-    def _do_stat(self, arg: str) -> None:
-        _no_args(arg)
-        self._ok("%d %d" % self._totals())
-
-    def _do_list(self, arg: str) -> None:
-        self._listing(arg, "%d messages (%d octets)" % self._totals(), lambda m: str(m.size))
-
-    def _do_uidl(self, arg: str) -> None:
-        self._listing(arg, "unique-id listing follows", lambda m: m.uid)
-
-    def _do_retr(self, arg: str) -> None:
-        words = _words(arg)
-        if len(words) != 1:
-            raise _Refusal("syntax error: RETR msg")
-        index = self._message(words[0])
-        self._decide(Retrieve(index + 1, index, self.messages[index], None))
-
-    def _do_top(self, arg: str) -> None:
-        words = _words(arg)
-        if len(words) != 2:
-            raise _Refusal("syntax error: TOP msg n")
-        index = self._message(words[0])
-        if not _DIGITS.fullmatch(words[1]):
-            raise _Refusal("invalid line count")
-        self._decide(Retrieve(index + 1, index, self.messages[index], int(words[1])))
-
-    def _do_dele(self, arg: str) -> None:
-        words = _words(arg)
-        if len(words) != 1:
-            raise _Refusal("syntax error: DELE msg")
-        index = self._message(words[0])
-        self.deleted.add(index)
-        self._ok(f"message {index + 1} deleted")
-
     def _junk(self) -> bool:
         """Count a command that does no work; past ``junk_limit`` the session
         ends (Postfix's smtpd_junk_command_limit, for POP3)."""
@@ -727,18 +590,6 @@ class POP3ServerConnection:
             self._close(TOO_MANY_JUNK_COMMANDS)
             return True
         return False
-
-    def _do_rset(self, arg: str) -> None:
-        _no_args(arg)
-        if self._junk():
-            return
-        self.deleted.clear()
-        self._ok("maildrop has %d messages (%d octets)" % self._totals())
-
-    def _do_noop(self, arg: str) -> None:
-        _no_args(arg)
-        if not self._junk():
-            self._ok()
 
 
 Handler = Callable[[POP3ServerConnection, str], None]
@@ -765,16 +616,6 @@ COMMANDS: dict[str, tuple[Handler, frozenset[State]]] = {
 }
 """The verb table: handler and the states the verb is valid in."""
 del P
-
-
-def _words(arg: str) -> list[str]:
-    """Arguments separated by one or more spaces."""
-    return [w for w in arg.split(" ") if w]
-
-
-def _no_args(arg: str) -> None:
-    if arg.strip(" "):
-        raise _Refusal("no arguments expected")
 
 
 def _line(prefix: str, text: str = "") -> bytes:

@@ -97,7 +97,8 @@ class IMaildrop(Interface):
 
     Taken at login under an exclusive lock; mail delivered later is not part
     of it.  Messages are addressed by their 0-based position in
-    :attr:`messages`.  Every call blocks on file I/O (worker thread).
+    :attr:`messages`.  Every call blocks on file I/O (worker thread) except
+    :meth:`read_small` and :meth:`needs_io`.
     """
 
     messages = Attribute(
@@ -114,6 +115,15 @@ class IMaildrop(Interface):
         Raises ``FileNotFoundError`` when the message was expunged by
         someone else meanwhile.
         """
+
+    def read_small(index: int, limit: int):
+        """The message's whole content as bytes when its file is where it
+        was last seen and holds at most ``limit`` octets, else None.  One
+        bounded read, no listing: callable from the event loop."""
+
+    def needs_io(deleted, retrieved) -> bool:
+        """Whether :meth:`update` with these arguments would change
+        anything on disk (without a system call)."""
 
     def update(deleted, retrieved) -> None:
         """The UPDATE state: remove ``deleted``, mark the rest as seen by a

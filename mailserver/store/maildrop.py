@@ -4,9 +4,11 @@
 :meth:`Maildrop.open` locks the maildir, then lists ``new/`` and ``cur/``
 once; that listing is the session's drop (RFC 1939 numbers messages for the
 session, so mail delivered afterwards waits for the next login).  DELE only
-marks; :meth:`Maildrop.update` applies the marks at QUIT.  Everything here
-blocks on file I/O, so the Twisted side calls it from a worker thread; no
-Twisted code is imported.  Dovecot is the reference for maildir behaviour,
+marks; :meth:`Maildrop.update` applies the marks at QUIT.  Opening and
+updating block on file I/O, so the Twisted side calls them from a worker
+thread; :meth:`Maildrop.read_small` (a bounded read of one small file) and
+:meth:`Maildrop.needs_io` are cheap enough for its event loop.  No Twisted
+code is imported.  Dovecot is the reference for maildir behaviour,
 so that a mailbox can be served by both, or moved from one to the other.
 
 Decisions:
@@ -43,18 +45,9 @@ Decisions:
   unique part.  UIDLs must be unique within a listing: when two messages
   would share one (a broken maildir), the later one gets a hash of its base
   name and a counter instead, which may change once the other one is gone.
-* **dovecot-uidlist.**  Users moving from Dovecot must not download their
-  whole mailbox again, so when the maildir holds Dovecot's ``dovecot-uidlist``
-  (version 3: header ``3 V<uidvalidity> N<nextuid> ...``, records
-  ``<uid> [<key><value> ...] :<filename>``; version 1: ``1 <uidvalidity>
-  <nextuid>`` then ``<uid> <filename>``) a listed message gets the UIDL
-  Dovecot gave it: the saved ``P`` field, else Dovecot's default
-  ``pop3_uidl_format`` ``%08Xu%08Xv`` (UID, then UIDVALIDITY, each as 8
-  upper-case hex digits).  Records are matched by base name.  The file is
-  read once, with Dovecot's own validity rules (ordered UIDs, non-zero
-  UIDVALIDITY and next UID, no ``/`` in names), and never written; a file
-  that breaks them is ignored as a whole and the reason is left in
-  :attr:`Maildrop.uidlist_problem` for the caller to log.
+* **dovecot-uidlist.**  Where the maildir holds Dovecot's UID list, a
+  listed message keeps the UIDL Dovecot gave it
+  (:mod:`mailserver.store.dovecot_uidlist` reads the file).
 * **Lock.**  ``flock(LOCK_EX|LOCK_NB)`` on ``<maildir>/.mailserver-pop3.lock``
   (created 0600, ``O_NOFOLLOW``, ``O_CLOEXEC``).  The kernel drops it when
   the process dies, so a crash leaves no stale lock; it works across
@@ -74,7 +67,11 @@ Decisions:
   mark for "a client has seen it"), and gives the retrieved ones the ``S``
   flag, merged into the existing flags in ASCII order (``:2,F`` becomes
   ``:2,FS``; a second flag set after ``,`` is kept as Dovecot keeps it).
-  The base name, hence the UIDL, never changes.  Each touched directory is
+  The base name, hence the UIDL, never changes.  Only the messages that
+  can change are looked at (deleted, retrieved without ``S``, in ``new/``:
+  kept as sets from the snapshot on), so a QUIT after reading a mailbox
+  that is already in ``cur/`` and seen costs nothing per message, and
+  :meth:`Maildrop.needs_io` says so without a system call.  Each touched directory is
   fsynced once, at the end.  A failure on one file does not stop the
   others; the failures are raised together as :class:`MaildropUpdateError`
   afterwards.
@@ -83,22 +80,33 @@ Decisions:
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
-import io
 import os
 import re
-import stat
 import threading
-import time
 import weakref
 from dataclasses import dataclass
-from typing import BinaryIO, Collection, Dict, Iterable, List, Optional, Tuple
+from typing import BinaryIO, Collection, Dict, List, Optional, Tuple
 
 from zope.interface import implementer
 
 from mailserver.durable import O_CLOEXEC, O_DIRECTORY
+from mailserver.store.dovecot_uidlist import UIDLIST_NAME, read_uidlist
 from mailserver.store.interfaces import IMaildrop
+from mailserver.store.maildrop_files import (
+    LOCK_NAME,
+    SUBDIRS,
+    Location,
+    MaildropInUse,
+    NotRegular,
+    base_name,
+    close_fds,
+    lock,
+    open_regular,
+    open_subdir,
+    read_small,
+    scan,
+)
 
 __all__ = [
     "LOCK_NAME",
@@ -109,32 +117,12 @@ __all__ = [
     "MaildropUpdateError",
 ]
 
-#: The lock file in the maildir's top directory.
-LOCK_NAME = ".mailserver-pop3.lock"
-#: Dovecot's UID list in the maildir's top directory.
-UIDLIST_NAME = "dovecot-uidlist"
-
-_SUBDIRS = ("new", "cur")
 _CHUNK_SIZE = 64 * 1024
-_LOCK_POLL = 0.05
-# Longest dovecot-uidlist line we read; real ones are a few hundred bytes.
-_MAX_UIDLIST_LINE = 64 * 1024
-_UINT32_MAX = 0xFFFFFFFF
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 # Leading seconds, then the digits after the first "M" of the next part.
 _TIME_RE = re.compile(r"([0-9]+)(?:\.[^.:M]*M([0-9]*))?")
 _VSIZE_RE = re.compile(r",W=([0-9]{1,19})(?:,|$)")
 _UIDL_RE = re.compile(r"[\x21-\x7e]{1,70}")
-_DIGITS_RE = re.compile(r"[0-9]{1,10}")
-
-# One message's place: (subdir, file name).
-_Location = Tuple[str, str]
-
-
-class MaildropInUse(Exception):
-    """Another session holds this maildir's POP3 lock."""
 
 
 class MaildropUpdateError(OSError):
@@ -172,9 +160,7 @@ class DropMessage:
 # --- names ------------------------------------------------------------
 
 
-def _base(name: str) -> str:
-    """The name up to the first ``:`` (Dovecot's base name)."""
-    return name.partition(":")[0]
+_base = base_name
 
 
 def _unique(name: str) -> str:
@@ -222,6 +208,14 @@ def _with_flags(name: str, seen: bool) -> str:
     return f"{base}:2,{flags}{rest}"
 
 
+def _seen_already(name: str) -> bool:
+    """Giving ``name`` the S flag would not change it (the common
+    ``...:2,S`` is recognised without building the new name)."""
+    if name.endswith(":2,S") and name.find(":") == len(name) - 4:
+        return True
+    return _with_flags(name, True) == name
+
+
 def _wire_size(fileobj: BinaryIO) -> int:
     """Length with every bare LF counted as CRLF, read in chunks."""
     size = 0
@@ -235,232 +229,6 @@ def _wire_size(fileobj: BinaryIO) -> int:
             bare -= 1
         size += len(chunk) + bare
         after_cr = chunk.endswith(b"\r")
-
-
-# --- file system helpers -------------------------------------------------
-
-
-class _NotRegular(PermissionError):
-    """A symbolic link, directory or special file where a file should be."""
-
-    def __init__(self, path: str, what: str) -> None:
-        super().__init__(
-            errno.EPERM, f"{what} is a symbolic link or not a regular file; refusing it", path
-        )
-
-
-def _open_subdir(maildir_fd: int, maildir: str, sub: str) -> Optional[int]:
-    """Open ``new/`` or ``cur/`` without following a link; None if missing."""
-    path = os.path.join(maildir, sub)
-    try:
-        return os.open(
-            sub, os.O_RDONLY | O_DIRECTORY | _O_NOFOLLOW | O_CLOEXEC, dir_fd=maildir_fd
-        )
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        # O_NOFOLLOW|O_DIRECTORY on a link fails with ELOOP or (Linux) ENOTDIR.
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            try:
-                st = os.stat(sub, dir_fd=maildir_fd, follow_symlinks=False)
-                is_link = stat.S_ISLNK(st.st_mode)
-            except OSError:
-                is_link = False
-            if is_link:
-                raise PermissionError(
-                    errno.EPERM, f"maildir {sub}/ is a symbolic link; refusing to follow it", path
-                ) from None
-        raise
-
-
-def _open_regular(name: str, dir_fd: int, path: str) -> BinaryIO:
-    """Open a file read-only, never through a link, never a FIFO or device."""
-    try:
-        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | O_CLOEXEC, dir_fd=dir_fd)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _NotRegular(path, "message file") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _NotRegular(path, "message file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _scan(dir_fds: Dict[str, int]) -> Dict[str, _Location]:
-    """Map base name -> (subdir, name) for the regular files in new/, cur/.
-
-    ``new/`` first, so that a message moved to ``cur/`` while we read is
-    found there; within ``cur/``, of two names with one base the greater
-    is kept (a deterministic choice; Dovecot would rename one).
-    """
-    found: Dict[str, _Location] = {}
-    for sub in _SUBDIRS:
-        fd = dir_fds.get(sub)
-        if fd is None:
-            continue
-        with os.scandir(fd) as entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith(".") or not entry.is_file(follow_symlinks=False):
-                    continue
-                base = _base(name)
-                old = found.get(base)
-                if old is None or old[0] != sub or name > old[1]:
-                    found[base] = (sub, name)
-    return found
-
-
-def _close_fds(fds: List[int]) -> None:
-    while fds:
-        try:
-            os.close(fds.pop())
-        except OSError:
-            pass
-
-
-# --- dovecot-uidlist -----------------------------------------------------
-
-
-class _UidlistError(Exception):
-    pass
-
-
-def _uint(text: str, what: str) -> int:
-    if _DIGITS_RE.fullmatch(text) is None or int(text) > _UINT32_MAX:
-        raise _UidlistError(f"invalid {what}: {text[:40]!r}")
-    return int(text)
-
-
-def _parse_uidlist(lines: Iterable[str]) -> Dict[str, str]:
-    """Map base name -> Dovecot's POP3 UIDL; raises _UidlistError."""
-    lines = iter(lines)
-    header = next(lines, None)
-    if header is None:
-        raise _UidlistError("empty file")
-    if len(header) < 2 or not header[0].isdigit() or header[1] != " ":
-        raise _UidlistError("invalid version number")
-    version = header[0]
-    if version == "1":
-        fields = header[2:].split()
-        if len(fields) != 2:
-            raise _UidlistError("corrupted version 1 header")
-        validity, next_uid = _uint(fields[0], "uidvalidity"), _uint(fields[1], "next uid")
-    elif version == "3":
-        values = {}
-        for field in header[2:].split(" "):
-            if field:
-                values[field[0]] = field[1:]
-        validity = _uint(values.get("V", ""), "uidvalidity")
-        next_uid = _uint(values.get("N", ""), "next uid")
-    else:
-        raise _UidlistError(f"unsupported version {version}")
-    if validity == 0 or next_uid == 0:
-        raise _UidlistError(f"broken header (uidvalidity={validity}, next uid={next_uid})")
-
-    uidls: Dict[str, str] = {}
-    previous = 0
-    for number, line in enumerate(lines, start=2):
-        uid_text, space, rest = line.partition(" ")
-        if not space or _DIGITS_RE.fullmatch(uid_text) is None:
-            raise _UidlistError(f"line {number}: invalid data")
-        uid = int(uid_text)
-        if uid == 0 or uid >= _UINT32_MAX:
-            raise _UidlistError(f"line {number}: invalid uid {uid}")
-        if uid <= previous:
-            raise _UidlistError(f"line {number}: uids not ordered ({uid} <= {previous})")
-        if version == "1" and uid >= next_uid:
-            raise _UidlistError(f"line {number}: uid {uid} not below next uid {next_uid}")
-        previous = uid
-        rest = rest.lstrip(" ")
-        pop3_uidl = None
-        if version == "3":
-            # Extension fields "<key><value>" up to " :<filename>".
-            while rest and not rest.startswith(":"):
-                field, _, rest = rest.partition(" ")
-                rest = rest.lstrip(" ")
-                if field.startswith("P") and len(field) > 1:
-                    pop3_uidl = field[1:]
-            if not rest.startswith(":"):
-                raise _UidlistError(f"line {number}: no file name")
-            rest = rest[1:]
-        filename = rest
-        if not filename or "/" in filename:
-            raise _UidlistError(f"line {number}: broken file name")
-        # A later record for the same file replaces an earlier one (Dovecot).
-        uidls[_base(filename)] = pop3_uidl or f"{uid:08X}{validity:08X}"
-    return uidls
-
-
-def _read_uidlist(maildir_fd: int) -> Tuple[Dict[str, str], Optional[str]]:
-    """Dovecot's UIDLs by base name, and the reason the file was ignored."""
-    try:
-        fd = os.open(
-            UIDLIST_NAME, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | O_CLOEXEC, dir_fd=maildir_fd
-        )
-    except FileNotFoundError:
-        return {}, None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return {}, f"{UIDLIST_NAME} is a symbolic link; ignored"
-        return {}, f"{UIDLIST_NAME}: cannot open: {exc.strerror or exc}"
-    stream = io.open(fd, "rb")
-    try:
-        with stream:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return {}, f"{UIDLIST_NAME} is not a regular file; ignored"
-
-            def lines():
-                while True:
-                    raw = stream.readline(_MAX_UIDLIST_LINE + 1)
-                    if not raw:
-                        return
-                    if len(raw) > _MAX_UIDLIST_LINE:
-                        raise _UidlistError("line too long")
-                    yield os.fsdecode(raw.rstrip(b"\n"))
-
-            return _parse_uidlist(lines()), None
-    except _UidlistError as exc:
-        return {}, f"{UIDLIST_NAME} is malformed, ignored: {exc}"
-    except OSError as exc:
-        return {}, f"{UIDLIST_NAME}: cannot read: {exc.strerror or exc}"
-
-
-# --- the lock --------------------------------------------------------------
-
-
-def _lock(maildir_fd: int, maildir: str, timeout: float) -> int:
-    path = os.path.join(maildir, LOCK_NAME)
-    try:
-        fd = os.open(
-            LOCK_NAME,
-            os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_NONBLOCK | O_CLOEXEC,
-            0o600,
-            dir_fd=maildir_fd,
-        )
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _NotRegular(path, "POP3 lock file") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _NotRegular(path, "POP3 lock file")
-        deadline = time.monotonic() + max(timeout, 0.0)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise MaildropInUse(f"{maildir} is in use by another POP3 session") from None
-                time.sleep(min(_LOCK_POLL, remaining))
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 # --- the maildrop ---------------------------------------------------------
@@ -490,14 +258,19 @@ class Maildrop:
         self._dir_fds: Dict[str, int] = dict(dir_fds or {})
         self._uidlist = uidlist or {}
         self._bases: List[str] = []
-        self._where: List[Optional[_Location]] = []
+        self._where: List[Optional[Location]] = []
+        # What UPDATE may have to do, kept up to date so that QUIT need not
+        # look at every message: indexes last seen in new/ (to move), and
+        # those whose name lacks the S flag (to flag if retrieved).
+        self._in_new: set = set()
+        self._unseen: set = set()
         self._mutex = threading.Lock()
         self._closed = False
         fds = list(self._dir_fds.values())
         if lock_fd is not None:
             fds.append(lock_fd)
         # Releases the lock even if a caller forgets close().
-        self._finalizer = weakref.finalize(self, _close_fds, fds)
+        self._finalizer = weakref.finalize(self, close_fds, fds)
 
     # --- opening ---------------------------------------------------------
 
@@ -516,16 +289,16 @@ class Maildrop:
         except FileNotFoundError:
             return cls(maildir)
         try:
-            lock_fd = _lock(maildir_fd, maildir, lock_timeout)
+            lock_fd = lock(maildir_fd, maildir, lock_timeout)
             dir_fds: Dict[str, int] = {}
             try:
-                for sub in _SUBDIRS:
-                    fd = _open_subdir(maildir_fd, maildir, sub)
+                for sub in SUBDIRS:
+                    fd = open_subdir(maildir_fd, maildir, sub)
                     if fd is not None:
                         dir_fds[sub] = fd
-                uidlist, problem = _read_uidlist(maildir_fd)
+                uidlist, problem = read_uidlist(maildir_fd)
             except BaseException:
-                _close_fds([lock_fd, *dir_fds.values()])
+                close_fds([lock_fd, *dir_fds.values()])
                 raise
         finally:
             os.close(maildir_fd)
@@ -540,7 +313,7 @@ class Maildrop:
         return drop
 
     def _snapshot(self) -> None:
-        found = _scan(self._dir_fds)
+        found = scan(self._dir_fds)
         entries = []
         for base in sorted(found, key=_order_key):
             sub, name = found[base]
@@ -555,13 +328,17 @@ class Maildrop:
             uid = self._uidl(base, taken)
             taken.add(uid)
             self.messages.append(DropMessage(name=name, subdir=sub, uid=uid, size=size))
+            if sub == "new":
+                self._in_new.add(len(self._where))
+            if not _seen_already(name):
+                self._unseen.add(len(self._where))
             self._bases.append(base)
             self._where.append((sub, name))
 
     def _computed_size(self, sub: str, name: str) -> Optional[int]:
         try:
-            fileobj = _open_regular(name, self._dir_fds[sub], self._path(sub, name))
-        except (FileNotFoundError, _NotRegular):
+            fileobj = open_regular(name, self._dir_fds[sub], self._path(sub, name))
+        except (FileNotFoundError, NotRegular):
             return None
         with fileobj:
             return _wire_size(fileobj)
@@ -592,7 +369,7 @@ class Maildrop:
     def _rescan(self) -> None:
         """Find every message again by its base name, then its unique part;
         a message found nowhere is marked gone (None)."""
-        found = _scan(self._dir_fds)
+        found = scan(self._dir_fds)
         ours = set(self._bases)
         by_unique: Dict[str, List[str]] = {}
         for base in found:
@@ -610,6 +387,26 @@ class Maildrop:
                     self._bases[i] = new_base
                     location = found[new_base]
             self._where[i] = location
+        self._in_new = {i for i, loc in enumerate(self._where) if loc and loc[0] == "new"}
+        self._unseen = {i for i, loc in enumerate(self._where)
+                        if loc and not _seen_already(loc[1])}
+
+    def read_small(self, index: int, limit: int) -> Optional[bytes]:
+        """The message's whole content when its file is where it was last
+        seen and holds at most ``limit`` octets, else None (the caller uses
+        :meth:`open_message`, which finds moved files and reports errors).
+
+        An ``openat``, an ``fstat``, one ``read`` of at most ``limit``
+        octets and a ``close``, no listing: bounded, and cheap enough for
+        the caller's event loop when the file is in the page cache.
+        """
+        with self._mutex:
+            self._check(index)
+            location = self._where[index]
+            if location is None:
+                return None
+            sub, name = location
+            return read_small(name, self._dir_fds[sub], limit)
 
     def open_message(self, index: int) -> BinaryIO:
         """The message file, opened read-only (``O_NOFOLLOW``).
@@ -627,7 +424,7 @@ class Maildrop:
                     break
                 sub, name = location
                 try:
-                    return _open_regular(name, self._dir_fds[sub], self._path(sub, name))
+                    return open_regular(name, self._dir_fds[sub], self._path(sub, name))
                 except FileNotFoundError:
                     if attempt < 2:
                         self._rescan()
@@ -654,12 +451,16 @@ class Maildrop:
                 raise ValueError("maildrop is closed")
             deleted = set(deleted)
             seen = set(retrieved)
+            count = len(self.messages)
             for index in deleted | seen:
-                self._check(index)
+                if not 0 <= index < count:
+                    self._check(index)  # raises IndexError
             failures: List[Tuple[str, OSError]] = []
             touched: set = set()
             missing = []
-            for index in range(len(self.messages)):
+            # Only these can change: a message in cur/ that is neither
+            # deleted nor retrieved is left as it is.
+            for index in sorted(deleted | (seen & self._unseen) | self._in_new):
                 if not self._apply(index, index in deleted, index in seen, touched, failures):
                     missing.append(index)
             if missing:
@@ -667,7 +468,7 @@ class Maildrop:
                 for index in missing:
                     if not self._apply(index, index in deleted, index in seen, touched, failures):
                         self._where[index] = None  # expunged meanwhile: nothing to do
-            for sub in _SUBDIRS:
+            for sub in SUBDIRS:
                 if sub in touched:
                     try:
                         os.fsync(self._dir_fds[sub])
@@ -675,6 +476,13 @@ class Maildrop:
                         failures.append((sub, exc))
             if failures:
                 raise MaildropUpdateError(failures)
+
+    def needs_io(self, deleted: Collection[int], retrieved: Collection[int]) -> bool:
+        """Whether :meth:`update` would touch the file system: something to
+        delete, a message still in ``new/``, or a retrieved one without the
+        ``S`` flag.  Pure bookkeeping, no system call: when False, ``update``
+        is cheap enough to run anywhere."""
+        return bool(deleted or self._in_new or not self._unseen.isdisjoint(retrieved))
 
     def _apply(
         self,
@@ -699,8 +507,10 @@ class Maildrop:
                 return True
             touched.add(sub)
             self._where[index] = None
+            self._in_new.discard(index)
+            self._unseen.discard(index)
             return True
-        if sub == "cur" and not seen:
+        if sub == "cur" and (not seen or _seen_already(name)):
             return True
         target = _with_flags(name, seen)
         if sub == "cur" and target == name:
@@ -723,6 +533,9 @@ class Maildrop:
             return True
         touched.update((sub, "cur"))
         self._where[index] = ("cur", target)
+        self._in_new.discard(index)
+        if seen:
+            self._unseen.discard(index)
         return True
 
     def _exists(self, sub: str, name: str) -> bool:

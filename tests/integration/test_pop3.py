@@ -42,7 +42,7 @@ IN_USE = b"-ERR [IN-USE] Mailbox is locked by another session"
 # One mailbox per test; the password of each is "<uid>-password".
 USERS = ("reader", "noeol", "rset", "dele", "drop", "during", "seen", "busy", "dove", "carol",
          "numbers", "big", "fetch-stls", "fetch-keep", "fetch-pop3s", "getmail-keep",
-         "getmail-delete", "getmail-plain")
+         "getmail-delete", "getmail-plain", "pipe")
 
 
 def password(uid: str) -> str:
@@ -284,8 +284,16 @@ class Raw:
 
     def multi(self, line: str) -> tuple:
         """The status line and the raw body of a multi-line answer (up to ".\\r\\n")."""
-        status = self.cmd(line)
+        self.sock.sendall(line.encode() + b"\r\n")
+        status, body = self.multi_answer()
         assert status.startswith(b"+OK"), status
+        return status, body
+
+    def multi_answer(self) -> tuple:
+        """The next answer's status line and, after +OK, its raw body."""
+        status = self.line()
+        if not status.startswith(b"+OK"):
+            return status, b""
         while b"\r\n.\r\n" not in b"\r\n" + self.buf:
             chunk = self.sock.recv(65536)
             assert chunk, self.buf
@@ -727,6 +735,30 @@ def test_mailbox_of_3000_messages(pop, client_tls):
     quit_ok(p)
     assert names(pop, "big", "new") == []
     assert len(names(pop, "big", "cur")) == count
+
+
+def test_pipelined_retrs_of_a_client_that_reads_late(pop):
+    """300 RETRs (1.5 MB of answers) sent in one write before reading anything are answered
+    whole and in order (the answers go to the socket at once, and wait while the server's
+    write buffer is full), then QUIT."""
+    count = 300
+    maildir = pop.maildir("pipe")
+    for sub in ("new", "cur", "tmp"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    for n in range(count):
+        data = (f"Subject: pipe {n}\r\n\r\n" + f"line {n} of text\r\n" * 250).encode()
+        name = f"{1700000000 + n}.M{n:06d}P1Q{n}R{n:016x}.{SERVER_NAME},S={len(data)}"
+        (maildir / "new" / name).write_bytes(data)
+    with Raw(pop.plain_port) as r:
+        assert r.cmd("USER pipe") == b"+OK send PASS"
+        assert r.cmd("PASS pipe-password").startswith(b"+OK ")
+        r.sock.sendall(b"".join(b"RETR %d\r\n" % n for n in range(1, count + 1)))
+        for n in range(count):
+            status, body = r.multi_answer()
+            assert status.startswith(b"+OK "), (n, status)
+            assert body.startswith(b"Subject: pipe %d\r\n" % n) and body.count(b"\r\n") == 252
+        assert r.cmd("QUIT") == b"+OK Bye"
+        assert r.closed_by_server()
 
 
 def test_too_many_errors_close_the_session(pop):

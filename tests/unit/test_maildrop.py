@@ -443,6 +443,29 @@ class OpenMessageTests:
             with pytest.raises(PermissionError):
                 drop.open_message(0)
 
+    def test_read_small_whole_file_where_it_was(self, store, maildir, tmp_path):
+        """read_small() returns a small file whole; None when it is larger than
+        the limit, moved, gone or a link (open_message() then takes over)."""
+        name = deliver(store, BODY)
+        deliver(store, BODY + b"x" * 100)
+        with Maildrop.open(maildir) as drop:
+            content = drop.read_small(0, 1000)
+            assert content is not None and content.endswith(b"hello\nworld\n")
+            assert drop.read_small(1, 100) is None
+            new, cur = os.path.join(maildir, "new"), os.path.join(maildir, "cur")
+            os.rename(os.path.join(new, name), os.path.join(cur, name + ":2,S"))
+            assert drop.read_small(0, 1000) is None
+            with drop.open_message(0) as f:  # found again, and remembered there
+                assert f.read() == content
+            assert drop.read_small(0, 1000) == content
+            secret = tmp_path / "secret"
+            secret.write_bytes(b"private")
+            os.unlink(os.path.join(cur, name + ":2,S"))
+            os.symlink(str(secret), os.path.join(cur, name + ":2,S"))
+            assert drop.read_small(0, 1000) is None
+            with pytest.raises(IndexError):
+                drop.read_small(2, 1000)
+
     def test_closed_drop_refuses(self, store, maildir):
         """open_message() and update() after close() raise ValueError."""
         deliver(store)
@@ -549,6 +572,41 @@ class UpdateTests:
         assert [(path, exc.errno) for path, exc in info.value.failures] == [(f"new/{b}", errno.EIO)]
         assert listing(maildir, "new") == [b]
         assert listing(maildir, "cur") == [c + ":2,S"]
+
+    def test_needs_io_only_when_something_changes(self, store, maildir):
+        """needs_io() is False only when update() has nothing to delete, move
+        or flag; then update() makes no system call that changes anything."""
+        deliver(store), deliver(store)
+        with Maildrop.open(maildir) as drop:
+            assert drop.needs_io([], [])  # both still in new/
+            drop.update(deleted=[], retrieved=[0])
+        with Maildrop.open(maildir) as drop:
+            assert not drop.needs_io([], [0])  # already S
+            assert not drop.needs_io([], [])
+            assert drop.needs_io([], [1])  # seen, not yet read
+            assert drop.needs_io([1], [])
+            before = listing(maildir, "cur")
+            drop.update(deleted=[], retrieved=[0])
+            assert listing(maildir, "cur") == before
+
+    def test_untouched_messages_not_examined(self, store, maildir, monkeypatch):
+        """update() looks only at the deleted, retrieved and new/ messages."""
+        for _ in range(5):
+            deliver(store)
+        with Maildrop.open(maildir) as drop:
+            drop.update(deleted=[], retrieved=[])  # all to cur/
+        looked = []
+        with Maildrop.open(maildir) as drop:
+            real_apply = drop._apply
+
+            def apply(index, *args):
+                looked.append(index)
+                return real_apply(index, *args)
+
+            monkeypatch.setattr(drop, "_apply", apply)
+            drop.update(deleted=[3], retrieved=[1])
+        assert looked == [1, 3]
+        assert len(listing(maildir, "cur")) == 4
 
     def test_bad_index(self, store, maildir):
         """An index outside the drop raises IndexError before anything changes."""

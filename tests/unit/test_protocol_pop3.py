@@ -70,7 +70,7 @@ class Harness:
 
 def lines(t):
     """Responses so far (a pull producer registered for RETR is run dry first), then clear."""
-    while t.producer is not None:
+    while t.producer is not None and not t.streaming:
         t.producer.resumeProducing()
     out = t.value().decode().split("\r\n")
     t.clear()
@@ -234,6 +234,113 @@ def test_large_message_is_streamed_whole(h, transport):
     assert out.count("..line 002999 " + "x" * 60) == 1
     assert sum(1 for line in out if line.startswith("..line ")) == 3000
     assert out[out.index(".") + 1].startswith("+OK")
+
+
+def count_io(h):
+    """Record the functions sent to the worker threads from now on."""
+    sent = []
+    real_io = h.ctx.io
+
+    def io(f, *args):
+        sent.append(getattr(f, "__name__", f))
+        return real_io(f, *args)
+
+    h.ctx.io = io
+    return sent
+
+
+def test_small_message_answered_without_worker_thread(h):
+    """A message of one read is read and sent at once; a larger one, or one
+    another reader moved, goes through a worker thread, and all arrive whole."""
+    h.deliver(b"Subject: one\r\n\r\n.dot\r\nend\r\n")
+    h.deliver(b"Subject: big\r\n\r\n" + b"y" * 100 + b"\r\n" * 1000 + b"x" * 70000 + b"\r\n")
+    h.deliver(b"Subject: three\r\n\r\nbody\r\n")
+    p, t = h.connect()
+    login(p, t)
+    sent = count_io(h)
+    p.dataReceived(b"RETR 1\r\n")
+    assert t.value().endswith(b"..dot\r\nend\r\n.\r\n") and sent == []
+    lines(t)
+    p.dataReceived(b"RETR 2\r\n")
+    out = lines(t)
+    assert out[-2:] == [".", ""] and "x" * 70000 in out and sent == ["_open_and_read"]
+    new = os.path.join(h.maildir(), "new")
+    name = sorted(os.listdir(new))[-1]
+    os.rename(os.path.join(new, name), os.path.join(h.maildir(), "cur", name + ":2,F"))
+    p.dataReceived(b"RETR 3\r\nTOP 1 0\r\n")
+    out = lines(t)
+    assert "body" in out and out.count(".") == 2 and sent == ["_open_and_read"] * 2
+
+
+def test_quit_with_nothing_to_change_needs_no_worker_thread(h):
+    """QUIT applies its changes in a worker thread, unless there are none
+    (everything already in cur/ and seen, nothing deleted)."""
+    h.deliver(b"Subject: one\r\n\r\nbody\r\n")
+    for expected in (["update"], []):
+        p, t = h.connect()
+        login(p, t)
+        sent = count_io(h)
+        p.dataReceived(b"RETR 1\r\nQUIT\r\n")
+        assert lines(t)[-2] == "+OK Bye" and t.disconnecting
+        assert sent == expected
+        p.connectionLost(None)
+        h.ctx.io = lambda f, *a: defer.maybeDeferred(f, *a)
+    assert h.updates == [((), (0,)), ((), (0,))]
+    assert os.listdir(os.path.join(h.maildir(), "cur"))[0].endswith(":2,S")
+
+
+def test_activity_postpones_the_idle_timeout(h):
+    """The idle timeout counts from the last command, with one timer per session."""
+    h.deliver(b"Subject: one\r\n\r\nbody\r\n")
+    p, t = h.connect()
+    login(p, t)
+    timers = len(h.clock.getDelayedCalls())
+    for _ in range(20):
+        h.clock.advance(h.ctx.idle_timeout / 2)
+        p.dataReceived(b"STAT\r\n")
+    assert len(h.clock.getDelayedCalls()) == timers
+    assert not t.disconnecting
+    h.clock.advance(h.ctx.idle_timeout - 1)
+    assert not t.disconnecting
+    h.clock.advance(1)
+    assert t.disconnecting and lines(t)[-2].startswith("-ERR [SYS/TEMP] Idle")
+
+
+def test_idle_timeout_after_a_streamed_message(h):
+    """The idle timer runs again once a streamed message has been sent."""
+    h.deliver(b"Subject: big\r\n\r\n" + b"x" * 70000 + b"\r\n")
+    p, t = h.connect()
+    login(p, t)
+    p.dataReceived(b"RETR 1\r\n")
+    h.clock.advance(h.ctx.idle_timeout * 2)  # the client is not reading
+    assert not t.disconnecting
+    assert lines(t)[-2] == "."
+    h.clock.advance(h.ctx.idle_timeout)
+    assert t.disconnecting
+
+
+def test_full_write_buffer_holds_pipelined_commands(h):
+    """While the write buffer is full (the client stops reading), pipelined
+    RETRs wait unanswered, reading stops once HOLD_INPUT octets wait, and all
+    are answered in order when there is room again."""
+    h.deliver(b"Subject: one\r\n\r\nbody\r\n")
+    h.deliver(b"Subject: big\r\n\r\n" + b"x" * 70000 + b"\r\n")
+    p, t = h.connect()
+    login(p, t)
+    assert t.producer is p and t.streaming
+    p.pauseProducing()  # what Twisted does when the buffer passes its size
+    p.dataReceived(b"RETR 1\r\n" * 100)
+    assert t.value() == b"" and t.producerState == "producing"
+    p.dataReceived(b"STAT\r\n" * (p.HOLD_INPUT // 6))
+    assert t.producerState == "paused"
+    p.resumeProducing()
+    assert t.producerState == "producing"
+    out = lines(t)
+    assert out.count("body") == 100 and out[-2].startswith("+OK 2 ")
+    p.dataReceived(b"RETR 2\r\n")
+    assert t.producer is not p  # the long message is pulled
+    out = lines(t)
+    assert out[-2] == "." and t.producer is p and t.streaming
 
 
 def test_connection_rate_limit(tmp_path):
