@@ -61,7 +61,7 @@ class Gate(protocol.Protocol):
         self.gate_factory = factory
         self.inner = inner
         self.buffered = []
-        self.lost = None  # the reason, when the client left while we waited
+        self.lost = False  # the client left while we waited
 
     def connectionMade(self) -> None:
         f = self.gate_factory
@@ -84,7 +84,7 @@ class Gate(protocol.Protocol):
 
     def _decided(self, verdict: str) -> None:
         f = self.gate_factory
-        if self.lost is not None:
+        if self.lost:
             if verdict == "":
                 f.limits.release(self.key)
             return
@@ -115,7 +115,7 @@ class Gate(protocol.Protocol):
 
     def connectionLost(self, reason=None) -> None:
         if self.inner.transport is None:
-            self.lost = reason
+            self.lost = True
         else:
             self.inner.connectionLost(reason)
 
