@@ -99,6 +99,18 @@ class ConnectionClose(amp.Command):
     requiresAnswer = False
 
 
+class _QuietAMP(amp.AMP):
+    """AMP without its two log lines per connection (the supervisor logs the
+    workers' starts and ends itself)."""
+
+    def makeConnection(self, transport):
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason):
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
 # -- the supervisor's side -------------------------------------------------------
 class SupervisorState:
     """The shared state: one throttle, one rate limiter, and per listener one
@@ -147,7 +159,7 @@ class SupervisorState:
         held.clear()
 
 
-class SupervisorChannel(amp.AMP):
+class SupervisorChannel(_QuietAMP):
     """The supervisor's end of one worker's channel."""
 
     def __init__(self, state: SupervisorState, worker=None) -> None:
@@ -215,7 +227,7 @@ class SupervisorChannel(amp.AMP):
 
 
 # -- the worker's side -----------------------------------------------------------
-class WorkerChannel(amp.AMP):
+class WorkerChannel(_QuietAMP):
     """The worker's end: calls with a timeout, and fail-safe answers."""
 
     def __init__(self, clock, timeout: float = CALL_TIMEOUT, on_lost=lambda: None) -> None:

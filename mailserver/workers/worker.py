@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
 
@@ -122,6 +123,9 @@ def main(argv=None) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
 
     def started():
+        # Stopped by the supervisor alone: a Ctrl-C at a terminal reaches the
+        # whole process group, and the supervisor passes SIGTERM on itself.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         top.startService()
         channel.callRemote(Ready, pid=os.getpid()).addErrback(lambda f: None)
 

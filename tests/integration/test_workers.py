@@ -17,14 +17,17 @@ import re
 import signal
 import smtplib
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 
 import pytest
 
 from tests.conftest import embedded_directory
-from tests.support.server import MailServer, free_port, wait_for
+from tests.support.server import REPO, MailServer, free_port, wait_for
 from tests.support.sink import SmtpSink, require_smtp_sink
 
 pytestmark = pytest.mark.slow
@@ -41,6 +44,7 @@ def env(tmp_path_factory):
     work = tmp_path_factory.mktemp("workers")
     sink = SmtpSink(dump_dir=work / "sink").start()
     submission = free_port()
+    metrics = free_port()
     server = MailServer(
         work / "srv", directory=embedded_directory(),
         server={"workers": 2, "max_connections_per_client": PER_CLIENT,
@@ -51,7 +55,8 @@ def env(tmp_path_factory):
                "transports": {"remote.test": f"smtp:{HOST}:{sink.port}"}},
         queue={"scan_interval": 60.0},
         extra_tables={"auth": {"failure_delay": 0.1, "max_failure_delay": 0.2,
-                               "max_failures": MAX_FAILURES}},
+                               "max_failures": MAX_FAILURES},
+                      "metrics": {"address": f"{HOST}:{metrics}"}},
         extra_listeners=({"name": "submission", "protocol": "submission",
                           "address": f"{HOST}:{submission}", "tls": "none",
                           "plaintext_auth": True},))
@@ -60,6 +65,7 @@ def env(tmp_path_factory):
     (server.spool / "incoming" / "leftover").write_bytes(b"half a message")
     server.start(timeout=60)
     server.submission_port = submission
+    server.metrics_port = metrics
     yield {"server": server, "sink": sink}
     server.stop()
     sink.stop()
@@ -80,10 +86,14 @@ def serving(server) -> list:
     return [int(m) for m in re.findall(r"\] worker (\d+) serving", server.log())]
 
 
+SENT = []  # tokens of the messages answered 250, in order
+
+
 def send(port: int, rcpt: str, token: str, source: str = HOST) -> None:
     with smtplib.SMTP(HOST, port, timeout=20, source_address=(source, 0)) as c:
         c.sendmail("sender@example.org", [rcpt],
                    f"Subject: {token}\r\nMessage-ID: <{token}@t>\r\n\r\n{token}\r\n".encode())
+    SENT.append(token)
 
 
 def test_both_workers_serve(env):
@@ -102,6 +112,34 @@ def test_spool_swept_once(env):
     log = env["server"].log()
     assert log.count("removed 1 incomplete message(s) left in the spool") == 1
     assert not (env["server"].spool / "incoming" / "leftover").exists()
+
+
+def scrape(server) -> str:
+    with urllib.request.urlopen(f"http://{HOST}:{server.metrics_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def accepted(server) -> float:
+    m = re.search(r'mailserver_messages_received_total\{listener="smtp",result="accepted"\} '
+                  r'(\S+)', scrape(server))
+    return float(m.group(1)) if m else 0.0
+
+
+def test_metrics_add_up_the_workers_and_status_is_ok(env):
+    server = env["server"]
+    for _ in range(3):
+        send(server.smtp_port, "alice@example.test", uuid.uuid4().hex)
+    sent = len(SENT)  # every message so far, on either worker
+    wait_for(lambda: accepted(server) == sent, f"{sent} accepted in the metrics", 20)
+    text = scrape(server)
+    assert 'mailserver_queue_messages{state="incoming"}' in text  # the supervisor's own
+    assert len(re.findall(r"^# TYPE mailserver_messages_received\S* counter$", text, re.M)) == 1
+    env_ = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "mailserver.ctl", "status", "-c",
+                             str(server.config_path)], cwd=REPO, env=env_,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("mailserver OK")
 
 
 def _auth(port: int, login: str, password: str, source: str):
