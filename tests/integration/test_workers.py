@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import base64
 import os
+import poplib
 import re
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -45,6 +47,7 @@ def env(tmp_path_factory):
     sink = SmtpSink(dump_dir=work / "sink").start()
     submission = free_port()
     metrics = free_port()
+    pop3s = free_port()
     server = MailServer(
         work / "srv", directory=embedded_directory(),
         server={"workers": 2, "max_connections_per_client": PER_CLIENT,
@@ -59,13 +62,16 @@ def env(tmp_path_factory):
                       "metrics": {"address": f"{HOST}:{metrics}"}},
         extra_listeners=({"name": "submission", "protocol": "submission",
                           "address": f"{HOST}:{submission}", "tls": "none",
-                          "plaintext_auth": True},))
+                          "plaintext_auth": True},
+                         {"name": "pop3s", "protocol": "pop3", "address": f"{HOST}:{pop3s}",
+                          "tls": "implicit"}))
     # A scratch file a crashed run left: exactly one process sweeps it.
     (server.spool / "incoming").mkdir(parents=True, exist_ok=True)
     (server.spool / "incoming" / "leftover").write_bytes(b"half a message")
     server.start(timeout=60)
     server.submission_port = submission
     server.metrics_port = metrics
+    server.pop3s_port = pop3s
     yield {"server": server, "sink": sink}
     server.stop()
     sink.stop()
@@ -201,6 +207,33 @@ def test_connection_limit_holds_across_workers(env):
 def _greets(port: int, source: str) -> bool:
     with socket.create_connection((HOST, port), timeout=20, source_address=(source, 0)) as s:
         return s.recv(512).startswith(b"220 ")
+
+
+def _pop3s(server):
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the self-signed pair
+    p = poplib.POP3_SSL(HOST, server.pop3s_port, context=context, timeout=20)
+    p.user("bob@example.test")  # alice is blocked by the throttle test
+    p.pass_("bob-password")
+    return p
+
+
+def test_pop3s_and_its_mailbox_lock_across_workers(env):
+    """Implicit TLS through the connection gate; the maildrop lock (flock)
+    holds whichever worker each session is on."""
+    server = env["server"]
+    send(server.smtp_port, "bob@example.test", uuid.uuid4().hex)  # an empty drop has no lock
+    first = _pop3s(server)
+    try:
+        assert first.stat()[0] >= 1
+        for _ in range(4):
+            with pytest.raises(poplib.error_proto, match=r"IN-USE"):
+                _pop3s(server)
+    finally:
+        first.quit()
+    second = _pop3s(server)  # free again
+    second.quit()
 
 
 def test_queue_runs_in_one_process(env):
