@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 from twisted.internet import defer, protocol
 from twisted.logger import ILogObserver, Logger, formatEvent
@@ -52,10 +53,20 @@ class AdoptedEndpoint:
 @implementer(ILogObserver)
 class JSONLines:
     """Every event as one line on ``stream``: time, level, namespace, text
-    and the event's own fields (the supervisor logs it again)."""
+    and the event's own fields (the supervisor logs it again).
+
+    Once :meth:`batch` has given it a reactor, lines are gathered and
+    written together once per reactor turn (one system call, not one a
+    line); a worker killed outright loses at most that turn's lines."""
 
     def __init__(self, stream) -> None:
         self.stream = stream
+        self.reactor = None
+        self.pending = []
+        self.lock = threading.Lock()
+
+    def batch(self, reactor) -> None:
+        self.reactor = reactor
 
     def __call__(self, event: dict) -> None:
         from mailserver.logs import event_fields, event_text
@@ -68,8 +79,25 @@ class JSONLines:
             line = json.dumps(record, default=str)
         except Exception:
             line = json.dumps({"l": "error", "x": "unloggable event: " + repr(formatEvent(event))})
+        if self.reactor is None or not self.reactor.running:
+            self.flush()
+            self._write(line + "\n")
+            return
+        with self.lock:
+            self.pending.append(line)
+            first = len(self.pending) == 1
+        if first:
+            self.reactor.callFromThread(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:
+            lines, self.pending = self.pending, []
+        if lines:
+            self._write("\n".join(lines) + "\n")
+
+    def _write(self, text: str) -> None:
         try:
-            self.stream.write(line + "\n")
+            self.stream.write(text)
             self.stream.flush()
         except Exception:
             pass  # the supervisor is gone
@@ -94,8 +122,11 @@ def main(argv=None) -> int:
 
     from twisted.logger import globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([JSONLines(sys.stdout)], redirectStandardIO=False)
+    lines = JSONLines(sys.stdout)
+    globalLogBeginner.beginLoggingTo([lines], redirectStandardIO=False)
     from twisted.internet import reactor
+
+    lines.batch(reactor)
 
     from mailserver.config import load_config
     from mailserver.service import build_service
@@ -130,7 +161,10 @@ def main(argv=None) -> int:
         channel.callRemote(Ready, pid=os.getpid()).addErrback(lambda f: None)
 
     reactor.callWhenRunning(started)
-    reactor.run()
+    try:
+        reactor.run()
+    finally:
+        lines.flush()
     return 0
 
 
