@@ -476,12 +476,9 @@ def build_service(config: Config, reactor=None, identity=None,
                   config.relay.srs_domain or (config.domains.local + config.domains.relay)[0],
                   max_age_days=config.relay.srs_max_age, clock=reactor.seconds)
     if role == "worker":  # the supervisor runs the queue; we wake it
-        from mailserver.queue.outbox import Outbox
-        from mailserver.queue.spool import QueueSpool
+        from mailserver.workers.worker import worker_outbox
 
-        outbox = Outbox(QueueSpool(config.queue.directory, clock=reactor.seconds,
-                                   fsync=config.store.fsync),
-                        pool, reactor, wake=channel.wake)
+        outbox = worker_outbox(config, reactor, pool, channel)
     else:
         outbox = build_queue(config, reactor, top, directory, delivery, pool, srs, metrics)
     if role == "supervisor":

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols import amp
 

@@ -50,6 +50,17 @@ class AdoptedEndpoint:
         return port
 
 
+def worker_outbox(config, reactor, pool, channel):
+    """Where a worker's listeners queue mail: the same spool, written the
+    same way (durable before the 250); the supervisor, woken over the
+    channel, delivers it."""
+    from mailserver.queue.outbox import Outbox
+    from mailserver.queue.spool import QueueSpool
+
+    spool = QueueSpool(config.queue.directory, clock=reactor.seconds, fsync=config.store.fsync)
+    return Outbox(spool, pool, reactor, wake=channel.wake)
+
+
 @implementer(ILogObserver)
 class JSONLines:
     """Every event as one line on ``stream``: time, level, namespace, text

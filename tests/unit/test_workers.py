@@ -269,3 +269,108 @@ def test_aggregate_adds_workers_and_keeps_counters_of_the_dead():
     from prometheus_client import generate_latest
 
     assert b'mailserver_things_total{listener="pop3"} 10.0' in generate_latest(aggregate)
+
+
+# -- the supervisor's pool, on a Clock ---------------------------------------------
+class _Proc:
+    def __init__(self):
+        self.signals = []
+
+    def signalProcess(self, signum):
+        self.signals.append(signum)
+
+
+def _pool(count=2, grace=10.0):
+    from types import SimpleNamespace
+
+    from mailserver.workers.supervisor import WorkerPool, WorkerProcess
+
+    config = SimpleNamespace(server=SimpleNamespace(shutdown_grace=grace),
+                             relay=SimpleNamespace(trusted_networks=[]), listeners=[])
+    clock = Clock()
+    pool = WorkerPool(config, clock, count, None, None, None)
+    spawned = []
+
+    def spawn(slot):
+        pool.pending.pop(slot, None)
+        proc = WorkerProcess(pool, slot)
+        proc.transport = _Proc()
+        proc.pid = 1000 + len(spawned)
+        pool.workers[slot] = proc
+        spawned.append(proc)
+
+    pool._spawn = spawn
+    for slot in range(count):
+        spawn(slot)
+    return pool, clock, spawned
+
+
+def _death(sig=9):
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+
+    return Failure(ProcessTerminated(signal=sig))
+
+
+def test_a_dead_worker_is_started_again_with_a_growing_delay():
+    pool, clock, spawned = _pool()
+    pool.ended(spawned[0], _death())
+    assert 0 not in pool.workers
+    clock.advance(0)
+    assert len(spawned) == 3 and pool.workers[0] is spawned[2]
+    spawned[2].ended = True
+    pool.ended(spawned[2], _death())  # again, at once: wait a second
+    clock.advance(0.5)
+    assert len(spawned) == 3
+    clock.advance(0.5)
+    assert len(spawned) == 4
+
+
+def test_stop_passes_sigterm_on_waits_and_kills_stragglers():
+    pool, clock, spawned = _pool(grace=10.0)
+    done = []
+    pool.stopService().addCallback(done.append)
+    assert [p.transport.signals for p in spawned] == [[15], [15]]
+    pool.ended(spawned[0], _death(None))
+    assert not done
+    clock.advance(10.0 + 5.0)  # shutdown_grace, then the margin: SIGKILL
+    assert spawned[1].transport.signals == [15, 9]
+    pool.ended(spawned[1], _death())
+    assert done and not pool.pending  # and nobody is started again
+    clock.advance(100)
+    assert len(spawned) == 2
+
+
+def test_a_restart_pending_at_stop_is_cancelled():
+    pool, clock, spawned = _pool(count=1)
+    pool.ended(spawned[0], _death())
+    done = []
+    pool.stopService().addCallback(done.append)
+    assert done
+    clock.advance(100)
+    assert len(spawned) == 1
+
+
+def test_worker_log_lines_are_logged_again_with_the_pid():
+    import json
+
+    from twisted.logger import globalLogPublisher
+
+    from mailserver.workers.supervisor import relog
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        relog(json.dumps({"t": 5.0, "l": "warn", "n": "mailserver.smtpd",
+                          "x": "smtp: odd {braces}", "f": {"client": "1.2.3.4"}}).encode(), 77)
+        relog(b"not json", 78)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    from twisted.logger import LogLevel, formatEvent
+
+    first, second = [e for e in seen if e.get("worker") in (77, 78)]
+    assert formatEvent(first) == "smtp: odd {braces}"
+    assert (first["log_level"], first["client"], first["log_time"]) == (LogLevel.warn,
+                                                                         "1.2.3.4", 5.0)
+    assert first["log_system"] == "mailserver.smtpd#warn worker 77"
+    assert formatEvent(second) == "not json"
