@@ -30,8 +30,10 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from mailserver import reply as R
 from mailserver.throttle import LoginVerdict, RateVerdict
@@ -247,13 +249,31 @@ class WorkerChannel(_QuietAMP):
         super().connectionLost(reason)
         self.on_lost()
 
-    async def call(self, command, **kw):
-        """The answer, or an exception when the channel is down or too slow."""
+    async def call(self, command, late=None, **kw):
+        """The answer, or an exception when the channel is down or too slow.
+        An answer that comes after the timeout goes to ``late`` (so a
+        connection slot counted too late can be given back)."""
         if not self.up:
             raise ConnectionError("supervisor channel is down")
-        d = self.callRemote(command, **kw)
-        d.addTimeout(self.timeout, self.clock)
-        return await d
+        waiting = defer.Deferred()
+
+        def answered(result):
+            if not waiting.called:
+                waiting.callback(result)  # a Failure errbacks
+            elif late is not None and not isinstance(result, Failure):
+                late(result)
+
+        def too_slow():
+            if not waiting.called:
+                waiting.errback(TimeoutError(f"no answer in {self.timeout} s"))
+
+        self.callRemote(command, **kw).addBoth(answered)
+        timer = self.clock.callLater(self.timeout, too_slow)
+        try:
+            return await waiting
+        finally:
+            if timer.active():
+                timer.cancel()
 
     def send(self, command, **kw) -> None:
         """A call nobody waits for (Wake, ConnectionClose)."""

@@ -70,12 +70,17 @@ class Gate(protocol.Protocol):
             self.transport.pauseProducing()
         except Exception:
             pass
-        d = f.channel.call(ConnectionOpen, listener=f.limits.listener, key=self.key,
-                           ip=peer_ip(self.transport))
+        d = f.channel.call(ConnectionOpen, late=self._late, listener=f.limits.listener,
+                           key=self.key, ip=peer_ip(self.transport))
         from twisted.internet import defer
 
         defer.ensureDeferred(d).addCallbacks(lambda r: self._decided(r["refusal"]),
                                              self._unreachable)
+
+    def _late(self, answer) -> None:
+        """The supervisor counted us after we gave up waiting: give it back."""
+        if answer["refusal"] == "":
+            self.gate_factory.limits.release(self.key)
 
     def _unreachable(self, failure) -> None:
         log.error("supervisor unreachable (connection limits), refusing: {e}",

@@ -264,6 +264,20 @@ def test_sighup_reaches_the_workers(env):
     assert pids == set(serving(server))
 
 
+def test_a_worker_fails_safe_when_the_supervisor_does_not_answer(env):
+    """The supervisor stopped (SIGSTOP): after the channel's timeout a new
+    connection is refused with a temporary 421, never let through."""
+    server = env["server"]
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        with socket.create_connection((HOST, server.smtp_port), timeout=30,
+                                      source_address=("127.0.0.23", 0)) as s:
+            assert s.recv(512).startswith(b"421 4.3.2 ")
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    wait_for(lambda: _greets(server.smtp_port, "127.0.0.23"), "served again", 20)
+
+
 def test_sigkill_of_a_worker_under_load_loses_no_acknowledged_message(env):
     server = env["server"]
     victim = serving(server)[0]

@@ -173,8 +173,9 @@ class _FakeChannel:
         self.calls, self.sent = [], []
         self.answer = defer.Deferred()
 
-    def call(self, command, **kw):
+    def call(self, command, late=None, **kw):
         self.calls.append(kw)
+        self.late = late
         return self.answer
 
     def send(self, command, **kw):
@@ -219,6 +220,25 @@ def test_gate_passes_refusals_on():
     assert _gated("total")[0].inner.seen == (True, R.TOO_MANY_CONNECTIONS)
     assert _gated("rate")[0].inner.seen[0] is False
     assert _gated(ConnectionError("down"))[0].inner.seen == (True, R.SERVICE_UNAVAILABLE)
+
+
+def test_a_slot_counted_after_the_timeout_is_given_back():
+    state, sup, worker, pump, clock = setup()
+    from mailserver.workers.channel import ConnectionOpen
+
+    late = []
+    d = defer.ensureDeferred(worker.call(ConnectionOpen, late=late.append, listener="smtp",
+                                         key="1.2.3.4", ip="1.2.3.4"))
+    out = []
+    d.addErrback(out.append)
+    clock.advance(CALL_TIMEOUT)  # the supervisor has not read it yet
+    assert out and out[0].check(TimeoutError)
+    pump.flush()
+    pump.flush()
+    assert late == [{"refusal": ""}]
+    gate = _gated(ConnectionError("slow"))[0]
+    gate._late({"refusal": ""})
+    assert gate.gate_factory.channel.sent == [{"listener": "smtp", "key": "1.2.3.4"}]
 
 
 def test_gate_releases_a_slot_when_the_client_left_while_waiting():
