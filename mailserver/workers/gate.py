@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from mailserver import reply as R
@@ -72,10 +72,13 @@ class Gate(protocol.Protocol):
             pass
         d = f.channel.call(ConnectionOpen, late=self._late, listener=f.limits.listener,
                            key=self.key, ip=peer_ip(self.transport))
-        from twisted.internet import defer
+        defer.ensureDeferred(d).addCallbacks(
+            lambda r: self._decided(r["refusal"]), self._unreachable).addErrback(self._failed)
 
-        defer.ensureDeferred(d).addCallbacks(lambda r: self._decided(r["refusal"]),
-                                             self._unreachable)
+    def _failed(self, failure) -> None:
+        log.failure("connection gate: internal error, closing", failure)
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def _late(self, answer) -> None:
         """The supervisor counted us after we gave up waiting: give it back."""
@@ -94,6 +97,12 @@ class Gate(protocol.Protocol):
                 f.limits.release(self.key)
             return
         t = self.transport
+        # Reading on again before the protocol starts, so that a pause of
+        # its own (back-pressure while it decides) is not undone by us.
+        try:
+            t.resumeProducing()
+        except Exception:
+            pass
         # Step out: the transport talks to the real protocol from now on.
         if getattr(t, "protocol", None) is self:
             t.protocol = self.inner
@@ -104,13 +113,9 @@ class Gate(protocol.Protocol):
             self.inner.makeConnection(t)
         finally:
             f.limits.verdict = ""
-        for data in self.buffered:
+        buffered, self.buffered = self.buffered, []
+        for data in buffered:
             self.inner.dataReceived(data)
-        self.buffered = []
-        try:
-            t.resumeProducing()
-        except Exception:
-            pass
 
     def dataReceived(self, data: bytes) -> None:
         if self.inner.transport is None:
