@@ -231,6 +231,12 @@ class WorkerPool(service.Service):
         try:
             self.reactor.spawnProcess(proc, sys.executable, args, env=_worker_env(),
                                       path=os.getcwd(), childFDs=fds)
+        except Exception:  # out of processes or descriptors: try again later
+            ours.close()
+            delay = self.restarts[slot].delay(proc.started, self.reactor.seconds())
+            log.failure("cannot start a worker; trying again in {delay:.0f} s", delay=delay)
+            self.pending[slot] = self.reactor.callLater(delay, self._spawn, slot)
+            return
         finally:
             theirs.close()
         self.workers[slot] = proc

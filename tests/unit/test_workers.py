@@ -394,3 +394,27 @@ def test_worker_log_lines_are_logged_again_with_the_pid():
                                                                          "1.2.3.4", 5.0)
     assert first["log_system"] == "mailserver.smtpd#warn worker 77"
     assert formatEvent(second) == "not json"
+
+
+def test_a_worker_that_cannot_be_started_is_tried_again():
+    from types import SimpleNamespace
+
+    from mailserver.workers.supervisor import WorkerPool
+
+    class Reactor(Clock):
+        tries = 0
+
+        def spawnProcess(self, *a, **kw):
+            self.tries += 1
+            raise OSError("no more processes")
+
+    config = SimpleNamespace(server=SimpleNamespace(shutdown_grace=1.0), path="x.toml",
+                             relay=SimpleNamespace(trusted_networks=[]), listeners=[])
+    reactor = Reactor()
+    pool = WorkerPool(config, reactor, 1, None, None, None)
+    pool._spawn(0)
+    assert reactor.tries == 1 and 0 in pool.pending and not pool.workers
+    reactor.advance(0)
+    assert reactor.tries == 2
+    reactor.advance(1)  # the second failure in a row waits a second
+    assert reactor.tries == 3
