@@ -133,8 +133,27 @@ def percentile(sorted_values: list, p: float) -> float:
     return sorted_values[k]
 
 
-def proc_cpu_seconds(pid: int):
-    """utime + stime of a process in seconds (Linux), or None."""
+def proc_cpu_seconds(pid: int, children: bool = False):
+    """utime + stime of a process in seconds (Linux), or None; with
+    ``children``, plus its live child processes' (the server's workers)."""
+    own = _cpu_seconds(pid)
+    if own is None or not children:
+        return own
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _parent(int(entry)) == pid:
+            own += _cpu_seconds(int(entry)) or 0.0
+    return own
+
+
+def _parent(pid: int):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cpu_seconds(pid: int):
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -220,13 +239,13 @@ def run_threads(name: str, clients: int, messages: int, setup, one, teardown,
         raise RuntimeError(f"{name}: setup failed: {failures[:1]}")
     # The workers are released together with this thread; the first
     # ``messages`` tickets never look at the clock, so setting it now is early enough.
-    cpu0 = proc_cpu_seconds(server_pid or os.getpid())
+    cpu0 = proc_cpu_seconds(server_pid or os.getpid(), children=bool(server_pid))
     clock["start"] = time.perf_counter()
     clock["deadline"] = time.monotonic() + timeout
     for t in threads:
         t.join()
     seconds = time.perf_counter() - clock["start"]
-    cpu1 = proc_cpu_seconds(server_pid or os.getpid())
+    cpu1 = proc_cpu_seconds(server_pid or os.getpid(), children=bool(server_pid))
     if failures:
         raise RuntimeError(f"{name}: {failures[0]!r}")
     latencies = sorted(x for lst in lat_lists for x in lst)
@@ -395,7 +414,7 @@ def run(args) -> dict:
         smtp={"max_message_size": max(26214400, 2 * args.size)},
         server={"hostname": f"mx-bench-{os.getpid()}.example.test",
                 "max_connections_per_client": max(20, args.clients + 5),
-                "max_connections": max(200, args.clients + 5)},
+                "max_connections": max(200, args.clients + 5), "workers": args.workers},
         lmtp_unix=False,
     )
     rounds = []
@@ -600,6 +619,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None,
                     help="where the temporary maildirs go (default: the system temp dir); "
                          "the reference and the server always share it")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="the server's [server] workers (1: one process)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--profile", metavar="DIR",

@@ -48,6 +48,9 @@ class ServerConfig:
         default=20, metadata=_doc("Connections from one client address.", min=1)
     )
     io_threads: int = field(default=8, metadata=_doc("Threads for disk writes and fsync.", min=1))
+    workers: int = field(
+        default=0, metadata=_doc("Worker processes taking connections: 0 = one per core, "
+                                 "1 = everything in one process.", min=0))
     spool_dir: str = field(
         default="var/spool", metadata=_doc("Where message data waits until it is delivered.", path=True)
     )

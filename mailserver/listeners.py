@@ -41,6 +41,7 @@ class Parts:
     metrics: Any = None  # metrics.Metrics when [metrics] is on, else None
     signer: Any = None  # msgauth.dkim_sign.Signer when [dkim] sign is on
     inbound_auth: Any = None  # msgauth.inbound.InboundAuth when [checks] is on, else None
+    channel: Any = None  # workers.channel.WorkerChannel in a worker: limits are shared
 
 
 def _sender_checks(parts: Parts) -> list:
@@ -75,7 +76,13 @@ class ListenerKind:
 
 
 def _tls_wrapped(parts: Parts, lc, factory):
-    """TLS from the first byte (465, 995) around ``factory``, or ``factory``."""
+    """TLS from the first byte (465, 995) around ``factory``, or ``factory``;
+    in a worker, the connection-limit gate inside it (see
+    :mod:`mailserver.workers.gate`)."""
+    if parts.channel is not None:
+        from mailserver.workers.gate import GateFactory
+
+        factory = GateFactory(factory, parts.channel, factory.ctx.limiter)
     if lc.tls == "implicit":
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -88,6 +95,7 @@ def _smtp_family(parts: Parts, lc, kind: ListenerKind):
     config = parts.config
     auth = kind.auth(lc)
     s = config.smtp
+    limiter, rate_limiter = _limits(parts, lc)
     pipeline = Acceptance(
         kind=lc.protocol, hostname=config.server.hostname,
         recipients=RecipientPolicy(parts.directory, config.domains.local,
@@ -106,15 +114,14 @@ def _smtp_family(parts: Parts, lc, kind: ListenerKind):
         limits=Limits(max_command_line=s.command_line_limit, max_text_line=s.text_line_limit,
                       max_message_size=s.max_message_size, max_recipients=s.max_recipients,
                       max_errors=s.max_errors, max_junk_commands=s.junk_command_limit),
-        pipeline=pipeline, clock=parts.reactor, limiter=_limiter(config), name=lc.name,
+        pipeline=pipeline, clock=parts.reactor, limiter=limiter, name=lc.name,
         tls=parts.tls if lc.tls == "starttls" else None,
         implicit_tls=lc.tls == "implicit",
         auth_mechanisms=tuple(m.upper() for m in config.auth.mechanisms) if auth else (),
         auth_requires_tls=not lc.plaintext_auth,
         command_timeout=s.command_timeout, data_timeout=s.data_timeout,
         min_data_rate=s.min_data_rate,
-        rate_limiter=ConnectionRateLimiter(s.connection_rate_limit, exempt=parts.trusted),
-        dsn=parts.outbox is not None, metrics=parts.metrics,
+        rate_limiter=rate_limiter, dsn=parts.outbox is not None, metrics=parts.metrics,
         requiretls=s.requiretls and parts.outbox is not None)
     return _tls_wrapped(parts, lc, SMTPFactory(ctx))
 
@@ -125,23 +132,37 @@ def _pop3(parts: Parts, lc, kind: ListenerKind):
     from mailserver.store.maildrop import Maildrop
 
     config = parts.config
+    limiter, rate_limiter = _limits(parts, lc)
     ctx = POP3Context(
         name=lc.name, hostname=config.server.hostname, clock=parts.reactor,
-        limiter=_limiter(config), authenticator=parts.authenticator, store=parts.store,
+        limiter=limiter, authenticator=parts.authenticator, store=parts.store,
         io=parts.io, open_maildrop=Maildrop.open,
         tls=parts.tls if lc.tls == "starttls" else None, implicit_tls=lc.tls == "implicit",
         plaintext_auth=lc.plaintext_auth,
         mechanisms=tuple(m.upper() for m in config.auth.mechanisms),
         idle_timeout=config.pop3.idle_timeout, junk_limit=config.pop3.junk_command_limit,
-        metrics=parts.metrics,
-        rate_limiter=ConnectionRateLimiter(config.pop3.connection_rate_limit,
-                                           exempt=parts.trusted))
+        metrics=parts.metrics, rate_limiter=rate_limiter)
     return _tls_wrapped(parts, lc, POP3Factory(ctx))
 
 
-def _limiter(config) -> ConnectionLimiter:
-    return ConnectionLimiter(config.server.max_connections,
-                             config.server.max_connections_per_client)
+def connection_limits(config, lc, trusted) -> tuple:
+    """Listener ``lc``'s own ``(ConnectionLimiter, ConnectionRateLimiter)``:
+    in one process its adapters' (through :func:`_limits`), with workers the
+    supervisor's (:mod:`mailserver.workers.channel`)."""
+    rate = (config.pop3 if lc.protocol == "pop3" else config.smtp).connection_rate_limit
+    return (ConnectionLimiter(config.server.max_connections,
+                              config.server.max_connections_per_client),
+            ConnectionRateLimiter(rate, exempt=trusted))
+
+
+def _limits(parts: Parts, lc) -> tuple:
+    """The ``limiter`` and ``rate_limiter`` for a listener's context."""
+    if parts.channel is not None:
+        from mailserver.workers.gate import SharedLimits
+
+        shared = SharedLimits(parts.channel, lc.name)
+        return shared, shared
+    return connection_limits(parts.config, lc, parts.trusted)
 
 
 KINDS = {

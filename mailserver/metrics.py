@@ -167,6 +167,9 @@ class Metrics(NullMetrics):
             "answer, by kind.", ["kind"], buckets=LOOKUP_BUCKETS, registry=r)
         if queue_dir:
             r.register(QueueDepthCollector(queue_dir))
+        # What render() shows: the registry, or under a supervisor the
+        # registry plus the workers' counts (mailserver.workers.metrics).
+        self.exposed = r
 
     def message(self, listener: str, result: str) -> None:
         self.messages.labels(listener, result).inc()
@@ -207,7 +210,7 @@ class Metrics(NullMetrics):
         """The registry in the Prometheus text format."""
         from prometheus_client import generate_latest
 
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
 
 class MetricsResource(resource.Resource):

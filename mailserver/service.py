@@ -138,13 +138,25 @@ class ListenerService(StreamServerEndpointService):
         return defer.DeferredList([stopped, drained], consumeErrors=True)
 
 
-class MailService(service.MultiService):
-    """The whole server.  Binding failures end the process with one line."""
+def worker_count(config: Config) -> int:
+    """``[server] workers``, 0 being one per core."""
+    return config.server.workers or os.cpu_count() or 1
 
-    def __init__(self, config: Config, tls) -> None:
+
+class MailService(service.MultiService):
+    """The whole server.  Binding failures end the process with one line.
+
+    ``role``: ``"single"`` (everything in one process), ``"supervisor"``
+    (binds, runs the queue and the shared state, takes no connection) or
+    ``"worker"`` (takes connections on sockets its supervisor bound; owns no
+    spool clean-up, see :mod:`mailserver.workers`)."""
+
+    def __init__(self, config: Config, tls, role: str = "single") -> None:
         super().__init__()
         self.config = config
         self.tls = tls
+        self.role = role
+        self.workers = None  # workers.supervisor.WorkerPool under a supervisor
         self.notes: list[str] = []  # said at start, once logging is running
         self.log_observer = None  # mailserver.logs.MailLogObserver when [log] asks for one
         self.identity = None  # privileges.Identity twistd switches to, or None
@@ -182,7 +194,9 @@ class MailService(service.MultiService):
 
     def startService(self) -> None:
         # Now running as the service user (twistd switched after binding).
-        removed = sweep_incoming(self.config.server.spool_dir)
+        # Scratch files are swept by the one process that owns the spool,
+        # before any worker starts writing them.
+        removed = sweep_incoming(self.config.server.spool_dir) if self.role != "worker" else 0
         if removed:
             self.notes.append(f"removed {removed} incomplete message(s) left in the spool")
         super().startService()
@@ -202,10 +216,18 @@ class MailService(service.MultiService):
             reactor.callWhenRunning(
                 signal.signal, signal.SIGTERM,
                 lambda *a: reactor.callFromThread(_stop_reactor, reactor))
-        log.info("mailserver started: {n} listener(s) for {domains}",
+        if self.role == "single":
+            # Every listener was bound in privilegedStartService: ready.
+            self.announce()
+        # A supervisor announces once its workers serve; a worker tells its
+        # supervisor (mailserver.workers).
+
+    def announce(self, how: str = "") -> None:
+        """Log the start line and tell systemd the server is ready."""
+        log.info("mailserver started: {n} listener(s) for {domains}{how}",
                  n=len(self.config.listeners),
-                 domains=", ".join(self.config.domains.local + self.config.domains.relay))
-        # Every listener was bound in privilegedStartService: ready.
+                 domains=", ".join(self.config.domains.local + self.config.domains.relay),
+                 how=how)
         sdnotify.notify("READY=1\nSTATUS=accepting mail")
 
     def stopService(self):
@@ -217,7 +239,8 @@ class MailService(service.MultiService):
         needs a worker thread."""
         service.Service.stopService(self)
         sdnotify.notify("STOPPING=1")
-        listeners = [s for s in self if isinstance(s, ListenerService)]
+        # The listeners (or the workers, which own them) stop first.
+        listeners = [s for s in self if isinstance(s, ListenerService) or s is self.workers]
         pools = [s for s in self if isinstance(s, ThreadPoolService)]
         others = [s for s in reversed(list(self)) if s not in pools and s not in listeners]
         # Sessions still draining need the directory, the queue and the pools.
@@ -232,7 +255,7 @@ class MailService(service.MultiService):
                 p.stopService()
             # Pools joined: nothing writes scratch files any more.  What is
             # left was never answered 250; remove it now, not at next start.
-            if self.config is not None:
+            if self.config is not None and self.role != "worker":
                 sweep_incoming(self.config.server.spool_dir)
 
         return defer.ensureDeferred(stop())
@@ -242,9 +265,14 @@ class MailService(service.MultiService):
         directory settings (emptying its cache); connections stay up.  A bad
         file is logged and changes nothing.  Listeners, limits and thread
         pools keep the values they started with."""
+        if self.role == "worker":
+            self._reload()
+            return
         sdnotify.notify(sdnotify.reloading())
         try:
             self._reload()
+            if self.workers is not None:
+                self.workers.signal(signal.SIGHUP)  # each re-reads the same file
         finally:
             sdnotify.notify("READY=1")
 
@@ -387,13 +415,22 @@ def _relay_next_hops(config: Config) -> dict:
 
 
 def build_service(config: Config, reactor=None, identity=None,
-                  twistd_options=None) -> MailService:
+                  twistd_options=None, *, channel=None, adopted=None) -> MailService:
     """The server for ``config``.  ``identity``
     (:class:`~mailserver.privileges.Identity`): the user twistd switches to
     after binding, who gets every directory and file made here;
-    ``twistd_options`` (its --logfile, -n) say where [log] lines go by default."""
+    ``twistd_options`` (its --logfile, -n) say where [log] lines go by default.
+
+    With ``[server] workers`` above 1 this is the supervisor (see
+    :mod:`mailserver.workers`).  A worker passes its ``channel``
+    (:class:`~mailserver.workers.channel.WorkerChannel`) and ``adopted``
+    (listener name -> (file descriptor, address family)) instead."""
     if reactor is None:
         from twisted.internet import reactor
+    if channel is not None:
+        role = "worker"
+    else:
+        role = "supervisor" if worker_count(config) > 1 else "single"
     from mailserver.privileges import prepare
 
     notes = []
@@ -408,26 +445,28 @@ def build_service(config: Config, reactor=None, identity=None,
             files.give((config.tls.certificate, config.tls.private_key))
             notes.append(f"created self-signed certificate {config.tls.certificate}")
         tls = ReloadableTLS(config.tls.certificate, config.tls.private_key, sni=config.tls.sni)
-    top = MailService(config, tls)
+    top = MailService(config, tls, role)
     top.notes = notes
     from mailserver.logs import build_observer
 
-    top.log_observer = build_observer(config.log, twistd_options)
+    # A worker's events go to its supervisor, which logs them (workers.worker).
+    top.log_observer = build_observer(config.log, twistd_options) if role != "worker" else None
     top.identity = identity
 
     pool = ThreadPool(minthreads=1, maxthreads=config.server.io_threads, name="mailserver-io")
     ThreadPoolService(pool).setServiceParent(top)
-    metrics = build_metrics(config, reactor, top)
+    metrics = build_metrics(config, reactor, top, channel)
     directory = build_directory(config, reactor, top, metrics)
     store = MaildirStore(config.store.maildir_root, template=config.store.template,
                          hostname=config.server.hostname, fsync=config.store.fsync)
     delivery = LocalDelivery(store, pool, reactor)
-    # Abandoned tmp/ files (a crash mid-delivery): a few maildirs per tick.
-    from mailserver.store.tmpclean import TmpCleaner
+    if role != "worker":
+        # Abandoned tmp/ files (a crash mid-delivery): a few maildirs per tick.
+        from mailserver.store.tmpclean import TmpCleaner
 
-    TmpCleaner(store.root, reactor,
-               lambda f, *args: threads.deferToThreadPool(reactor, pool, f, *args)
-               ).setServiceParent(top)
+        TmpCleaner(store.root, reactor,
+                   lambda f, *args: threads.deferToThreadPool(reactor, pool, f, *args)
+                   ).setServiceParent(top)
     srs = None
     if config.relay.srs_secret:
         from mailserver.srs import SRS
@@ -435,25 +474,45 @@ def build_service(config: Config, reactor=None, identity=None,
         srs = SRS(config.relay.srs_secret,
                   config.relay.srs_domain or (config.domains.local + config.domains.relay)[0],
                   max_age_days=config.relay.srs_max_age, clock=reactor.seconds)
-    outbox = build_queue(config, reactor, top, directory, delivery, pool, srs, metrics)
     from mailserver.msgauth.dkim_sign import signer_from_config
 
     signer = signer_from_config(
         config, lambda f, *a, **kw: threads.deferToThreadPool(reactor, pool, f, *a, **kw), reactor)
+    if role == "worker":  # the supervisor runs the queue; we wake it
+        from mailserver.workers.worker import worker_outbox
+
+        outbox = worker_outbox(config, reactor, pool, channel)
+    else:
+        outbox = build_queue(config, reactor, top, directory, delivery, pool, srs, metrics)
+    if role == "supervisor":
+        from mailserver.workers.supervisor import WorkerPool
+
+        top.workers = WorkerPool(config, reactor, worker_count(config), top,
+                                 build_login_throttle(config, reactor),
+                                 build_rate_limiter(config, reactor), metrics)
+        top.workers.setServiceParent(top)
+        return top
     parts = Parts(
         config=config, reactor=reactor, directory=directory, local=delivery,
         delivery=RecipientDelivery(delivery, outbox, srs, reactor, signer), outbox=outbox,
         srs=srs, signer=signer,
         trusted=Networks(config.relay.trusted_networks),
-        authenticator=build_authenticator(config, directory, reactor, metrics),
-        rate_limiter=build_rate_limiter(config, reactor), tls=tls, store=store,
+        authenticator=build_authenticator(config, directory, reactor, metrics,
+                                          channel.login_throttle if channel else None),
+        rate_limiter=channel.rate_limiter if channel else build_rate_limiter(config, reactor),
+        tls=tls, store=store,
         io=lambda f, *args: threads.deferToThreadPool(reactor, pool, f, *args),
-        metrics=metrics)
+        metrics=metrics, channel=channel)
     from mailserver.msgauth.inbound import build_inbound_auth
 
     parts.inbound_auth = build_inbound_auth(config, reactor, top, parts.trusted)
     for lc in config.listeners:
-        endpoint = make_endpoint(reactor, lc.address, lc.socket_mode)
+        if adopted is not None:
+            from mailserver.workers.worker import AdoptedEndpoint
+
+            endpoint = AdoptedEndpoint(reactor, *adopted[lc.name])
+        else:
+            endpoint = make_endpoint(reactor, lc.address, lc.socket_mode)
         svc = ListenerService(endpoint, build_listener(parts, lc),
                               config.server.shutdown_grace, reactor)
         svc.setName(lc.name)
@@ -461,18 +520,24 @@ def build_service(config: Config, reactor=None, identity=None,
     return top
 
 
-def build_authenticator(config: Config, directory, reactor, metrics=None):
-    """SMTP AUTH (and later POP3) through the directory's twisted.cred checker,
-    slowed by one failed-login throttle shared by every listener."""
+def build_authenticator(config: Config, directory, reactor, metrics=None, throttle=None):
+    """SMTP AUTH and POP3 through the directory's twisted.cred checker,
+    slowed by one failed-login throttle shared by every listener (in a
+    worker, ``throttle`` asks the supervisor's)."""
     from mailserver.directory.cred import DirectoryChecker
     from mailserver.pipeline.auth import Authenticator
+
+    if throttle is None:
+        throttle = build_login_throttle(config, reactor)
+    return Authenticator(DirectoryChecker(directory), throttle, directory, reactor, metrics)
+
+
+def build_login_throttle(config: Config, reactor):
     from mailserver.throttle import LoginThrottle
 
     a = config.auth
-    throttle = LoginThrottle(reactor, base_delay=a.failure_delay,
-                             max_delay=a.max_failure_delay, max_failures=a.max_failures,
-                             window=a.failure_window)
-    return Authenticator(DirectoryChecker(directory), throttle, directory, reactor, metrics)
+    return LoginThrottle(reactor, base_delay=a.failure_delay, max_delay=a.max_failure_delay,
+                         max_failures=a.max_failures, window=a.failure_window)
 
 
 def build_rate_limiter(config: Config, reactor):
@@ -486,12 +551,17 @@ def build_rate_limiter(config: Config, reactor):
 
 
 # -- metrics ([metrics]) --------------------------------------------------------
-def build_metrics(config: Config, reactor, parent: MailService):
+def build_metrics(config: Config, reactor, parent: MailService, channel=None):
     """The Prometheus endpoint when ``[metrics] address`` is set (a twisted.web
     site on its own listening service), and the Metrics object the parts count
-    into; None when metrics are off."""
+    into; None when metrics are off.  A worker serves none: it counts into
+    the supervisor's (see :mod:`mailserver.workers.metrics`)."""
     if not config.metrics.address:
         return None
+    if channel is not None:
+        from mailserver.workers.metrics import worker_metrics
+
+        return worker_metrics(config, reactor, parent, channel)
     from mailserver.metrics import Metrics, build_metrics_site
 
     metrics = Metrics(queue_dir=config.queue.directory)

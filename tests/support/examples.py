@@ -105,6 +105,7 @@ def rewrite_example(name: str, workdir: Path, *, directory: Optional[dict] = Non
     if tables.get("tls", {}).get("certificate"):
         tables["tls"]["self_signed"] = True
     tables.setdefault("server", {})["base_dir"] = str(workdir)
+    tables["server"].setdefault("workers", 1)  # one process, as the other tests run
     # There is no "mailserver" user here: drop to ``user`` as production
     # drops to its own, or (not root, or nobody cannot run this Python) stay.
     tables["server"].pop("user", None)

@@ -131,7 +131,8 @@ class MailServer:
         self.queue_dir = self.workdir / "queue"
         tables = {
             # The tests run as root in CI: say that this is meant.
-            "server": {"hostname": "mx.example.test", "spool_dir": str(self.spool),
+            # One process unless a test asks for workers (tests/integration/test_workers.py).
+            "server": {"hostname": "mx.example.test", "spool_dir": str(self.spool), "workers": 1,
                        **({"allow_root": True} if os.geteuid() == 0 else {}), **(server or {})},
             "domains": {"local": list(domains)},
             "directory": directory,

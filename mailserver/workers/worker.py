@@ -1,0 +1,183 @@
+# -*- test-case-name: tests.integration.test_workers -*-
+"""A worker process: ``python -m mailserver.workers.worker`` (started by the
+supervisor, never by hand).
+
+Arguments: ``--config FILE``, ``--channel FD`` (its end of the AMP socket
+pair) and one ``--listen INDEX=FD:FAMILY`` per listener, in the order of the
+configuration.  It builds the same listeners as one process would
+(:func:`~mailserver.service.build_service` with a channel), on sockets it
+adopts instead of binding, and runs until SIGTERM (drain, exit 0) or until
+the supervisor's channel closes (the supervisor is gone: drain and exit).
+It runs as the user the supervisor runs as, and writes its log events on
+standard output, one JSON object a line, for the supervisor to log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+
+from twisted.internet import defer, protocol
+from twisted.logger import ILogObserver, Logger, formatEvent
+from zope.interface import implementer
+
+log = Logger(namespace="mailserver")
+
+
+class AdoptedEndpoint:
+    """A server endpoint over a listening socket the supervisor bound: the
+    reactor adopts (a duplicate of) it."""
+
+    def __init__(self, reactor, fd: int, family: int) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+
+    def listen(self, factory):
+        return defer.execute(self._adopt, factory)
+
+    def _adopt(self, factory):
+        port = self.reactor.adoptStreamPort(self.fd, self.family, factory)
+        if self.family == socket.AF_UNIX:
+            # The socket file is the supervisor's: closing our copy must not
+            # remove it (twisted.internet.unix.Port unlinks its path).
+            port.port = "\0" + os.fsdecode(port.port or "")
+        return port
+
+
+def worker_outbox(config, reactor, pool, channel):
+    """Where a worker's listeners queue mail: the same spool, written the
+    same way (durable before the 250); the supervisor, woken over the
+    channel, delivers it."""
+    from mailserver.queue.outbox import Outbox
+    from mailserver.queue.spool import QueueSpool
+
+    spool = QueueSpool(config.queue.directory, clock=reactor.seconds, fsync=config.store.fsync)
+    return Outbox(spool, pool, reactor, wake=channel.wake)
+
+
+@implementer(ILogObserver)
+class JSONLines:
+    """Every event as one line on ``stream``: time, level, namespace, text
+    and the event's own fields (the supervisor logs it again).
+
+    Once :meth:`batch` has given it a reactor, lines are gathered and
+    written together once per reactor turn (one system call, not one a
+    line); a worker killed outright loses at most that turn's lines."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.reactor = None
+        self.pending = []
+        self.lock = threading.Lock()
+
+    def batch(self, reactor) -> None:
+        self.reactor = reactor
+
+    def __call__(self, event: dict) -> None:
+        from mailserver.logs import event_fields, event_text
+
+        level = event.get("log_level")
+        try:
+            record = {"t": event.get("log_time"), "l": level.name if level else "info",
+                      "n": event.get("log_namespace", "-"), "x": event_text(event),
+                      "f": event_fields(event)}
+            line = json.dumps(record, default=str)
+        except Exception:
+            line = json.dumps({"l": "error", "x": "unloggable event: " + repr(formatEvent(event))})
+        if self.reactor is None or not self.reactor.running:
+            self.flush()
+            self._write(line + "\n")
+            return
+        with self.lock:
+            self.pending.append(line)
+            first = len(self.pending) == 1
+        if first:
+            self.reactor.callFromThread(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:
+            lines, self.pending = self.pending, []
+        if lines:
+            self._write("\n".join(lines) + "\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception:
+            pass  # the supervisor is gone
+
+
+class _One(protocol.Factory):
+    noisy = False
+
+    def __init__(self, proto) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr):
+        return self.proto
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mailserver-worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--channel", type=int, required=True)
+    parser.add_argument("--listen", action="append", default=[])
+    args = parser.parse_args(argv)
+
+    from twisted.logger import globalLogBeginner
+
+    lines = JSONLines(sys.stdout)
+    globalLogBeginner.beginLoggingTo([lines], redirectStandardIO=False)
+    from twisted.internet import reactor
+
+    lines.batch(reactor)
+
+    from mailserver.config import load_config
+    from mailserver.service import build_service
+    from mailserver.workers.channel import Ready, WorkerChannel
+
+    config = load_config(args.config)
+    adopted = {}
+    for spec in args.listen:
+        index, _, rest = spec.partition("=")
+        fd, _, family = rest.partition(":")
+        adopted[config.listeners[int(index)].name] = (int(fd), int(family))
+
+    def supervisor_gone():
+        if reactor.running:
+            log.error("worker {pid}: supervisor channel closed, stopping", pid=os.getpid())
+            reactor.stop()
+
+    channel = WorkerChannel(reactor, on_lost=supervisor_gone)
+    reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, _One(channel))
+    os.close(args.channel)
+    top = build_service(config, reactor, channel=channel, adopted=adopted)
+    top.privilegedStartService()
+    for fd, _family in adopted.values():
+        os.close(fd)  # adopted: the reactor holds its own duplicate
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+
+    def started():
+        # Stopped by the supervisor alone: a Ctrl-C at a terminal reaches the
+        # whole process group, and the supervisor passes SIGTERM on itself.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        top.startService()
+        channel.callRemote(Ready, pid=os.getpid()).addErrback(lambda f: None)
+
+    reactor.callWhenRunning(started)
+    try:
+        reactor.run()
+    finally:
+        lines.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
