@@ -126,18 +126,25 @@ def count_new(maildir: Path) -> int:
 
 
 def wait_for_files(maildir: Path, expected: int, deadline: float, driver=None,
-                   interval: float = 0.01) -> int:
+                   interval: float = 0.01) -> tuple:
     """Poll until ``maildir/new`` holds ``expected`` files or ``deadline``
-    (monotonic) passes; returns the count.  Stops early when the ``driver``
-    process has failed (exit status not 0) and nothing more arrives."""
+    (monotonic) passes.  Returns ``(count, when the driver ended)``: the
+    ``driver`` process (anything with ``poll()``) is watched too, and the
+    monotonic time it was first seen ended is the second item (None while it
+    runs).  Stops early when the driver has failed (exit status not 0) and
+    a second later nothing more has arrived."""
+    ended = None
     n = count_new(maildir)
     while n < expected and time.monotonic() < deadline:
-        if driver is not None and driver.poll() not in (None, 0):
+        status = driver.poll() if driver is not None else None
+        if status is not None and ended is None:
+            ended = time.monotonic()
+        if status not in (None, 0):
             time.sleep(1.0)  # what was acknowledged may still be on its way
-            return count_new(maildir)
+            return count_new(maildir), ended
         time.sleep(interval)
         n = count_new(maildir)
-    return n
+    return n, ended
 
 
 # --- smtp-source -------------------------------------------------------------

@@ -115,6 +115,24 @@ def test_count_new_and_wait_for_files(tmp_path):
     for i in range(3):
         (tmp_path / "new" / f"m{i}").write_bytes(b"x")
     assert count_new(tmp_path) == 3
-    assert wait_for_files(tmp_path, 3, time.monotonic() + 5) == 3
+    assert wait_for_files(tmp_path, 3, time.monotonic() + 5) == (3, None)
     # not there by the deadline: the count so far
-    assert wait_for_files(tmp_path, 4, time.monotonic()) == 3
+    assert wait_for_files(tmp_path, 4, time.monotonic()) == (3, None)
+
+
+class Ended:
+    def __init__(self, status):
+        self.status = status
+
+    def poll(self):
+        return self.status
+
+
+def test_wait_for_files_notes_when_the_driver_ended(tmp_path):
+    (tmp_path / "new").mkdir()
+    before = time.monotonic()
+    got, ended = wait_for_files(tmp_path, 1, time.monotonic() + 0.05, Ended(0))
+    assert got == 0 and before <= ended <= time.monotonic()
+    # a failed driver: give up without waiting for the deadline
+    got, ended = wait_for_files(tmp_path, 1, time.monotonic() + 60, Ended(1))
+    assert got == 0 and ended is not None
