@@ -5,8 +5,8 @@ measured in the same run, alternately.
 
 Run from the repository root, as root (Postfix and Dovecot start as root)::
 
-    .venv/bin/python benchmarks/compare.py            # the workloads, ~10 min
-    .venv/bin/python benchmarks/compare.py --quick    # a smoke run, < 1 min
+    .venv/bin/python benchmarks/compare.py            # the workloads, 15-30 min
+    .venv/bin/python benchmarks/compare.py --quick    # a smoke run, 1-2 min
     .venv/bin/python benchmarks/compare.py --json --workers 2 --repetitions 5
 
 Everything listens on free loopback ports and lives under one temporary
@@ -625,9 +625,9 @@ def main(argv=None) -> int:
                     help="messages in the POP3 mailbox; 0 skips POP3 (2000)")
     ap.add_argument("--idle", type=int, default=2000,
                     help="idle SMTP connections held open; 0 skips the test (2000)")
-    ap.add_argument("--submission-messages", type=int, default=1000,
+    ap.add_argument("--submission-messages", type=int, default=600,
                     help="messages per submission run (STARTTLS + AUTH, one per connection); "
-                         "0 skips it (1000)")
+                         "0 skips it (600)")
     ap.add_argument("--workers", type=int, default=None,
                     help="[server] workers for our server (default: the server's default)")
     ap.add_argument("--quick", action="store_true",
