@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks import pop3_throughput  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
-    MIB, PeakSampler, count_new, finish_smtp_source, median, raise_nofile, ratio,
+    MIB, PeakSampler, finish_smtp_source, median, raise_nofile, ratio,
     render_table, smtp_source_command, tree_usage, wait_for_files)
 from benchmarks.references import (  # noqa: E402
     DovecotReference, Postfix, ensure_packages, find_binary)
@@ -79,8 +79,8 @@ TARGETS = {
 
 def ldif(users: list) -> str:
     """The embedded directory: one inetOrgPerson per user, mail user@domain."""
-    out = [f"dn: dc=example,dc=test\nobjectClass: dcObject\nobjectClass: organization\n"
-           f"dc: example\no: Benchmark\n",
+    out = ["dn: dc=example,dc=test\nobjectClass: dcObject\nobjectClass: organization\n"
+           "dc: example\no: Benchmark\n",
            "dn: ou=people,dc=example,dc=test\nobjectClass: organizationalUnit\nou: people\n"]
     for u in users:
         out.append(f"dn: uid={u},ou=people,dc=example,dc=test\nobjectClass: top\n"

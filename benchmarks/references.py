@@ -195,8 +195,9 @@ class Postfix:
         try:
             self._postfix("start")
         except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"postfix start failed: {e.stdout}{e.stderr}\n{self.log()}\n(it says why "
-                               f"only on a terminal: postfix -c {self.base / 'etc'} check)")
+            raise RuntimeError(f"postfix start failed: {e.stdout}{e.stderr}\n{self.log()}\n"
+                               "(it says why only on a terminal: "
+                               f"postfix -c {self.base / 'etc'} check)") from e
         deadline = time.monotonic() + timeout
         pidfile = self.base / "queue" / "pid" / "master.pid"
         while self.pid is None and time.monotonic() < deadline:
@@ -291,7 +292,7 @@ class DovecotReference(Dovecot):
     ``pop3_throughput.Dovecot``'s; only the configuration differs."""
 
     def __init__(self, binary: str, base: Path, users: list, password: str,
-                 sasl_socket: str) -> None:  # noqa: D107 - no super().__init__: own config
+                 sasl_socket: str) -> None:  # not Dovecot.__init__: a config of its own
         self.binary = binary
         self.base = base
         self.port = free_port()  # POP3: what Dovecot.start() waits for
