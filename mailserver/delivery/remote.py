@@ -57,12 +57,16 @@ class TLSPolicy:
     (required, and the certificate must match the MX host name, checked with
     service_identity).  ``trust_root`` is handed to ``connect`` unchanged.
     ``dane``: required, and the certificate must match one of ``tlsa`` (a
-    tuple of :class:`~mailserver.delivery.dane.TLSA`).
+    tuple of :class:`~mailserver.delivery.dane.TLSA`).  ``sts_testing``
+    (``may``/``encrypt`` under an MTA-STS ``testing`` policy): after the
+    handshake, a certificate that ``enforce`` would refuse (checked against
+    ``trust_root``) is logged, and delivery goes on.
     """
 
     mode: str = "may"
     trust_root: Any = None
     tlsa: tuple = ()
+    sts_testing: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in TLS_MODES:
@@ -216,7 +220,9 @@ async def attempt_delivery(connect, reactor, message: OutboundMessage, hops: Seq
         remote = hop.remote
         attempt = replace(message, recipients=tuple(remaining))
         policy = hop.tls or tls
-        extra = {"tlsa": policy.tlsa} if policy.mode == "dane" else {}
+        extra: Dict[str, Any] = {"tlsa": policy.tlsa} if policy.mode == "dane" else {}
+        if policy.sts_testing:
+            extra["sts_testing"] = True
         if message.requiretls and policy.mode not in ("verify", "dane") and not hop.unix_path:
             # RFC 8689 §5: only over TLS with a verified certificate; another MX may have it
             log.info("{id}: REQUIRETLS: TLS to {remote} would not be verified", id=message.queue_id,

@@ -95,7 +95,7 @@ class OutboundSecurityTests(TestCase):
         self.addCleanup(listening.stopListening)
         return listening.getHost().port
 
-    def remote(self, *, mta_sts=False, dane=False) -> RemoteDelivery:
+    def remote(self, *, mta_sts=False, dane=False, mx_trust=None) -> RemoteDelivery:
         from twisted.names import client
 
         resolver = client.Resolver(servers=[self.dns.address], reactor=reactor(),
@@ -115,7 +115,7 @@ class OutboundSecurityTests(TestCase):
 
         return RemoteDelivery(resolver, connect, helo="us.test", reactor=reactor(),
                               port=self.peer.port, families=("ipv4",),
-                              security=OutboundSecurity(sts, lookup, self.trust))
+                              security=OutboundSecurity(sts, lookup, mx_trust or self.trust))
 
     def message(self, rcpt: str) -> OutboundMessage:
         path = f"{self.tmp}/msg"
@@ -156,6 +156,24 @@ class OutboundSecurityTests(TestCase):
             self.assertEqual(reply.code, 250, str(reply))
             self.assertIn("MTA-STS (testing): MX host mx.sts.test does not match",
                           "\n".join(self.logged))
+            self.assertNotIn("enforce mode would not deliver", "\n".join(self.logged))
+            await _sleep(0.05)
+        return defer.ensureDeferred(run())
+
+    def test_testing_mode_logs_a_certificate_enforce_would_refuse(self):
+        async def run():
+            self.served.data = self.policy.replace(b"enforce", b"testing")
+            untrusted = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(
+                trustme.CA().cert_pem.bytes())])
+            reply = await self.send(self.remote(mta_sts=True, mx_trust=untrusted),
+                                    "bob@sts.test")
+            self.assertEqual(reply.code, 250, str(reply))
+            self.assertIn("TLS", self.peer.commands())
+            self.assertEqual(len(self.peer.messages), 1)
+            logged = "\n".join(self.logged)
+            self.assertIn("Q1: MTA-STS (testing): mx.sts.test", logged)
+            self.assertIn("certificate not trusted", logged)
+            self.assertIn("enforce mode would not deliver there; delivering anyway", logged)
             await _sleep(0.05)
         return defer.ensureDeferred(run())
 
