@@ -309,7 +309,7 @@ def _pem_blocks(data: bytes) -> list:
 
 
 def build_queue(config: Config, reactor, parent: MailService, directory, delivery, pool,
-                srs=None, metrics=None):
+                srs=None, metrics=None, signer=None):
     """The outbound queue: spool, routing, remote delivery and the manager.
     Returns the :class:`~mailserver.queue.outbox.Outbox` listeners queue into."""
     from mailserver.delivery.local import LocalTarget
@@ -350,7 +350,7 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
         auth = (relay.smarthost_username, relay.smarthost_password)
     # Queued local recipients may forward outside: their copies go back into
     # the queue through the outbox (set below, once the manager exists).
-    local = LocalTarget(directory, delivery, srs=srs, clock=reactor)
+    local = LocalTarget(directory, delivery, srs=srs, clock=reactor, signer=signer)
     router = Router(directory.is_local_domain, local, remote,
                     relay.transports, relay.smarthost or None, connect=deliver_to_host,
                     helo=helo, reactor=reactor, tls_policy=tls_policy, smarthost_auth=auth,
@@ -435,11 +435,11 @@ def build_service(config: Config, reactor=None, identity=None,
         srs = SRS(config.relay.srs_secret,
                   config.relay.srs_domain or (config.domains.local + config.domains.relay)[0],
                   max_age_days=config.relay.srs_max_age, clock=reactor.seconds)
-    outbox = build_queue(config, reactor, top, directory, delivery, pool, srs, metrics)
     from mailserver.msgauth.dkim_sign import signer_from_config
 
     signer = signer_from_config(
         config, lambda f, *a, **kw: threads.deferToThreadPool(reactor, pool, f, *a, **kw), reactor)
+    outbox = build_queue(config, reactor, top, directory, delivery, pool, srs, metrics, signer)
     parts = Parts(
         config=config, reactor=reactor, directory=directory, local=delivery,
         delivery=RecipientDelivery(delivery, outbox, srs, reactor, signer), outbox=outbox,
