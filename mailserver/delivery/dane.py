@@ -18,8 +18,9 @@ Two halves:
   ``smtp_dns_support_level = dnssec`` we trust a validating resolver that the
   administrator names (``[relay] nameservers``, which should be on the host or
   reached over a trusted network).  :class:`DANELookup` uses it for the MX
-  RRset (DANE applies only when it is secure, RFC 7672 §2.2.1) and for
-  ``_PORT._tcp.HOST`` TLSA RRsets.
+  RRset (DANE applies only when it is secure, RFC 7672 §2.2.1), each MX
+  host's A (or AAAA) RRset (TLSA records count only for a host whose
+  addresses are secure, §2.2.2) and ``_PORT._tcp.HOST`` TLSA RRsets.
 
 Outcomes of :meth:`DANELookup.tlsa`: usable records (DANE is mandatory for
 that host), secure records none of which is usable (TLS mandatory, not
@@ -260,10 +261,26 @@ class DANELookup:
             return False
         return answer.secure
 
+    async def address_secure(self, host: str) -> bool:
+        """Is ``host``'s address RRset authenticated?  The A RRset, or the
+        AAAA one when there is no A record.  Raises :class:`DANEFailure`
+        (a bogus or failed lookup: the host is not to be used)."""
+        answer = await self.dns.query(host, dns.A)
+        if not answer.records:
+            answer = await self.dns.query(host, dns.AAAA)
+        return answer.secure
+
     async def tlsa(self, host: str, port: int) -> Tuple[Tuple[TLSA, ...], bool]:
         """``(usable records, secure records present)`` for ``host``'s SMTP
         on ``port``: secure records that are all unusable still make TLS
-        mandatory, unauthenticated (RFC 7672 §2.2); raises :class:`DANEFailure`."""
+        mandatory, unauthenticated (RFC 7672 §2.2).  TLSA records are only
+        sought for a host whose address records are authenticated (RFC 7672
+        §2.2.2: an attacker who can forge the address is not to choose the
+        DANE policy); raises :class:`DANEFailure`."""
+        if not await self.address_secure(host):
+            log.info("DANE: the address of {host} is not DNSSEC-authenticated; its TLSA "
+                     "records are not used", host=host)
+            return (), False
         name = f"_{port}._tcp.{host}"
         answer = await self.dns.query(name, TLSA_TYPE)
         if not answer.secure or answer.rcode != dns.OK:

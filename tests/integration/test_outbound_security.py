@@ -71,6 +71,10 @@ class OutboundSecurityTests(TestCase):
             "dane.test": {"secure": True, "@": {"MX": [[10, "mx"]]}, "mx": {"A": "127.0.0.1"},
                           f"_{self.peer.port}._tcp.mx.dane.test": {"TLSA": tlsa_for(wrong)}},
             "good.test": {"secure": True, "@": {"MX": [[10, "mx.dane.test"]]}},
+            # signed MX and TLSA, but the MX host's address answer is not authenticated
+            "half.test": {"@": {"MX": [[10, "mx"]], "secure": True}, "mx": {"A": "127.0.0.1"},
+                          f"_{self.peer.port}._tcp.mx.half.test": {"TLSA": tlsa_for(wrong),
+                                                                    "secure": True}},
         }
         self.dns = DNSServer(zones).start()
         self.addCleanup(self.dns.stop)
@@ -214,6 +218,16 @@ class OutboundSecurityTests(TestCase):
             for verb in ("MAIL", "RCPT", "DATA"):
                 self.assertNotIn(verb, commands)
             self.assertEqual(self.peer.messages, [])
+            await _sleep(0.05)
+        return defer.ensureDeferred(run())
+
+    def test_tlsa_of_a_host_with_an_insecure_address_is_not_used(self):
+        async def run():
+            reply = await self.send(self.remote(dane=True), "bob@half.test")
+            self.assertEqual(reply.code, 250, str(reply))  # "may": the wrong TLSA ignored
+            self.assertEqual(len(self.peer.messages), 1)
+            self.assertIn("DANE: the address of mx.half.test is not DNSSEC-authenticated",
+                          "\n".join(self.logged))
             await _sleep(0.05)
         return defer.ensureDeferred(run())
 
