@@ -130,6 +130,44 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else ""
 
 
+MAX_TLS_REQUIRED_SCAN = 256 * 1024  # octets of header looked at for TLS-Required
+
+
+def tls_required_no(message: OutboundMessage) -> bool:
+    """RFC 8689 §4: the message's header says ``TLS-Required: No`` (its
+    sender asks that the recipient domain's MTA-STS and DANE policies be
+    ignored) and the envelope has no REQUIRETLS, which wins (the header
+    field is then ignored).  Reads the header section of the content file
+    (at most :data:`MAX_TLS_REQUIRED_SCAN` octets; on the reactor thread,
+    like the content when it is sent, from the page cache); an unreadable
+    file is False (delivery reports it when it sends)."""
+    if message.requiretls:
+        return False
+    field: Optional[bytes] = None
+    try:
+        with open(message.content_path, "rb") as f:
+            size = 0
+            for line in f:
+                size += len(line)
+                if line in (b"\r\n", b"\n") or size > MAX_TLS_REQUIRED_SCAN:
+                    break
+                if line[:1] in (b" ", b"\t"):
+                    if field is not None:
+                        field += line
+                    continue
+                if field is not None:
+                    break  # the field (and its continuation lines) is complete
+                name, colon, _value = line.partition(b":")
+                if colon and name.strip().lower() == b"tls-required":
+                    field = line
+    except OSError:
+        return False
+    if field is None:
+        return False
+    value = field.partition(b":")[2]
+    return b" ".join(value.split()).lower() == b"no"
+
+
 # -- trying next hops ------------------------------------------------------------
 
 _CONNECT_REASONS = (
@@ -345,7 +383,10 @@ class RemoteDelivery:
             return same_reply(message, reply)
         policy = tls or tls_policy_for(self.tls_policy, domain)
         hops = hops_for(destinations, port)
-        if self.security is not None:  # MTA-STS is about recipient domains only
+        if self.security is not None and tls_required_no(message):
+            log.info("{id}: TLS-Required: No: MTA-STS and DANE not applied (RFC 8689)",
+                     id=message.queue_id)
+        elif self.security is not None:  # MTA-STS is about recipient domains only
             hops, refused = await self.security.plan(domain, destinations, port, policy,
                                                      message.queue_id, mta_sts=not configured)
             if refused is not None:

@@ -121,14 +121,15 @@ class OutboundSecurityTests(TestCase):
                               port=self.peer.port, families=("ipv4",),
                               security=OutboundSecurity(sts, lookup, mx_trust or self.trust))
 
-    def message(self, rcpt: str) -> OutboundMessage:
+    def message(self, rcpt: str, header: bytes = b"") -> OutboundMessage:
         path = f"{self.tmp}/msg"
         with open(path, "wb") as f:
-            f.write(b"Subject: secure\r\nMessage-ID: <s@us.test>\r\n\r\nhello\r\n")
+            f.write(b"Subject: secure\r\nMessage-ID: <s@us.test>\r\n" + header
+                    + b"\r\nhello\r\n")
         return OutboundMessage("Q1", "alice@us.test", (OutboundRecipient(rcpt),), path, 40)
 
-    async def send(self, remote, rcpt):
-        report = await remote.deliver(self.message(rcpt))
+    async def send(self, remote, rcpt, header: bytes = b""):
+        report = await remote.deliver(self.message(rcpt, header))
         return report.replies[rcpt]
 
     def test_enforce_matching_mx_verified_is_delivered(self):
@@ -228,6 +229,22 @@ class OutboundSecurityTests(TestCase):
             self.assertEqual(len(self.peer.messages), 1)
             self.assertIn("DANE: the address of mx.half.test is not DNSSEC-authenticated",
                           "\n".join(self.logged))
+            await _sleep(0.05)
+        return defer.ensureDeferred(run())
+
+    def test_tls_required_no_ignores_dane_and_mta_sts(self):
+        """RFC 8689 §4: TLS-Required: No; the wrong TLSA and a policy that
+        excludes the MX are both ignored, and TLS is still used where offered."""
+        async def run():
+            self.served.data = self.policy.replace(b"mx.sts.test", b"*.elsewhere.test")
+            remote = self.remote(mta_sts=True, dane=True)
+            for rcpt in ("bob@dane.test", "bob@other.test"):
+                reply = await self.send(remote, rcpt, b"TLS-Required: No\r\n")
+                self.assertEqual(reply.code, 250, str(reply))
+            self.assertEqual(len(self.peer.messages), 2)
+            self.assertIn("Q1: TLS-Required: No: MTA-STS and DANE not applied",
+                          "\n".join(self.logged))
+            self.assertIn("TLS", self.peer.commands())
             await _sleep(0.05)
         return defer.ensureDeferred(run())
 
