@@ -262,6 +262,55 @@ class OutboundSecurityTests(TestCase):
         return defer.ensureDeferred(run())
 
 
+class TruncatedOverUDPTests(TestCase):
+    """SecureDNS asks again over TCP when the UDP answer is truncated."""
+
+    def test_truncated_answer_is_fetched_over_tcp(self):
+        import struct
+
+        from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+        from twisted.names import dns
+
+        from tests.support.dns import Record_TLSA
+
+        record = bytes((3, 1, 1)) + b"\x07" * 32
+
+        def answer(query: bytes, truncated: bool) -> bytes:
+            q = dns._EDNSMessage()
+            q.fromStr(query)
+            m = dns._EDNSMessage(id=q.id, answer=True, recDes=True, recAv=True,
+                                 authenticData=not truncated, trunc=truncated,
+                                 queries=q.queries)
+            if not truncated:
+                name = q.queries[0].name.name
+                m.answers = [dns.RRHeader(name, 52, dns.IN, 60, Record_TLSA(record))]
+            return m.toStr()
+
+        class UDP(DatagramProtocol):
+            def datagramReceived(self, data, addr):
+                self.transport.write(answer(data, True), addr)
+
+        class TCP(Protocol):
+            def dataReceived(self, data):
+                (size,) = struct.unpack("!H", data[:2])
+                reply = answer(data[2:2 + size], False)
+                self.transport.write(struct.pack("!H", len(reply)) + reply)
+
+        udp = reactor().listenUDP(0, UDP(), interface="127.0.0.1")
+        self.addCleanup(udp.stopListening)
+        port = udp.getHost().port
+        tcp = reactor().listenTCP(port, Factory.forProtocol(TCP), interface="127.0.0.1")
+        self.addCleanup(tcp.stopListening)
+
+        async def run():
+            found = await SecureDNS([("127.0.0.1", port)], reactor(), timeout=5).query(
+                "_25._tcp.mx.big.test", 52)
+            self.assertTrue(found.secure)
+            self.assertEqual([r.data for r in found.records], [record])
+            await _sleep(0.05)
+        return defer.ensureDeferred(run())
+
+
 class _Policy:
     """The policy file resource: ``data`` served as text/plain."""
 
