@@ -337,7 +337,7 @@ def _pem_blocks(data: bytes) -> list:
 
 
 def build_queue(config: Config, reactor, parent: MailService, directory, delivery, pool,
-                srs=None, metrics=None):
+                srs=None, metrics=None, signer=None):
     """The outbound queue: spool, routing, remote delivery and the manager.
     Returns the :class:`~mailserver.queue.outbox.Outbox` listeners queue into."""
     from mailserver.delivery.local import LocalTarget
@@ -378,7 +378,7 @@ def build_queue(config: Config, reactor, parent: MailService, directory, deliver
         auth = (relay.smarthost_username, relay.smarthost_password)
     # Queued local recipients may forward outside: their copies go back into
     # the queue through the outbox (set below, once the manager exists).
-    local = LocalTarget(directory, delivery, srs=srs, clock=reactor)
+    local = LocalTarget(directory, delivery, srs=srs, clock=reactor, signer=signer)
     router = Router(directory.is_local_domain, local, remote,
                     relay.transports, relay.smarthost or None, connect=deliver_to_host,
                     helo=helo, reactor=reactor, tls_policy=tls_policy, smarthost_auth=auth,
@@ -483,7 +483,8 @@ def build_service(config: Config, reactor=None, identity=None,
 
         outbox = worker_outbox(config, reactor, pool, channel)
     else:
-        outbox = build_queue(config, reactor, top, directory, delivery, pool, srs, metrics)
+        outbox = build_queue(config, reactor, top, directory, delivery, pool, srs, metrics,
+                             signer)
     if role == "supervisor":
         from mailserver.workers.supervisor import WorkerPool
 

@@ -18,20 +18,23 @@ Two halves:
   ``smtp_dns_support_level = dnssec`` we trust a validating resolver that the
   administrator names (``[relay] nameservers``, which should be on the host or
   reached over a trusted network).  :class:`DANELookup` uses it for the MX
-  RRset (DANE applies only when it is secure, RFC 7672 §2.2.1) and for
-  ``_PORT._tcp.HOST`` TLSA RRsets.
+  RRset (DANE applies only when it is secure, RFC 7672 §2.2.1), each MX
+  host's A (or AAAA) RRset (TLSA records count only for a host whose
+  addresses are secure, §2.2.2) and ``_PORT._tcp.HOST`` TLSA RRsets.
 
 Outcomes of :meth:`DANELookup.tlsa`: usable records (DANE is mandatory for
 that host), secure records none of which is usable (TLS mandatory, not
 authenticated), none (insecure answer, NXDOMAIN or NODATA), or :class:`DANEFailure`
 (SERVFAIL, which is how a validating resolver reports bogus data, a timeout,
-a truncated answer): that host must not be used now (RFC 7672 §2.2.3).
+a truncated answer that TCP cannot fetch either): that host must not be
+used now (RFC 7672 §2.2.3).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -39,7 +42,7 @@ from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.protocol import DatagramProtocol, Protocol
 from twisted.logger import Logger
 from twisted.names import dns
 
@@ -189,10 +192,44 @@ class _OneQuery(DatagramProtocol):
             self.result.callback(m)
 
 
+class _TCPQuery(Protocol):
+    """One query over TCP (RFC 1035 §4.2.2: each message after a two-octet
+    length), for an answer too large for UDP."""
+
+    def __init__(self, message: bytes, qid: int) -> None:
+        self.message, self.qid, self.data = message, qid, b""
+        self.result: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(struct.pack("!H", len(self.message)) + self.message)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) < 2 or self.result.called:
+            return
+        (size,) = struct.unpack("!H", self.data[:2])
+        if len(self.data) < 2 + size:
+            return
+        m = dns._EDNSMessage()
+        try:
+            m.fromStr(self.data[2:2 + size])
+        except Exception:
+            m = None
+        self.transport.loseConnection()
+        if m is None or m.id != self.qid:
+            self.result.errback(DANEFailure("malformed answer over TCP"))
+        else:
+            self.result.callback(m)
+
+    def connectionLost(self, reason=None) -> None:
+        if not self.result.called:
+            self.result.errback(DANEFailure("connection closed before the answer"))
+
+
 class SecureDNS:
     """Queries with the AD bit set, over UDP with EDNS0 (1232-octet answers),
     to each of ``servers`` (``(host, port)``) in turn until one answers.  A
-    truncated answer is a failure (TLSA and MX RRsets fit easily)."""
+    truncated answer is asked again over TCP, of the same server."""
 
     def __init__(self, servers: Sequence[Tuple[str, int]], reactor, timeout: float = 5.0,
                  rng: Optional[random.Random] = None) -> None:
@@ -215,7 +252,11 @@ class SecureDNS:
                 problems.append(f"{server[0]}:{server[1]}: {e}")
                 continue
             if m.trunc:
-                raise DANEFailure(f"truncated answer for {name}")
+                try:
+                    m = await self._ask(server, name, qtype, tcp=True)
+                except (defer.TimeoutError, defer.CancelledError, OSError, DANEFailure) as e:
+                    raise DANEFailure(f"truncated answer for {name}, and over TCP: "
+                                      f"{type(e).__name__} {e}") from None
             if m.rCode not in (dns.OK, dns.ENAME):
                 raise DANEFailure(f"{name}: DNS error {m.rCode} (bogus or unavailable)")
             records = tuple(rr.payload for rr in m.answers
@@ -223,10 +264,26 @@ class SecureDNS:
             return Answer(m.rCode, bool(m.authenticData), records)
         raise DANEFailure(f"no answer for {name}: {'; '.join(problems)}")
 
-    async def _ask(self, server, name: str, qtype: int):
+    async def _ask(self, server, name: str, qtype: int, tcp: bool = False):
         qid = self.rng.randrange(1, 65536)
         q = dns._EDNSMessage(id=qid, recDes=True, authenticData=True, maxSize=1232,
                              queries=[dns.Query(name, qtype, dns.IN)])
+        if tcp:
+            from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, \
+                connectProtocol
+
+            kind = TCP6ClientEndpoint if ":" in server[0] else TCP4ClientEndpoint
+            query = _TCPQuery(q.toStr(), qid)
+            connecting = connectProtocol(kind(self.reactor, server[0], server[1],
+                                              timeout=self.timeout), query)
+            connecting.addTimeout(self.timeout, self.reactor)
+            await connecting
+            query.result.addTimeout(self.timeout, self.reactor)
+            try:
+                return await query.result
+            finally:
+                if query.transport is not None:
+                    query.transport.abortConnection()
         proto = _OneQuery(q.toStr(), server, qid)
         port = self.reactor.listenUDP(0, proto, interface="::" if ":" in server[0] else "")
         try:
@@ -260,10 +317,26 @@ class DANELookup:
             return False
         return answer.secure
 
+    async def address_secure(self, host: str) -> bool:
+        """Is ``host``'s address RRset authenticated?  The A RRset, or the
+        AAAA one when there is no A record.  Raises :class:`DANEFailure`
+        (a bogus or failed lookup: the host is not to be used)."""
+        answer = await self.dns.query(host, dns.A)
+        if not answer.records:
+            answer = await self.dns.query(host, dns.AAAA)
+        return answer.secure
+
     async def tlsa(self, host: str, port: int) -> Tuple[Tuple[TLSA, ...], bool]:
         """``(usable records, secure records present)`` for ``host``'s SMTP
         on ``port``: secure records that are all unusable still make TLS
-        mandatory, unauthenticated (RFC 7672 §2.2); raises :class:`DANEFailure`."""
+        mandatory, unauthenticated (RFC 7672 §2.2).  TLSA records are only
+        sought for a host whose address records are authenticated (RFC 7672
+        §2.2.2: an attacker who can forge the address is not to choose the
+        DANE policy); raises :class:`DANEFailure`."""
+        if not await self.address_secure(host):
+            log.info("DANE: the address of {host} is not DNSSEC-authenticated; its TLSA "
+                     "records are not used", host=host)
+            return (), False
         name = f"_{port}._tcp.{host}"
         answer = await self.dns.query(name, TLSA_TYPE)
         if not answer.secure or answer.rcode != dns.OK:

@@ -118,7 +118,9 @@ class LocalTarget:
     original recipient counts as done once everything is delivered or durably
     queued.  Without an ``outbox`` forwards are a temporary failure
     (``FORWARD_UNAVAILABLE``), never dropped.  An address that no longer
-    exists bounces (``550 5.1.1``); an outage is temporary.
+    exists bounces (``550 5.1.1``); an outage is temporary.  Forwards are
+    DKIM signed by ``signer`` as at DATA time, and keep the message's
+    REQUIRETLS flag (RFC 8689).
 
     A recipient's ``remote`` in the report is ``"local"`` when its mailbox
     copies were all made here now (a NOTIFY=SUCCESS report is owed, as at
@@ -127,12 +129,13 @@ class LocalTarget:
     """
 
     def __init__(self, directory, delivery: LocalDelivery, outbox=None, srs=None,
-                 clock=None) -> None:
+                 clock=None, signer=None) -> None:
         self.directory = directory
         self.delivery = delivery
         self.outbox = outbox  # mailserver.queue.outbox.Outbox
         self.srs = srs  # mailserver.srs.SRS
         self.clock = clock  # None: the global reactor, looked up when needed
+        self.signer = signer  # mailserver.msgauth.dkim_sign.Signer, for forwards
 
     async def deliver(self, message):
         from mailserver.delivery.interfaces import DeliveryReport
@@ -152,10 +155,11 @@ class LocalTarget:
                 continue
             targets.append(Target(rcpt.address, resolution, orcpt=rcpt.orcpt or "",
                                   notify=tuple(rcpt.notify), mailbox_only=rcpt.mailbox_only))
-        step = RecipientDelivery(self.delivery, self.outbox, self.srs, self.clock)
+        step = RecipientDelivery(self.delivery, self.outbox, self.srs, self.clock, self.signer)
         content = Message(message.queue_id, message.sender, message.content_path,
                           eight_bit=message.eight_bit, smtputf8=message.smtputf8,
-                          envid=message.envid, ret=message.ret, arrival=message.arrival)
+                          envid=message.envid, ret=message.ret, arrival=message.arrival,
+                          requiretls=message.requiretls)
         outcomes = await step.deliver(content, targets, requeue="partial")
         forwarded = set()
         for t, outcome in zip(targets, outcomes):

@@ -19,6 +19,11 @@
   id (or no cached policy) fetches; a failed fetch or lookup keeps a cached
   policy until its ``max_age`` runs out (RFC 8461 §5.1); ``mode: none``
   removes the domain's policy.
+* :func:`certificate_problem`: why a server's certificate chain would fail
+  the verification ``enforce`` mode does (OpenSSL's chain check against the
+  same trust root, service_identity for the MX host name), for the
+  after-handshake report ``testing`` mode makes (RFC 8461 §5: report, do not
+  enforce).
 """
 
 from __future__ import annotations
@@ -304,6 +309,48 @@ class MTASTS:
                  age=policy.max_age)
         self.cache.put(domain, policy)
         return _in_force(policy)
+
+
+_STORES: Dict[object, tuple] = {}
+
+
+def _store_for(trust_root):
+    """An OpenSSL certificate store holding ``trust_root`` (a Twisted trust
+    root; None: the platform's CAs), made once per trust root.  The store
+    belongs to a context that is kept with it (pyOpenSSL does not keep the
+    context alive for the store)."""
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+
+    key = "platform" if trust_root is None else trust_root
+    if key not in _STORES:
+        context = SSL.Context(SSL.TLS_METHOD)
+        (trust_root or ssl.platformTrust())._addCACertsToContext(context)
+        _STORES[key] = (context, context.get_cert_store())
+    return _STORES[key][1]
+
+
+def certificate_problem(chain, host: str, trust_root=None) -> Optional[str]:
+    """None when ``chain`` (the server's certificates, leaf first, as
+    cryptography objects) would pass the verification of ``enforce`` mode
+    for MX ``host``: a chain to ``trust_root`` and the host name in the
+    leaf; otherwise why not."""
+    from OpenSSL import crypto
+    from service_identity import CertificateError, VerificationError
+    from service_identity.cryptography import verify_certificate_hostname
+
+    if not chain:
+        return "no certificate"
+    certs = [crypto.X509.from_cryptography(c) for c in chain]
+    try:
+        crypto.X509StoreContext(_store_for(trust_root), certs[0], certs[1:]).verify_certificate()
+    except crypto.X509StoreContextError as e:
+        return f"certificate not trusted ({e})"
+    try:
+        verify_certificate_hostname(chain[0], host)
+    except (CertificateError, VerificationError):
+        return f"certificate does not name {host}"
+    return None
 
 
 def _in_force(policy: Optional[Policy]) -> Optional[Policy]:

@@ -57,12 +57,16 @@ class TLSPolicy:
     (required, and the certificate must match the MX host name, checked with
     service_identity).  ``trust_root`` is handed to ``connect`` unchanged.
     ``dane``: required, and the certificate must match one of ``tlsa`` (a
-    tuple of :class:`~mailserver.delivery.dane.TLSA`).
+    tuple of :class:`~mailserver.delivery.dane.TLSA`).  ``sts_testing``
+    (``may``/``encrypt`` under an MTA-STS ``testing`` policy): after the
+    handshake, a certificate that ``enforce`` would refuse (checked against
+    ``trust_root``) is logged, and delivery goes on.
     """
 
     mode: str = "may"
     trust_root: Any = None
     tlsa: tuple = ()
+    sts_testing: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in TLS_MODES:
@@ -124,6 +128,44 @@ def lookup_keys(domain: str) -> List[str]:
 def domain_of(address: str) -> str:
     """The lower-cased domain of ``address`` ("" when it has none)."""
     return address.rpartition("@")[2].lower().rstrip(".") if "@" in address else ""
+
+
+MAX_TLS_REQUIRED_SCAN = 256 * 1024  # octets of header looked at for TLS-Required
+
+
+def tls_required_no(message: OutboundMessage) -> bool:
+    """RFC 8689 §4: the message's header says ``TLS-Required: No`` (its
+    sender asks that the recipient domain's MTA-STS and DANE policies be
+    ignored) and the envelope has no REQUIRETLS, which wins (the header
+    field is then ignored).  Reads the header section of the content file
+    (at most :data:`MAX_TLS_REQUIRED_SCAN` octets; on the reactor thread,
+    like the content when it is sent, from the page cache); an unreadable
+    file is False (delivery reports it when it sends)."""
+    if message.requiretls:
+        return False
+    field: Optional[bytes] = None
+    try:
+        with open(message.content_path, "rb") as f:
+            size = 0
+            for line in f:
+                size += len(line)
+                if line in (b"\r\n", b"\n") or size > MAX_TLS_REQUIRED_SCAN:
+                    break
+                if line[:1] in (b" ", b"\t"):
+                    if field is not None:
+                        field += line
+                    continue
+                if field is not None:
+                    break  # the field (and its continuation lines) is complete
+                name, colon, _value = line.partition(b":")
+                if colon and name.strip().lower() == b"tls-required":
+                    field = line
+    except OSError:
+        return False
+    if field is None:
+        return False
+    value = field.partition(b":")[2]
+    return b" ".join(value.split()).lower() == b"no"
 
 
 # -- trying next hops ------------------------------------------------------------
@@ -216,7 +258,9 @@ async def attempt_delivery(connect, reactor, message: OutboundMessage, hops: Seq
         remote = hop.remote
         attempt = replace(message, recipients=tuple(remaining))
         policy = hop.tls or tls
-        extra = {"tlsa": policy.tlsa} if policy.mode == "dane" else {}
+        extra: Dict[str, Any] = {"tlsa": policy.tlsa} if policy.mode == "dane" else {}
+        if policy.sts_testing:
+            extra["sts_testing"] = True
         if message.requiretls and policy.mode not in ("verify", "dane") and not hop.unix_path:
             # RFC 8689 §5: only over TLS with a verified certificate; another MX may have it
             log.info("{id}: REQUIRETLS: TLS to {remote} would not be verified", id=message.queue_id,
@@ -339,7 +383,10 @@ class RemoteDelivery:
             return same_reply(message, reply)
         policy = tls or tls_policy_for(self.tls_policy, domain)
         hops = hops_for(destinations, port)
-        if self.security is not None:  # MTA-STS is about recipient domains only
+        if self.security is not None and tls_required_no(message):
+            log.info("{id}: TLS-Required: No: MTA-STS and DANE not applied (RFC 8689)",
+                     id=message.queue_id)
+        elif self.security is not None:  # MTA-STS is about recipient domains only
             hops, refused = await self.security.plan(domain, destinations, port, policy,
                                                      message.queue_id, mta_sts=not configured)
             if refused is not None:

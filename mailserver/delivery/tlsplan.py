@@ -19,8 +19,11 @@ configured ``none``          no TLS
 
 A host with DANE records is judged by them even under MTA-STS (RFC 8461
 §2: DANE takes precedence); hosts without them still need to match the
-MTA-STS policy.  MTA-STS ``testing`` only logs hosts that do not match.  MX
-hosts that are excluded are never contacted; when none is left every
+MTA-STS policy.  MTA-STS ``testing`` only logs: hosts that do not match,
+and (under ``may``/``encrypt``) certificates that ``enforce`` would refuse,
+checked after the handshake
+(:func:`~mailserver.delivery.mtasts.certificate_problem`).  MX hosts that
+are excluded are never contacted; when none is left every
 recipient gets a temporary ``451 4.7.5`` (retried, then bounced when the
 queue lifetime ends): never a delivery in clear or to an unverified host.
 A TLSA lookup that fails for a host of a secure MX RRset (SERVFAIL, which
@@ -35,6 +38,7 @@ fixed hosts (``smtp:[host]``, a bracketed smarthost) use the configured
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
@@ -67,6 +71,8 @@ def combine(base: TLSPolicy, sts: Optional[Policy], host: str,
         if not sts.matches(host):
             return None
         return TLSPolicy("verify", sts_trust_root)
+    if sts is not None and sts.mode == "testing" and base.mode in ("may", "encrypt"):
+        return replace(base, trust_root=sts_trust_root, sts_testing=True)
     return base
 
 

@@ -298,6 +298,11 @@ class Signer:
                       domain=domain)
         return lines
 
+    def might_sign(self, domains: Sequence[str]) -> bool:
+        """Whether any of ``domains`` may have a key (answered from memory,
+        on the reactor thread): when none does, no thread hop is needed."""
+        return any(self.keys.may_sign(d) for d in domains if d)
+
     async def sign_forward(self, message, forwarders: Sequence[str]):
         """The :class:`~mailserver.delivery.recipients.Message` a forward
         sends outside: signed for the first forwarding address's domain with
@@ -305,6 +310,8 @@ class Signer:
         if not self.forwarded:
             return message
         domains = [a.rpartition("@")[2] for a in forwarders if "@" in a]
+        if not self.might_sign(domains):
+            return message
         lines = await self.sign(message.queue_id, message.prefix, message.content_path,
                                 domains, from_first=False, not_aligned_with_from=True)
         if not lines:
@@ -319,6 +326,15 @@ def _describe(line: bytes) -> str:
     return f"s={tags.get('s', '?')} a={tags.get('a', '?')}"
 
 
+def scanned_from_domains(scanner) -> Optional[List[str]]:
+    """The From: domains the acceptance pipeline's header scanner kept, or
+    None when it cannot tell (no scanner, a From: field cut short)."""
+    if scanner is None or "from" in getattr(scanner, "truncated", ()):
+        return None
+    values = scanner.fields.get("from") or []
+    return from_domains([(b"From", v.encode("utf-8")) for v in values])
+
+
 class DKIMSigning(Check):
     """Submission: sign for the From: domain (else the envelope sender's)."""
 
@@ -331,6 +347,9 @@ class DKIMSigning(Check):
         if not session.authenticated:  # only what a login submits (AUTH precedes MAIL here)
             return None
         domains = [txn.sender.rpartition("@")[2]] if "@" in txn.sender else []
+        froms = scanned_from_domains(txn.scanner)
+        if froms is not None and not self.signer.might_sign(froms + domains):
+            return None  # no key for any candidate: spare the thread hop
         lines = await self.signer.sign(txn.message.queue_id, b"".join(txn.headers),
                                        txn.message.path, domains)
         txn.headers.extend(lines)

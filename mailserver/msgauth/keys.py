@@ -20,8 +20,9 @@ import base64
 import functools
 import os
 import re
+import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, Optional, Sequence, Tuple
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -199,16 +200,50 @@ class KeyStore:
     wins) name the selectors in use; with neither, every ``*.key`` file in
     the domain's directory signs.  A listed selector whose file is missing
     or broken is an error for the caller to report.  Files are re-read when
-    their modification time or size changes.
+    their modification time or size changes.  :meth:`may_sign` answers from
+    memory, for the reactor thread; ``clock`` (seconds) times its listing.
     """
 
+    LISTING_TTL = 10.0  # seconds a listing of the domains with key files is used
+
     def __init__(self, key_dir: str, selectors: Sequence[str] = (),
-                 domain_selectors: Optional[Dict[str, Sequence[str]]] = None) -> None:
+                 domain_selectors: Optional[Dict[str, Sequence[str]]] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.key_dir = key_dir
         self.selectors = tuple(selectors)
         self.domain_selectors = {d.lower().rstrip("."): tuple(s)
                                  for d, s in (domain_selectors or {}).items()}
+        self.clock = clock
         self._cache: Dict[str, Tuple[tuple, SigningKey]] = {}
+        self._listing: Optional[Tuple[float, FrozenSet[str]]] = None
+
+    def may_sign(self, domain: str) -> bool:
+        """Whether :meth:`keys_for` could find keys (or problems) for
+        ``domain``, cheaply: configured selectors say yes; otherwise the
+        domains whose directory holds a ``*.key`` file, listed at most once
+        per :attr:`LISTING_TTL` seconds (a first key signs within that)."""
+        domain = domain.lower().rstrip(".")
+        if self.domain_selectors.get(domain) or self.selectors:
+            return True
+        now = self.clock()
+        if self._listing is None or now >= self._listing[0]:
+            self._listing = (now + self.LISTING_TTL, self._domains_with_keys())
+        return domain in self._listing[1]
+
+    def _domains_with_keys(self) -> FrozenSet[str]:
+        found = set()
+        try:
+            names = os.listdir(self.key_dir)
+        except OSError:
+            return frozenset()
+        for name in names:
+            try:
+                files = os.listdir(os.path.join(self.key_dir, name))
+            except OSError:
+                continue
+            if any(f.endswith(".key") and len(f) > 4 for f in files):
+                found.add(name.lower())
+        return frozenset(found)
 
     def selectors_for(self, domain: str) -> Tuple[str, ...]:
         domain = domain.lower().rstrip(".")

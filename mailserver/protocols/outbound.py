@@ -140,6 +140,18 @@ def dane_check(dest: Destination):
     return lambda chain: check_chain(dest.tlsa, chain, name)
 
 
+def sts_testing_check(dest: Destination):
+    """Under an MTA-STS ``testing`` policy: ``chain -> None or why enforce
+    would refuse it`` (:func:`~mailserver.delivery.mtasts.certificate_problem`,
+    against ``trust_root``), only to be logged; else None."""
+    if not dest.sts_testing or dest.tls not in ("may", "encrypt"):
+        return None
+    from mailserver.delivery.mtasts import certificate_problem
+
+    name = dest.tls_hostname or str(dest.host).strip("[]")
+    return lambda chain: certificate_problem(chain, name, dest.trust_root)
+
+
 # --- the protocol ---------------------------------------------------------------
 @implementer(IPullProducer)
 class _ContentSender:
@@ -191,9 +203,11 @@ class OutboundProtocol(Protocol):
     """
 
     def __init__(self, core: SMTPClientConnection, clock, timeouts: Timeouts,
-                 tls: Any, *, chunk_size: int = CHUNK_SIZE, tls_check=None) -> None:
+                 tls: Any, *, chunk_size: int = CHUNK_SIZE, tls_check=None,
+                 tls_report=None) -> None:
         self.core = core
-        self.tls_check = tls_check
+        self.tls_check = tls_check  # chain -> why to hang up, or None
+        self.tls_report = tls_report  # chain -> what to log, or None
         self.clock = clock
         self.timeouts = timeouts
         self.tls = tls
@@ -262,7 +276,7 @@ class OutboundProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.tls_pending = False
-        why = self._check_peer()
+        why = self._check_peer(self.tls_check)
         if why is not None:
             log.warn("DANE: {remote}: {why}; not delivering there", remote=self.core.remote,
                      why=why)
@@ -270,18 +284,23 @@ class OutboundProtocol(Protocol):
             self._abort = True
             self.core.abort(R.REMOTE_DANE_MISMATCH, retry_elsewhere=True)
         else:
+            why = self._check_peer(self.tls_report)
+            if why is not None:
+                log.warn("{id}: MTA-STS (testing): {remote}: {why}; enforce mode would not "
+                         "deliver there; delivering anyway", id=self.core.message.queue_id,
+                         remote=self.core.remote, why=why)
             self.core.tls_started()
         self.drive()
 
-    def _check_peer(self) -> Optional[str]:
-        """None when the peer's certificate passes ``tls_check`` (or there is none)."""
-        if self.tls_check is None:
+    def _check_peer(self, check) -> Optional[str]:
+        """None when the peer's certificate passes ``check`` (or there is none)."""
+        if check is None:
             return None
         try:
             chain = self.transport.getHandle().get_peer_cert_chain(as_cryptography=True)
         except Exception as e:
             return f"cannot read the certificate chain ({type(e).__name__})"
-        return self.tls_check(list(chain or ()))
+        return check(list(chain or ()))
 
     def connectionLost(self, reason=None) -> None:
         self.lost = True
@@ -438,7 +457,8 @@ class _OneConnection(Factory):
             remote=dest.describe(getattr(addr, "host", None)),
         )
         proto = OutboundProtocol(core, self.clock, self.timeouts, tls,
-                                 tls_check=dane_check(dest))
+                                 tls_check=dane_check(dest),
+                                 tls_report=sts_testing_check(dest))
         proto.factory = self
         return proto
 
@@ -541,7 +561,8 @@ async def deliver_to_host(reactor, host: Optional[str], port: Optional[int],
                           tls_hostname: Optional[str] = None, trust_root: Any = None,
                           auth: Optional[Tuple[str, str]] = None, lmtp: bool = False,
                           unix_path: Optional[str] = None, timeouts: Timeouts = Timeouts(),
-                          allow_plaintext_auth: bool = False, tlsa: tuple = ()) -> HostAttempt:
+                          allow_plaintext_auth: bool = False, tlsa: tuple = (),
+                          sts_testing: bool = False) -> HostAttempt:
     """Deliver ``message`` to one host (or UNIX socket) and QUIT.
 
     Never raises for a delivery problem: connection failures, timeouts and
@@ -549,7 +570,7 @@ async def deliver_to_host(reactor, host: Optional[str], port: Optional[int],
     connections and the clock.
     """
     dest = Destination(host, port, helo, tls, tls_hostname, trust_root, auth, lmtp,
-                       unix_path, allow_plaintext_auth, tlsa)
+                       unix_path, allow_plaintext_auth, tlsa, sts_testing)
     proto, attempt = await attempt_host(reactor, dest, message, timeouts)
     if proto is not None:
         await proto.quit()

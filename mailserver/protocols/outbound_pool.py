@@ -69,11 +69,12 @@ class OutboundConnectionPool:
                               tls_hostname: Optional[str] = None, trust_root: Any = None,
                               auth: Optional[Tuple[str, str]] = None, lmtp: bool = False,
                               unix_path: Optional[str] = None, timeouts: Optional[Timeouts] = None,
-                              allow_plaintext_auth: bool = False, tlsa: tuple = ()) -> HostAttempt:
+                              allow_plaintext_auth: bool = False, tlsa: tuple = (),
+                              sts_testing: bool = False) -> HostAttempt:
         """Like :func:`~mailserver.protocols.outbound.deliver_to_host`, reusing an idle
         connection when there is one."""
         dest = Destination(host, port, helo, tls, tls_hostname, trust_root, auth, lmtp,
-                           unix_path, allow_plaintext_auth, tlsa)
+                           unix_path, allow_plaintext_auth, tlsa, sts_testing)
         self._busy += 1
         try:
             return await self._deliver(reactor, dest, message, timeouts)

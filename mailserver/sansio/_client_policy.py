@@ -68,6 +68,7 @@ class Destination:
     unix_path: Optional[str] = None
     allow_plaintext_auth: bool = False
     tlsa: tuple = ()  # DANE TLSA records, for tls = "dane"
+    sts_testing: bool = False  # log a certificate MTA-STS enforce would refuse
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:
@@ -82,7 +83,8 @@ class Destination:
         except TypeError:
             trust = id(self.trust_root)
         return (self.host, self.port, self.unix_path, self.tls, self.tls_hostname, trust,
-                self.auth, self.lmtp, self.helo, self.allow_plaintext_auth, self.tlsa)
+                self.auth, self.lmtp, self.helo, self.allow_plaintext_auth, self.tlsa,
+                self.sts_testing)
 
     def describe(self, peer: Optional[str] = None) -> str:
         """``mx.example.org[192.0.2.1]:25``, ``unix:/path`` and the like."""

@@ -71,6 +71,10 @@ class OutboundSecurityTests(TestCase):
             "dane.test": {"secure": True, "@": {"MX": [[10, "mx"]]}, "mx": {"A": "127.0.0.1"},
                           f"_{self.peer.port}._tcp.mx.dane.test": {"TLSA": tlsa_for(wrong)}},
             "good.test": {"secure": True, "@": {"MX": [[10, "mx.dane.test"]]}},
+            # signed MX and TLSA, but the MX host's address answer is not authenticated
+            "half.test": {"@": {"MX": [[10, "mx"]], "secure": True}, "mx": {"A": "127.0.0.1"},
+                          f"_{self.peer.port}._tcp.mx.half.test": {"TLSA": tlsa_for(wrong),
+                                                                    "secure": True}},
         }
         self.dns = DNSServer(zones).start()
         self.addCleanup(self.dns.stop)
@@ -95,7 +99,7 @@ class OutboundSecurityTests(TestCase):
         self.addCleanup(listening.stopListening)
         return listening.getHost().port
 
-    def remote(self, *, mta_sts=False, dane=False) -> RemoteDelivery:
+    def remote(self, *, mta_sts=False, dane=False, mx_trust=None) -> RemoteDelivery:
         from twisted.names import client
 
         resolver = client.Resolver(servers=[self.dns.address], reactor=reactor(),
@@ -115,16 +119,17 @@ class OutboundSecurityTests(TestCase):
 
         return RemoteDelivery(resolver, connect, helo="us.test", reactor=reactor(),
                               port=self.peer.port, families=("ipv4",),
-                              security=OutboundSecurity(sts, lookup, self.trust))
+                              security=OutboundSecurity(sts, lookup, mx_trust or self.trust))
 
-    def message(self, rcpt: str) -> OutboundMessage:
+    def message(self, rcpt: str, header: bytes = b"") -> OutboundMessage:
         path = f"{self.tmp}/msg"
         with open(path, "wb") as f:
-            f.write(b"Subject: secure\r\nMessage-ID: <s@us.test>\r\n\r\nhello\r\n")
+            f.write(b"Subject: secure\r\nMessage-ID: <s@us.test>\r\n" + header
+                    + b"\r\nhello\r\n")
         return OutboundMessage("Q1", "alice@us.test", (OutboundRecipient(rcpt),), path, 40)
 
-    async def send(self, remote, rcpt):
-        report = await remote.deliver(self.message(rcpt))
+    async def send(self, remote, rcpt, header: bytes = b""):
+        report = await remote.deliver(self.message(rcpt, header))
         return report.replies[rcpt]
 
     def test_enforce_matching_mx_verified_is_delivered(self):
@@ -156,6 +161,24 @@ class OutboundSecurityTests(TestCase):
             self.assertEqual(reply.code, 250, str(reply))
             self.assertIn("MTA-STS (testing): MX host mx.sts.test does not match",
                           "\n".join(self.logged))
+            self.assertNotIn("enforce mode would not deliver", "\n".join(self.logged))
+            await _sleep(0.05)
+        return defer.ensureDeferred(run())
+
+    def test_testing_mode_logs_a_certificate_enforce_would_refuse(self):
+        async def run():
+            self.served.data = self.policy.replace(b"enforce", b"testing")
+            untrusted = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(
+                trustme.CA().cert_pem.bytes())])
+            reply = await self.send(self.remote(mta_sts=True, mx_trust=untrusted),
+                                    "bob@sts.test")
+            self.assertEqual(reply.code, 250, str(reply))
+            self.assertIn("TLS", self.peer.commands())
+            self.assertEqual(len(self.peer.messages), 1)
+            logged = "\n".join(self.logged)
+            self.assertIn("Q1: MTA-STS (testing): mx.sts.test", logged)
+            self.assertIn("certificate not trusted", logged)
+            self.assertIn("enforce mode would not deliver there; delivering anyway", logged)
             await _sleep(0.05)
         return defer.ensureDeferred(run())
 
@@ -199,6 +222,32 @@ class OutboundSecurityTests(TestCase):
             await _sleep(0.05)
         return defer.ensureDeferred(run())
 
+    def test_tlsa_of_a_host_with_an_insecure_address_is_not_used(self):
+        async def run():
+            reply = await self.send(self.remote(dane=True), "bob@half.test")
+            self.assertEqual(reply.code, 250, str(reply))  # "may": the wrong TLSA ignored
+            self.assertEqual(len(self.peer.messages), 1)
+            self.assertIn("DANE: the address of mx.half.test is not DNSSEC-authenticated",
+                          "\n".join(self.logged))
+            await _sleep(0.05)
+        return defer.ensureDeferred(run())
+
+    def test_tls_required_no_ignores_dane_and_mta_sts(self):
+        """RFC 8689 §4: TLS-Required: No; the wrong TLSA and a policy that
+        excludes the MX are both ignored, and TLS is still used where offered."""
+        async def run():
+            self.served.data = self.policy.replace(b"mx.sts.test", b"*.elsewhere.test")
+            remote = self.remote(mta_sts=True, dane=True)
+            for rcpt in ("bob@dane.test", "bob@other.test"):
+                reply = await self.send(remote, rcpt, b"TLS-Required: No\r\n")
+                self.assertEqual(reply.code, 250, str(reply))
+            self.assertEqual(len(self.peer.messages), 2)
+            self.assertIn("Q1: TLS-Required: No: MTA-STS and DANE not applied",
+                          "\n".join(self.logged))
+            self.assertIn("TLS", self.peer.commands())
+            await _sleep(0.05)
+        return defer.ensureDeferred(run())
+
     def test_tlsa_matching_certificate_is_delivered(self):
         async def run():
             zones = dict(self.dns.zones)
@@ -209,6 +258,55 @@ class OutboundSecurityTests(TestCase):
             reply = await self.send(self.remote(dane=True), "bob@good.test")
             self.assertEqual(reply.code, 250, str(reply))
             self.assertEqual(len(self.peer.messages), 1)
+            await _sleep(0.05)
+        return defer.ensureDeferred(run())
+
+
+class TruncatedOverUDPTests(TestCase):
+    """SecureDNS asks again over TCP when the UDP answer is truncated."""
+
+    def test_truncated_answer_is_fetched_over_tcp(self):
+        import struct
+
+        from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+        from twisted.names import dns
+
+        from tests.support.dns import Record_TLSA
+
+        record = bytes((3, 1, 1)) + b"\x07" * 32
+
+        def answer(query: bytes, truncated: bool) -> bytes:
+            q = dns._EDNSMessage()
+            q.fromStr(query)
+            m = dns._EDNSMessage(id=q.id, answer=True, recDes=True, recAv=True,
+                                 authenticData=not truncated, trunc=truncated,
+                                 queries=q.queries)
+            if not truncated:
+                name = q.queries[0].name.name
+                m.answers = [dns.RRHeader(name, 52, dns.IN, 60, Record_TLSA(record))]
+            return m.toStr()
+
+        class UDP(DatagramProtocol):
+            def datagramReceived(self, data, addr):
+                self.transport.write(answer(data, True), addr)
+
+        class TCP(Protocol):
+            def dataReceived(self, data):
+                (size,) = struct.unpack("!H", data[:2])
+                reply = answer(data[2:2 + size], False)
+                self.transport.write(struct.pack("!H", len(reply)) + reply)
+
+        udp = reactor().listenUDP(0, UDP(), interface="127.0.0.1")
+        self.addCleanup(udp.stopListening)
+        port = udp.getHost().port
+        tcp = reactor().listenTCP(port, Factory.forProtocol(TCP), interface="127.0.0.1")
+        self.addCleanup(tcp.stopListening)
+
+        async def run():
+            found = await SecureDNS([("127.0.0.1", port)], reactor(), timeout=5).query(
+                "_25._tcp.mx.big.test", 52)
+            self.assertTrue(found.secure)
+            self.assertEqual([r.data for r in found.records], [record])
             await _sleep(0.05)
         return defer.ensureDeferred(run())
 

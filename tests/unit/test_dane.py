@@ -4,12 +4,15 @@ chain made with trustme satisfies them."""
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 from datetime import timedelta
 
 import pytest
 from cryptography import x509
 
-from mailserver.delivery.dane import TLSA, association, check_chain, selected, usable
+from mailserver.delivery.dane import (
+    TLSA, Answer, DANEFailure, DANELookup, association, check_chain, selected, usable,
+)
 
 trustme = pytest.importorskip("trustme")
 
@@ -88,3 +91,49 @@ def test_dane_ta_not_in_chain_or_chain_broken(pki):
 
 def test_no_certificate():
     assert "no certificate" in check_chain([TLSA(3, 1, 1, b"a" * 32)], [], "mx.example.net")
+
+
+class _Answers:
+    """A SecureDNS stand-in: ``{(name, qtype): Answer or exception}``."""
+
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
+
+    async def query(self, name, qtype):
+        self.asked.append((name, qtype))
+        found = self.answers.get((name, qtype))
+        if isinstance(found, Exception):
+            raise found
+        return found or Answer(3, True, ())
+
+
+def _run(coro):
+    from twisted.internet import defer
+
+    out = []
+    defer.ensureDeferred(coro).addBoth(out.append)
+    return out[0]
+
+
+def test_tlsa_needs_a_secure_address():
+    """RFC 7672 2.2.2: no TLSA records are used for a host with an insecure address."""
+    from twisted.names import dns
+
+    rdata = SimpleNamespace(data=TLSA(3, 1, 1, b"a" * 32).to_rdata())
+    tlsa = ("_25._tcp.mx.example.net", 52)
+    secure = {("mx.example.net", dns.A): Answer(0, True, ("a",)), tlsa: Answer(0, True, (rdata,))}
+    records, present = _run(DANELookup(_Answers(secure)).tlsa("mx.example.net", 25))
+    assert present and records == (TLSA(3, 1, 1, b"a" * 32),)
+    insecure = dict(secure)
+    insecure[("mx.example.net", dns.A)] = Answer(0, False, ("a",))
+    lookup = _Answers(insecure)
+    assert _run(DANELookup(lookup).tlsa("mx.example.net", 25)) == ((), False)
+    assert tlsa not in lookup.asked  # not even asked
+    v6 = dict(secure)
+    v6[("mx.example.net", dns.A)] = Answer(0, True, ())  # no A: the AAAA RRset decides
+    v6[("mx.example.net", dns.AAAA)] = Answer(0, False, ("aaaa",))
+    assert _run(DANELookup(_Answers(v6)).tlsa("mx.example.net", 25)) == ((), False)
+    bogus = dict(secure)
+    bogus[("mx.example.net", dns.A)] = DANEFailure("mx.example.net: DNS error 2")
+    failure = _run(DANELookup(_Answers(bogus)).tlsa("mx.example.net", 25))
+    assert failure.check(DANEFailure)

@@ -360,3 +360,30 @@ def test_forged_trace_headers_for_other_addresses_are_no_loop(h):
     [msg] = h.messages("alice")
     assert msg.get_all("Return-Path") == ["<x@example.net>"]
     assert msg.get_all("Delivered-To") == ["alice@example.test", "bob@example.test"]
+
+
+def test_queued_forwards_are_signed_and_keep_requiretls(h):
+    """Forwards made when the queue delivers keep REQUIRETLS and go through the signer."""
+    from dataclasses import replace
+
+    class Signer:
+        calls = []
+
+        async def sign_forward(self, message, forwarders):
+            self.calls.append(list(forwarders))
+            return replace(message, prefix=message.prefix + b"DKIM-Signature: test\r\n")
+
+    h.target.signer = Signer()
+    message = OutboundMessage(queue_id="Q1", sender="x@example.net",
+                              content_path=str(h.content), size=20,
+                              recipients=(OutboundRecipient("both@example.test"),),
+                              requiretls=True)
+    d = defer.ensureDeferred(h.target.deliver(message))
+    report = []
+    d.addBoth(report.append)
+    assert report[0].replies["both@example.test"].is_positive
+    [q] = h.outbox.queued
+    assert q["content"].startswith(b"DKIM-Signature: test\r\n")
+    assert q["requiretls"] is True
+    assert Signer.calls == [["both@example.test"]]
+    assert b"DKIM-Signature" not in h.messages("alice")[0].as_bytes()  # mailbox copy as it came

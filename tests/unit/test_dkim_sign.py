@@ -286,3 +286,50 @@ def test_submission_listeners_sign_last():
     assert isinstance(checks[-2], SubmissionHeaders) and isinstance(checks[-1], S.DKIMSigning)
     parts.signer = None
     assert not any(isinstance(c, S.DKIMSigning) for c in _submission_checks(parts, None))
+
+
+# -- no thread hop without a key ------------------------------------------------------------
+
+def test_no_key_no_thread_hop(tmp_path, key_dir):
+    """Submission and forwards skip the I/O pool when no candidate domain has a key."""
+    from mailserver.received import HeaderScanner
+
+    hops = []
+
+    def counting_io(f, *a, **kw):
+        hops.append(f)
+        return sync_io(f, *a, **kw)
+
+    clock = Clock()
+    signer = S.Signer(K.KeyStore(key_dir, clock=clock.seconds), counting_io)
+    check = S.DKIMSigning(signer)
+
+    def submit(sender, from_line):
+        content = MESSAGE.replace(b"From: Alice <alice@example.test>", from_line)
+        assert content != MESSAGE
+        txn = Transaction(sender=sender)
+        txn.message = SimpleNamespace(queue_id="Q8", path=write(tmp_path, content))
+        txn.scanner = HeaderScanner(keep=("from",))
+        txn.scanner.feed(content)
+        assert result(check.on_data(LOGGED_IN, txn)) is None
+        return len(txn.headers)
+
+    assert submit("a@nokeys.example", b"From: a@nokeys.example") == 0 and hops == []
+    assert submit("a@nokeys.example", b"From: A <a@Example.Test>") == 2 and len(hops) == 1
+    assert submit("a@example.test", b"From: a@nokeys.example") == 2 and len(hops) == 2
+    message = Message("Q9", "x@elsewhere.example", write(tmp_path, MESSAGE))
+    assert result(signer.sign_forward(message, ["fwd@nokeys.example"])) is message
+    assert len(hops) == 2
+    # A domain's first key signs once the listing is older than LISTING_TTL.
+    K.write_key(K.key_path(key_dir, "nokeys.example", "ed"), K.generate("ed25519"))
+    assert submit("a@nokeys.example", b"From: a@nokeys.example") == 0
+    clock.advance(K.KeyStore.LISTING_TTL)
+    assert submit("a@nokeys.example", b"From: a@nokeys.example") == 1 and len(hops) == 3
+
+
+def test_may_sign_follows_configured_selectors(key_dir):
+    assert K.KeyStore(key_dir, selectors=("ed",)).may_sign("nokeys.example")  # listed: try
+    store = K.KeyStore(key_dir, domain_selectors={"other.example": ("ed",)})
+    assert store.may_sign("other.example") and store.may_sign("EXAMPLE.test.")
+    assert not store.may_sign("nokeys.example")
+    assert not K.KeyStore(key_dir + "/missing").may_sign(DOMAIN)

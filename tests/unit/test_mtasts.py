@@ -174,3 +174,29 @@ def test_parsers_only_refuse_with_value_error(text):
 
 def _id_ok(policy_id: str) -> bool:
     return 1 <= len(policy_id) <= 32 and policy_id.isascii() and policy_id.isalnum()
+
+
+def test_certificate_problem_checks_trust_and_name():
+    """What testing mode reports: the chain's trust and the MX name, as enforce checks them."""
+    trustme = pytest.importorskip("trustme")
+    from cryptography import x509
+    from twisted.internet import ssl
+
+    from mailserver.delivery.mtasts import certificate_problem
+
+    ca = trustme.CA()
+    leaf = ca.create_child_ca().issue_cert("mx.example.net")  # leaf, intermediate
+    chain = [x509.load_pem_x509_certificate(p.bytes()) for p in leaf.cert_chain_pems]
+    trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(ca.cert_pem.bytes())])
+    assert certificate_problem(chain, "mx.example.net", trust) is None
+    assert certificate_problem(chain, "MX.example.net", trust) is None
+    assert certificate_problem(chain, "mx2.example.net", trust) == (
+        "certificate does not name mx2.example.net")
+    assert certificate_problem(chain[:1], "mx.example.net", trust).startswith(
+        "certificate not trusted")  # the intermediate is missing
+    other = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(
+        trustme.CA().cert_pem.bytes())])
+    assert certificate_problem(chain, "mx.example.net", other).startswith(
+        "certificate not trusted")
+    assert certificate_problem(chain, "mx.example.net") is not None  # not a public CA
+    assert certificate_problem([], "mx.example.net", trust) == "no certificate"

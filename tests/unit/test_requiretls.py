@@ -86,3 +86,25 @@ def test_only_verified_hops_are_tried():
         connect, object(), msg, hops[:1], helo="us.test", tls=TLSPolicy("encrypt"))).result
     reply = report.replies["bob@example.org"]
     assert (reply.code, reply.enhanced) == (550, (5, 7, 30)) and tried == []
+
+
+def test_tls_required_no_header(tmp_path):
+    """RFC 8689 §4: ``TLS-Required: No`` in the header; REQUIRETLS in the envelope wins."""
+    from dataclasses import replace
+
+    from mailserver.delivery.remote import tls_required_no
+
+    def check(content: bytes, **kw) -> bool:
+        path = tmp_path / "msg"
+        path.write_bytes(content)
+        return tls_required_no(replace(message(**kw), content_path=str(path)))
+
+    assert check(b"Subject: x\r\nTLS-Required: No\r\n\r\nbody\r\n")
+    assert check(b"tls-required:no\r\nSubject: x\r\n\r\n")
+    assert check(b"TLS-Required:\r\n  NO \r\nSubject: x\r\n\r\n")  # folded
+    assert not check(b"TLS-Required: No\r\n\r\n", requiretls=True)  # REQUIRETLS wins
+    assert not check(b"TLS-Required: Yes\r\n\r\n")
+    assert not check(b"TLS-Required: No thanks\r\n\r\n")
+    assert not check(b"Subject: x\r\n\r\nTLS-Required: No\r\n")  # in the body
+    assert not check(b"X-TLS-Required: No\r\n\r\n")
+    assert not tls_required_no(replace(message(), content_path=str(tmp_path / "gone")))

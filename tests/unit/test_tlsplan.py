@@ -36,6 +36,16 @@ def test_strictest_wins(base, sts, host, tlsa, present, want):
         assert got.tlsa == (RECORD,)
 
 
+def test_testing_mode_reports_certificates_where_tls_is_not_verified_anyway():
+    root = object()
+    got = combine(TLSPolicy("may"), TESTING, "mx1.example.net", sts_trust_root=root)
+    assert (got.mode, got.sts_testing, got.trust_root) == ("may", True, root)
+    assert combine(TLSPolicy("encrypt"), TESTING, "mx2.example.net").sts_testing
+    assert not combine(TLSPolicy("verify"), TESTING, "mx1.example.net").sts_testing
+    assert not combine(TLSPolicy("none"), TESTING, "mx1.example.net").sts_testing
+    assert not combine(TLSPolicy("may"), None, "mx1.example.net").sts_testing
+
+
 class FakeSTS:
     def __init__(self, policy):
         self.policy = policy
