@@ -646,20 +646,21 @@ class SymlinkRefusalTests:
         assert _tree(target) == before
 
     def test_link_swapped_in_after_the_path_check_refused(self, store, tmp_path, monkeypatch):
-        """A link that appears after maildir_for's check (a race) is still refused, not followed."""
+        """A link that appears after the path is computed (a race, or after
+        RCPT time's maildir_for check) is still refused, not followed."""
         outside = tmp_path / "outside"
         for sub in ("cur", "new", "tmp"):
             os.makedirs(outside / "alice" / sub)
         os.makedirs(store.root)
-        real_maildir_for = store.maildir_for
+        real_plain_path = store._plain_path
 
-        def racing_maildir_for(mailbox):
-            path = real_maildir_for(mailbox)
+        def racing_plain_path(mailbox):
+            path = real_plain_path(mailbox)
             if not os.path.lexists(os.path.join(store.root, "example.org")):
                 os.symlink(str(outside), os.path.join(store.root, "example.org"))
             return path
 
-        monkeypatch.setattr(store, "maildir_for", racing_maildir_for)
+        monkeypatch.setattr(store, "_plain_path", racing_plain_path)
         with pytest.raises(md.MaildirLinkRefused):
             store.deliver_bytes(ALICE, sender="", data=MESSAGE)
         assert _tree(outside) == []
