@@ -209,9 +209,10 @@ class Acceptance:
         log.info("{id}: client={client}, from=<{sender}>, size={size}, nrcpt={n}{login}",
                  id=queue_id, client=session.client_ip, sender=txn.sender, size=message.size,
                  n=len(txn.targets), login=_login(session))
-        content = Message(queue_id, txn.sender, message.path, prefix,
+        content = Message(queue_id, txn.sender, "", prefix,
                           eight_bit=txn.body_8bit, smtputf8=txn.smtputf8,
-                          envid=txn.params.get("ENVID"), ret=_ret(txn.params), reuse_id=True)
+                          envid=txn.params.get("ENVID"), ret=_ret(txn.params), reuse_id=True,
+                          incoming=message)
         outcomes = await self.delivery.deliver(content, txn.targets,
                                                requeue="partial" if self.lmtp else "always")
         self._count_deliveries(outcomes, txn)
@@ -257,6 +258,8 @@ class Acceptance:
 
         if not txn.sender or self.outbox is None:
             return  # never report on a bounce
+        if not any("SUCCESS" in target.notify for target in txn.targets):
+            return  # nobody asked (bounce.should_notify's rule): build nothing
         now = self.clock.seconds()
         recipients, seen = [], set()
         for target, outcome in zip(txn.targets, outcomes):

@@ -39,6 +39,11 @@ class BrokenStore:
             raise self.error
         return self.store.deliver(mb, **kw)
 
+    def deliver_bytes(self, mb, **kw):
+        if mb.address == self.bad:
+            raise self.error
+        return self.store.deliver_bytes(mb, **kw)
+
 
 class Harness:
     def __init__(self, tmp_path, mode=Mode.MX, limiter=None, store=None, outbox=None,
