@@ -224,7 +224,10 @@ class Acceptance:
             failed = [o.reply for o in outcomes if not o.reply.is_positive]
             replies = failed[:1] or [R.QUEUED.with_text(R.QUEUED.text.format(id=queue_id))]
         if any(r.is_positive for r in replies):
-            await self._report_delivered(session, txn, queue_id, message, outcomes)
+            # Only a recipient with NOTIFY=SUCCESS gets a "delivered" report
+            # (bounce.should_notify's rule); otherwise nothing is built.
+            if txn.sender and any("SUCCESS" in t.notify for t in txn.targets):
+                await self._report_delivered(session, txn, queue_id, message, outcomes)
             for check in self.checks:
                 await check.accepted(session, txn)
         return replies
@@ -253,13 +256,10 @@ class Acceptance:
         delivered.  This runs before the 250, while the content is still on
         disk; a failure is logged and the 250 stands.
         """
-        from mailserver.queue import bounce
-        from mailserver.queue.envelope import DELIVERED, ClientInfo, Envelope, Recipient
-
         if not txn.sender or self.outbox is None:
             return  # never report on a bounce
-        if not any("SUCCESS" in target.notify for target in txn.targets):
-            return  # nobody asked (bounce.should_notify's rule): build nothing
+        from mailserver.queue import bounce
+        from mailserver.queue.envelope import DELIVERED, ClientInfo, Envelope, Recipient
         now = self.clock.seconds()
         recipients, seen = [], set()
         for target, outcome in zip(txn.targets, outcomes):
