@@ -201,9 +201,11 @@ class SMTPServerProtocol(Protocol):
                         listener=self.ctx.name, client=self.client)
             self._close(R.SERVICE_UNAVAILABLE)
             return
-        if self._flush() or progressed:
+        if self._flush() or progressed or self.deadline is None:
             # Only progress (a command, a reply, a block of data) restarts the
             # idle timer; a byte at a time of an unfinished line does not.
+            # No deadline: a decision that waited has answered without a
+            # reply (a HELO check), and the timer must run again all the same.
             self._arm_timer()
 
     # -- graceful stop (see protocols/sessions.py) ---------------------------
