@@ -276,7 +276,10 @@ def bare_maildir_phase(name: str, root: Path, source: Path, fsync: bool, clients
 
 
 def smtp_phase(name: str, lmtp: bool, port: int, payload: bytes, clients: int, messages: int,
-               timeout: float, server_pid: int) -> PhaseResult:
+               timeout: float, server_pid: int, reuse: bool = True) -> PhaseResult:
+    """``reuse``: one connection per thread for the whole phase; otherwise a
+    new connection (greeting, EHLO/LHLO, QUIT) for every message, timed as a
+    whole, and a latency from writing the data to the 250 as before."""
     cls = smtplib.LMTP if lmtp else smtplib.SMTP
 
     def transaction(c) -> float:
@@ -299,8 +302,7 @@ def smtp_phase(name: str, lmtp: bool, port: int, payload: bytes, clients: int, m
         return latency
 
     def setup():
-        c = cls("127.0.0.1", port, local_hostname="bench.example.org", timeout=30)
-        c.ehlo("bench.example.org")
+        c = connect()
         for _ in range(WARMUP_PER_CLIENT):
             transaction(c)
         return c
@@ -311,6 +313,24 @@ def smtp_phase(name: str, lmtp: bool, port: int, payload: bytes, clients: int, m
         finally:
             c.close()
 
+    def connect():
+        c = cls("127.0.0.1", port, local_hostname="bench.example.org", timeout=30)
+        c.ehlo("bench.example.org")
+        return c
+
+    def one_connection(_state) -> float:
+        c = connect()
+        try:
+            return transaction(c)
+        finally:
+            teardown(c)
+
+    if not reuse:
+        def warm():
+            for _ in range(WARMUP_PER_CLIENT):
+                one_connection(None)
+        return run_threads(name, clients, messages, warm, one_connection, lambda s: None,
+                           timeout, server_pid)
     return run_threads(name, clients, messages, setup, transaction, teardown, timeout, server_pid)
 
 
@@ -398,7 +418,7 @@ def profiled_pass(args, server: MailServer, payload: bytes, outdir: Path) -> dic
 
 # --- the run -----------------------------------------------------------------
 
-PHASES = ("maildir fsync", "maildir no-fsync", "SMTP", "LMTP")
+PHASES = ("maildir fsync", "maildir no-fsync", "SMTP", "LMTP", "SMTP 1/conn", "LMTP 1/conn")
 REFERENCE = "maildir fsync"
 
 
@@ -411,7 +431,8 @@ def run(args) -> dict:
     server = MailServer(
         base / "server",
         directory={"backend": "ldif", "ldif_file": str(LDIF), "base_dn": "dc=example,dc=test"},
-        smtp={"max_message_size": max(26214400, 2 * args.size)},
+        # connection_rate_limit off: the one-per-connection phases open hundreds a second
+        smtp={"max_message_size": max(26214400, 2 * args.size), "connection_rate_limit": 0},
         server={"hostname": f"mx-bench-{os.getpid()}.example.test",
                 "max_connections_per_client": max(20, args.clients + 5),
                 "max_connections": max(200, args.clients + 5), "workers": args.workers},
@@ -437,13 +458,20 @@ def run(args) -> dict:
                                      args.messages, args.phase_timeout, pid)
             res["LMTP"] = smtp_phase("LMTP", True, server.lmtp_port, payload, args.clients,
                                      args.messages, args.phase_timeout, pid)
+            res["SMTP 1/conn"] = smtp_phase("SMTP 1/conn", False, server.smtp_port, payload,
+                                            args.clients, args.messages, args.phase_timeout,
+                                            pid, reuse=False)
+            res["LMTP 1/conn"] = smtp_phase("LMTP 1/conn", True, server.lmtp_port, payload,
+                                            args.clients, args.messages, args.phase_timeout,
+                                            pid, reuse=False)
             rounds.append(res)
             if not args.json:
                 print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                     f"{k} {v.rate:.0f}/s" for k, v in res.items()), file=sys.stderr)
         load_after = loadavg()
-        expected = sum(res[p].count for res in rounds for p in ("SMTP", "LMTP"))
-        expected += 2 * WARMUP_PER_CLIENT * args.clients * args.rounds
+        served = [p for p in PHASES if "MTP" in p]
+        expected = sum(res[p].count for res in rounds for p in served)
+        expected += len(served) * WARMUP_PER_CLIENT * args.clients * args.rounds
         delivered = len(server.messages("alice"))
         if args.profile:
             profile = profiled_pass(args, server, payload, Path(args.profile))

@@ -75,6 +75,19 @@ def _ip_literal(ip: str) -> str:
     return f"IPv6:{ip}" if ":" in ip else ip
 
 
+_last_date = (None, "")  # (whole second, its RFC 5322 date): one per second is formatted
+
+
+def _date(now: float) -> str:
+    """The RFC 5322 date of ``now`` in UTC ("+0000": the offset is known)."""
+    global _last_date
+    second = int(now)
+    if _last_date[0] != second:
+        when = datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
+        _last_date = (second, email.utils.format_datetime(when))
+    return _last_date[1]
+
+
 def received_header(info: SessionInfo, queue_id: str, recipient: Optional[str] = None,
                     now: Optional[float] = None) -> bytes:
     """A complete, folded ``Received:`` field ending in CRLF."""
@@ -86,8 +99,7 @@ def received_header(info: SessionInfo, queue_id: str, recipient: Optional[str] =
                  f"\t{by}"]
     if info.tls_version:
         lines.append(f"\t(using {_clean(info.tls_version)} with cipher {_clean(info.tls_cipher or 'unknown')})")
-    when = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.timezone.utc)
-    date = email.utils.format_datetime(when)  # "+0000": the offset is known
+    date = _date(time.time() if now is None else now)
     if recipient:
         lines.append(f"\tfor <{_clean_address(recipient)}>; {date}")
     else:

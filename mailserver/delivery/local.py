@@ -49,13 +49,19 @@ class LocalDelivery:
             self._checked.add(mailbox)
         return None
 
-    def _copy(self, queue_id: str, mailbox, sender: str, source_path: str, prefix: bytes,
+    def _copy(self, queue_id: str, mailbox, sender: str, source, prefix: bytes,
               folder: str = ""):
         extra = {"folder": folder} if folder else {}  # a Maildir++ folder (junk)
-        d = threads.deferToThreadPool(
-            self.reactor, self.threadpool, self.store.deliver,
-            mailbox, sender=sender, source_path=source_path, prefix=prefix, **extra,
-        )
+        if isinstance(source, bytes):  # the content in memory
+            d = threads.deferToThreadPool(
+                self.reactor, self.threadpool, self.store.deliver_bytes,
+                mailbox, sender=sender, data=source, prefix=prefix, **extra,
+            )
+        else:
+            d = threads.deferToThreadPool(
+                self.reactor, self.threadpool, self.store.deliver,
+                mailbox, sender=sender, source_path=source, prefix=prefix, **extra,
+            )
 
         def ok(path):
             log.info("{id}: to=<{to}>, relay=local, status=sent ({path})",
@@ -77,16 +83,17 @@ class LocalDelivery:
 
         return d.addCallbacks(ok, failed)
 
-    async def copies(self, queue_id: str, sender: str, source_path: str, prefix: bytes,
+    async def copies(self, queue_id: str, sender: str, source, prefix: bytes,
                      accepted: Sequence[tuple], folder: str = "") -> dict:
-        """``{Mailbox: Reply}``: one copy per distinct mailbox of ``accepted``."""
+        """``{Mailbox: Reply}``: one copy per distinct mailbox of ``accepted``;
+        ``source`` is the content's file, or the content itself (bytes)."""
         mailboxes = []
         for _rcpt, resolution in accepted:
             for mb in resolution.mailboxes:
                 if mb not in mailboxes:
                     mailboxes.append(mb)
         results = await defer.gatherResults(
-            [self._copy(queue_id, mb, sender, source_path, prefix, folder) for mb in mailboxes]
+            [self._copy(queue_id, mb, sender, source, prefix, folder) for mb in mailboxes]
         )
         return dict(zip(mailboxes, results))
 

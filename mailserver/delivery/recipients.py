@@ -84,7 +84,7 @@ class Message:
 
     queue_id: str
     sender: str
-    content_path: str
+    content_path: str  # "" when ``incoming`` holds the content
     prefix: bytes = b""  # header lines added on the way in (Received, ...)
     eight_bit: bool = False
     smtputf8: bool = False
@@ -94,6 +94,16 @@ class Message:
     reuse_id: bool = False  # the first queued copy takes ``queue_id`` (a listener's)
     folder: str = ""  # Maildir++ folder for the local copies made now ("" = inbox)
     requiretls: bool = False  # RFC 8689: onward only over verified TLS
+    incoming: object = None  # a listener's incoming.IncomingMessage (content in memory or not)
+
+    def path(self) -> str:
+        """A file with the content (an incoming message in memory makes its file now)."""
+        return self.incoming.path if self.incoming is not None else self.content_path
+
+    def source(self):
+        """The content for a copy: bytes when in memory, else its file's path."""
+        data = self.incoming.data if self.incoming is not None else None
+        return data if data is not None else self.path()
 
 
 @dataclass
@@ -169,7 +179,7 @@ class RecipientDelivery:
         if going:
             extra = {"folder": message.folder} if message.folder else {}
             by_mailbox = await self.local.copies(
-                message.queue_id, message.sender, message.content_path, message.prefix,
+                message.queue_id, message.sender, message.source(), message.prefix,
                 [(t.address, t.resolution) for _i, t in going], **extra)
 
         # 3. Failed copies: queued alone, or the recipient's own answer.
@@ -240,7 +250,7 @@ class RecipientDelivery:
                 notify[address] = n
         try:
             new_id = await self.outbox.enqueue(
-                queue_id=queue_id, source_path=message.content_path, prefix=message.prefix,
+                queue_id=queue_id, source_path=message.path(), prefix=message.prefix,
                 sender=sender, recipients=unique, notify=notify, mailbox_only=mailbox_only,
                 arrival=self._now() if arrival is None else arrival,
                 eight_bit=message.eight_bit, smtputf8=message.smtputf8,

@@ -151,8 +151,9 @@ class InboundAuth(Check):
             return None
         message = txn.message
         queue_id = message.queue_id
-        report = await self._in_thread("DKIM/ARC/DMARC", queue_id, self._content, message.path,
-                                       state.spf)
+        data = getattr(message, "data", None)  # a small message is still in memory
+        report = await self._in_thread("DKIM/ARC/DMARC", queue_id, self._content,
+                                       message.path if data is None else data, state.spf)
         unknown = report is None  # timed out or a bug: forged fields unknown too
         if unknown:
             report = Report(dkim=(DKIMResult("temperror", reason=_NO_RESULT),),
@@ -183,10 +184,14 @@ class InboundAuth(Check):
             txn.folder = self.settings.junk_folder
         return None
 
-    def _content(self, path: str, spf: Optional[SPFResult]) -> Report:
-        """DKIM, ARC and DMARC for the spooled message (blocking)."""
-        with open(path, "rb") as f:
-            data = f.read()  # dkimpy verifies from memory; see docs/decisions.rst
+    def _content(self, source, spf: Optional[SPFResult]) -> Report:
+        """DKIM, ARC and DMARC for the message, its bytes or its spooled
+        file's path (blocking)."""
+        if isinstance(source, bytes):
+            data = source
+        else:
+            with open(source, "rb") as f:
+                data = f.read()  # dkimpy verifies from memory; see docs/decisions.rst
         lookups = Lookups(self.resolver, self.settings.dns_timeout)
         fields = header_fields(data)
         dkim_results = tuple(verify_dkim(data, lookups, headers=fields))

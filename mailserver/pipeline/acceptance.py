@@ -209,11 +209,12 @@ class Acceptance:
         log.info("{id}: client={client}, from=<{sender}>, size={size}, nrcpt={n}{login}",
                  id=queue_id, client=session.client_ip, sender=txn.sender, size=message.size,
                  n=len(txn.targets), login=_login(session))
-        content = Message(queue_id, txn.sender, message.path, prefix,
+        content = Message(queue_id, txn.sender, "", prefix,
                           eight_bit=txn.body_8bit, smtputf8=txn.smtputf8,
                           envid=txn.params.get("ENVID"), ret=_ret(txn.params), reuse_id=True,
                           folder=txn.folder,
-                          requiretls="REQUIRETLS" in txn.params)
+                          requiretls="REQUIRETLS" in txn.params,
+                          incoming=message)
         outcomes = await self.delivery.deliver(content, txn.targets,
                                                requeue="partial" if self.lmtp else "always")
         self._count_deliveries(outcomes, txn)
@@ -225,7 +226,10 @@ class Acceptance:
             failed = [o.reply for o in outcomes if not o.reply.is_positive]
             replies = failed[:1] or [R.QUEUED.with_text(R.QUEUED.text.format(id=queue_id))]
         if any(r.is_positive for r in replies):
-            await self._report_delivered(session, txn, queue_id, message, outcomes)
+            # Only a recipient with NOTIFY=SUCCESS gets a "delivered" report
+            # (bounce.should_notify's rule); otherwise nothing is built.
+            if txn.sender and any("SUCCESS" in t.notify for t in txn.targets):
+                await self._report_delivered(session, txn, queue_id, message, outcomes)
             for check in self.checks:
                 await check.accepted(session, txn)
         return replies
@@ -254,11 +258,10 @@ class Acceptance:
         delivered.  This runs before the 250, while the content is still on
         disk; a failure is logged and the 250 stands.
         """
-        from mailserver.queue import bounce
-        from mailserver.queue.envelope import DELIVERED, ClientInfo, Envelope, Recipient
-
         if not txn.sender or self.outbox is None:
             return  # never report on a bounce
+        from mailserver.queue import bounce
+        from mailserver.queue.envelope import DELIVERED, ClientInfo, Envelope, Recipient
         now = self.clock.seconds()
         recipients, seen = [], set()
         for target, outcome in zip(txn.targets, outcomes):

@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailserver import reply as R
@@ -91,7 +92,8 @@ class SMTPServerProtocol(Protocol):
         self.closing = False
         self.counted = False
         self.registered = False  # as the transport's producer
-        self.timer = None
+        self.timer = None  # the idle timeout's call (see _arm_timer)
+        self.deadline: Optional[float] = None  # when the idle timeout is due; None: not now
         self.abort_timer = None
         self.due = 1  # replies owed for the pending decision
         self.deciding = False  # inside _decide: a synchronous answer must not re-enter _drive
@@ -201,9 +203,11 @@ class SMTPServerProtocol(Protocol):
                         listener=self.ctx.name, client=self.client)
             self._close(R.SERVICE_UNAVAILABLE)
             return
-        if self._flush() or progressed:
+        if self._flush() or progressed or self.deadline is None:
             # Only progress (a command, a reply, a block of data) restarts the
             # idle timer; a byte at a time of an unfinished line does not.
+            # No deadline: a decision that waited has answered without a
+            # reply (a HELO check), and the timer must run again all the same.
             self._arm_timer()
 
     # -- graceful stop (see protocols/sessions.py) ---------------------------
@@ -308,19 +312,51 @@ class SMTPServerProtocol(Protocol):
 
     def _decide(self, coro, due: int = 1, greeting: bool = False) -> None:
         """Run an async decision owing ``due`` replies; the core waits for
-        them.  ``greeting``: the reply is the greeting (None: the usual 220)."""
+        them.  ``greeting``: the reply is the greeting (None: the usual 220).
+
+        The coroutine is stepped here first: most decisions (a cached
+        directory answer, no check with I/O) finish in that step and are
+        answered at once, with no Deferred, no pause of the transport and the
+        idle timer left alone.  One that waits for something (a lookup, the
+        disk) is handed to Twisted, which resumes it (awaiting a Deferred that
+        has not fired asks it again), and input stops until it answers.
+        """
         self.busy = True
         self.due = due
-        self._cancel_timer()
+        done = self._greeted if greeting else self._decided
+        try:
+            waiting = coro.send(None)
+        except StopIteration as stop:
+            self._answer(done, stop.value)
+            return
+        except Exception:
+            self._answer(done, self._decision_failed(Failure()))
+            return
+        if not isinstance(waiting, defer.Deferred):  # only Deferreds are awaited here
+            coro.close()
+            self._answer(done, self._decision_failed(Failure(TypeError(
+                f"a decision awaited {type(waiting).__name__}, not a Deferred"))))
+            return
+        self.deadline = None  # no timeout while we decide; the answer re-arms it
         self._update_reading()
         # A decision answered at once (no directory trip) returns here and
         # the caller's loop goes on: no recursion per pipelined command.
         self.deciding = True
         d = defer.ensureDeferred(coro)
         d.addErrback(self._decision_failed)
-        d.addCallback(self._greeted if greeting else self._decided)
+        d.addCallback(done)
         d.addErrback(self._broken)
         self.deciding = False
+
+    def _answer(self, done, replies) -> None:
+        """Give a decision's replies to ``done`` now, inside the caller's loop."""
+        self.deciding = True
+        try:
+            done(replies)
+        except Exception:
+            self._broken(Failure())
+        finally:
+            self.deciding = False
 
     def _decision_failed(self, failure) -> list:
         if not is_known(failure.value):
@@ -363,9 +399,18 @@ class SMTPServerProtocol(Protocol):
 
     # -- timeouts ----------------------------------------------------------
     def _arm_timer(self) -> None:
-        self._cancel_timer()
+        """Restart the idle timeout after progress.
+
+        One DelayedCall serves many commands: only :attr:`deadline` moves
+        (later, as commands arrive), and a call that fires before the
+        deadline waits for the rest of it.  The call is moved only when the
+        deadline comes earlier (the data's shorter timeout, the minimum data
+        rate).  Re-arming per command was a cancel and a new call each time.
+        """
         if self.busy or self.closing:
+            self.deadline = None
             return
+        now = self.ctx.clock.seconds()
         seconds = (self.ctx.data_timeout if self.txn.message is not None
                    else self.ctx.command_timeout)
         if self.data_started is not None and self.ctx.min_data_rate:
@@ -374,16 +419,28 @@ class SMTPServerProtocol(Protocol):
             # client trickling ten octets a second cannot hold the slot.
             deadline = (self.data_started + self.ctx.data_timeout
                         + self.data_octets / self.ctx.min_data_rate)
-            seconds = max(0.0, min(seconds, deadline - self.ctx.clock.seconds()))
-        self.timer = self.ctx.clock.callLater(seconds, self._timed_out)
+            seconds = max(0.0, min(seconds, deadline - now))
+        self.deadline = now + seconds
+        timer = self.timer
+        if timer is None or not timer.active():
+            self.timer = self.ctx.clock.callLater(seconds, self._timed_out)
+        elif timer.getTime() > self.deadline:
+            timer.reset(seconds)
 
     def _cancel_timer(self) -> None:
+        self.deadline = None
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
 
     def _timed_out(self) -> None:
         self.timer = None
+        if self.deadline is None or self.closing:
+            return  # a decision is pending: its answer arms the timer again
+        left = self.deadline - self.ctx.clock.seconds()
+        if left > 0.001:  # there was progress since the call was made
+            self.timer = self.ctx.clock.callLater(left, self._timed_out)
+            return
         log.info("{listener}: timeout from {client}", listener=self.ctx.name, client=self.client)
         self._close(R.TIMEOUT)
 

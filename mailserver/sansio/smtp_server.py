@@ -172,6 +172,12 @@ LINE_ALLOWANCES: dict[str, dict[str, int]] = {
 
 
 _JUNK_VERBS = frozenset({"NOOP", "RSET", "VRFY", "HELP", "ETRN"})
+
+# Per-connection work done once per kind of connection: the verb tables
+# (by class, LMTP, ETRN) and the command line limits (by what the
+# extensions offered change).
+_COMMAND_TABLES: dict = {}
+_VERB_LIMITS: dict = {}
 """Commands that move no mail (Postfix's junk commands, HELP added)."""
 
 
@@ -386,27 +392,34 @@ class SMTPServerConnection:
         self._bdat_error: Optional[Reply] = None
         self._handlers = self._command_table()
 
-    def _command_table(self) -> dict[str, Callable[[str], None]]:
-        table: dict[str, Callable[[str], None]] = {
-            "MAIL": self._do_mail,
-            "RCPT": self._do_rcpt,
-            "DATA": self._do_data,
-            "BDAT": self._do_bdat,
-            "RSET": self._do_rset,
-            "NOOP": self._do_noop,
-            "QUIT": self._do_quit,
-            "HELP": self._do_help,
-            "VRFY": self._do_vrfy,
-            "EXPN": self._do_expn,
-            "STARTTLS": self._do_starttls,
-            "AUTH": self._do_auth,
-        }
-        if self.etrn:
-            table["ETRN"] = self._do_etrn
-        if self.mode is Mode.LMTP:
-            table.update(LHLO=self._do_lhlo, HELO=self._do_use_lhlo, EHLO=self._do_use_lhlo)
-        else:
-            table.update(HELO=self._do_helo, EHLO=self._do_ehlo)
+    def _command_table(self) -> dict[str, Callable[..., None]]:
+        """The verb table of this mode: shared by every connection of the
+        class (plain functions, called with the connection)."""
+        key = (type(self), self.mode is Mode.LMTP, self.etrn)
+        table = _COMMAND_TABLES.get(key)
+        if table is None:
+            cls = type(self)
+            table = {
+                "MAIL": cls._do_mail,
+                "RCPT": cls._do_rcpt,
+                "DATA": cls._do_data,
+                "BDAT": cls._do_bdat,
+                "RSET": cls._do_rset,
+                "NOOP": cls._do_noop,
+                "QUIT": cls._do_quit,
+                "HELP": cls._do_help,
+                "VRFY": cls._do_vrfy,
+                "EXPN": cls._do_expn,
+                "STARTTLS": cls._do_starttls,
+                "AUTH": cls._do_auth,
+            }
+            if self.etrn:
+                table["ETRN"] = cls._do_etrn
+            if self.mode is Mode.LMTP:
+                table.update(LHLO=cls._do_lhlo, HELO=cls._do_use_lhlo, EHLO=cls._do_use_lhlo)
+            else:
+                table.update(HELO=cls._do_helo, EHLO=cls._do_ehlo)
+            table = _COMMAND_TABLES[key] = table
         return table
 
     # --- public API ------------------------------------------------------
@@ -632,7 +645,7 @@ class SMTPServerConnection:
             error = self._sequence_error(verb)
             if error is not None and verb not in ("BDAT", "STARTTLS", "AUTH"):
                 raise ProtocolError(error)
-            handler(arg.strip(" "))
+            handler(self, arg.strip(" "))
         except ProtocolError as exc:
             self._reply(exc.reply)
 
@@ -688,12 +701,19 @@ class SMTPServerConnection:
         what the advertised extensions add.  Only STARTTLS and AUTH come and
         go, both with TLS, so :meth:`tls_started` computes them again."""
         base = self.limits.max_command_line
-        limits = {b"MAIL": base, b"RCPT": base}
-        for line in self._extensions():
-            for verb, octets in LINE_ALLOWANCES.get(line.split()[0], {}).items():
-                key = verb.encode("ascii")
-                limits[key] = limits.get(key, base) + octets
-        return limits
+        # What _extensions() depends on, but the SIZE figure (no allowance).
+        key = (base, self.dsn, self.etrn, self._auth_offered(), self.auth_mechanisms,
+               self.tls_available and not self.tls_active)
+        limits = _VERB_LIMITS.get(key)
+        if limits is None:
+            limits = {b"MAIL": base, b"RCPT": base}
+            for line in self._extensions():
+                for verb, octets in LINE_ALLOWANCES.get(line.split()[0], {}).items():
+                    verb_key = verb.encode("ascii")
+                    limits[verb_key] = limits.get(verb_key, base) + octets
+            if len(_VERB_LIMITS) < 64:
+                _VERB_LIMITS[key] = limits
+        return dict(limits)
 
     def _do_helo(self, arg: str) -> None:
         self._hello("HELO", arg, Reply(250, None, self.hostname))

@@ -91,6 +91,10 @@ class IMailStore(Interface):
         temporary failure to the client), leaving no trace of the message.
         """
 
+    def deliver_bytes(mailbox, *, sender: str, data: bytes, prefix: bytes = b"") -> str:
+        """Like :meth:`deliver`, with the content in memory (a listener's
+        small message, a generated report)."""
+
 
 class IMaildrop(Interface):
     """One POP3 session's snapshot of one mailbox (RFC 1939).

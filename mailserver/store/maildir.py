@@ -19,7 +19,10 @@ description leaves implicit):
 3. flush and fsync the file;
 4. hard-link it to ``new/<name>,S=<size>,W=<vsize>`` (rename where the
    filesystem has no hard links) and unlink the tmp name;
-5. fsync ``new/``; only now is the message delivered.
+5. fsync ``new/``; only now is the message delivered.  Deliveries into one
+   maildir at the same time share that fsync: one that starts after a link
+   is complete makes it durable, so a delivery whose link an fsync begun
+   later has covered does not repeat it (:class:`_DirSyncs`).
 
 A crash before step 4 leaves a file in ``tmp/`` that no reader looks at, and
 :func:`cleanup_tmp` removes it after 36 hours (the server runs it over every
@@ -61,6 +64,7 @@ import itertools
 import os
 import socket
 import stat
+import threading
 import time
 from typing import Callable, List, Optional
 
@@ -359,6 +363,61 @@ class _TraceFilter:
         self._overflow = False
 
 
+class _DirSyncs:
+    """Shares one directory fsync among concurrent deliveries into it.
+
+    A delivery takes a ticket once its link into ``new/`` is done, then
+    waits its turn on that directory.  An fsync that *starts* after a link
+    is complete makes that link durable, so when a turn comes and an fsync
+    begun after its ticket has already succeeded, there is nothing left to
+    do; otherwise it fsyncs, covering every link ticketed so far.  A failed
+    fsync covers nobody: each waiter tries its own.  Directories are keyed
+    by device and inode (a path could name another directory by now).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards the table and the counters
+        self._dirs: dict = {}
+
+    def fsync(self, fd: int) -> None:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            entry = self._dirs.get(key)
+            if entry is None:
+                entry = self._dirs[key] = _DirSync()
+            entry.linked += 1
+            ticket = entry.linked
+            entry.users += 1
+        try:
+            with entry.turn:
+                if entry.synced >= ticket:
+                    return  # an fsync that began after our link has succeeded
+                with self._lock:
+                    upto = entry.linked
+                os.fsync(fd)
+                entry.synced = upto
+        finally:
+            with self._lock:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._dirs[key]
+
+
+class _DirSync:
+    __slots__ = ("turn", "linked", "synced", "users")
+
+    def __init__(self) -> None:
+        self.turn = threading.Lock()  # one fsync of this directory at a time
+        self.linked = 0  # tickets handed out
+        self.synced = 0  # every ticket up to this one is durable
+        self.users = 0  # deliveries holding this entry
+
+
+#: One per process: deliveries by any store share the fsyncs of a directory.
+_dir_syncs = _DirSyncs()
+
+
 @implementer(IDelivery)
 class MaildirDelivery:
     """One message being written into ``tmp/`` of one maildir.
@@ -431,7 +490,8 @@ class MaildirDelivery:
         try:
             if self._fsync:
                 # On failure the message stays in new/ (see the module docstring).
-                os.fsync(self._new_fd)
+                # Concurrent deliveries into this maildir share an fsync.
+                _dir_syncs.fsync(self._new_fd)
         finally:
             self._close_dirs()
         crash_point("maildir.dir_fsynced")
@@ -532,6 +592,16 @@ class MaildirStore:
             raise ValueError(f"maildir template gives an unsafe path: {self.template!r}")
         return components
 
+    def _plain_path(self, mailbox: Mailbox) -> str:
+        """The maildir's path as text, checked to lie strictly inside the
+        root (:class:`UnsafeMailboxPath`); links are not looked at."""
+        path = os.path.join(self.root, *self._relative_path(mailbox))
+        root = os.path.normpath(self.root)
+        plain = os.path.normpath(path)
+        if plain == root or os.path.commonpath([root, plain]) != root:
+            raise UnsafeMailboxPath(f"maildir for {mailbox.address!r} lies outside the root")
+        return path
+
     def maildir_for(self, mailbox: Mailbox) -> str:
         """The absolute path of ``mailbox``'s maildir (it need not exist).
 
@@ -540,11 +610,7 @@ class MaildirStore:
         :class:`MaildirLinkRefused` (temporary) when a symbolic link below
         the root leads it out.
         """
-        path = os.path.join(self.root, *self._relative_path(mailbox))
-        root = os.path.normpath(self.root)
-        plain = os.path.normpath(path)
-        if plain == root or os.path.commonpath([root, plain]) != root:
-            raise UnsafeMailboxPath(f"maildir for {mailbox.address!r} lies outside the root")
+        path = self._plain_path(mailbox)
         real_root = os.path.realpath(self.root)
         real = os.path.realpath(path)
         if real == real_root or os.path.commonpath([real_root, real]) != real_root:
@@ -668,8 +734,14 @@ class MaildirStore:
         """``(maildir path, {"tmp": fd, "new": fd, "cur": fd})``, each
         directory opened component by component from the root without
         following links, missing ones created; with ``folder``, those of the
-        Maildir++ folder ``<maildir>/.<folder>``."""
-        maildir = self.maildir_for(mailbox)
+        Maildir++ folder ``<maildir>/.<folder>``.
+
+        No ``realpath`` here (it was two per delivery, an ``lstat`` per
+        component each): the walk itself refuses every link below the root
+        (:class:`MaildirLinkRefused`), which is stricter than
+        :meth:`maildir_for`'s check, and that check still runs at RCPT time.
+        """
+        maildir = self._plain_path(mailbox)
         components = self._relative_path(mailbox)
         if folder:
             if "/" in folder or folder.startswith(".") or not folder.isprintable():
@@ -765,11 +837,12 @@ class MaildirStore:
                 return delivery.commit()
 
     def deliver_bytes(
-        self, mailbox: Mailbox, *, sender: str, data: bytes, prefix: bytes = b""
+        self, mailbox: Mailbox, *, sender: str, data: bytes, prefix: bytes = b"",
+        folder: str = ""
     ) -> str:
-        """Like :meth:`deliver`, with the content in memory (tests, small
-        generated messages such as bounces)."""
-        with self.begin(mailbox, sender=sender, prefix=prefix) as delivery:
+        """Like :meth:`deliver`, with the content in memory (small messages
+        as they arrived, bounces, tests)."""
+        with self.begin(mailbox, sender=sender, prefix=prefix, folder=folder) as delivery:
             for start in range(0, len(data), self.chunk_size):
                 delivery.write(data[start : start + self.chunk_size])
             return delivery.commit()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import socket
 
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 
 from mailserver.config import LogConfig
@@ -55,9 +55,36 @@ def test_json_line_turns_objects_into_text_and_keeps_tracebacks():
     assert record["where"] == ["a", 1] and record["obj"].startswith("<object")
 
 
-def test_defaults_keep_twistds_own_observer():
-    """Text to twistd's output needs no observer of ours."""
-    assert build_observer(LogConfig()) is None
+def test_defaults_write_twistds_lines_to_twistds_output(capsys):
+    """By default our observer writes twistd's own text lines to standard
+    output (twistd -n)."""
+    observer = build_observer(LogConfig(), {"nodaemon": True, "logfile": None})
+    observer(event())
+    assert capsys.readouterr().out == formatEventAsClassicLogText(event())
+
+
+def test_text_line_is_twisteds_classic_text():
+    """The short path gives exactly Twisted's line, whatever the event holds."""
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    cases = [
+        event(),
+        event(log_time=1764775200.999),  # the same second as the one before
+        event(log_time=1764775201.0),
+        event(log_format="two\nlines {id}"),
+        event(log_format="{id!r:>20} {client[0]} {missing}"),
+        event(log_format="{sender.upper}"),
+        event(log_format="call {f()}", f=lambda: "called"),
+        event(log_format=""),
+        event(log_system="legacy-system"),
+        event(log_failure=failure),
+        event(log_level=LogLevel.warn),
+        {"log_format": "no time", "log_level": LogLevel.info},
+    ]
+    for ev in cases:
+        assert text_line(ev) == formatEventAsClassicLogText(ev), ev
 
 
 def test_text_to_a_file_and_reopen(tmp_path):

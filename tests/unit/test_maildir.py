@@ -646,20 +646,21 @@ class SymlinkRefusalTests:
         assert _tree(target) == before
 
     def test_link_swapped_in_after_the_path_check_refused(self, store, tmp_path, monkeypatch):
-        """A link that appears after maildir_for's check (a race) is still refused, not followed."""
+        """A link that appears after the path is computed (a race, or after
+        RCPT time's maildir_for check) is still refused, not followed."""
         outside = tmp_path / "outside"
         for sub in ("cur", "new", "tmp"):
             os.makedirs(outside / "alice" / sub)
         os.makedirs(store.root)
-        real_maildir_for = store.maildir_for
+        real_plain_path = store._plain_path
 
-        def racing_maildir_for(mailbox):
-            path = real_maildir_for(mailbox)
+        def racing_plain_path(mailbox):
+            path = real_plain_path(mailbox)
             if not os.path.lexists(os.path.join(store.root, "example.org")):
                 os.symlink(str(outside), os.path.join(store.root, "example.org"))
             return path
 
-        monkeypatch.setattr(store, "maildir_for", racing_maildir_for)
+        monkeypatch.setattr(store, "_plain_path", racing_plain_path)
         with pytest.raises(md.MaildirLinkRefused):
             store.deliver_bytes(ALICE, sender="", data=MESSAGE)
         assert _tree(outside) == []
@@ -818,3 +819,65 @@ def test_trace_filter_any_chunking_matches_the_reference(parts, cuts):
     out.append(f.feed(data[pos:]))
     out.append(f.flush())
     assert b"".join(out) == _reference_trace_filter(data)
+
+
+class DirectoryFsyncSharingTests:
+    """Concurrent deliveries into one maildir share the fsync of ``new/``."""
+
+    def test_fsync_begun_after_a_link_covers_it(self, tmp_path, monkeypatch):
+        """Three deliveries: the first fsyncs alone; the two that linked while
+        it ran need one more fsync between them, never none."""
+        syncs = md._DirSyncs()
+        calls, started, release = [], threading.Event(), threading.Event()
+        real_fsync = os.fsync
+
+        def slow_fsync(fd):
+            calls.append(fd)
+            if len(calls) == 1:
+                started.set()
+                assert release.wait(10)
+            real_fsync(fd)
+
+        monkeypatch.setattr(md.os, "fsync", slow_fsync)
+        fds = [os.open(str(tmp_path), os.O_RDONLY) for _ in range(3)]
+        try:
+            first = threading.Thread(target=syncs.fsync, args=(fds[0],))
+            first.start()
+            assert started.wait(10)
+            later = [threading.Thread(target=syncs.fsync, args=(fd,)) for fd in fds[1:]]
+            for t in later:
+                t.start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # both have their tickets
+                entry = next(iter(syncs._dirs.values()))
+                if entry.linked == 3:
+                    break
+                time.sleep(0.001)
+            release.set()
+            for t in [first, *later]:
+                t.join(10)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        assert len(calls) == 2
+        assert syncs._dirs == {}
+
+    def test_failed_fsync_covers_nobody(self, tmp_path, monkeypatch):
+        """An fsync that fails raises for its delivery; the next one fsyncs again."""
+        syncs = md._DirSyncs()
+        calls = []
+
+        def failing_once(fd):
+            calls.append(fd)
+            if len(calls) == 1:
+                raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(md.os, "fsync", failing_once)
+        fd = os.open(str(tmp_path), os.O_RDONLY)
+        try:
+            with pytest.raises(OSError):
+                syncs.fsync(fd)
+            syncs.fsync(fd)
+        finally:
+            os.close(fd)
+        assert len(calls) == 2

@@ -255,6 +255,12 @@ class EventStore:
             raise self.error
         return self.store.deliver(mailbox_, **kw)
 
+    def deliver_bytes(self, mailbox_, **kw):
+        self.events.append(("copy", mailbox_.address))
+        if mailbox_.address in self.bad:
+            raise self.error
+        return self.store.deliver_bytes(mailbox_, **kw)
+
 
 class EventOutbox(RecordingOutbox):
     """A recording outbox that logs in ``events`` and can fail only for some calls."""

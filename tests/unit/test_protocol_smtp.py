@@ -39,6 +39,11 @@ class BrokenStore:
             raise self.error
         return self.store.deliver(mb, **kw)
 
+    def deliver_bytes(self, mb, **kw):
+        if mb.address == self.bad:
+            raise self.error
+        return self.store.deliver_bytes(mb, **kw)
+
 
 class Harness:
     def __init__(self, tmp_path, mode=Mode.MX, limiter=None, store=None, outbox=None,
@@ -725,3 +730,31 @@ def test_unix_socket_peers_are_exempt_from_the_connection_rate_limit():
 
     rl = ConnectionRateLimiter(1)
     assert all(rl.allow("unix", now=0.0, ip="unix") for _ in range(5))
+
+
+def test_idle_timeout_after_a_slow_check_without_reply(tmp_path):
+    """A HELO check that waits (its reply was sent already) leaves the idle
+    timeout running once it answers: the client cannot sit there for ever."""
+    from twisted.internet.defer import Deferred
+
+    from mailserver.pipeline.acceptance import Check
+
+    pending = []
+
+    class SlowHelo(Check):
+        async def on_helo(self, session):
+            d = Deferred()
+            pending.append(d)
+            return await d
+
+    h = Harness(tmp_path, checks=[SlowHelo()])
+    p, t = h.connect()
+    p.dataReceived(b"EHLO c\r\n")
+    assert replies(t)[-1] == "250 CHUNK"  # the EHLO reply, before the check answers
+    h.clock.advance(10)
+    pending[0].callback(None)
+    h.clock.advance(299)
+    assert not t.disconnecting
+    h.clock.advance(2)
+    assert replies(t)[-1] == "421 4.4.2"
+    assert t.disconnecting

@@ -91,8 +91,11 @@ def test_pending_decision_between_transactions_then_421(h):
     assert t.disconnecting
 
 
-def test_grace_over_closes_and_removes_scratch_file(h, tmp_path):
+def test_grace_over_closes_and_removes_scratch_file(h, tmp_path, monkeypatch):
     """A message still arriving when the grace ends gets 421; its scratch file is removed."""
+    from mailserver import incoming
+
+    monkeypatch.setattr(incoming, "MEMORY_LIMIT", 0)  # on disk from the first octet
     p, t = h.connect()
     start_data(p, t)
     incoming = tmp_path / "spool" / "incoming"
