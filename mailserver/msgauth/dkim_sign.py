@@ -312,7 +312,7 @@ class Signer:
         domains = [a.rpartition("@")[2] for a in forwarders if "@" in a]
         if not self.might_sign(domains):
             return message
-        lines = await self.sign(message.queue_id, message.prefix, message.content_path,
+        lines = await self.sign(message.queue_id, message.prefix, message.path(),
                                 domains, from_first=False, not_aligned_with_from=True)
         if not lines:
             return message
