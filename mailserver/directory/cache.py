@@ -179,12 +179,17 @@ class CachingDirectory:
         return self._lookup(("domain", domain), lambda: wrapped(domain), bool)
 
     def senders_for(self, login: str) -> defer.Deferred:
-        """The envelope senders ``login`` may use; always asks the directory."""
+        """The envelope senders ``login`` may use (a frozenset), cached like
+        a resolution: a login is one directory search, not one per session
+        (mail clients reconnect often), and a change of aliases or groups
+        reaches sending rights within ``positive_ttl``, as it reaches delivery."""
         wrapped = getattr(self.directory, "senders_for", None)
         if wrapped is None:
             return defer.fail(NotImplementedError(
                 f"{type(self.directory).__name__} has no senders_for"))
-        return defer.maybeDeferred(wrapped, login)
+        return self._lookup(("senders", login),
+                            lambda: defer.maybeDeferred(wrapped, login).addCallback(frozenset),
+                            bool)
 
     def authenticate(self, login: str, password: str) -> defer.Deferred:
         """A password check; never cached, never shared."""

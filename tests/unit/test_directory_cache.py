@@ -329,12 +329,20 @@ def test_domains_and_addresses_do_not_collide(clock):
     assert isinstance(result_of(cache.resolve("example.test")), Resolution)
 
 
-def test_senders_for_passes_through_uncached(clock):
+def test_senders_for_cached_for_the_positive_ttl(clock):
+    """One search per login within the TTL; after it, and after clear(), asked again."""
     fake = DomainDirectory()
     cache = make(fake, clock)
     assert result_of(cache.senders_for("bob")) == frozenset({"bob@example.test"})
+    assert result_of(cache.senders_for("bob")) == frozenset({"bob@example.test"})
+    asked = lambda: [c for c in fake.calls if c[0] == "senders_for"]  # noqa: E731
+    assert asked() == [("senders_for", "bob")]
+    clock.advance(cache.positive_ttl + 1)
     result_of(cache.senders_for("bob"))
-    assert [c for c in fake.calls if c[0] == "senders_for"] == [("senders_for", "bob")] * 2
+    assert len(asked()) == 2
+    cache.clear()
+    result_of(cache.senders_for("bob"))
+    assert len(asked()) == 3
 
 
 def test_missing_newer_methods_fail_cleanly(clock):
