@@ -63,6 +63,11 @@ def _uid_of(pid: int) -> int:
     raise AssertionError("no Uid line")
 
 
+def _children(pid: int) -> list:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
 def _ldif_copy(where: Path) -> str:
     """The quick-start users in a file every user can read."""
     path = where / "users.ldif"
@@ -79,8 +84,9 @@ TWISTD_OPTIONS = ("--uid", SERVICE_USER[0], "--gid", SERVICE_USER[1])
 USER_KEYS = {"user": SERVICE_USER[0], "group": SERVICE_USER[1]}
 
 
-@pytest.mark.parametrize("options, keys", [(TWISTD_OPTIONS, {}), ((), USER_KEYS)],
-                         ids=["twistd-options", "server-user"])
+@pytest.mark.parametrize("options, keys", [(TWISTD_OPTIONS, {}), ((), USER_KEYS),
+                                           ((), {**USER_KEYS, "workers": 2})],
+                         ids=["twistd-options", "server-user", "two-workers"])
 def test_drops_privileges_from_a_fresh_install(open_dir, options, keys):
     """Started as root with --uid/--gid (or [server] user/group) on empty
     directories, the server hands them to the user, runs as it, and delivers
@@ -98,6 +104,11 @@ def test_drops_privileges_from_a_fresh_install(open_dir, options, keys):
         twistd_options=options).start()
     try:
         assert _uid_of(server.proc.pid) == nobody.pw_uid
+        workers = _children(server.proc.pid)
+        count = keys.get("workers", 1)  # the harness's default is one process
+        assert len(workers) == (count if count > 1 else 0)
+        for child in workers:
+            assert _uid_of(child) == nobody.pw_uid
         with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
             s.sendmail("x@example.org", ["alice@example.test"], b"Subject: hi\r\n\r\nhello\r\n")
         [msg] = server.messages("alice")
