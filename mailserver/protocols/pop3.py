@@ -50,6 +50,7 @@ from zope.interface import implementer
 from mailserver import reply as R
 from mailserver.directory.interfaces import Mailbox
 from mailserver.pipeline.session import Session
+from mailserver.protocols.backpressure import WriteBackPressure
 from mailserver.protocols.limits import ConnectionLimiter, client_key, peer_ip
 from mailserver.protocols.sessions import Sessions
 from mailserver.sansio import pop3_events as ev
@@ -120,7 +121,7 @@ class _MessageSender:
 
 
 @implementer(IPushProducer)
-class POP3ServerProtocol(Protocol):
+class POP3ServerProtocol(WriteBackPressure, Protocol):
     """One POP3 session.
 
     It is the transport's streaming producer (except while a long message is
@@ -284,22 +285,6 @@ class POP3ServerProtocol(Protocol):
             self._close()  # mid-message: another line would corrupt it
             return
         self._close(SHUTTING_DOWN)
-
-    # -- IPushProducer: the transport's write buffer is full / has room ----
-    def pauseProducing(self) -> None:
-        self.write_paused = True
-        self._update_reading()
-
-    def resumeProducing(self) -> None:
-        if not self.write_paused:
-            return
-        self.write_paused = False
-        self._update_reading()
-        if not self.busy and self.core is not None:
-            self._drive()
-
-    def stopProducing(self) -> None:
-        self.closing = True
 
     def _unregister(self) -> None:
         if self.registered:

@@ -28,6 +28,7 @@ from mailserver import reply as R
 from mailserver.errors import is_known, to_reply
 from mailserver.pipeline.acceptance import Acceptance
 from mailserver.pipeline.session import Session, Transaction
+from mailserver.protocols.backpressure import WriteBackPressure
 from mailserver.protocols.limits import (
     ConnectionLimiter,
     ConnectionRateLimiter,
@@ -69,7 +70,7 @@ class ListenerContext:
 
 
 @implementer(IPushProducer)
-class SMTPServerProtocol(Protocol):
+class SMTPServerProtocol(WriteBackPressure, Protocol):
     """One SMTP or LMTP session.
 
     Input is read only while no decision is pending and the transport's write
@@ -257,22 +258,6 @@ class SMTPServerProtocol(Protocol):
         elif not hold and self.reading_paused:
             self.reading_paused = False
             self.transport.resumeProducing()
-
-    # -- IPushProducer: the transport's write buffer is full / has room ----
-    def pauseProducing(self) -> None:
-        self.write_paused = True
-        self._update_reading()
-
-    def resumeProducing(self) -> None:
-        if not self.write_paused:
-            return
-        self.write_paused = False
-        self._update_reading()
-        if not self.busy and self.core is not None:
-            self._drive()
-
-    def stopProducing(self) -> None:
-        self.closing = True
 
     def _close(self, last: Optional[R.Reply] = None) -> None:
         """Send what the core has queued, then ``last`` (a 421 of ours), and
