@@ -300,18 +300,16 @@ class RemoteLoginThrottle:
         self.channel = channel
 
     async def check(self, client: str, account: str) -> LoginVerdict:
-        try:
-            r = await self.channel.call(LoginCheck, client=client, account=account)
-        except Exception as e:
-            _down("login check", e)
-            return self._UNSURE
-        return LoginVerdict(delay=r["delay"], blocked=r["blocked"])
+        return await self._verdict(LoginCheck, "login check", client, account)
 
     async def failed(self, client: str, account: str) -> LoginVerdict:
+        return await self._verdict(LoginFailed, "failed login", client, account)
+
+    async def _verdict(self, command, what: str, client: str, account: str) -> LoginVerdict:
         try:
-            r = await self.channel.call(LoginFailed, client=client, account=account)
+            r = await self.channel.call(command, client=client, account=account)
         except Exception as e:
-            _down("failed login", e)
+            _down(what, e)
             return self._UNSURE
         return LoginVerdict(delay=r["delay"], blocked=r["blocked"])
 
