@@ -238,21 +238,11 @@ def dnspython_lookup(nameservers: Sequence[str], timeout: float = 5.0
     """A blocking ``lookup(name, type)`` through dnspython, asking
     ``nameservers`` ("ip" or "ip:port"; none: /etc/resolv.conf)."""
     import dns.exception
-    import dns.nameserver
     import dns.resolver
 
-    if nameservers:
-        resolver = dns.resolver.Resolver(configure=False)
-        servers = []
-        for server in nameservers:
-            host, port = server, 53
-            if server.count(":") == 1:
-                host, _, p = server.partition(":")
-                port = int(p)
-            servers.append(dns.nameserver.Do53Nameserver(host, port))
-        resolver.nameservers = servers
-    else:
-        resolver = dns.resolver.Resolver()
+    from mailserver.msgauth.lookups import make_dns_resolver
+
+    resolver = make_dns_resolver(nameservers)
     resolver.lifetime = timeout
 
     def lookup(name: str, rtype: str) -> List[str]:
