@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -44,6 +44,19 @@ log = Logger(namespace="mailserver")
 #: Seconds a worker waits for the supervisor before failing safe.
 CALL_TIMEOUT = 5.0
 
+
+
+class OneProtocol(protocol.Factory):
+    """Builds the one channel protocol given, for ``adoptStreamConnection``
+    of a socket pair's end."""
+
+    noisy = False
+
+    def __init__(self, proto) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr):
+        return self.proto
 
 class Ready(amp.Command):
     arguments = [(b"pid", amp.Integer())]

@@ -36,7 +36,7 @@ from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
-from mailserver.workers.channel import SupervisorChannel, SupervisorState
+from mailserver.workers.channel import OneProtocol, SupervisorChannel, SupervisorState
 
 log = Logger(namespace="mailserver")
 
@@ -129,16 +129,6 @@ def relog(line: bytes, pid) -> None:
     if event["log_time"] is None:
         del event["log_time"]
     globalLogPublisher(event)
-
-
-class _One(protocol.Factory):
-    noisy = False
-
-    def __init__(self, proto) -> None:
-        self.proto = proto
-
-    def buildProtocol(self, addr):
-        return self.proto
 
 
 class WorkerPool(service.Service):
@@ -241,7 +231,7 @@ class WorkerPool(service.Service):
             theirs.close()
         self.workers[slot] = proc
         channel = SupervisorChannel(self.state, proc)
-        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, _One(channel))
+        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, OneProtocol(channel))
         ours.close()
 
     def ended(self, proc: WorkerProcess, reason) -> None:

@@ -22,7 +22,7 @@ import socket
 import sys
 import threading
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger, formatEvent
 from zope.interface import implementer
 
@@ -114,16 +114,6 @@ class JSONLines:
             pass  # the supervisor is gone
 
 
-class _One(protocol.Factory):
-    noisy = False
-
-    def __init__(self, proto) -> None:
-        self.proto = proto
-
-    def buildProtocol(self, addr):
-        return self.proto
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mailserver-worker")
     parser.add_argument("--config", required=True)
@@ -141,7 +131,7 @@ def main(argv=None) -> int:
 
     from mailserver.config import load_config
     from mailserver.service import build_service
-    from mailserver.workers.channel import Ready, WorkerChannel
+    from mailserver.workers.channel import OneProtocol, Ready, WorkerChannel
 
     config = load_config(args.config)
     adopted = {}
@@ -156,7 +146,7 @@ def main(argv=None) -> int:
             reactor.stop()
 
     channel = WorkerChannel(reactor, on_lost=supervisor_gone)
-    reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, _One(channel))
+    reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, OneProtocol(channel))
     os.close(args.channel)
     top = build_service(config, reactor, channel=channel, adopted=adopted)
     top.privilegedStartService()
