@@ -41,6 +41,7 @@ import base64
 import email.utils
 import functools
 import hashlib
+import io
 import re
 import time
 from dataclasses import replace
@@ -241,15 +242,16 @@ class Signer:
     def _now(self) -> float:
         return self.clock.seconds() if self.clock is not None else time.time()
 
-    def sign_file(self, prefix: bytes, path: str, domains: Sequence[str], *,
+    def sign_file(self, prefix: bytes, source, domains: Sequence[str], *,
                   from_first: bool = True, not_aligned_with_from: bool = False,
                   now: Optional[float] = None) -> Tuple[List[bytes], str, List[str]]:
         """Blocking: ``(signature fields, domain, problems)`` for the message
-        ``prefix`` + the file at ``path``.  The signing domain is the first of
+        ``prefix`` + ``source``: the content's file (a path), or the content
+        itself (bytes, a small message still in memory).  The signing domain is the first of
         (with ``from_first``, the From: domains, then) ``domains`` that has
         keys; ``not_aligned_with_from`` skips domains aligned with a From:
         domain.  No keys for any of them: ``([], "", [])``."""
-        with open(path, "rb") as f:
+        with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as f:
             headers = parse_headers(prefix + read_header_section(f))
             froms = from_domains(headers)
             candidates = [*(froms if from_first else ()), *domains]
@@ -274,13 +276,13 @@ class Signer:
         when = self._now() if now is None else now
         return [sign_header(headers, fields, digest, k, when) for k in keys], chosen, problems
 
-    async def sign(self, queue_id: str, prefix: bytes, path: str, domains: Sequence[str],
+    async def sign(self, queue_id: str, prefix: bytes, source, domains: Sequence[str],
                    **kw) -> List[bytes]:
         """The signature fields for a message, signed in the I/O pool; on any
         failure none (the message leaves unsigned), with an error logged."""
         kw.setdefault("now", self._now())
         try:
-            lines, domain, problems = await self.io(self.sign_file, prefix, path, domains, **kw)
+            lines, domain, problems = await self.io(self.sign_file, prefix, source, domains, **kw)
         except SigningError as e:  # the message's doing, not the operator's
             log.warn("{id}: dkim: not signed: {why}", id=queue_id, why=str(e))
             return []
@@ -312,7 +314,7 @@ class Signer:
         domains = [a.rpartition("@")[2] for a in forwarders if "@" in a]
         if not self.might_sign(domains):
             return message
-        lines = await self.sign(message.queue_id, message.prefix, message.path(),
+        lines = await self.sign(message.queue_id, message.prefix, message.source(),
                                 domains, from_first=False, not_aligned_with_from=True)
         if not lines:
             return message
@@ -350,8 +352,9 @@ class DKIMSigning(Check):
         froms = scanned_from_domains(txn.scanner)
         if froms is not None and not self.signer.might_sign(froms + domains):
             return None  # no key for any candidate: spare the thread hop
+        data = getattr(txn.message, "data", None)  # a small message still in memory
         lines = await self.signer.sign(txn.message.queue_id, b"".join(txn.headers),
-                                       txn.message.path, domains)
+                                       txn.message.path if data is None else data, domains)
         txn.headers.extend(lines)
         return None
 

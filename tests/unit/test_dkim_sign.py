@@ -156,6 +156,19 @@ def test_dual_signature_verifies_with_dkimpy(tmp_path, key_dir):
     assert [ok for _d, _s, ok in verify_all(forged, published(key_dir))] == [False, False]
 
 
+
+def test_content_in_memory_signs_as_its_file(tmp_path, key_dir):
+    """A small message still in memory (bytes) gets the signatures its file would."""
+    signer = S.Signer(K.KeyStore(key_dir), sync_io, Clock())
+    prefix = b"Message-ID: <1@mx.example.test>\r\n"
+    from_file = signer.sign_file(prefix, write(tmp_path, MESSAGE), [], now=1000.0)
+    from_bytes = signer.sign_file(prefix, MESSAGE, [], now=1000.0)
+    assert from_bytes[1:] == from_file[1:] == (DOMAIN, [])
+    # Ed25519 signatures are deterministic, as RSA PKCS#1 v1.5 ones are.
+    assert from_bytes[0] == from_file[0]
+    signed = b"".join(from_bytes[0]) + prefix + MESSAGE
+    assert verify_all(signed, published(key_dir)) == [(DOMAIN, "ed", True), (DOMAIN, "rs", True)]
+
 def test_large_body_is_hashed_in_chunks(tmp_path, key_dir):
     body = b"".join(b"line %d with  spaces \r\n" % i for i in range(20000))
     content = MESSAGE.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" + body
