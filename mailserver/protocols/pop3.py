@@ -24,9 +24,10 @@ decisions:
   on disk (:meth:`~mailserver.store.maildrop.Maildrop.needs_io`) the answer
   comes at once, without the thread.  A dropped connection applies nothing.
 
-Responses to a plain TCP client are handed to the socket as soon as a batch
-of input has been handled (``doWrite``), not after another trip round the
-reactor; TLS connections write the usual way.
+Responses go out with :func:`~mailserver.protocols.wire.write_now`: to a
+plain TCP client, straight to the socket as soon as a batch of input has
+been handled, not after another trip round the reactor; TLS connections
+write the usual way.
 
 The idle timer (10 minutes by default, RFC 1939's minimum) counts from the
 last command or answer: one DelayedCall per session, which on expiry looks
@@ -41,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from twisted.internet import defer, tcp
+from twisted.internet import defer
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -53,6 +54,7 @@ from mailserver.pipeline.session import Session
 from mailserver.protocols.backpressure import WriteBackPressure
 from mailserver.protocols.limits import ConnectionLimiter, client_key, peer_ip
 from mailserver.protocols.sessions import Sessions
+from mailserver.protocols.wire import write_now
 from mailserver.sansio import pop3_events as ev
 from mailserver.sansio.pop3 import POP3ServerConnection, State
 
@@ -254,7 +256,6 @@ class POP3ServerProtocol(WriteBackPressure, Protocol):
             return
         if self._flush() or progressed:
             self._arm_timer()
-            self._push()
 
     # -- graceful stop (see protocols/sessions.py) ---------------------------
     def _idle(self) -> bool:
@@ -292,25 +293,12 @@ class POP3ServerProtocol(WriteBackPressure, Protocol):
             self.write_paused = False
             self.transport.unregisterProducer()
 
-    def _push(self) -> None:
-        """Send what was just written now, not after another trip round the
-        reactor: a plain TCP transport (no TLS layer, no pull producer, not
-        paused, not closing) is asked to write at once, as the reactor would when the
-        socket is writable.  Whatever the socket does not take stays
-        buffered and goes out the usual way; an error is seen by the
-        reactor's own next attempt."""
-        t = self.transport
-        if (type(t) is tcp.Server and not t.TLS and not self.write_paused
-                and (t.producer is None or t.producer is self)
-                and not t.disconnecting and t.connected):
-            t.doWrite()
-
     def _flush(self) -> bool:
         if self.core is None or self.closing:
             return False
         out = self.core.data_to_send()
         if out:
-            self.transport.write(out)
+            write_now(self.transport, out)
         return bool(out)
 
     HOLD_INPUT = 65536  # unprocessed octets kept while a decision runs
@@ -490,7 +478,7 @@ class POP3ServerProtocol(WriteBackPressure, Protocol):
         self.core.send_ok(f"{event.info.size} octets" if event.lines is None else "")
         out = self.core.stuff(content)  # the +OK line first
         self.core.finish_retrieve()
-        self.transport.write(out + self.core.data_to_send())
+        write_now(self.transport, out + self.core.data_to_send())
 
     async def _retrieve(self, event: ev.Retrieve) -> None:
         """The message opened (and found again if it moved) and its first

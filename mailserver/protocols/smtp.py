@@ -36,6 +36,7 @@ from mailserver.protocols.limits import (
     peer_ip,
 )
 from mailserver.protocols.sessions import Sessions
+from mailserver.protocols.wire import write_now
 from mailserver.sansio import smtp_events as ev
 from mailserver.sansio.smtp_server import Limits, Mode, SMTPServerConnection
 
@@ -240,7 +241,7 @@ class SMTPServerProtocol(WriteBackPressure, Protocol):
             return False
         out = self.core.data_to_send()
         if out:
-            self.transport.write(out)
+            write_now(self.transport, out)
         return bool(out)
 
     def _update_reading(self) -> None:
