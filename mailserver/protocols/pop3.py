@@ -14,7 +14,10 @@ decisions:
   read whole on the reactor thread (:meth:`~mailserver.store.maildrop.Maildrop.read_small`:
   an ``openat``, an ``fstat`` that bounds the read, one ``read`` and a
   ``close``, microseconds from the page cache) and answered at once in one
-  write, with no thread, Deferred or coroutine.  Any other message (larger,
+  write, with no thread, Deferred or coroutine.  While a client retrieves
+  in order, the next small message is read and stuffed right after each
+  such answer, as it travels (one prepared response per session at most),
+  so that the next RETR costs one write.  Any other message (larger,
   moved by another reader, unreadable) is opened and its first 64 KiB read
   in a worker thread; one longer than that is streamed through a pull
   producer, each chunk byte-stuffed by the core, never the whole message in
@@ -57,6 +60,7 @@ from mailserver.protocols.sessions import Sessions
 from mailserver.protocols.wire import write_now
 from mailserver.sansio import pop3_events as ev
 from mailserver.sansio.pop3 import POP3ServerConnection, State
+from mailserver.sansio.pop3_stuffer import whole
 
 log = Logger(namespace="mailserver.pop3d")
 
@@ -150,6 +154,8 @@ class POP3ServerProtocol(WriteBackPressure, Protocol):
         self.deciding = False
         self.sender: Optional[_MessageSender] = None
         self.retrieval: Optional[defer.Deferred] = None  # fires when a RETR/TOP is sent
+        self.ahead: Optional[tuple] = None  # (index, wire form) of the next message
+        self.last_retr: Optional[int] = None  # index of the last RETR
         self.draining = False  # the server is stopping: close at the next command
 
     # -- Twisted callbacks -------------------------------------------------
@@ -466,6 +472,10 @@ class POP3ServerProtocol(WriteBackPressure, Protocol):
                  reason=event.reason)
 
     def on_retrieve(self, event: ev.Retrieve) -> None:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] == event.index and event.lines is None:
+            self._send_wire(event, ahead[1])
+            return
         if event.info.size <= CHUNK:  # most messages: answered here, at once
             content = self.maildrop.read_small(event.index, CHUNK)
             if content is not None:
@@ -475,10 +485,32 @@ class POP3ServerProtocol(WriteBackPressure, Protocol):
 
     def _send_whole(self, event: ev.Retrieve, content: bytes) -> None:
         """Answer ``event`` with a message read whole, in one write."""
-        self.core.send_ok(f"{event.info.size} octets" if event.lines is None else "")
-        out = self.core.stuff(content)  # the +OK line first
-        self.core.finish_retrieve()
-        write_now(self.transport, out + self.core.data_to_send())
+        self._send_wire(event, whole(content, event.lines))
+
+    def _send_wire(self, event: ev.Retrieve, wire: bytes) -> None:
+        self.core.send_whole(wire, f"{event.info.size} octets" if event.lines is None else "")
+        write_now(self.transport, self.core.data_to_send())
+        if event.lines is None:
+            in_order = self.last_retr is None or event.index == self.last_retr + 1
+            self.last_retr = event.index
+            if in_order:
+                self._read_ahead(event.index + 1)
+
+    def _read_ahead(self, index: int) -> None:
+        """Clients retrieve in order (fetchmail, getmail): while they do,
+        prepare the next message's response as this one travels and the
+        client reads it, so that its RETR is answered with one write.  Only
+        a small message still in the snapshot, neither deleted nor retrieved
+        yet, read as :meth:`on_retrieve` would; one at most per session.
+        Maildir files never change, so reading a little earlier sends the
+        same octets."""
+        core = self.core
+        if (self.closing or index >= len(core.messages) or index in core.deleted
+                or index in core.retrieved or core.messages[index].size > CHUNK):
+            return
+        content = self.maildrop.read_small(index, CHUNK)
+        if content is not None:
+            self.ahead = (index, whole(content))
 
     async def _retrieve(self, event: ev.Retrieve) -> None:
         """The message opened (and found again if it moved) and its first
@@ -566,6 +598,7 @@ class POP3ServerProtocol(WriteBackPressure, Protocol):
 
     def _release(self) -> None:
         """Give up the maildrop's lock (no changes applied)."""
+        self.ahead = None
         if self.maildrop is not None:
             drop, self.maildrop = self.maildrop, None
             drop.close()

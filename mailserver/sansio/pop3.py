@@ -369,6 +369,18 @@ class POP3ServerConnection(TransactionCommands):
         if stuffer is None or not isinstance(event, Retrieve):
             raise UsageError("finish_retrieve() needs a Retrieve answered with send_ok()")
         self._out += stuffer.finish()
+        self._retrieve_done(event)
+
+    def send_whole(self, wire: bytes, text: str = "") -> None:
+        """Answer ``Retrieve`` with the whole response content at once:
+        ``wire`` is :func:`~mailserver.sansio.pop3_stuffer.whole` of the
+        stored message (for TOP, with the event's line count), made now or
+        earlier; the ``+OK`` line goes before it."""
+        self.send_ok(text)
+        self._out += wire
+        self._retrieve_done(self.pending)
+
+    def _retrieve_done(self, event: Retrieve) -> None:
         if event.lines is None:
             self.retrieved.add(event.index)
         self._stuffer = None

@@ -10,6 +10,14 @@ from typing import Optional
 CRLF = b"\r\n"
 
 
+def whole(content: bytes, limit: Optional[int] = None) -> bytes:
+    """The wire form of a whole stored message, its terminating ``.`` line
+    included: what :meth:`Stuffer.feed` and :meth:`Stuffer.finish` make of
+    it in one go."""
+    stuffer = Stuffer(limit)
+    return stuffer.feed(content) + stuffer.finish()
+
+
 class Stuffer:
     """A stored message (LF or CRLF line ends) to wire form, chunk by chunk:
     CRLF line ends, dot-stuffing, and for TOP the line limit."""
@@ -42,12 +50,15 @@ class Stuffer:
         over the chunk (a bare CR inside a line stays as it is)."""
         if not data:
             return b""
-        if data.count(b"\n") == data.count(b"\r\n"):
+        if b"\r" not in data:  # stored with LF line ends (as Dovecot stores mail)
+            text = data.replace(b"\n.", b"\n..") if b"\n." in data else data
+            text = text.replace(b"\n", CRLF)
+        elif data.count(b"\n") == data.count(b"\r\n"):
             # Stored with CRLF already (as this server stores mail): only the
             # dots, and no copy at all when no line starts with one.
             text = data.replace(b"\r\n.", b"\r\n..") if b"\n." in data else data
         else:
-            text = data.replace(b"\r\n", b"\n") if b"\r" in data else data
+            text = data.replace(b"\r\n", b"\n")
             text = text.replace(b"\n.", b"\n..").replace(b"\n", CRLF)
         if self._start and text[:1] == b".":
             text = b"." + text

@@ -41,6 +41,7 @@ from mailserver.sansio.pop3_events import (
     StartTLS,
     Update,
 )
+from mailserver.sansio.pop3_stuffer import whole
 
 HOST = "pop.example.test"
 NO_PLAINTEXT = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections\r\n"
@@ -755,6 +756,25 @@ def test_stuff_any_chunking(message: bytes, cuts: list[int], lines: Optional[int
     chunks = [message[a:b] for a, b in zip(bounds, bounds[1:])]
     assert stuffed(chunks, lines)[0] == reference(message, lines)
 
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    message=st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"..", b"b c"]),
+                     max_size=30).map(b"".join),
+    lines=st.one_of(st.none(), st.integers(0, 4)),
+)
+def test_send_whole_matches_the_reference(message: bytes, lines: Optional[int]) -> None:
+    """send_whole(whole(message)) answers a Retrieve with the +OK line and the
+    same wire bytes as the line-by-line reference, and releases it."""
+    conn = logged_in()
+    conn.receive_data(b"RETR 1\r\n" if lines is None else b"TOP 1 %d\r\n" % lines)
+    event = conn.next_event()
+    assert isinstance(event, Retrieve)
+    conn.send_whole(whole(message, lines), "here")
+    assert conn.data_to_send() == b"+OK here\r\n" + reference(message, lines)
+    assert conn.next_event() is NEED_DATA
+    assert (event.index in conn.retrieved) == (lines is None)
 
 class EndingTests:
     """QUIT, UPDATE and EOF."""

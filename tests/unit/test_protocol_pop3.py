@@ -358,3 +358,69 @@ def test_connection_rate_limit(tmp_path):
     h.clock.advance(61)
     p, t = h.connect()
     assert lines(t)[0].startswith("+OK")
+
+
+def spy_reads(h, p):
+    """The indexes ``read_small`` is asked for, from now on."""
+    asked = []
+    drop = p.maildrop
+    real = drop.read_small
+
+    def read_small(index, limit):
+        asked.append(index)
+        return real(index, limit)
+
+    drop.read_small = read_small
+    return asked
+
+
+def test_next_message_is_read_ahead_after_a_retr(h):
+    """After RETR n the next small message is read and stuffed at once, and
+    RETR n+1 sends exactly what RETR would have read; nothing is read past
+    the last message, and a second session reads the same octets."""
+    bodies = [b"Subject: %d\n\n.dot %d\nend\n" % (i, i) for i in range(3)]
+    for body in bodies:
+        h.deliver(body.replace(b"\n", b"\r\n"))
+    p, t = h.connect()
+    login(p, t)
+    asked = spy_reads(h, p)
+    got = []
+    for n in (1, 2, 3):
+        p.dataReceived(b"RETR %d\r\n" % n)
+        got.append(t.value())
+        t.clear()
+    assert asked == [0, 1, 2]  # RETR 1 read 0 then 1 ahead, RETR 2 read 2 ahead, RETR 3 none
+    for n, out in enumerate(got):
+        assert out.startswith(b"+OK ") and out.endswith(b"\r\n..dot %d\r\nend\r\n.\r\n" % n)
+    p.dataReceived(b"QUIT\r\n")
+    p.connectionLost(None)
+    assert sorted(h.updates[0][1]) == [0, 1, 2]
+    p, t = h.connect()  # backwards: every message read when asked for, no read-ahead
+    login(p, t)
+    asked = spy_reads(h, p)
+    for n in (3, 2, 1):
+        p.dataReceived(b"RETR %d\r\n" % n)
+        assert t.value() == got[n - 1]
+        t.clear()
+    assert asked == [2, 1, 0]
+
+
+def test_read_ahead_is_not_used_for_other_commands(h):
+    """A read-ahead message deleted before its RETR is refused; TOP of it and
+    a RETR out of order get their own answers."""
+    for i in range(4):
+        h.deliver(b"Subject: %d\r\n\r\nline one %d\r\nline two\r\n" % (i, i))
+    p, t = h.connect()
+    login(p, t)
+    asked = spy_reads(h, p)
+    p.dataReceived(b"RETR 1\r\nTOP 2 1\r\n")
+    out = lines(t)
+    assert "line two" not in out[out.index("Subject: 1"):], out
+    assert "line one 1" in out
+    p.dataReceived(b"DELE 2\r\nRETR 2\r\nRETR 4\r\n")
+    out = lines(t)
+    assert out[0].startswith("+OK") and out[1].startswith("-ERR"), out
+    assert "line one 3" in out and out[-2:] == [".", ""]
+    assert asked == [0, 1, 1, 3]  # RETR 1 + ahead, TOP 2 read anew, RETR 4 (last: no ahead)
+    p.dataReceived(b"QUIT\r\n")
+    assert sorted(h.updates[0][1]) == [0, 3] and h.updates[0][0] == (1,)
