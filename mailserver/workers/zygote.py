@@ -1,0 +1,227 @@
+# -*- test-case-name: tests.unit.test_zygote -*-
+"""The process the workers are forked from: ``python -m
+mailserver.workers.zygote`` (started by the supervisor, never by hand).
+
+A Python process that has imported Twisted, pyOpenSSL and this package
+holds about 30 MiB of objects of its own before it serves anyone, and every
+worker started with ``python -m mailserver.workers.worker`` paid that again.
+The zygote imports all of it once, with the collector stopped, puts the
+objects out of the collector's reach (``gc.freeze``) and then forks each
+worker on request: the children share those pages with it (copy-on-write)
+instead of holding copies, and a worker that died is replaced in a few
+milliseconds rather than after a fresh interpreter's imports.  It is the
+shape of Python's ``multiprocessing`` forkserver and of gunicorn's
+``preload_app``, without either's machinery.
+
+The zygote never installs a reactor: a forked child must start with one of
+its own (an epoll set shared between processes would deliver one worker's
+events to the other).  It runs no threads and logs nothing itself; a
+child's Twisted, logging and reactor start after the fork, in
+:func:`mailserver.workers.worker.main`.
+
+The supervisor talks to it over one UNIX stream socket (``--control FD``),
+in lines:
+
+* ``fork SLOT`` with one descriptor attached (``SCM_RIGHTS``): the child's
+  end of that worker's AMP channel.  The zygote forks, and the child runs the
+  worker with it; the reply is ``forked SLOT PID`` (or ``failed SLOT
+  REASON`` when ``fork`` itself failed);
+* ``ended PID CODE SIGNAL`` comes unasked whenever a child is reaped (the
+  workers are the zygote's children, not the supervisor's).
+
+Descriptors other than the channel (``--listen``, the listening sockets)
+are the zygote's own from its start, and every child inherits them.  When
+the control socket closes (the supervisor is gone) the zygote exits; its
+children notice by their own channels and stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+from typing import List, Tuple
+
+#: What a worker imports on its way to serving: loaded here once, shared.
+PRELOAD = (
+    "twisted.internet.epollreactor",
+    "twisted.internet.ssl",
+    "twisted.protocols.amp",
+    "mailserver.service",
+    "mailserver.workers.worker",
+    "mailserver.workers.channel",
+    "mailserver.workers.gate",
+    "mailserver.protocols.smtp",
+    "mailserver.protocols.pop3",
+    "mailserver.directory.ldap",
+)
+
+#: Largest control message read at once, and descriptors per read.
+_READ = 4096
+_MAX_FDS = 16
+
+
+def preload(names=PRELOAD) -> None:
+    """Import ``names`` (one that fails is left to the worker to report)."""
+    for name in names:
+        try:
+            __import__(name)
+        except Exception:
+            pass
+    if "twisted.internet.reactor" in sys.modules:  # pragma: no cover - a bug of ours
+        raise RuntimeError("the zygote must not install a reactor")
+
+
+def parse(buffer: bytes, fds: List[int]) -> Tuple[list, bytes, List[int]]:
+    """Split the complete lines out of ``buffer``: ``(requests, rest,
+    unused fds)``, each request ``("fork", slot, fd)``; a ``fork`` without a
+    descriptor, or a line that is not understood, is ``("bad", text, -1)``."""
+    requests = []
+    *lines, rest = buffer.split(b"\n")
+    for line in lines:
+        words = line.split()
+        if len(words) == 2 and words[0] == b"fork" and words[1].isdigit() and fds:
+            requests.append(("fork", int(words[1]), fds.pop(0)))
+        else:
+            requests.append(("bad", line.decode("ascii", "replace"), -1))
+    return requests, rest, fds
+
+
+class Zygote:
+    """The request loop (blocking: there is no reactor here)."""
+
+    def __init__(self, control: socket.socket, worker_args: List[str],
+                 worker_module: str = "mailserver.workers.worker") -> None:
+        self.control = control
+        self.worker_args = worker_args
+        self.worker_module = worker_module
+        self.buffer = b""
+        self.fds: List[int] = []
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select via the fd below
+        signal.set_wakeup_fd(self.wake_w)
+        while True:
+            try:
+                ready, _, _ = select.select([self.control, self.wake_r], [], [])
+            except InterruptedError:  # pragma: no cover - select retries by itself
+                continue
+            if self.wake_r in ready:
+                self._drain_wakeups()
+                self._reap()
+            if self.control in ready and not self._read():
+                return 0
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _read(self) -> bool:
+        """Handle what the supervisor sent; False once it has gone."""
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.control, _READ, _MAX_FDS)
+        except InterruptedError:  # pragma: no cover
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        requests, self.buffer, self.fds = parse(self.buffer + data, self.fds + list(fds))
+        for kind, slot, fd in requests:
+            if kind == "fork":
+                self._fork(slot, fd)
+            else:
+                self._say(f"failed - not understood: {slot}")
+        return True
+
+    def _fork(self, slot: int, channel_fd: int) -> None:
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(channel_fd)
+            self._say(f"failed {slot} {e.strerror or e}")
+            return
+        if pid == 0:
+            self._child(channel_fd)  # never returns
+        os.close(channel_fd)
+        self._say(f"forked {slot} {pid}")
+
+    def _child(self, channel_fd: int) -> None:
+        code = 70
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_DFL)
+            self.control.close()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            for fd in self.fds:  # descriptors meant for other requests
+                os.close(fd)
+            gc.enable()  # the frozen objects stay out of its reach
+            worker = importlib.import_module(self.worker_module)
+            code = worker.main(["--channel", str(channel_fd), *self.worker_args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+            self._say(f"ended {pid} {code} {sig}")
+
+    def _say(self, line: str) -> None:
+        try:
+            self.control.sendall(line.encode("ascii") + b"\n")
+        except OSError:
+            pass  # the supervisor is gone; the next read sees it
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mailserver-zygote")
+    parser.add_argument("--control", type=int, required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--listen", action="append", default=[])
+    parser.add_argument("--worker-module", default="mailserver.workers.worker",
+                        help=argparse.SUPPRESS)  # the tests' stand-in worker
+    args = parser.parse_args(argv)
+    # Ctrl-C at a terminal reaches the whole process group; the supervisor
+    # decides. SIGTERM and SIGHUP go to the workers, never here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    gc.disable()
+    preload()
+    gc.freeze()
+    control = socket.socket(fileno=args.control)
+    control.setblocking(True)
+    worker_args = ["--config", args.config]
+    for spec in args.listen:
+        worker_args += ["--listen", spec]
+    return Zygote(control, worker_args, args.worker_module).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
