@@ -3,13 +3,20 @@
 supervisor, never by hand).
 
 Arguments: ``--config FILE``, ``--channel FD`` (its end of the AMP socket
-pair) and one ``--listen INDEX=FD:FAMILY`` per listener, in the order of the
-configuration.  It builds the same listeners as one process would
-(:func:`~mailserver.service.build_service` with a channel), on sockets it
-adopts instead of binding, and runs until SIGTERM (drain, exit 0) or until
-the supervisor's channel closes (the supervisor is gone: drain and exit).
-It runs as the user the supervisor runs as, and writes its log events on
-standard output, one JSON object a line, for the supervisor to log.
+pair), one ``--listen INDEX=FD:FAMILY`` per listener, in the order of the
+configuration, and ``--log HOW``.  It builds the same listeners as one
+process would (:func:`~mailserver.service.build_service` with a channel), on
+sockets it adopts instead of binding, and runs until SIGTERM (drain, exit 0)
+or until the supervisor's channel closes (the supervisor is gone: drain and
+exit).  It runs as the user the supervisor runs as.
+
+It writes its own log lines (:func:`mailserver.logs.worker_observer`), as
+``--log`` says (:meth:`mailserver.logs.MailLogObserver.for_workers`):
+``fd``, to its standard output, which is the supervisor's standard output or
+``[log] file`` (reopened on SIGUSR1); ``syslog``, as syslog datagrams only;
+``relay``, as JSON objects on standard output, one a line, for the
+supervisor to log again (:class:`JSONLines`; for twistd's rotating
+``twistd.log``, which only the supervisor may write).
 """
 
 from __future__ import annotations
@@ -63,8 +70,9 @@ def worker_outbox(config, reactor, pool, channel):
 
 @implementer(ILogObserver)
 class JSONLines:
-    """Every event as one line on ``stream``: time, level, namespace, text
-    and the event's own fields (the supervisor logs it again).
+    """Every event as one JSON line on ``stream``: time, level, namespace,
+    text and the event's own fields, for the supervisor to log again
+    (``--log relay``: see the module's docstring).
 
     Once :meth:`batch` has given it a reactor, lines are gathered and
     written together once per reactor turn (one system call, not one a
@@ -119,21 +127,31 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--listen", action="append", default=[])
+    parser.add_argument("--log", choices=("fd", "syslog", "relay"), default="relay")
     args = parser.parse_args(argv)
+    # The supervisor passes SIGUSR1 on once this worker serves; until the
+    # service installs its handler (or for good, with nothing to reopen) it
+    # must not end the process, SIGUSR1's default.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     from twisted.logger import globalLogBeginner
 
-    lines = JSONLines(sys.stdout)
+    from mailserver.config import load_config
+    from mailserver.logs import worker_observer
+
+    config = load_config(args.config)  # an error: a traceback on stderr, which is relayed
+    if args.log == "relay":
+        lines = JSONLines(sys.stdout)
+    else:
+        lines = worker_observer(config.log, os.getpid(), fd=1 if args.log == "fd" else None)
     globalLogBeginner.beginLoggingTo([lines], redirectStandardIO=False)
     from twisted.internet import reactor
 
     lines.batch(reactor)
 
-    from mailserver.config import load_config
     from mailserver.service import build_service
     from mailserver.workers.channel import OneProtocol, Ready, WorkerChannel
 
-    config = load_config(args.config)
     adopted = {}
     for spec in args.listen:
         index, _, rest = spec.partition("=")
@@ -149,6 +167,8 @@ def main(argv=None) -> int:
     reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, OneProtocol(channel))
     os.close(args.channel)
     top = build_service(config, reactor, channel=channel, adopted=adopted)
+    if args.log != "relay":
+        top.log_observer = lines  # SIGUSR1 reopens [log] file, as in the supervisor
     top.privilegedStartService()
     for fd, _family in adopted.values():
         os.close(fd)  # adopted: the reactor holds its own duplicate
