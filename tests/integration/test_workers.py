@@ -455,3 +455,23 @@ def test_sigusr1_reopens_the_log_file_in_the_workers(json_server):
     send_from(server.smtp_port, sender)
     wait_for(lambda: f"from=<{sender}>" in server.log_path.read_text(), "logged", 20)
     assert old.read_text() == before
+
+
+def test_twistds_own_log_file_gets_the_workers_lines_through_the_supervisor(tmp_path):
+    """twistd --logfile (a LogFile it rotates): the workers' events still
+    reach it through the supervisor, as text lines naming the worker."""
+    server = MailServer(tmp_path / "srv", directory=embedded_directory(), lmtp_unix=False,
+                        server={"workers": 2})
+    server.twistd_options = (f"--logfile={server.log_path}",)
+    server.start(timeout=60)
+    try:
+        for pid in serving(server):
+            with open(f"/proc/{pid}/cmdline") as f:
+                assert "\0--log\0relay\0" in f.read()
+        sender = f"{uuid.uuid4().hex}@example.org"
+        send_from(server.smtp_port, sender)
+        wait_for(lambda: f"from=<{sender}>" in server.log(), "logged", 20)
+    finally:
+        server.stop()
+    (line,) = [line for line in server.log().splitlines() if f"from=<{sender}>" in line]
+    assert WORKER_LINE.search(line) and TEXT_LINE.match(line), line
