@@ -121,7 +121,7 @@ class WorkerProcess(protocol.ProcessProtocol):
 
 
 def relog(line: bytes, pid) -> None:
-    """Log again one event a worker wrote (see ``worker.JSONLines``)."""
+    """Log again one event a worker wrote (see ``worker.relay_line``)."""
     try:
         record = json.loads(line)
         text = record["x"]

@@ -180,15 +180,13 @@ def test_json_follows_twistds_logfile_option(tmp_path):
 # -- worker processes: their own lines, written by themselves -----------------------
 def test_a_workers_lines_are_those_its_supervisor_wrote_for_it():
     """What a worker writes itself is, byte for byte, what the supervisor
-    wrote when it relayed the worker's events (JSONLines, then relog), in
+    wrote when it relayed the worker's events (relay_line, then relog), in
     text and in JSON: ``worker PID`` in the brackets, a ``worker`` field."""
-    import io
-
     from twisted.logger import globalLogPublisher
 
     from mailserver.logs import worker_observer
     from mailserver.workers.supervisor import relog
-    from mailserver.workers.worker import JSONLines
+    from mailserver.workers.worker import relay_line
 
     try:
         1 / 0
@@ -205,9 +203,7 @@ def test_a_workers_lines_are_those_its_supervisor_wrote_for_it():
         globalLogPublisher.addObserver(relayed.append)
         try:
             for ev in cases:
-                out = io.StringIO()
-                JSONLines(out)(ev)
-                relog(out.getvalue().encode(), 4242)
+                relog(relay_line(ev).encode(), 4242)
         finally:
             globalLogPublisher.removeObserver(relayed.append)
         relayed = [e for e in relayed if e.get("worker") == 4242]
