@@ -204,7 +204,7 @@ class MailService(service.MultiService):
 
         if self.log_observer is not None and hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, lambda *a: reactor.callFromThread(
-                self.log_observer.reopen))
+                self.reopen_logs))
         for note in self.notes:
             log.info("{note}", note=note)
         if hasattr(signal, "SIGHUP"):
@@ -275,6 +275,13 @@ class MailService(service.MultiService):
                 self.workers.signal(signal.SIGHUP)  # each re-reads the same file
         finally:
             sdnotify.notify("READY=1")
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: reopen ``[log] file`` (logrotate moved it away), here and
+        in every worker, which writes its own lines to it."""
+        self.log_observer.reopen()
+        if self.workers is not None:
+            self.workers.signal(signal.SIGUSR1)
 
     def _reload(self) -> None:
         try:
@@ -449,7 +456,7 @@ def build_service(config: Config, reactor=None, identity=None,
     top.notes = notes
     from mailserver.logs import build_observer
 
-    # A worker's events go to its supervisor, which logs them (workers.worker).
+    # A worker sets up its own observer before this (workers.worker).
     top.log_observer = build_observer(config.log, twistd_options) if role != "worker" else None
     top.identity = identity
 

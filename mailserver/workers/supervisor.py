@@ -14,13 +14,19 @@ in :class:`~mailserver.workers.channel.SupervisorState`.
 A worker that dies is started again: at once the first time, then after a
 delay doubling up to :data:`MAX_DELAY` while it keeps dying within
 :data:`STABLE` seconds of its start (:class:`Restarts`), so a crash loop
-does not spin.  SIGHUP and SIGTERM are passed on; on SIGTERM the workers
-drain (``shutdown_grace``) and the supervisor waits for them, a few seconds
-more at most, before it stops the queue.
+does not spin.  SIGHUP, SIGUSR1 and SIGTERM are passed on (SIGHUP and
+SIGUSR1 wait until a starting worker serves, as its handlers are in place
+only then); on SIGTERM the workers drain (``shutdown_grace``) and the
+supervisor waits for them, a few seconds more at most, before it stops the
+queue.
 
-Workers write their log events as JSON lines on standard output; the
-supervisor logs each again, with its fields and the worker's pid, so every
-line reaches the one log ``[log]`` and twistd set up.
+Workers write their own log lines to where the supervisor writes its own
+(see :mod:`mailserver.logs`): each gets, as its standard output, the
+supervisor's standard output or the ``[log]`` file.  Only when that is
+twistd's rotating ``twistd.log`` do workers write their events as JSON lines
+on a pipe instead, and the supervisor logs each again (:func:`relog`), with
+its fields and the worker's pid.  A worker's standard error is logged as
+errors (a traceback at start).
 """
 
 from __future__ import annotations
@@ -88,6 +94,8 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.started = pool.reactor.seconds()
         self.buffer = b""
         self.ended = False
+        self.serving = False  # said Ready: its signal handlers are in place
+        self.owed: List[int] = []  # signals for it once it serves
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -113,7 +121,7 @@ class WorkerProcess(protocol.ProcessProtocol):
 
 
 def relog(line: bytes, pid) -> None:
-    """Log again one event a worker wrote (see ``worker.JSONLines``)."""
+    """Log again one event a worker wrote (see ``worker.relay_line``)."""
     try:
         record = json.loads(line)
         text = record["x"]
@@ -201,6 +209,11 @@ class WorkerPool(service.Service):
 
     def _ready(self, worker, pid) -> None:
         log.info("worker {pid} serving", pid=pid)
+        if worker is not None:
+            worker.serving = True
+            owed, worker.owed = worker.owed, []
+            for signum in owed:
+                self._send(worker, signum)
         self.readied.add(worker.slot if worker is not None else pid)
         if not self.announced and len(self.readied) >= self.count:
             self.announced = True
@@ -211,9 +224,13 @@ class WorkerPool(service.Service):
         if self.stopping:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = {0: "w", 1: "r", 2: "r", 3: theirs.fileno()}
+        observer = getattr(self.top, "log_observer", None)
+        how, log_fd = observer.for_workers() if observer is not None else ("relay", None)
+        # Standard output: where the worker writes its own log lines (ours or
+        # [log] file), else a pipe we read (JSON events, or stray output).
+        fds = {0: "w", 1: "r" if log_fd is None else log_fd, 2: "r", 3: theirs.fileno()}
         args = [sys.executable, "-m", "mailserver.workers.worker",
-                "--config", self.config.path, "--channel", "3"]
+                "--config", self.config.path, "--channel", "3", "--log", how]
         for i, (lc, port) in enumerate(self.ports):
             fds[4 + i] = port.fileno()
             args += ["--listen", f"{i}={4 + i}:{int(port.socket.family)}"]
@@ -254,12 +271,21 @@ class WorkerPool(service.Service):
         self.pending[proc.slot] = self.reactor.callLater(delay, self._spawn, proc.slot)
 
     def signal(self, signum: int) -> None:
-        """Pass ``signum`` on to every worker."""
+        """Pass ``signum`` on to every worker; SIGHUP or SIGUSR1 reaches a
+        worker still starting once it serves (before its handler is in
+        place, either would end it)."""
         for proc in list(self.workers.values()):
-            try:
-                proc.transport.signalProcess(signum)
-            except Exception:
-                pass  # already gone: processEnded will tell
+            if proc.serving or signum in (signal.SIGTERM, signal.SIGKILL):
+                self._send(proc, signum)
+            elif signum not in proc.owed:
+                proc.owed.append(signum)
+
+    @staticmethod
+    def _send(proc: WorkerProcess, signum: int) -> None:
+        try:
+            proc.transport.signalProcess(signum)
+        except Exception:
+            pass  # already gone: processEnded will tell
 
     def stopService(self):
         """Stop the workers (they drain), wait, then close the sockets."""

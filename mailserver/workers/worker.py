@@ -3,13 +3,20 @@
 supervisor, never by hand).
 
 Arguments: ``--config FILE``, ``--channel FD`` (its end of the AMP socket
-pair) and one ``--listen INDEX=FD:FAMILY`` per listener, in the order of the
-configuration.  It builds the same listeners as one process would
-(:func:`~mailserver.service.build_service` with a channel), on sockets it
-adopts instead of binding, and runs until SIGTERM (drain, exit 0) or until
-the supervisor's channel closes (the supervisor is gone: drain and exit).
-It runs as the user the supervisor runs as, and writes its log events on
-standard output, one JSON object a line, for the supervisor to log.
+pair), one ``--listen INDEX=FD:FAMILY`` per listener, in the order of the
+configuration, and ``--log HOW``.  It builds the same listeners as one
+process would (:func:`~mailserver.service.build_service` with a channel), on
+sockets it adopts instead of binding, and runs until SIGTERM (drain, exit 0)
+or until the supervisor's channel closes (the supervisor is gone: drain and
+exit).  It runs as the user the supervisor runs as.
+
+It writes its own log lines (:func:`mailserver.logs.worker_observer`), as
+``--log`` says (:meth:`mailserver.logs.MailLogObserver.for_workers`):
+``fd``, to its standard output, which is the supervisor's standard output or
+``[log] file`` (reopened on SIGUSR1); ``syslog``, as syslog datagrams only;
+``relay``, as JSON objects on standard output, one a line, for the
+supervisor to log again (:func:`relay_line`; for twistd's rotating
+``twistd.log``, which only the supervisor may write).
 """
 
 from __future__ import annotations
@@ -20,11 +27,9 @@ import os
 import signal
 import socket
 import sys
-import threading
 
 from twisted.internet import defer
-from twisted.logger import ILogObserver, Logger, formatEvent
-from zope.interface import implementer
+from twisted.logger import Logger, formatEvent
 
 log = Logger(namespace="mailserver")
 
@@ -61,57 +66,22 @@ def worker_outbox(config, reactor, pool, channel):
     return Outbox(spool, pool, reactor, wake=channel.wake)
 
 
-@implementer(ILogObserver)
-class JSONLines:
-    """Every event as one line on ``stream``: time, level, namespace, text
-    and the event's own fields (the supervisor logs it again).
+def relay_line(event: dict) -> str:
+    """An event as one JSON line for the supervisor to log again
+    (``--log relay``, see the module's docstring; read by
+    :func:`~mailserver.workers.supervisor.relog`): time, level, namespace,
+    text and the event's own fields."""
+    from mailserver.logs import event_fields, event_text
 
-    Once :meth:`batch` has given it a reactor, lines are gathered and
-    written together once per reactor turn (one system call, not one a
-    line); a worker killed outright loses at most that turn's lines."""
-
-    def __init__(self, stream) -> None:
-        self.stream = stream
-        self.reactor = None
-        self.pending = []
-        self.lock = threading.Lock()
-
-    def batch(self, reactor) -> None:
-        self.reactor = reactor
-
-    def __call__(self, event: dict) -> None:
-        from mailserver.logs import event_fields, event_text
-
-        level = event.get("log_level")
-        try:
-            record = {"t": event.get("log_time"), "l": level.name if level else "info",
-                      "n": event.get("log_namespace", "-"), "x": event_text(event),
-                      "f": event_fields(event)}
-            line = json.dumps(record, default=str)
-        except Exception:
-            line = json.dumps({"l": "error", "x": "unloggable event: " + repr(formatEvent(event))})
-        if self.reactor is None or not self.reactor.running:
-            self.flush()
-            self._write(line + "\n")
-            return
-        with self.lock:
-            self.pending.append(line)
-            first = len(self.pending) == 1
-        if first:
-            self.reactor.callFromThread(self.flush)
-
-    def flush(self) -> None:
-        with self.lock:
-            lines, self.pending = self.pending, []
-        if lines:
-            self._write("\n".join(lines) + "\n")
-
-    def _write(self, text: str) -> None:
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except Exception:
-            pass  # the supervisor is gone
+    level = event.get("log_level")
+    try:
+        record = {"t": event.get("log_time"), "l": level.name if level else "info",
+                  "n": event.get("log_namespace", "-"), "x": event_text(event),
+                  "f": event_fields(event)}
+        return json.dumps(record, default=str) + "\n"
+    except Exception:
+        return json.dumps({"l": "error", "x": "unloggable event: " + repr(formatEvent(event))}
+                          ) + "\n"
 
 
 def main(argv=None) -> int:
@@ -119,21 +89,31 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--listen", action="append", default=[])
+    parser.add_argument("--log", choices=("fd", "syslog", "relay"), default="relay")
     args = parser.parse_args(argv)
+    # The supervisor passes SIGUSR1 on once this worker serves; until the
+    # service installs its handler (or for good, with nothing to reopen) it
+    # must not end the process, SIGUSR1's default.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     from twisted.logger import globalLogBeginner
 
-    lines = JSONLines(sys.stdout)
+    from mailserver.config import load_config
+    from mailserver.logs import FdDestination, MailLogObserver, worker_observer
+
+    config = load_config(args.config)  # an error: a traceback on stderr, which is relayed
+    if args.log == "relay":  # batched as the others: one write a reactor turn
+        lines = MailLogObserver(relay_line, [FdDestination(sys.stdout.fileno())])
+    else:
+        lines = worker_observer(config.log, os.getpid(), fd=1 if args.log == "fd" else None)
     globalLogBeginner.beginLoggingTo([lines], redirectStandardIO=False)
     from twisted.internet import reactor
 
     lines.batch(reactor)
 
-    from mailserver.config import load_config
     from mailserver.service import build_service
     from mailserver.workers.channel import OneProtocol, Ready, WorkerChannel
 
-    config = load_config(args.config)
     adopted = {}
     for spec in args.listen:
         index, _, rest = spec.partition("=")
@@ -149,6 +129,8 @@ def main(argv=None) -> int:
     reactor.adoptStreamConnection(args.channel, socket.AF_UNIX, OneProtocol(channel))
     os.close(args.channel)
     top = build_service(config, reactor, channel=channel, adopted=adopted)
+    if args.log != "relay":
+        top.log_observer = lines  # SIGUSR1 reopens [log] file, as in the supervisor
     top.privilegedStartService()
     for fd, _family in adopted.values():
         os.close(fd)  # adopted: the reactor holds its own duplicate

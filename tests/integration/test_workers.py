@@ -4,14 +4,17 @@ One server for the module: two workers behind the supervisor, an MX
 listener, a submission listener with AUTH in plaintext (for the throttle),
 a self-signed certificate (for SIGHUP) and a transport sending
 ``remote.test`` to Postfix's smtp-sink.  Which worker served what is read
-from the log: the supervisor logs each worker line with ``worker <pid>``.
-The tests run in file order; the last two kill a worker and stop the
-server.
+from the log: each worker writes its own lines to the supervisor's standard
+output, with ``worker <pid>``.  The tests run in file order; the last two
+kill a worker and stop the server.  A second server (``workers = 2``, JSON
+lines to a ``[log] file``) shows the workers writing to that file and
+reopening it on SIGUSR1.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import poplib
 import re
@@ -112,6 +115,56 @@ def test_both_workers_serve(env):
         send(server.smtp_port, "alice@example.test", uuid.uuid4().hex)
         pids = {pid for pid, _ in worker_lines(server, "smtp: connect from")}
     assert pids == set(serving(server))
+
+
+#: A text line: time, [system], message; a traceback's lines start with a tab.
+TEXT_LINE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]\n]+\] \S|\t)")
+
+
+def send_from(port: int, sender: str, source: str = HOST) -> None:
+    with smtplib.SMTP(HOST, port, timeout=20, source_address=(source, 0)) as c:
+        c.sendmail(sender, ["alice@example.test"], b"Subject: hello\r\n\r\nhello\r\n")
+
+
+def send_many(port: int, senders: list, clients: int = 4) -> None:
+    """Send one message from each sender, ``clients`` connections at a time,
+    each from an address of its own (``max_connections_per_client``)."""
+    errors = []
+
+    def client(n):
+        try:
+            for sender in senders[n::clients]:
+                send_from(port, sender, f"127.0.0.{40 + n}")
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+
+
+def test_workers_write_whole_text_lines_to_the_supervisors_output(env):
+    """Under load on both workers, each writing its own lines to the
+    supervisor's standard output, every line there is one whole text line
+    (none a JSON object), and each message's line names the worker."""
+    server = env["server"]
+    senders = [f"{uuid.uuid4().hex}@example.org" for _ in range(40)]
+    send_many(server.smtp_port, senders)
+    SENT.extend(senders)  # for the metrics test: accepted messages, counted
+    wait_for(lambda: all(f"from=<{s}>" in server.log() for s in senders), "logged", 20)
+    lines = server.log().splitlines()
+    for line in lines:
+        assert TEXT_LINE.match(line), line
+    writers = set()
+    for sender in senders:
+        (line,) = [line for line in lines if f"from=<{sender}>" in line]
+        m = WORKER_LINE.search(line)
+        assert m and m.group(2).endswith(", nrcpt=1"), line
+        writers.add(int(m.group(1)))
+    assert writers <= set(serving(server))
 
 
 def test_spool_swept_once(env):
@@ -339,3 +392,86 @@ def test_sigterm_drains_and_exits_0(env):
     for pid in workers:
         assert f"worker {pid} stopped (exit 0)" in server.log()
     assert any(b"finished during the stop" in p.read_bytes() for p in server.messages("alice"))
+
+
+# -- a second server: JSON lines in a [log] file ------------------------------------
+@pytest.fixture(scope="module")
+def json_server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("workers-json")
+    server = MailServer(work / "srv", directory=embedded_directory(), lmtp_unix=False,
+                        server={"workers": 2}, smtp={"connection_rate_limit": 0},
+                        # Its standard output is the same file: nothing else writes there.
+                        extra_tables={"log": {"format": "json",
+                                              "file": str(work / "srv" / "server.log")}})
+    server.start(timeout=60)
+    yield server
+    server.stop()
+
+
+def records(path) -> list:
+    """Every line of ``path`` as a JSON object (a line that is not one fails)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def json_serving(path) -> set:
+    return {int(m.group(1)) for r in records(path) if "worker" not in r
+            for m in [re.fullmatch(r"worker (\d+) serving", r["text"])] if m}
+
+
+def test_workers_append_json_lines_with_their_pid_to_the_log_file(json_server):
+    server = json_server
+    pids = json_serving(server.log_path)
+    assert len(pids) == 2
+    senders = [f"{uuid.uuid4().hex}@example.org" for _ in range(20)]
+    send_many(server.smtp_port, senders)
+    wait_for(lambda: all(f"from=<{s}>" in server.log() for s in senders), "logged", 20)
+    found = {r["sender"]: r for r in records(server.log_path) if r.get("sender") in senders}
+    assert set(found) == set(senders)
+    for r in found.values():
+        assert r["worker"] in pids and r["namespace"] == "mailserver.smtpd"
+        assert r["level"] == "info" and r["client"].startswith("127.0.0.") and r["text"].startswith(r["id"])
+
+
+def test_sigusr1_reopens_the_log_file_in_the_workers(json_server):
+    """Moved away and SIGUSR1 to the supervisor: each worker writes to a new
+    file, and nothing more to the old one."""
+    server = json_server
+    pids = json_serving(server.log_path)
+    old = server.log_path.with_name("server.log.1")
+    server.log_path.rename(old)
+    server.proc.send_signal(signal.SIGUSR1)
+
+    def both_reopened():
+        send_from(server.smtp_port, f"{uuid.uuid4().hex}@example.org")
+        return {r.get("worker") for r in records(server.log_path)} >= pids
+
+    wait_for(both_reopened, "both workers write the new file", 30)
+    before = old.read_text()
+    sender = f"{uuid.uuid4().hex}@example.org"
+    send_from(server.smtp_port, sender)
+    wait_for(lambda: f"from=<{sender}>" in server.log_path.read_text(), "logged", 20)
+    assert old.read_text() == before
+
+
+def test_twistds_own_log_file_gets_the_workers_lines_through_the_supervisor(tmp_path):
+    """twistd --logfile (a LogFile it rotates): the workers' events still
+    reach it through the supervisor, as text lines naming the worker."""
+    server = MailServer(tmp_path / "srv", directory=embedded_directory(), lmtp_unix=False,
+                        server={"workers": 2})
+    server.twistd_options = (f"--logfile={server.log_path}",)
+    server.start(timeout=60)
+    try:
+        for pid in serving(server):
+            with open(f"/proc/{pid}/cmdline") as f:
+                assert "\0--log\0relay\0" in f.read()
+        sender = f"{uuid.uuid4().hex}@example.org"
+        send_from(server.smtp_port, sender)
+        wait_for(lambda: f"from=<{sender}>" in server.log(), "logged", 20)
+    finally:
+        server.stop()
+    (line,) = [line for line in server.log().splitlines() if f"from=<{sender}>" in line]
+    assert WORKER_LINE.search(line) and TEXT_LINE.match(line), line

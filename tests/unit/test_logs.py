@@ -175,3 +175,216 @@ def test_json_follows_twistds_logfile_option(tmp_path):
     observer(event())
     observer.destinations[0].stream.close()
     assert json.loads(path.read_text())["id"] == "ABCDEFGH23456789"
+
+
+# -- worker processes: their own lines, written by themselves -----------------------
+def test_a_workers_lines_are_those_its_supervisor_wrote_for_it():
+    """What a worker writes itself is, byte for byte, what the supervisor
+    wrote when it relayed the worker's events (relay_line, then relog), in
+    text and in JSON: ``worker PID`` in the brackets, a ``worker`` field."""
+    from twisted.logger import globalLogPublisher
+
+    from mailserver.logs import worker_observer
+    from mailserver.workers.supervisor import relog
+    from mailserver.workers.worker import relay_line
+
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    cases = [event(), event(log_format="two\nlines {id}"), event(log_level=LogLevel.warn),
+             event(log_format="{id!r:>20} {missing}"), event(log_format="odd {{braces}}"),
+             event(log_system="legacy-system"), event(log_failure=failure),
+             event(log_format="call {f()}", f=lambda: "called"),
+             {"log_format": "no time", "log_level": LogLevel.info}]
+    for json_format in (False, True):
+        ours = worker_observer(LogConfig(format="json" if json_format else "text"), 4242)
+        relayed = []
+        globalLogPublisher.addObserver(relayed.append)
+        try:
+            for ev in cases:
+                relog(relay_line(ev).encode(), 4242)
+        finally:
+            globalLogPublisher.removeObserver(relayed.append)
+        relayed = [e for e in relayed if e.get("worker") == 4242]
+        supervisor = json_line if json_format else text_line
+        for ev, again in zip(cases, relayed, strict=True):
+            mine, theirs = ours.format(ev), supervisor(again)
+            if json_format and "log_time" not in ev:  # each says "now"
+                mine, theirs = (json.loads(x) for x in (mine, theirs))
+                del mine["time"], theirs["time"]
+            assert mine == theirs, ev
+        if not json_format:
+            assert ours.format(event()).startswith(
+                text_line(event()).split(" [")[0] + " [mailserver.smtpd#info worker 4242] ")
+        else:
+            assert json.loads(ours.format(event()))["worker"] == 4242
+
+
+def test_a_worker_writes_to_the_descriptor_it_was_given_and_reopens_the_file(tmp_path):
+    """The supervisor's [log] file, handed over as a descriptor, is written
+    at its end by the worker; reopen puts the file named in [log] at the same
+    descriptor number."""
+    import os
+
+    from mailserver.logs import worker_observer
+
+    path = tmp_path / "mail.log"
+    sup = build_observer(LogConfig(file=str(path)))
+    how, fd = sup.for_workers()
+    assert how == "fd"
+    theirs = os.dup(fd)  # what childFDs does
+    worker = worker_observer(LogConfig(file=str(path)), 77, fd=theirs)
+    sup(event(id="SUPERVISOR"))
+    worker(event(id="WORKER"))
+    lines = path.read_text().splitlines()
+    assert "SUPERVISOR" in lines[0] and "worker 77] WORKER: " in lines[1]
+    path.rename(tmp_path / "mail.log.1")
+    worker.reopen()
+    worker(event(id="AFTER"))
+    assert "AFTER" in path.read_text() and "AFTER" not in (tmp_path / "mail.log.1").read_text()
+    assert worker.destinations[0].fd == theirs
+    os.close(theirs)
+
+
+def test_what_workers_are_told_follows_the_destination(tmp_path):
+    """A file or standard output is shared; syslog alone needs no descriptor;
+    twistd's rotating log file is written by the supervisor alone."""
+    import os
+    import sys
+
+    assert build_observer(LogConfig(file=str(tmp_path / "f"))).for_workers()[0] == "fd"
+    assert build_observer(LogConfig(syslog=True, syslog_socket=str(tmp_path / "s")),
+                          {"nodaemon": True}).for_workers() == ("syslog", None)
+    logfile = build_observer(LogConfig(), {"nodaemon": False,
+                                           "logfile": str(tmp_path / "twistd.log")})
+    assert logfile.for_workers() == ("relay", None)
+    logfile.destinations[0].stream.close()
+    r, w = os.pipe()
+    saved = sys.stdout
+    try:
+        sys.stdout = os.fdopen(w, "w", closefd=False)
+        assert build_observer(LogConfig(), {"nodaemon": True}).for_workers() == ("fd", w)
+    finally:
+        sys.stdout = saved
+        os.close(r)
+        os.close(w)
+
+
+def test_a_batch_to_a_pipe_is_cut_into_whole_lines_of_at_most_pipe_buf(monkeypatch):
+    """Every write to a pipe carries whole lines and at most PIPE_BUF octets
+    (the kernel keeps such a write whole beside other writers); a line
+    longer than that goes alone."""
+    import os
+    import threading
+
+    from mailserver import logs
+
+    writes = []
+    real = os.write
+
+    def write(fd, data):
+        writes.append(bytes(data))
+        return real(fd, data)
+
+    lines = [f"line {i} ".encode() + b"x" * (i * 37 % 300) + b"\n" for i in range(100)]
+    lines.insert(50, b"long " + b"y" * 9000 + b"\n")
+    data = b"".join(lines)
+    got = bytearray()
+    r, w = os.pipe()
+
+    def read_all():
+        while chunk := os.read(r, 65536):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    try:
+        monkeypatch.setattr(logs.os, "write", write)
+        logs.FdDestination(w).write(data.decode())
+    finally:
+        os.close(w)
+        reader.join(10)
+        os.close(r)
+    assert bytes(got) == data
+    assert len(writes) > 1 and b"".join(writes) == data
+    for chunk in writes:
+        assert chunk.endswith(b"\n")
+        assert len(chunk) <= logs.PIPE_BUF or chunk.count(b"\n") == 1
+
+
+def test_two_processes_batching_into_one_pipe_never_mix_lines():
+    """Two writer processes, batches well above PIPE_BUF, one small pipe:
+    every line read is one writer's, whole.  (Each batch in one write, as
+    to a file, mixes lines here: a few hundred of the 24000.)"""
+    import fcntl
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tests.support.server import REPO
+
+    script = ("import sys\nfrom mailserver.logs import FdDestination\n"
+              "d = FdDestination(1)\nme = sys.argv[1]\n"
+              "sys.stderr.write('ready')\nsys.stderr.flush()\nsys.stdin.read(1)\n"
+              "for b in range(200):\n"
+              "    d.write(''.join(f'{me} {b} {i} ' + me * (i * 13 % 200) + '\\n'"
+              " for i in range(60)))\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r, w = os.pipe()
+    fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)  # full at once: writes wait
+    procs = [subprocess.Popen([sys.executable, "-c", script, name], stdout=w,
+                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+             for name in ("a", "b")]
+    os.close(w)
+    for p in procs:  # both started: let them write at the same time
+        assert p.stderr.read(5) == b"ready"
+    for p in procs:
+        p.stdin.write(b"g")
+        p.stdin.close()
+    got = bytearray()
+    with os.fdopen(r, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(1000):
+            got.extend(chunk)
+    assert [p.wait(30) for p in procs] == [0, 0]
+    for p in procs:
+        p.stderr.close()
+    lines = got.decode().splitlines()
+    assert len(lines) == 2 * 200 * 60
+    shape = re.compile(r"([ab]) (\d+) (\d+) (\1*)$")
+    for line in lines:
+        m = shape.match(line)
+        assert m and len(m.group(4)) == int(m.group(3)) * 13 % 200, line
+
+
+def test_a_batching_observer_writes_once_per_reactor_turn(tmp_path):
+    """Lines logged during one reactor turn reach the destination in one write."""
+    class Reactor:
+        running = True
+
+        def __init__(self):
+            self.calls = []
+
+        def callFromThread(self, f, *a):
+            self.calls.append((f, a))
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+    reactor, dest = Reactor(), Recorder()
+    observer = MailLogObserver(text_line, [dest])
+    observer.batch(reactor)
+    observer(event(id="ONE"))
+    observer(event(id="TWO"))
+    assert dest.writes == [] and len(reactor.calls) == 1
+    f, a = reactor.calls.pop()
+    f(*a)
+    assert dest.writes == [text_line(event(id="ONE")) + text_line(event(id="TWO"))]
+    reactor.running = False  # stopping: at once
+    observer(event(id="THREE"))
+    assert dest.writes[-1] == text_line(event(id="THREE"))

@@ -418,3 +418,53 @@ def test_a_worker_that_cannot_be_started_is_tried_again():
     assert reactor.tries == 2
     reactor.advance(1)  # the second failure in a row waits a second
     assert reactor.tries == 3
+
+
+def test_sigusr1_and_sighup_wait_until_a_worker_serves():
+    """A worker still starting has no handler yet (the signal would end it):
+    SIGUSR1 and SIGHUP reach it once it says Ready, once each; SIGTERM at once."""
+    import signal
+
+    pool, clock, spawned = _pool()
+    pool.announced = True  # no service to announce to here
+    pool._ready(spawned[0], spawned[0].pid)
+    pool.signal(signal.SIGUSR1)
+    pool.signal(signal.SIGUSR1)
+    pool.signal(signal.SIGHUP)
+    assert spawned[0].transport.signals == [signal.SIGUSR1, signal.SIGUSR1, signal.SIGHUP]
+    assert spawned[1].transport.signals == []
+    pool._ready(spawned[1], spawned[1].pid)
+    assert spawned[1].transport.signals == [signal.SIGUSR1, signal.SIGHUP]
+    pool.signal(signal.SIGUSR1)
+    assert spawned[1].transport.signals[-1] == signal.SIGUSR1
+
+
+def test_a_worker_is_given_the_supervisors_log_descriptor(tmp_path):
+    """With [log] file (or twistd -n's standard output) the worker's standard
+    output is that descriptor and it is told --log fd; with twistd's
+    rotating log it gets a pipe and --log relay."""
+    from types import SimpleNamespace
+
+    from mailserver.config import LogConfig
+    from mailserver.logs import build_observer
+    from mailserver.workers.supervisor import WorkerPool
+
+    class Reactor(Clock):
+        def spawnProcess(self, proc, exe, args, env, path, childFDs):
+            self.spawned = (args, childFDs)
+            proc.transport = None
+            return proc
+
+        def adoptStreamConnection(self, fd, family, factory):
+            pass
+
+    config = SimpleNamespace(server=SimpleNamespace(shutdown_grace=1.0), path="x.toml",
+                             relay=SimpleNamespace(trusted_networks=[]), listeners=[])
+    observer = build_observer(LogConfig(file=str(tmp_path / "mail.log")))
+    for top, how, stdout in (
+            (SimpleNamespace(log_observer=observer), "fd", observer.destinations[0].fd),
+            (None, "relay", "r")):
+        reactor = Reactor()
+        WorkerPool(config, reactor, 1, top, None, None)._spawn(0)
+        args, fds = reactor.spawned
+        assert args[args.index("--log") + 1] == how and fds[1] == stdout and fds[2] == "r"
