@@ -238,6 +238,9 @@ class SupervisorChannel(_QuietAMP):
     def connectionLost(self, reason):
         self.shared.release_all(self.held)
         super().connectionLost(reason)
+        lost = getattr(self.worker, "channel_lost", None)
+        if lost is not None:
+            lost()
 
 
 # -- the worker's side -----------------------------------------------------------

@@ -4,10 +4,18 @@
 :class:`WorkerPool` binds every listener in ``privilegedStartService`` (as
 root, before twistd drops privileges; the same endpoints as one process
 uses, UNIX-socket locks included) but never accepts on them: it stops
-reading at once.  Once running as the service user it starts the workers
-(``python -m mailserver.workers.worker``), handing each, by ``childFDs``,
-one end of a fresh UNIX socket pair for its AMP channel and every listening
-socket, which the worker adopts.  The supervisor itself keeps the outbound
+reading at once.  Once running as the service user it starts the zygote
+(``python -m mailserver.workers.zygote``, see that module) with every
+listening socket, and asks it to fork each worker, handing it by
+``SCM_RIGHTS`` one end of a fresh UNIX socket pair for the worker's AMP
+channel; the worker adopts the listening sockets it inherited.  Once every
+worker asked for is forked the supervisor closes the control socket and the
+zygote exits: the workers keep sharing the pages they have not written, and
+a zygote kept alive would end up holding a private copy of each page any of
+them wrote.  A worker that has to be started again gets a new zygote.  The
+supervisor makes itself the workers' subreaper (Linux), so that once their
+zygote is gone they become its children and their exit status can be read;
+while the zygote lives, it reports them.  The supervisor itself keeps the outbound
 queue, the scratch and ``tmp/`` cleaning, the metrics endpoint and the state
 in :class:`~mailserver.workers.channel.SupervisorState`.
 
@@ -40,6 +48,7 @@ from typing import Dict, List, Optional
 
 from twisted.application import service
 from twisted.internet import defer, protocol
+from twisted.protocols import basic
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from mailserver.workers.channel import OneProtocol, SupervisorChannel, SupervisorState
@@ -84,44 +93,107 @@ class _NoAccept(protocol.Factory):
         return None
 
 
-class WorkerProcess(protocol.ProcessProtocol):
-    """One worker process: its log lines and its end."""
+class Worker:
+    """One worker process, forked by the zygote: its slot, pid and signals."""
 
     def __init__(self, pool: "WorkerPool", slot: int) -> None:
         self.pool = pool
         self.slot = slot
-        self.pid: Optional[int] = None
+        self.pid: Optional[int] = None  # known once the zygote says "forked"
         self.started = pool.reactor.seconds()
-        self.buffer = b""
         self.ended = False
         self.serving = False  # said Ready: its signal handlers are in place
-        self.owed: List[int] = []  # signals for it once it serves
+        self.owed: List[int] = []  # signals for it once it is forked / serves
+        self.handed = None  # the child's end of the channel, until the zygote has it
+
+    def send(self, signum: int) -> None:
+        if self.pid is None:
+            if signum not in self.owed:
+                self.owed.append(signum)
+            return
+        try:
+            os.kill(self.pid, signum)
+        except OSError:
+            pass  # already gone: its end is reported
+
+    def channel_lost(self) -> None:
+        self.pool.channel_lost(self)
+
+    def let_go(self) -> None:
+        """Close our copy of the channel end the zygote was given."""
+        if self.handed is not None:
+            self.handed.close()
+            self.handed = None
+
+
+class ZygoteProcess(protocol.ProcessProtocol):
+    """The zygote: the workers' log lines in relay mode (JSON on its shared
+    standard output), their standard error, and its own end."""
+
+    def __init__(self, pool: "WorkerPool") -> None:
+        self.pool = pool
+        self.started = pool.reactor.seconds()
+        self.buffer = b""
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid
         self.transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
         for line in lines:
-            relog(line, self.pid)
+            relog(line, None)
 
     def errReceived(self, data: bytes) -> None:
         for line in data.decode("utf-8", "replace").splitlines():
             if line.strip():
-                log.error("worker {pid}: {line}", pid=self.pid, line=line)
+                log.error("worker: {line}", line=line)
+
+    def processExited(self, reason) -> None:
+        # Not processEnded: that waits for the pipes, which the workers hold.
+        self.pool.zygote_ended(self, reason)
 
     def processEnded(self, reason) -> None:
-        self.ended = True
-        if self.buffer:
-            relog(self.buffer, self.pid)
+        if self.buffer:  # the pipes closed: the last workers are gone too
+            relog(self.buffer, None)
             self.buffer = b""
-        self.pool.ended(self, reason)
+
+
+class ZygoteControl(basic.LineOnlyReceiver):
+    """The supervisor's end of the zygote's control socket (see
+    :mod:`mailserver.workers.zygote` for the lines)."""
+
+    delimiter = b"\n"
+
+    def __init__(self, pool: "WorkerPool") -> None:
+        self.pool = pool
+
+    def fork(self, worker: Worker, fd: int) -> None:
+        self.transport.sendFileDescriptor(fd)
+        self.transport.write(b"fork %d\n" % worker.slot)
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+    def lineReceived(self, line: bytes) -> None:
+        words = line.decode("ascii", "replace").split(" ", 2)
+        try:
+            if words[0] == "forked":
+                self.pool.forked(int(words[1]), int(words[2]))
+            elif words[0] == "failed" and words[1].isdigit():
+                self.pool.fork_failed(int(words[1]), words[2] if len(words) > 2 else "")
+            elif words[0] == "ended":
+                pid, code, sig = (int(w) for w in words[1:2] + words[2].split())
+                self.pool.pid_ended(pid, f"signal {sig}" if sig else f"exit {code}")
+            else:
+                log.error("zygote: {line}", line=line.decode("ascii", "replace"))
+        except (IndexError, ValueError):
+            log.error("zygote: cannot read {line!r}", line=line)
 
 
 def relog(line: bytes, pid) -> None:
-    """Log again one event a worker wrote (see ``worker.relay_line``)."""
+    """Log again one event a worker wrote (see ``worker.relay_line``); the
+    line names its worker (``p``), else ``pid`` does."""
     try:
         record = json.loads(line)
         text = record["x"]
@@ -129,6 +201,7 @@ def relog(line: bytes, pid) -> None:
     except (ValueError, KeyError, TypeError, Exception):
         text, level, record = line.decode("utf-8", "replace"), LogLevel.info, {}
     namespace = record.get("n", "mailserver")
+    pid = record.get("p", pid)
     event = dict(record.get("f") or {})
     event.update(
         log_format=text.replace("{", "{{").replace("}", "}}"), log_level=level,
@@ -141,6 +214,8 @@ def relog(line: bytes, pid) -> None:
 
 class WorkerPool(service.Service):
     """Binds the listeners, runs ``count`` workers, keeps the shared state."""
+
+    control_factory = ZygoteControl
 
     def __init__(self, config, reactor, count: int, top, throttle, rate_limiter,
                  metrics=None) -> None:
@@ -165,7 +240,12 @@ class WorkerPool(service.Service):
             {lc.name: connection_limits(config, lc, trusted) for lc in config.listeners},
             wake=self._wake, ready=self._ready, metrics=self.aggregate)
         self.ports: List = []  # (listener config, bound port), in config order
-        self.workers: Dict[int, WorkerProcess] = {}  # slot -> its process
+        self.workers: Dict[int, Worker] = {}  # slot -> its process
+        self.zygote: Optional[ZygoteProcess] = None
+        self.control: Optional[ZygoteControl] = None  # the zygote's control socket
+        self.zygote_restarts = Restarts()
+        self.zygote_pending = None  # the delayed call starting the zygote again
+        self.waitpid = os.waitpid
         self.restarts = {slot: Restarts() for slot in range(count)}
         self.pending: Dict[int, object] = {}  # slot -> the delayed call restarting it
         self.announced = False
@@ -191,8 +271,8 @@ class WorkerPool(service.Service):
     # -- workers
     def startService(self) -> None:
         super().startService()
-        for slot in range(self.count):
-            self._spawn(slot)
+        _become_subreaper()
+        self._start_zygote()
 
     def _wake(self) -> None:
         manager = self._queue_manager()
@@ -210,6 +290,9 @@ class WorkerPool(service.Service):
     def _ready(self, worker, pid) -> None:
         log.info("worker {pid} serving", pid=pid)
         if worker is not None:
+            if worker.pid is None:  # before the zygote's word: take its own
+                worker.pid = pid
+                worker.let_go()
             worker.serving = True
             owed, worker.owed = worker.owed, []
             for signum in owed:
@@ -219,56 +302,163 @@ class WorkerPool(service.Service):
             self.announced = True
             self.top.announce(f", {self.count} worker processes")
 
-    def _spawn(self, slot: int) -> None:
-        self.pending.pop(slot, None)
+    def _start_zygote(self) -> None:
+        """Start the zygote (which every worker is forked from), then ask it
+        for a worker in every empty slot."""
+        self.zygote_pending = None
         if self.stopping:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         observer = getattr(self.top, "log_observer", None)
         how, log_fd = observer.for_workers() if observer is not None else ("relay", None)
-        # Standard output: where the worker writes its own log lines (ours or
-        # [log] file), else a pipe we read (JSON events, or stray output).
+        # Standard output, the workers' as well: where they write their own
+        # log lines (ours or [log] file), else a pipe we read (JSON events,
+        # or stray output).
         fds = {0: "w", 1: "r" if log_fd is None else log_fd, 2: "r", 3: theirs.fileno()}
-        args = [sys.executable, "-m", "mailserver.workers.worker",
-                "--config", self.config.path, "--channel", "3", "--log", how]
+        args = [sys.executable, "-m", "mailserver.workers.zygote", "--control", "3",
+                "--config", self.config.path, "--log", how]
         for i, (lc, port) in enumerate(self.ports):
             fds[4 + i] = port.fileno()
             args += ["--listen", f"{i}={4 + i}:{int(port.socket.family)}"]
-        proc = WorkerProcess(self, slot)
+        proc = ZygoteProcess(self)
         try:
             self.reactor.spawnProcess(proc, sys.executable, args, env=_worker_env(),
                                       path=os.getcwd(), childFDs=fds)
         except Exception:  # out of processes or descriptors: try again later
             ours.close()
-            delay = self.restarts[slot].delay(proc.started, self.reactor.seconds())
-            log.failure("cannot start a worker; trying again in {delay:.0f} s", delay=delay)
-            self.pending[slot] = self.reactor.callLater(delay, self._spawn, slot)
+            delay = self.zygote_restarts.delay(proc.started, self.reactor.seconds())
+            log.failure("cannot start the worker zygote; trying again in {delay:.0f} s",
+                        delay=delay)
+            self.zygote_pending = self.reactor.callLater(delay, self._start_zygote)
             return
         finally:
             theirs.close()
-        self.workers[slot] = proc
-        channel = SupervisorChannel(self.state, proc)
+        self.zygote = proc
+        self.zygote_pending = None
+        self.control = self.control_factory(self)
+        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
+                                           OneProtocol(self.control))
+        ours.close()
+        for slot in range(self.count):
+            if slot not in self.workers and slot not in self.pending:
+                self._spawn(slot)
+
+    def _spawn(self, slot: int) -> None:
+        """Ask the zygote for the worker of ``slot`` (starting one first when
+        there is none), handing it one end of a fresh socket pair for the
+        worker's AMP channel."""
+        self.pending.pop(slot, None)
+        if self.stopping:
+            return
+        if self.control is None:  # no zygote: its start fills every empty slot
+            if self.zygote is None and self.zygote_pending is None:
+                self._start_zygote()
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        worker = Worker(self, slot)
+        worker.handed = theirs  # open until the zygote has its copy
+        self.control.fork(worker, theirs.fileno())
+        self.workers[slot] = worker
+        channel = SupervisorChannel(self.state, worker)
         self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, OneProtocol(channel))
         ours.close()
 
-    def ended(self, proc: WorkerProcess, reason) -> None:
+    def _unforked(self, slot: int) -> Optional[Worker]:
+        worker = self.workers.get(slot)
+        return worker if worker is not None and worker.pid is None else None
+
+    def _release_zygote(self) -> None:
+        """Every worker asked for is forked: let the zygote go.  The workers
+        keep the pages they share with it; a zygote kept waiting would hold
+        copies of every page they have written since."""
+        if self.control is not None and all(w.pid is not None for w in self.workers.values()):
+            self.control.close()
+            self.control = None
+
+    def forked(self, slot: int, pid: int) -> None:
+        worker = self._unforked(slot)
+        if worker is None:
+            return
+        worker.pid = pid
+        worker.let_go()
+        owed, worker.owed = worker.owed, []
+        for signum in owed:  # a SIGTERM sent while it was being forked goes now
+            if signum in (signal.SIGTERM, signal.SIGKILL):
+                worker.send(signum)
+            else:
+                worker.owed.append(signum)
+        self._release_zygote()
+
+    def fork_failed(self, slot: int, reason: str) -> None:
+        worker = self._unforked(slot)
+        if worker is not None:
+            worker.let_go()
+            self.ended(worker, f"not started: {reason}")
+        self._release_zygote()
+
+    def pid_ended(self, pid: int, how: str) -> None:
+        for worker in list(self.workers.values()):
+            if worker.pid == pid:
+                self.ended(worker, how)
+
+    def channel_lost(self, worker: Worker, tries: int = 20) -> None:
+        """A worker's channel closed: it has ended (or is ending).  Once its
+        zygote has gone it is our child (we are the subreaper) or init's:
+        collect its exit status when we can, to say how it ended."""
+        if worker.ended:
+            return
+        if worker.pid is None:
+            self.ended(worker, "never started")
+            return
+        how = None
+        try:
+            pid, status = self.waitpid(worker.pid, os.WNOHANG)
+        except ChildProcessError:  # its zygote's child (it reports), or init's
+            pid = status = 0
+            if self.zygote is None:
+                how = "exit status unknown"
+        if pid:
+            how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                   else f"exit {os.WEXITSTATUS(status)}")
+        if how is None and tries > 0:  # still exiting, or its report is on the way
+            self.reactor.callLater(0.05, self.channel_lost, worker, tries - 1)
+            return
+        self.ended(worker, how or "its channel closed")
+
+    def zygote_ended(self, proc: ZygoteProcess, reason) -> None:
+        """The zygote exited: let go once its work was done, or early.  A
+        worker it was asked for and never confirmed is told by its channel:
+        closed if it was never forked, else it serves and says so."""
+        if self.zygote is not proc:
+            return
+        self.zygote = self.control = None
+        for worker in self.workers.values():
+            worker.let_go()
+        if not self.stopping and any(slot not in self.workers and slot not in self.pending
+                                     for slot in range(self.count)):
+            self._start_zygote()  # a worker ended while this one was leaving
+
+    def ended(self, proc: Worker, how: str) -> None:
+        if proc.ended:
+            return
+        proc.ended = True
         if self.workers.get(proc.slot) is proc:
             del self.workers[proc.slot]
         if self.aggregate is not None:
             self.aggregate.gone(proc, self.gauges)
-        code = getattr(reason.value, "exitCode", None)
-        sig = getattr(reason.value, "signal", None)
-        how = f"signal {sig}" if sig else f"exit {code}"
         if self.stopping:
             log.info("worker {pid} stopped ({how})", pid=proc.pid, how=how)
-            if not self.workers and self.all_ended is not None and not self.all_ended.called:
-                self.all_ended.callback(None)
+            self._check_all_ended()
             return
         now = self.reactor.seconds()
         delay = self.restarts[proc.slot].delay(proc.started, now)
         log.error("worker {pid} ended ({how}); starting another in {delay:.0f} s",
                   pid=proc.pid, how=how, delay=delay)
         self.pending[proc.slot] = self.reactor.callLater(delay, self._spawn, proc.slot)
+
+    def _check_all_ended(self) -> None:
+        if not self.workers and self.all_ended is not None and not self.all_ended.called:
+            self.all_ended.callback(None)
 
     def signal(self, signum: int) -> None:
         """Pass ``signum`` on to every worker; SIGHUP or SIGUSR1 reaches a
@@ -281,18 +471,15 @@ class WorkerPool(service.Service):
                 proc.owed.append(signum)
 
     @staticmethod
-    def _send(proc: WorkerProcess, signum: int) -> None:
-        try:
-            proc.transport.signalProcess(signum)
-        except Exception:
-            pass  # already gone: processEnded will tell
+    def _send(proc: Worker, signum: int) -> None:
+        proc.send(signum)
 
     def stopService(self):
         """Stop the workers (they drain), wait, then close the sockets."""
         super().stopService()
         self.stopping = True
-        for call in self.pending.values():
-            if call.active():
+        for call in [*self.pending.values(), self.zygote_pending]:
+            if call is not None and call.active():
                 call.cancel()
         self.pending.clear()
         self.all_ended = defer.Deferred()
@@ -304,10 +491,25 @@ class WorkerPool(service.Service):
         def done(_):
             if killer.active():
                 killer.cancel()
+            if self.control is not None:  # the zygote exits when this closes
+                self.control.close()
             for _lc, port in self.ports:
                 port.stopListening()
 
         return self.all_ended.addCallback(done)
+
+
+def _become_subreaper() -> None:
+    """Have the workers, once their zygote has gone, re-parented to us
+    rather than to init (Linux ``PR_SET_CHILD_SUBREAPER``), so that their
+    exit status can be told.  Elsewhere, or if it fails, init reaps them."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except Exception:
+        pass
 
 
 def _worker_env() -> dict:

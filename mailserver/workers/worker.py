@@ -75,7 +75,8 @@ def relay_line(event: dict) -> str:
 
     level = event.get("log_level")
     try:
-        record = {"t": event.get("log_time"), "l": level.name if level else "info",
+        record = {"p": os.getpid(), "t": event.get("log_time"),
+                  "l": level.name if level else "info",
                   "n": event.get("log_namespace", "-"), "x": event_text(event),
                   "f": event_fields(event)}
         return json.dumps(record, default=str) + "\n"

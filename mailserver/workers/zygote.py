@@ -5,7 +5,8 @@ mailserver.workers.zygote`` (started by the supervisor, never by hand).
 A Python process that has imported Twisted, pyOpenSSL and this package
 holds about 30 MiB of objects of its own before it serves anyone, and every
 worker started with ``python -m mailserver.workers.worker`` paid that again.
-The zygote imports all of it once, with the collector stopped, puts the
+The zygote imports all of it once (every module of the package, and so
+every library a worker may use), with the collector stopped, puts the
 objects out of the collector's reach (``gc.freeze``) and then forks each
 worker on request: the children share those pages with it (copy-on-write)
 instead of holding copies, and a worker that died is replaced in a few
@@ -29,8 +30,10 @@ in lines:
 * ``ended PID CODE SIGNAL`` comes unasked whenever a child is reaped (the
   workers are the zygote's children, not the supervisor's).
 
-Descriptors other than the channel (``--listen``, the listening sockets)
-are the zygote's own from its start, and every child inherits them.  When
+Its other arguments (``--config``, ``--log``, ``--listen``) are passed
+to every worker as they are; the descriptors ``--listen`` names (the
+listening sockets) are the zygote's own from its start, and every child
+inherits them.  When
 the control socket closes (the supervisor is gone) the zygote exits; its
 children notice by their own channels and stop.
 """
@@ -48,34 +51,53 @@ import sys
 import traceback
 from typing import List, Tuple
 
-#: What a worker imports on its way to serving: loaded here once, shared.
-PRELOAD = (
+#: Twisted's modules for the reactor a worker installs (importing them
+#: installs nothing; ``twisted.internet.reactor`` would, and is never here).
+REACTOR_MODULES = (
     "twisted.internet.epollreactor",
-    "twisted.internet.ssl",
-    "twisted.protocols.amp",
-    "mailserver.service",
-    "mailserver.workers.worker",
-    "mailserver.workers.channel",
-    "mailserver.workers.gate",
-    "mailserver.protocols.smtp",
-    "mailserver.protocols.pop3",
-    "mailserver.directory.ldap",
+    "twisted.internet.posixbase",
+    "twisted.internet.unix",
+    "twisted.internet.udp",
+    "twisted.python.sendmsg",
 )
+
 
 #: Largest control message read at once, and descriptors per read.
 _READ = 4096
 _MAX_FDS = 16
 
 
-def preload(names=PRELOAD) -> None:
-    """Import ``names`` (one that fails is left to the worker to report)."""
+def preload() -> int:
+    """Import every module of this package (so also every library a worker
+    may import later: dnspython, dkimpy, ldap3...) and the reactor's; the
+    number of modules loaded.  One that fails to import is left for the
+    worker to report."""
+    import pkgutil
+
+    import mailserver
+
+    names = list(REACTOR_MODULES)
+    names += [m.name for m in pkgutil.walk_packages(mailserver.__path__, "mailserver.",
+                                                    onerror=lambda name: None)]
     for name in names:
         try:
-            __import__(name)
+            importlib.import_module(name)
         except Exception:
             pass
     if "twisted.internet.reactor" in sys.modules:  # pragma: no cover - a bug of ours
         raise RuntimeError("the zygote must not install a reactor")
+    return len(sys.modules)
+
+
+def _name(name: str) -> None:
+    """The process's short name, as ``ps -o comm`` and ``top`` show it
+    (Linux ``PR_SET_NAME``; the command line stays the zygote's)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)
+    except Exception:
+        pass
 
 
 def parse(buffer: bytes, fds: List[int]) -> Tuple[list, bytes, List[int]]:
@@ -104,6 +126,7 @@ class Zygote:
         self.buffer = b""
         self.fds: List[int] = []
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.batch: List[int] = []  # channel ends of the requests being handled
 
     def run(self) -> int:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select via the fd below
@@ -137,9 +160,11 @@ class Zygote:
         if not data:
             return False
         requests, self.buffer, self.fds = parse(self.buffer + data, self.fds + list(fds))
+        self.batch = [fd for kind, _slot, fd in requests if kind == "fork"]
         for kind, slot, fd in requests:
             if kind == "fork":
                 self._fork(slot, fd)
+                self.batch.remove(fd)  # closed here now: later children lack it
             else:
                 self._say(f"failed - not understood: {slot}")
         return True
@@ -165,8 +190,12 @@ class Zygote:
             self.control.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
-            for fd in self.fds:  # descriptors meant for other requests
-                os.close(fd)
+            # Other workers' channel ends (of this batch, or come early):
+            # a copy here would keep a channel open after its worker died.
+            for fd in self.fds + self.batch:
+                if fd != channel_fd:
+                    os.close(fd)
+            _name("mailserver-wrk")
             gc.enable()  # the frozen objects stay out of its reach
             worker = importlib.import_module(self.worker_module)
             code = worker.main(["--channel", str(channel_fd), *self.worker_args])
@@ -203,23 +232,20 @@ class Zygote:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mailserver-zygote")
     parser.add_argument("--control", type=int, required=True)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--listen", action="append", default=[])
     parser.add_argument("--worker-module", default="mailserver.workers.worker",
                         help=argparse.SUPPRESS)  # the tests' stand-in worker
-    args = parser.parse_args(argv)
+    # Everything else (--config, --listen, --log) is the workers'.
+    args, worker_args = parser.parse_known_args(argv)
     # Ctrl-C at a terminal reaches the whole process group; the supervisor
     # decides. SIGTERM and SIGHUP go to the workers, never here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _name("mailserver-zyg")
     gc.disable()
     preload()
     gc.freeze()
     control = socket.socket(fileno=args.control)
     control.setblocking(True)
-    worker_args = ["--config", args.config]
-    for spec in args.listen:
-        worker_args += ["--listen", spec]
     return Zygote(control, worker_args, args.worker_module).run()
 
 

@@ -104,10 +104,12 @@ def test_drops_privileges_from_a_fresh_install(open_dir, options, keys):
         twistd_options=options).start()
     try:
         assert _uid_of(server.proc.pid) == nobody.pw_uid
-        workers = _children(server.proc.pid)
         count = keys.get("workers", 1)  # the harness's default is one process
+        zygotes = _children(server.proc.pid)  # the workers' zygote, their parent
+        assert len(zygotes) == (1 if count > 1 else 0)
+        workers = [w for z in zygotes for w in _children(z)]
         assert len(workers) == (count if count > 1 else 0)
-        for child in workers:
+        for child in zygotes + workers:
             assert _uid_of(child) == nobody.pw_uid
         with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
             s.sendmail("x@example.org", ["alice@example.test"], b"Subject: hi\r\n\r\nhello\r\n")

@@ -178,10 +178,13 @@ def test_json_follows_twistds_logfile_option(tmp_path):
 
 
 # -- worker processes: their own lines, written by themselves -----------------------
-def test_a_workers_lines_are_those_its_supervisor_wrote_for_it():
+def test_a_workers_lines_are_those_its_supervisor_wrote_for_it(monkeypatch):
     """What a worker writes itself is, byte for byte, what the supervisor
-    wrote when it relayed the worker's events (relay_line, then relog), in
-    text and in JSON: ``worker PID`` in the brackets, a ``worker`` field."""
+    wrote when it relayed the worker's events (relay_line, which names the
+    worker, then relog), in text and in JSON: ``worker PID`` in the
+    brackets, a ``worker`` field."""
+    import os
+
     from twisted.logger import globalLogPublisher
 
     from mailserver.logs import worker_observer
@@ -202,8 +205,11 @@ def test_a_workers_lines_are_those_its_supervisor_wrote_for_it():
         relayed = []
         globalLogPublisher.addObserver(relayed.append)
         try:
-            for ev in cases:
-                relog(relay_line(ev).encode(), 4242)
+            with monkeypatch.context() as m:
+                m.setattr(os, "getpid", lambda: 4242)  # the worker relay_line runs in
+                lines = [relay_line(ev) for ev in cases]
+            for line in lines:
+                relog(line.encode(), None)
         finally:
             globalLogPublisher.removeObserver(relayed.append)
         relayed = [e for e in relayed if e.get("worker") == 4242]

@@ -3,6 +3,7 @@ aggregation, with in-memory transports and a Clock (no processes)."""
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from twisted.internet import defer, protocol
 from twisted.internet.task import Clock
@@ -292,83 +293,303 @@ def test_aggregate_adds_workers_and_keeps_counters_of_the_dead():
 
 
 # -- the supervisor's pool, on a Clock ---------------------------------------------
-class _Proc:
-    def __init__(self):
-        self.signals = []
+class _Control:
+    """A zygote's control socket as the pool sees it."""
 
-    def signalProcess(self, signum):
-        self.signals.append(signum)
+    def __init__(self, asked):
+        self.asked = asked  # (slot, fd), shared by every zygote of a test
+        self.closed = False
+
+    def fork(self, worker, fd):
+        self.asked.append((worker.slot, fd))
+
+    def close(self):
+        self.closed = True
 
 
-def _pool(count=2, grace=10.0):
+class _Reactor(Clock):
+    """A Clock that records spawnProcess (each zygote) and adopts nothing."""
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.fail = fail
+        self.spawned = []
+
+    def spawnProcess(self, proc, exe, args, env, path, childFDs):
+        if self.fail:
+            raise OSError("no more processes")
+        self.spawned.append((args, childFDs))
+        proc.transport = None
+        return proc
+
+    def adoptStreamConnection(self, fd, family, factory):
+        factory.buildProtocol(None)
+
+
+def _config(grace=10.0):
     from types import SimpleNamespace
 
-    from mailserver.workers.supervisor import WorkerPool, WorkerProcess
-
-    config = SimpleNamespace(server=SimpleNamespace(shutdown_grace=grace),
-                             relay=SimpleNamespace(trusted_networks=[]), listeners=[])
-    clock = Clock()
-    pool = WorkerPool(config, clock, count, None, None, None)
-    spawned = []
-
-    def spawn(slot):
-        pool.pending.pop(slot, None)
-        proc = WorkerProcess(pool, slot)
-        proc.transport = _Proc()
-        proc.pid = 1000 + len(spawned)
-        pool.workers[slot] = proc
-        spawned.append(proc)
-
-    pool._spawn = spawn
-    for slot in range(count):
-        spawn(slot)
-    return pool, clock, spawned
+    return SimpleNamespace(server=SimpleNamespace(shutdown_grace=grace), path="x.toml",
+                           relay=SimpleNamespace(trusted_networks=[]), listeners=[])
 
 
-def _death(sig=9):
+class _Pool:
+    """A WorkerPool on a Clock: its zygotes' control sockets are _Controls
+    (``asked`` lists every fork request), ``fork_all()`` answers them with
+    pids 1000, 1001..., ``signals`` has what each pid was sent and
+    ``exits`` what waitpid finds (pid -> status), as for our children."""
+
+    def __init__(self, count=2, grace=10.0, fail=False):
+        from twisted.internet.error import ProcessDone
+        from twisted.python.failure import Failure
+
+        from mailserver.workers.supervisor import WorkerPool
+
+        self.reactor = _Reactor(fail)
+        self.pool = WorkerPool(_config(grace), self.reactor, count, None, None, None)
+        self.asked, self.controls = [], []
+        self.signals, self.exits = {}, {}
+        self.next_pid = 1000
+
+        def control(pool):
+            c = _Control(self.asked)
+            zygote = pool.zygote
+
+            def exits():  # as the zygote does when its control socket closes
+                c.closed = True
+                pool.zygote_ended(zygote, Failure(ProcessDone(0)))
+
+            c.close = exits
+            self.controls.append(c)
+            return c
+
+        def waitpid(pid, options):
+            if pid in self.exits:
+                return pid, self.exits.pop(pid)
+            return 0, 0
+
+        self.pool.control_factory = control
+        self.pool.waitpid = waitpid
+
+    def fork_all(self):
+        for w in list(self.pool.workers.values()):
+            if w.pid is None:
+                self.pool.forked(w.slot, self.next_pid)
+                self.next_pid += 1
+
+    def die(self, pid, status=9):
+        """``pid`` ends (killed by ``status`` when it is a signal number)."""
+        self.exits[pid] = status
+        worker = next(w for w in self.pool.workers.values() if w.pid == pid)
+        worker.channel_lost()
+
+
+@pytest.fixture
+def harness(monkeypatch):
+    from mailserver.workers.supervisor import Worker
+
+    made = []
+
+    def send(worker, signum):
+        if worker.pid is None:
+            worker.owed.append(signum)
+        else:
+            made[-1].signals.setdefault(worker.pid, []).append(signum)
+
+    monkeypatch.setattr(Worker, "send", send)
+
+    def make(**kw):
+        h = _Pool(**kw)
+        made.append(h)
+        h.pool.startService = lambda: h.pool._start_zygote()
+        h.pool.startService()
+        return h
+
+    return make
+
+
+def test_the_zygote_forks_every_worker_then_is_let_go(harness):
+    h = harness()
+    args, fds = h.reactor.spawned[0]
+    assert args[1:4] == ["-m", "mailserver.workers.zygote", "--control"]
+    assert [slot for slot, _fd in h.asked] == [0, 1]
+    assert not h.controls[0].closed
+    h.pool.forked(0, 1000)
+    assert not h.controls[0].closed  # one still to come
+    h.pool.forked(1, 1001)
+    assert h.controls[0].closed and h.pool.control is None  # it exits: nothing to share
+    assert {w.pid for w in h.pool.workers.values()} == {1000, 1001}
+    assert all(w.handed is None for w in h.pool.workers.values())  # our copies closed
+
+
+def test_a_dead_worker_is_forked_again_with_a_growing_delay(harness):
+    h = harness()
+    h.fork_all()
+    h.die(1000)
+    assert 0 not in h.pool.workers
+    h.reactor.advance(0)
+    assert len(h.reactor.spawned) == 2 and [s for s, _ in h.asked] == [0, 1, 0]
+    h.fork_all()
+    h.die(1002)  # again, at once: wait a second
+    h.reactor.advance(0.5)
+    assert len(h.asked) == 3
+    h.reactor.advance(0.5)
+    assert len(h.asked) == 4
+
+
+def test_how_a_worker_ended_is_logged(harness):
+    from twisted.logger import globalLogPublisher, formatEvent
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        h = harness()
+        h.pool.pid_ended(4242, "exit 0")  # not one of ours: nothing happens
+        h.pool.forked(0, 1000)
+        h.pool.pid_ended(1000, "signal 9")  # the zygote's report, while it lives
+        h.pool.forked(1, 1001)
+        h.exits[1001] = 256 * 3  # exit 3, found by waitpid once it is our child
+        h.pool.workers[1].channel_lost()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    text = [formatEvent(e) for e in seen]
+    assert any("worker 1000 ended (signal 9)" in t for t in text), text
+    assert any("worker 1001 ended (exit 3)" in t for t in text), text
+
+
+def test_a_channel_lost_waits_for_the_exit_status(harness):
+    """The channel closes as the process exits: waitpid may find it a moment
+    later (our child), or its zygote reports it; else it is unknown."""
+    h = harness()
+    h.pool.forked(0, 1000)
+    w0 = h.pool.workers[0]
+    w0.channel_lost()  # zygote alive: its report is awaited
+    assert not w0.ended
+    h.pool.pid_ended(1000, "exit 0")
+    assert w0.ended
+    h.pool.forked(1, 1001)  # the zygote is let go
+    w1 = h.pool.workers[1]
+    w1.channel_lost()
+    h.reactor.advance(0.05)
+    assert not w1.ended
+    h.exits[1001] = 9
+    h.reactor.advance(0.05)
+    assert w1.ended and h.pool.workers.get(1) is not w1  # (and its slot is filled again)
+
+
+def test_a_fork_that_failed_is_tried_again(harness):
+    h = harness(count=1)
+    h.pool.fork_failed(0, "Resource temporarily unavailable")
+    assert 0 not in h.pool.workers and h.controls[0].closed
+    h.reactor.advance(0)  # the first failure: at once, from a new zygote
+    assert len(h.reactor.spawned) == 2 and len(h.asked) == 2
+    h.pool.fork_failed(0, "Resource temporarily unavailable")
+    h.reactor.advance(0.5)
+    assert len(h.asked) == 2
+    h.reactor.advance(0.5)  # the second in a row waits a second
+    assert len(h.asked) == 3
+
+
+def test_a_zygote_that_dies_before_forking_is_replaced(harness):
     from twisted.internet.error import ProcessTerminated
     from twisted.python.failure import Failure
 
-    return Failure(ProcessTerminated(signal=sig))
+    h = harness(count=1)
+    h.pool.zygote_ended(h.pool.zygote, Failure(ProcessTerminated(signal=9)))
+    assert h.pool.control is None
+    h.pool.workers[0].channel_lost()  # its channel end was never used
+    assert 0 not in h.pool.workers
+    h.reactor.advance(0)
+    assert len(h.reactor.spawned) == 2 and len(h.asked) == 2
 
 
-def test_a_dead_worker_is_started_again_with_a_growing_delay():
-    pool, clock, spawned = _pool()
-    pool.ended(spawned[0], _death())
-    assert 0 not in pool.workers
-    clock.advance(0)
-    assert len(spawned) == 3 and pool.workers[0] is spawned[2]
-    spawned[2].ended = True
-    pool.ended(spawned[2], _death())  # again, at once: wait a second
-    clock.advance(0.5)
-    assert len(spawned) == 3
-    clock.advance(0.5)
-    assert len(spawned) == 4
-
-
-def test_stop_passes_sigterm_on_waits_and_kills_stragglers():
-    pool, clock, spawned = _pool(grace=10.0)
+def test_stop_passes_sigterm_on_waits_and_kills_stragglers(harness):
+    h = harness(grace=10.0)
+    h.fork_all()
     done = []
-    pool.stopService().addCallback(done.append)
-    assert [p.transport.signals for p in spawned] == [[15], [15]]
-    pool.ended(spawned[0], _death(None))
+    h.pool.stopService().addCallback(done.append)
+    assert h.signals == {1000: [15], 1001: [15]}
+    h.die(1000, 0)
     assert not done
-    clock.advance(10.0 + 5.0)  # shutdown_grace, then the margin: SIGKILL
-    assert spawned[1].transport.signals == [15, 9]
-    pool.ended(spawned[1], _death())
-    assert done and not pool.pending  # and nobody is started again
-    clock.advance(100)
-    assert len(spawned) == 2
+    h.reactor.advance(10.0 + 5.0)  # shutdown_grace, then the margin: SIGKILL
+    assert h.signals[1001] == [15, 9]
+    h.die(1001)
+    assert done and not h.pool.pending  # and nobody is started again
+    h.reactor.advance(100)
+    assert len(h.asked) == 2 and len(h.reactor.spawned) == 1
 
 
-def test_a_restart_pending_at_stop_is_cancelled():
-    pool, clock, spawned = _pool(count=1)
-    pool.ended(spawned[0], _death())
+def test_a_sigterm_before_the_fork_is_answered_goes_once_it_is(harness):
+    h = harness(count=1)
     done = []
-    pool.stopService().addCallback(done.append)
+    h.pool.stopService().addCallback(done.append)
+    assert h.signals == {} and not h.controls[0].closed  # its answer is awaited
+    h.pool.forked(0, 1000)
+    assert h.signals[1000] == [15] and h.controls[0].closed
+    h.die(1000, 0)
     assert done
-    clock.advance(100)
-    assert len(spawned) == 1
+
+
+def test_a_restart_pending_at_stop_is_cancelled(harness):
+    h = harness(count=1)
+    h.fork_all()
+    h.die(1000)
+    done = []
+    h.pool.stopService().addCallback(done.append)
+    assert done
+    h.reactor.advance(100)
+    assert len(h.asked) == 1
+
+
+def test_the_zygote_that_cannot_be_started_is_tried_again(harness):
+    h = harness(count=1, fail=True)
+    assert h.pool.zygote is None and h.pool.zygote_pending is not None and not h.pool.workers
+    h.reactor.fail = False
+    h.reactor.advance(0)
+    assert len(h.reactor.spawned) == 1 and [s for s, _ in h.asked] == [0]
+
+
+def test_sigusr1_and_sighup_wait_until_a_worker_serves(harness):
+    """SIGUSR1 and SIGHUP reach a worker once it says Ready, once each;
+    SIGTERM at once."""
+    import signal
+
+    h = harness()
+    h.fork_all()
+    p = h.pool
+    p.announced = True  # no service to announce to here
+    w0, w1 = p.workers[0], p.workers[1]
+    p._ready(w0, w0.pid)
+    p.signal(signal.SIGUSR1)
+    p.signal(signal.SIGUSR1)
+    p.signal(signal.SIGHUP)
+    assert h.signals[1000] == [signal.SIGUSR1, signal.SIGUSR1, signal.SIGHUP]
+    assert 1001 not in h.signals
+    p._ready(w1, w1.pid)
+    assert h.signals[1001] == [signal.SIGUSR1, signal.SIGHUP]
+    p.signal(signal.SIGUSR1)
+    assert h.signals[1001][-1] == signal.SIGUSR1
+
+
+def test_the_zygote_is_given_the_supervisors_log_descriptor(tmp_path):
+    """With [log] file (or twistd -n's standard output) the zygote's (and so
+    the workers') standard output is that descriptor and the workers are
+    told --log fd; with twistd's rotating log it is a pipe and --log relay."""
+    from types import SimpleNamespace
+
+    from mailserver.config import LogConfig
+    from mailserver.logs import build_observer
+    from mailserver.workers.supervisor import WorkerPool
+
+    observer = build_observer(LogConfig(file=str(tmp_path / "mail.log")))
+    for top, how, stdout in (
+            (SimpleNamespace(log_observer=observer), "fd", observer.destinations[0].fd),
+            (None, "relay", "r")):
+        reactor = _Reactor()
+        p = WorkerPool(_config(1.0), reactor, 0, top, None, None)
+        p._start_zygote()
+        args, fds = reactor.spawned[0]
+        assert args[args.index("--log") + 1] == how and fds[1] == stdout and fds[2] == "r"
 
 
 def test_worker_log_lines_are_logged_again_with_the_pid():
@@ -394,77 +615,3 @@ def test_worker_log_lines_are_logged_again_with_the_pid():
                                                                          "1.2.3.4", 5.0)
     assert first["log_system"] == "mailserver.smtpd#warn worker 77"
     assert formatEvent(second) == "not json"
-
-
-def test_a_worker_that_cannot_be_started_is_tried_again():
-    from types import SimpleNamespace
-
-    from mailserver.workers.supervisor import WorkerPool
-
-    class Reactor(Clock):
-        tries = 0
-
-        def spawnProcess(self, *a, **kw):
-            self.tries += 1
-            raise OSError("no more processes")
-
-    config = SimpleNamespace(server=SimpleNamespace(shutdown_grace=1.0), path="x.toml",
-                             relay=SimpleNamespace(trusted_networks=[]), listeners=[])
-    reactor = Reactor()
-    pool = WorkerPool(config, reactor, 1, None, None, None)
-    pool._spawn(0)
-    assert reactor.tries == 1 and 0 in pool.pending and not pool.workers
-    reactor.advance(0)
-    assert reactor.tries == 2
-    reactor.advance(1)  # the second failure in a row waits a second
-    assert reactor.tries == 3
-
-
-def test_sigusr1_and_sighup_wait_until_a_worker_serves():
-    """A worker still starting has no handler yet (the signal would end it):
-    SIGUSR1 and SIGHUP reach it once it says Ready, once each; SIGTERM at once."""
-    import signal
-
-    pool, clock, spawned = _pool()
-    pool.announced = True  # no service to announce to here
-    pool._ready(spawned[0], spawned[0].pid)
-    pool.signal(signal.SIGUSR1)
-    pool.signal(signal.SIGUSR1)
-    pool.signal(signal.SIGHUP)
-    assert spawned[0].transport.signals == [signal.SIGUSR1, signal.SIGUSR1, signal.SIGHUP]
-    assert spawned[1].transport.signals == []
-    pool._ready(spawned[1], spawned[1].pid)
-    assert spawned[1].transport.signals == [signal.SIGUSR1, signal.SIGHUP]
-    pool.signal(signal.SIGUSR1)
-    assert spawned[1].transport.signals[-1] == signal.SIGUSR1
-
-
-def test_a_worker_is_given_the_supervisors_log_descriptor(tmp_path):
-    """With [log] file (or twistd -n's standard output) the worker's standard
-    output is that descriptor and it is told --log fd; with twistd's
-    rotating log it gets a pipe and --log relay."""
-    from types import SimpleNamespace
-
-    from mailserver.config import LogConfig
-    from mailserver.logs import build_observer
-    from mailserver.workers.supervisor import WorkerPool
-
-    class Reactor(Clock):
-        def spawnProcess(self, proc, exe, args, env, path, childFDs):
-            self.spawned = (args, childFDs)
-            proc.transport = None
-            return proc
-
-        def adoptStreamConnection(self, fd, family, factory):
-            pass
-
-    config = SimpleNamespace(server=SimpleNamespace(shutdown_grace=1.0), path="x.toml",
-                             relay=SimpleNamespace(trusted_networks=[]), listeners=[])
-    observer = build_observer(LogConfig(file=str(tmp_path / "mail.log")))
-    for top, how, stdout in (
-            (SimpleNamespace(log_observer=observer), "fd", observer.destinations[0].fd),
-            (None, "relay", "r")):
-        reactor = Reactor()
-        WorkerPool(config, reactor, 1, top, None, None)._spawn(0)
-        args, fds = reactor.spawned
-        assert args[args.index("--log") + 1] == how and fds[1] == stdout and fds[2] == "r"

@@ -124,3 +124,20 @@ def test_parse_pairs_fork_lines_with_descriptors():
     assert rest == b"part" and fds == []
     reqs, rest, fds = parse(b"fork x\n", [12])
     assert reqs == [("bad", "fork x", -1)] and fds == [12]
+
+
+def test_a_workers_channel_closes_when_it_dies_though_forked_in_one_batch(zygote):
+    """Two requests read at once: the first child must not inherit the
+    second's channel end, or the second's death would go unseen."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    socket.send_fds(zygote.control, [b"fork 0\nfork 1\n"], [p[1].fileno() for p in pairs])
+    for ours, theirs in pairs:
+        theirs.close()
+        ours.settimeout(TIMEOUT)
+    assert sorted(zygote.reply()[1] for _ in range(2)) == ["0", "1"]
+    first, second = (report(p[0]) for p in pairs)
+    os.kill(second["pid"], signal.SIGKILL)
+    assert pairs[1][0].recv(100) == b""  # EOF: no copy left open in the first child
+    pairs[0][0].sendall(b"exit 0\n")
+    ended = {zygote.reply()[1] for _ in range(2)}
+    assert ended == {str(first["pid"]), str(second["pid"])}
