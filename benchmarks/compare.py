@@ -23,8 +23,9 @@ are inside the time, as our fsync-before-250 delivery is).  CPU per message is
 utime+stime of every process of the server's tree (our twistd and its children;
 Postfix's master and all its children; Dovecot's master and children, reaped
 ones included through cutime/cstime), from /proc, over the run, divided by the
-messages.  Peak memory is the largest sum of RSS over that tree, sampled every
-0.1 s.  See benchmarks/README.rst.
+messages.  Peak memory is the largest sum of PSS over that tree (shared pages
+counted once, shared out between the processes), sampled every 0.1 s.  See
+benchmarks/README.rst.
 """
 
 from __future__ import annotations
@@ -413,7 +414,7 @@ def pop3_runs(args, ours, dovecot, box, results: dict, rep: int) -> None:
 
 def idle_run(args, server, port: int, users: Users, serve: bool) -> dict:
     """Hold ``--idle`` connections open to ``port``; with ``serve``, deliver a
-    batch of messages meanwhile (timed).  Peak RSS of the server's tree."""
+    batch of messages meanwhile (timed).  Peak PSS of the server's tree."""
     sampler = PeakSampler(server.roots()).start()
     socks, greeted = hold_connections(port, args.idle)
     try:
@@ -597,7 +598,7 @@ def print_report(rep: dict) -> None:
     print(render_table(rep["results"]))
     print()
     print("ratio: ours / reference (msg/s; for idle connections, memory).  CPU: utime+stime "
-          "of the whole\nprocess tree per message.  peak: largest sum of RSS over the tree "
+          "of the whole\nprocess tree per message.  peak: largest sum of PSS over the tree "
           "during the run (MiB).")
     load = rep["machine"]["loadavg_1min"]
     print(f"run took {rep['elapsed_seconds']} s; load average {load['before']} before, "

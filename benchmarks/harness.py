@@ -71,16 +71,45 @@ def tree_usage(roots: Iterable[int], stats: Optional[dict] = None) -> tuple:
     return (sum(stats[p][1] for p in pids), sum(stats[p][2] for p in pids), len(pids))
 
 
+def pss_bytes(pid: int) -> Optional[int]:
+    """The proportional set size of ``pid`` (``/proc/<pid>/smaps_rollup``):
+    its private pages plus its share of every page it shares with other
+    processes, so that a sum over processes counts each page once.  None
+    when it cannot be read (gone, or not ours to read)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def tree_memory(roots: Iterable[int], stats: Optional[dict] = None) -> int:
+    """Memory of the trees under ``roots``: the sum of PSS, a process whose
+    PSS cannot be read counting with its RSS.  Summing RSS would count the
+    pages processes share (code, libraries, memory inherited from a fork)
+    once per process; PSS shares them out."""
+    stats = all_stats() if stats is None else stats
+    total = 0
+    for pid in tree_pids(stats, roots):
+        pss = pss_bytes(pid)
+        total += stats[pid][2] if pss is None else pss
+    return total
+
+
 class PeakSampler:
-    """Samples the summed RSS of the trees under ``roots`` every ``interval``
-    seconds on a thread, from ``start()`` to ``stop()``; ``peak`` in bytes."""
+    """Samples the memory of the trees under ``roots`` (:func:`tree_memory`)
+    every ``interval`` seconds on a thread, from ``start()`` to ``stop()``;
+    ``peak`` in bytes."""
 
     def __init__(self, roots: Iterable[int], interval: float = 0.1) -> None:
         self.roots = list(roots)
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
 
     def _run(self) -> None:
         while True:
@@ -89,9 +118,9 @@ class PeakSampler:
                 return
 
     def sample(self) -> int:
-        rss = tree_usage(self.roots)[1]
-        self.peak = max(self.peak, rss)
-        return rss
+        used = tree_memory(self.roots)
+        self.peak = max(self.peak, used)
+        return used
 
     def start(self) -> "PeakSampler":
         self._thread.start()
