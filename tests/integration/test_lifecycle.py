@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import smtplib
@@ -12,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -105,11 +107,14 @@ def test_drops_privileges_from_a_fresh_install(open_dir, options, keys):
     try:
         assert _uid_of(server.proc.pid) == nobody.pw_uid
         count = keys.get("workers", 1)  # the harness's default is one process
-        zygotes = _children(server.proc.pid)  # the workers' zygote, their parent
-        assert len(zygotes) == (1 if count > 1 else 0)
-        workers = [w for z in zygotes for w in _children(z)]
-        assert len(workers) == (count if count > 1 else 0)
-        for child in zygotes + workers:
+        serving = {int(p) for p in re.findall(r"\] worker (\d+) serving", server.log())}
+        assert len(serving) == (count if count > 1 else 0)
+        # Forked by a zygote that then exits: the workers become our children.
+        deadline = time.monotonic() + 10
+        while set(_children(server.proc.pid)) != serving and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(_children(server.proc.pid)) == serving
+        for child in serving:
             assert _uid_of(child) == nobody.pw_uid
         with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=30) as s:
             s.sendmail("x@example.org", ["alice@example.test"], b"Subject: hi\r\n\r\nhello\r\n")
