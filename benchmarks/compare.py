@@ -117,8 +117,10 @@ class Ours:
         conns = args.idle + 2 * args.sessions + 50
         server = {"hostname": "ours-bench.example.test", "max_connections": conns,
                   "max_connections_per_client": conns}
-        if args.workers:
-            server["workers"] = args.workers
+        # The test harness runs one process unless told; here the server's
+        # own default (0: one worker per core) unless --workers says.
+        if args.workers is not None or workers_supported():
+            server["workers"] = 0 if args.workers is None else args.workers
         self.server = MailServer(
             base / "ours",
             directory={"backend": "ldif", "ldif_file": str(base / "users.ldif"),
@@ -592,7 +594,7 @@ def print_report(rep: dict) -> None:
     p = rep["parameters"]
     print(f"side by side: {p['messages']} messages of {p['size']} octets, {p['sessions']} "
           f"sessions, one recipient, median of {p['repetitions']}; POP3 {p['pop3_messages']} "
-          f"messages; {p['idle']} idle connections; workers {p['workers'] or 'default'}  "
+          f"messages; {p['idle']} idle connections; workers {'0 (one per core)' if p['workers'] is None else p['workers']}  "
           f"[{rep['date']}, {rep['machine']['cpus']} CPUs, source {rep['source']}]")
     print()
     print(render_table(rep["results"]))
@@ -630,7 +632,8 @@ def main(argv=None) -> int:
                     help="messages per submission run (STARTTLS + AUTH, one per connection); "
                          "0 skips it (600)")
     ap.add_argument("--workers", type=int, default=None,
-                    help="[server] workers for our server (default: the server's default)")
+                    help="[server] workers for our server (default: 0, the server's own "
+                         "default: one per core; 1 is one process)")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 200 messages, 200 POP3, 200 idle, 60 submissions, "
                          "1 repetition")
