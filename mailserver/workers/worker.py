@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.integration.test_workers -*-
-"""A worker process: ``python -m mailserver.workers.worker`` (started by the
-supervisor, never by hand).
+"""A worker process: forked by the zygote (:mod:`mailserver.workers.zygote`),
+which calls :func:`main` with the arguments below; ``python -m
+mailserver.workers.worker`` runs the same by hand, for debugging.
 
 Arguments: ``--config FILE``, ``--channel FD`` (its end of the AMP socket
 pair), one ``--listen INDEX=FD:FAMILY`` per listener, in the order of the
