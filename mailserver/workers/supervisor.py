@@ -246,6 +246,8 @@ class WorkerPool(service.Service):
         self.zygote_restarts = Restarts()
         self.zygote_pending = None  # the delayed call starting the zygote again
         self.waitpid = os.waitpid
+        self.unreaped: set = set()  # pids of workers gone from the pool, not yet reaped
+        self.reaping = None
         self.restarts = {slot: Restarts() for slot in range(count)}
         self.pending: Dict[int, object] = {}  # slot -> the delayed call restarting it
         self.announced = False
@@ -293,6 +295,7 @@ class WorkerPool(service.Service):
             if worker.pid is None:  # before the zygote's word: take its own
                 worker.pid = pid
                 worker.let_go()
+                self._release_zygote()
             worker.serving = True
             owed, worker.owed = worker.owed, []
             for signum in owed:
@@ -308,40 +311,55 @@ class WorkerPool(service.Service):
         self.zygote_pending = None
         if self.stopping:
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        observer = getattr(self.top, "log_observer", None)
-        how, log_fd = observer.for_workers() if observer is not None else ("relay", None)
-        # Standard output, the workers' as well: where they write their own
-        # log lines (ours or [log] file), else a pipe we read (JSON events,
-        # or stray output).
-        fds = {0: "w", 1: "r" if log_fd is None else log_fd, 2: "r", 3: theirs.fileno()}
-        args = [sys.executable, "-m", "mailserver.workers.zygote", "--control", "3",
-                "--config", self.config.path, "--log", how]
-        for i, (lc, port) in enumerate(self.ports):
-            fds[4 + i] = port.fileno()
-            args += ["--listen", f"{i}={4 + i}:{int(port.socket.family)}"]
         proc = ZygoteProcess(self)
+        ours = theirs = None
         try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            observer = getattr(self.top, "log_observer", None)
+            how, log_fd = (observer.for_workers() if observer is not None
+                           else ("relay", None))
+            # Standard output, the workers' as well: where they write their
+            # own log lines (ours or [log] file), else a pipe we read (JSON
+            # events, or stray output).
+            fds = {0: "w", 1: "r" if log_fd is None else log_fd, 2: "r", 3: theirs.fileno()}
+            args = [sys.executable, "-m", "mailserver.workers.zygote", "--control", "3",
+                    "--config", self.config.path, "--log", how]
+            for i, (lc, port) in enumerate(self.ports):
+                fds[4 + i] = port.fileno()
+                args += ["--listen", f"{i}={4 + i}:{int(port.socket.family)}"]
             self.reactor.spawnProcess(proc, sys.executable, args, env=_worker_env(),
                                       path=os.getcwd(), childFDs=fds)
         except Exception:  # out of processes or descriptors: try again later
-            ours.close()
-            delay = self.zygote_restarts.delay(proc.started, self.reactor.seconds())
-            log.failure("cannot start the worker zygote; trying again in {delay:.0f} s",
-                        delay=delay)
-            self.zygote_pending = self.reactor.callLater(delay, self._start_zygote)
+            if ours is not None:
+                ours.close()
+            self._zygote_later(proc, "cannot start the worker zygote")
             return
         finally:
-            theirs.close()
-        self.zygote = proc
+            if theirs is not None:
+                theirs.close()
+        try:
+            control = self.control_factory(self)
+            self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
+                                               OneProtocol(control))
+        except Exception:  # no descriptor for our copy: that zygote is no use
+            self._zygote_later(proc, "cannot talk to the worker zygote")
+            try:
+                proc.transport.signalProcess("KILL")
+            except Exception:
+                pass
+            return
+        finally:
+            ours.close()
+        self.zygote, self.control = proc, control
         self.zygote_pending = None
-        self.control = self.control_factory(self)
-        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
-                                           OneProtocol(self.control))
-        ours.close()
         for slot in range(self.count):
             if slot not in self.workers and slot not in self.pending:
                 self._spawn(slot)
+
+    def _zygote_later(self, proc: "ZygoteProcess", what: str) -> None:
+        delay = self.zygote_restarts.delay(proc.started, self.reactor.seconds())
+        log.failure("{what}; trying again in {delay:.0f} s", what=what, delay=delay)
+        self.zygote_pending = self.reactor.callLater(delay, self._start_zygote)
 
     def _spawn(self, slot: int) -> None:
         """Ask the zygote for the worker of ``slot`` (starting one first when
@@ -354,14 +372,25 @@ class WorkerPool(service.Service):
             if self.zygote is None and self.zygote_pending is None:
                 self._start_zygote()
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         worker = Worker(self, slot)
-        worker.handed = theirs  # open until the zygote has its copy
-        self.control.fork(worker, theirs.fileno())
+        ours = None
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            worker.handed = theirs  # open until the zygote has its copy
+            channel = SupervisorChannel(self.state, worker)
+            self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
+                                               OneProtocol(channel))
+        except Exception:  # out of descriptors: try again later
+            worker.let_go()
+            delay = self.restarts[slot].delay(worker.started, self.reactor.seconds())
+            log.failure("cannot start a worker; trying again in {delay:.0f} s", delay=delay)
+            self.pending[slot] = self.reactor.callLater(delay, self._spawn, slot)
+            return
+        finally:
+            if ours is not None:
+                ours.close()
         self.workers[slot] = worker
-        channel = SupervisorChannel(self.state, worker)
-        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, OneProtocol(channel))
-        ours.close()
+        self.control.fork(worker, worker.handed.fileno())
 
     def _unforked(self, slot: int) -> Optional[Worker]:
         worker = self.workers.get(slot)
@@ -377,7 +406,8 @@ class WorkerPool(service.Service):
 
     def forked(self, slot: int, pid: int) -> None:
         worker = self._unforked(slot)
-        if worker is None:
+        if worker is None:  # it said Ready first, or is gone
+            self._release_zygote()
             return
         worker.pid = pid
         worker.let_go()
@@ -423,7 +453,28 @@ class WorkerPool(service.Service):
         if how is None and tries > 0:  # still exiting, or its report is on the way
             self.reactor.callLater(0.05, self.channel_lost, worker, tries - 1)
             return
+        if how is None:  # still running (draining?) or slow to exit: reap it later
+            self._reap_later(worker.pid)
         self.ended(worker, how or "its channel closed")
+
+    def _reap_later(self, pid: int) -> None:
+        """Wait for ``pid`` every second until it has ended, so that a
+        worker that outlived its channel leaves no zombie behind."""
+        self.unreaped.add(pid)
+        if self.reaping is None or not self.reaping.active():
+            self.reaping = self.reactor.callLater(1.0, self._reap)
+
+    def _reap(self) -> None:
+        for pid in list(self.unreaped):
+            try:
+                done, _status = self.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.unreaped.discard(pid)
+        self.reaping = None
+        if self.unreaped:
+            self.reaping = self.reactor.callLater(1.0, self._reap)
 
     def zygote_ended(self, proc: ZygoteProcess, reason) -> None:
         """The zygote exited: let go once its work was done, or early.  A
@@ -470,6 +521,16 @@ class WorkerPool(service.Service):
             elif signum not in proc.owed:
                 proc.owed.append(signum)
 
+    def _kill_all(self) -> None:
+        """The grace is over: SIGKILL to every worker, and to a zygote still
+        there (a worker it forked and never told of closes its channel)."""
+        self.signal(signal.SIGKILL)
+        if self.zygote is not None:
+            try:
+                self.zygote.transport.signalProcess("KILL")
+            except Exception:
+                pass
+
     @staticmethod
     def _send(proc: Worker, signum: int) -> None:
         proc.send(signum)
@@ -486,7 +547,7 @@ class WorkerPool(service.Service):
         if not self.workers:
             self.all_ended.callback(None)
         self.signal(signal.SIGTERM)
-        killer = self.reactor.callLater(self.grace + KILL_MARGIN, self.signal, signal.SIGKILL)
+        killer = self.reactor.callLater(self.grace + KILL_MARGIN, self._kill_all)
 
         def done(_):
             if killer.active():

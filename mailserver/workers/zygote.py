@@ -200,7 +200,7 @@ class Zygote:
             worker = importlib.import_module(self.worker_module)
             code = worker.main(["--channel", str(channel_fd), *self.worker_args])
         except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -240,6 +240,7 @@ def main(argv=None) -> int:
     # decides. SIGTERM and SIGHUP go to the workers, never here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # logrotate's kill -USR1 to all
     _name("mailserver-zyg")
     gc.disable()
     preload()

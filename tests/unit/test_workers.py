@@ -353,11 +353,10 @@ class _Pool:
 
         def control(pool):
             c = _Control(self.asked)
-            zygote = pool.zygote
 
             def exits():  # as the zygote does when its control socket closes
                 c.closed = True
-                pool.zygote_ended(zygote, Failure(ProcessDone(0)))
+                pool.zygote_ended(pool.zygote, Failure(ProcessDone(0)))
 
             c.close = exits
             self.controls.append(c)
@@ -539,6 +538,41 @@ def test_a_restart_pending_at_stop_is_cancelled(harness):
     assert done
     h.reactor.advance(100)
     assert len(h.asked) == 1
+
+
+def test_a_ready_before_the_forked_line_lets_the_zygote_go(harness):
+    h = harness(count=1)
+    h.pool.announced = True
+    h.pool._ready(h.pool.workers[0], 1000)
+    assert h.controls[0].closed and h.pool.workers[0].pid == 1000
+    h.pool.forked(0, 1000)  # late: nothing more to do
+    assert h.pool.workers[0].pid == 1000
+
+
+def test_no_descriptor_for_a_workers_channel_is_tried_again(harness):
+    h = harness(count=1)
+    h.fork_all()
+    h.reactor.adoptStreamConnection = lambda *a: (_ for _ in ()).throw(OSError("EMFILE"))
+    h.die(1000)
+    h.reactor.advance(0)  # a new zygote: adopting its control socket fails too
+    assert h.pool.zygote is None and h.pool.zygote_pending is not None
+    del h.reactor.adoptStreamConnection  # descriptors again
+    h.reactor.advance(1)
+    assert [s for s, _ in h.asked] == [0, 0] and 0 in h.pool.workers
+
+
+def test_a_worker_that_outlives_its_channel_is_reaped_later(harness):
+    h = harness(count=1)
+    h.fork_all()
+    h.pool.workers[0].channel_lost()
+    h.reactor.pump([0.05] * 20)  # 20 tries: still running (draining, say)
+    assert h.pool.workers.get(0) is None or h.pool.workers[0].pid != 1000
+    assert h.pool.unreaped == {1000}
+    h.reactor.advance(1.0)
+    assert h.pool.unreaped == {1000}
+    h.exits[1000] = 0
+    h.reactor.advance(1.0)
+    assert h.pool.unreaped == set() and h.pool.reaping is None
 
 
 def test_the_zygote_that_cannot_be_started_is_tried_again(harness):
