@@ -69,17 +69,30 @@ def open_subdir(maildir_fd: int, maildir: str, sub: str) -> Optional[int]:
         raise
 
 
-def open_regular(name: str, dir_fd: int, path: str) -> BinaryIO:
-    """Open a file read-only, never through a link, never a FIFO or device."""
+def _open_regular_fd(name: str, dir_fd: int, path: str, what: str, flags: int,
+                     mode: int = 0o600) -> int:
+    """A descriptor for ``name`` in ``dir_fd``, opened with ``flags``, never
+    through a link and never a FIFO or device (:class:`NotRegular`, naming
+    ``what`` at ``path``)."""
     try:
-        fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(name, flags | _O_NOFOLLOW | _O_NONBLOCK | O_CLOEXEC, mode, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise NotRegular(path, "message file") from None
+            raise NotRegular(path, what) from None
         raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegular(path, "message file")
+            raise NotRegular(path, what)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_regular(name: str, dir_fd: int, path: str) -> BinaryIO:
+    """Open a file read-only, never through a link, never a FIFO or device."""
+    fd = _open_regular_fd(name, dir_fd, path, "message file", os.O_RDONLY)
+    try:
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -141,20 +154,9 @@ def close_fds(fds: List[int]) -> None:
 
 def lock(maildir_fd: int, maildir: str, timeout: float) -> int:
     path = os.path.join(maildir, LOCK_NAME)
+    fd = _open_regular_fd(LOCK_NAME, maildir_fd, path, "POP3 lock file",
+                          os.O_RDWR | os.O_CREAT)
     try:
-        fd = os.open(
-            LOCK_NAME,
-            os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_NONBLOCK | O_CLOEXEC,
-            0o600,
-            dir_fd=maildir_fd,
-        )
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise NotRegular(path, "POP3 lock file") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegular(path, "POP3 lock file")
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
             try:
