@@ -52,6 +52,7 @@ from twisted.protocols import basic
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from mailserver.workers.channel import OneProtocol, SupervisorChannel, SupervisorState
+from mailserver.workers.zygote import PR_SET_CHILD_SUBREAPER, exit_code_and_signal, prctl
 
 log = Logger(namespace="mailserver")
 
@@ -184,11 +185,16 @@ class ZygoteControl(basic.LineOnlyReceiver):
                 self.pool.fork_failed(int(words[1]), words[2] if len(words) > 2 else "")
             elif words[0] == "ended":
                 pid, code, sig = (int(w) for w in words[1:2] + words[2].split())
-                self.pool.pid_ended(pid, f"signal {sig}" if sig else f"exit {code}")
+                self.pool.pid_ended(pid, how_ended(code, sig))
             else:
                 log.error("zygote: {line}", line=line.decode("ascii", "replace"))
         except (IndexError, ValueError):
             log.error("zygote: cannot read {line!r}", line=line)
+
+
+def how_ended(code: int, sig: int) -> str:
+    """A worker's end for the log: ``signal N`` or ``exit N``."""
+    return f"signal {sig}" if sig else f"exit {code}"
 
 
 def relog(line: bytes, pid) -> None:
@@ -299,7 +305,7 @@ class WorkerPool(service.Service):
             worker.serving = True
             owed, worker.owed = worker.owed, []
             for signum in owed:
-                self._send(worker, signum)
+                worker.send(signum)
         self.readied.add(worker.slot if worker is not None else pid)
         if not self.announced and len(self.readied) >= self.count:
             self.announced = True
@@ -448,8 +454,7 @@ class WorkerPool(service.Service):
             if self.zygote is None:
                 how = "exit status unknown"
         if pid:
-            how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-                   else f"exit {os.WEXITSTATUS(status)}")
+            how = how_ended(*exit_code_and_signal(status))
         if how is None and tries > 0:  # still exiting, or its report is on the way
             self.reactor.callLater(0.05, self.channel_lost, worker, tries - 1)
             return
@@ -517,7 +522,7 @@ class WorkerPool(service.Service):
         place, either would end it)."""
         for proc in list(self.workers.values()):
             if proc.serving or signum in (signal.SIGTERM, signal.SIGKILL):
-                self._send(proc, signum)
+                proc.send(signum)
             elif signum not in proc.owed:
                 proc.owed.append(signum)
 
@@ -530,10 +535,6 @@ class WorkerPool(service.Service):
                 self.zygote.transport.signalProcess("KILL")
             except Exception:
                 pass
-
-    @staticmethod
-    def _send(proc: Worker, signum: int) -> None:
-        proc.send(signum)
 
     def stopService(self):
         """Stop the workers (they drain), wait, then close the sockets."""
@@ -564,13 +565,7 @@ def _become_subreaper() -> None:
     """Have the workers, once their zygote has gone, re-parented to us
     rather than to init (Linux ``PR_SET_CHILD_SUBREAPER``), so that their
     exit status can be told.  Elsewhere, or if it fails, init reaps them."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except Exception:
-        pass
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def _worker_env() -> dict:

@@ -9,10 +9,11 @@ The zygote imports all of it once (every module of the package, and so
 every library a worker may use), with the collector stopped, puts the
 objects out of the collector's reach (``gc.freeze``) and then forks each
 worker on request: the children share those pages with it (copy-on-write)
-instead of holding copies, and a worker that died is replaced in a few
-milliseconds rather than after a fresh interpreter's imports.  It is the
-shape of Python's ``multiprocessing`` forkserver and of gunicorn's
-``preload_app``, without either's machinery.
+instead of holding copies.  The supervisor lets it go once every worker it
+asked for is forked (kept alive, it would end up holding a private copy of
+every page a worker writes), and starts a new one to replace a worker that
+died.  It is the shape of Python's ``multiprocessing`` forkserver and of
+gunicorn's ``preload_app``, without either's machinery.
 
 The zygote never installs a reactor: a forked child must start with one of
 its own (an epoll set shared between processes would deliver one worker's
@@ -33,9 +34,9 @@ in lines:
 Its other arguments (``--config``, ``--log``, ``--listen``) are passed
 to every worker as they are; the descriptors ``--listen`` names (the
 listening sockets) are the zygote's own from its start, and every child
-inherits them.  When
-the control socket closes (the supervisor is gone) the zygote exits; its
-children notice by their own channels and stop.
+inherits them.  When the control socket closes (the supervisor let it go,
+or is gone) the zygote exits; its children serve on, and notice the
+supervisor's end by their own channels.
 """
 
 from __future__ import annotations
@@ -89,15 +90,32 @@ def preload() -> int:
     return len(sys.modules)
 
 
-def _name(name: str) -> None:
-    """The process's short name, as ``ps -o comm`` and ``top`` show it
-    (Linux ``PR_SET_NAME``; the command line stays the zygote's)."""
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def prctl(option: int, value) -> None:
+    """Linux ``prctl(option, value)``; nothing elsewhere or when it fails
+    (what it sets is a convenience, never needed to serve)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)
+        ctypes.CDLL(None).prctl(option, value, 0, 0, 0)
     except Exception:
         pass
+
+
+def _name(name: str) -> None:
+    """The process's short name, as ``ps -o comm`` and ``top`` show it
+    (the command line stays the zygote's)."""
+    prctl(PR_SET_NAME, name.encode()[:15])
+
+
+def exit_code_and_signal(status: int) -> Tuple[int, int]:
+    """``(exit code, 0)`` or ``(-1, signal)`` of a ``waitpid`` status."""
+    if os.WIFSIGNALED(status):
+        return -1, os.WTERMSIG(status)
+    return os.WEXITSTATUS(status), 0
 
 
 def parse(buffer: bytes, fds: List[int]) -> Tuple[list, bytes, List[int]]:
@@ -218,8 +236,7 @@ class Zygote:
                 return
             if pid == 0:
                 return
-            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
-            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+            code, sig = exit_code_and_signal(status)
             self._say(f"ended {pid} {code} {sig}")
 
     def _say(self, line: str) -> None:
